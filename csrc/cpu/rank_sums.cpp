@@ -1,0 +1,298 @@
+// Fused CPU forward/backward of the rank-sums primitive (SPEC §1.1).
+//
+// One query row per task (at::parallel_for over queries): every row's output and
+// gradient is written by exactly one thread in a fixed order, so results do not
+// depend on the thread count and the backward is deterministic without atomics.
+// Per row, the valid competitors are compacted into a run of positives and a run
+// of negatives; each ranked positive then sweeps both runs with the vectorised
+// loops of rank_sums_row.h. Work: sum_i |P_i| * N_i pair evaluations. Extra
+// memory: O(N) per thread.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "rank_sums_row.h"
+
+// Build the hot loops for AVX-512, AVX2+FMA and baseline x86-64, picked at load
+// time (glibc ifunc), so a wheel built anywhere runs at full width everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FR_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FR_MULTIVERSION
+#endif
+
+namespace fastrank {
+namespace cpu {
+
+template <typename T>
+struct Problem {
+  const T* scores;          // (Q, N) contiguous
+  const int64_t* pos_idx;   // (Q, P) contiguous, column of each ranked positive, -1 = hole
+  const int64_t* ign_idx;   // (Q,) or nullptr: one ignored column per query, -1 = none
+  const bool* ign_mask;     // (Q, N) or nullptr: true = ignored
+  int64_t Q, N, P;
+  StepParams<T> step;
+};
+
+template <typename T>
+struct RowBuffers {
+  std::vector<T> spos, sneg, gpos, gneg;
+  std::vector<int64_t> pcol, ncol;
+  std::vector<uint8_t> flag;
+  explicit RowBuffers(int64_t n) : spos(n), sneg(n), gpos(n), gneg(n), pcol(n), ncol(n), flag(n) {}
+};
+
+// Splits row i's valid items into positives (flag 2) and negatives (flag 1).
+// Returns true when a valid score is NaN: the whole row's output is then NaN,
+// as in the references (a NaN competitor poisons every sum it enters).
+template <typename T>
+static bool compact_row(const Problem<T>& pr, int64_t i, RowBuffers<T>& b, int64_t& np, int64_t& nn) {
+  const int64_t N = pr.N;
+  const T* s = pr.scores + i * N;
+  uint8_t* flag = b.flag.data();
+  if (pr.ign_mask) {
+    const bool* m = pr.ign_mask + i * N;
+    for (int64_t k = 0; k < N; ++k) flag[k] = m[k] ? 0 : 1;
+  } else {
+    for (int64_t k = 0; k < N; ++k) flag[k] = 1;
+  }
+  if (pr.ign_idx) {
+    const int64_t c = pr.ign_idx[i];
+    if (c >= 0) flag[c] = 0;
+  }
+  const int64_t* pidx = pr.pos_idx + i * pr.P;
+  for (int64_t p = 0; p < pr.P; ++p) {
+    if (pidx[p] >= 0) flag[pidx[p]] = 2;
+  }
+  np = nn = 0;
+  bool has_nan = false;
+  for (int64_t k = 0; k < N; ++k) {
+    const T v = s[k];
+    if (flag[k] == 2) {
+      b.spos[np] = v;
+      b.pcol[np++] = k;
+    } else if (flag[k] == 1) {
+      b.sneg[nn] = v;
+      b.ncol[nn++] = k;
+    } else {
+      continue;
+    }
+    has_nan |= std::isnan(v);
+  }
+  return has_nan;
+}
+
+template <typename T, int STEP>
+FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, T* rank_all, T* rank_pos, int64_t begin, int64_t end) {
+  const Problem<T>& pr = *prp;
+  RowBuffers<T> b(pr.N);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t* pidx = pr.pos_idx + i * pr.P;
+    T* ra = rank_all + i * pr.P;
+    T* rp = rank_pos + i * pr.P;
+    bool any = false;
+    for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
+    if (!any) continue;  // outputs are zero-initialised
+    int64_t np, nn;
+    const bool nan_row = compact_row(pr, i, b, np, nn);
+    const T* s = pr.scores + i * pr.N;
+    for (int64_t p = 0; p < pr.P; ++p) {
+      const int64_t j = pidx[p];
+      if (j < 0) continue;
+      if (nan_row) {
+        ra[p] = rp[p] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
+      const T sj = s[j];
+      if (STEP == kSigmoid) {
+        // the runs include j itself, which adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
+        const T sp = run_sum_sigmoid(sj, b.spos.data(), np, pr.step.inv_tau);
+        const T sn = run_sum_sigmoid(sj, b.sneg.data(), nn, pr.step.inv_tau);
+        rp[p] = sp + T(0.5);
+        ra[p] = sp + sn + T(0.5);
+      } else {
+        // H(0) = 1 for j itself supplies the "1 +"
+        const T hp = run_sum_heaviside(sj, b.spos.data(), np);
+        const T sn = run_sum_suprank_neg(sj, b.sneg.data(), nn, pr.step);
+        rp[p] = hp;
+        ra[p] = hp + sn;
+      }
+    }
+  }
+}
+
+template <typename T, int STEP>
+FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_all, const T* grad_pos, T* grad,
+                                          int64_t begin, int64_t end) {
+  const Problem<T>& pr = *prp;
+  RowBuffers<T> b(pr.N);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t* pidx = pr.pos_idx + i * pr.P;
+    const T* ga = grad_all + i * pr.P;
+    const T* gp = grad_pos + i * pr.P;
+    T* g = grad + i * pr.N;
+    bool any = false;
+    for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
+    if (!any) continue;
+    int64_t np, nn;
+    const bool nan_row = compact_row(pr, i, b, np, nn);
+    if (nan_row) {
+      for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] = std::numeric_limits<T>::quiet_NaN();
+      for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
+    std::fill(b.gpos.begin(), b.gpos.begin() + np, T(0));
+    std::fill(b.gneg.begin(), b.gneg.begin() + nn, T(0));
+    const T* s = pr.scores + i * pr.N;
+    for (int64_t p = 0; p < pr.P; ++p) {
+      const int64_t j = pidx[p];
+      if (j < 0) continue;
+      const T sj = s[j];
+      T tot = T(0);
+      if (STEP == kSigmoid) {
+        // self term (k = j) adds c to g[j] and subtracts it again: net zero
+        const T a = ga[p], apb = ga[p] + gp[p];
+        if (apb != T(0)) tot += run_grad_sigmoid(sj, b.spos.data(), b.gpos.data(), np, apb, pr.step.inv_tau);
+        if (a != T(0)) tot += run_grad_sigmoid(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step.inv_tau);
+      } else {
+        // H carries no gradient: only negatives move, and only through rank_all
+        const T a = ga[p];
+        if (a != T(0)) tot += run_grad_suprank_neg(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step);
+      }
+      g[j] -= tot;
+    }
+    for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] += b.gpos[k];
+    for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] += b.gneg[k];
+  }
+}
+
+// ---------------------------------------------------------------- torch glue
+
+static void check_inputs(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
+                         const std::optional<at::Tensor>& ign_mask) {
+  TORCH_CHECK(scores.device().is_cpu(), "fastrank cpu rank_sums: scores must be on the CPU, got ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, "fastrank cpu rank_sums: scores must be 2-D (Q, N), got shape ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "fastrank cpu rank_sums: scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(pos_idx.dim() == 2 && pos_idx.size(0) == scores.size(0),
+              "fastrank cpu rank_sums: pos_idx must be (Q, P) with Q = ", scores.size(0), ", got shape ", pos_idx.sizes());
+  TORCH_CHECK(pos_idx.scalar_type() == at::kLong, "fastrank cpu rank_sums: pos_idx must be int64, got ",
+              pos_idx.scalar_type());
+  TORCH_CHECK(pos_idx.device().is_cpu(), "fastrank cpu rank_sums: pos_idx must be on the CPU");
+  const int64_t N = scores.size(1);
+  if (pos_idx.numel() > 0) {
+    TORCH_CHECK(pos_idx.min().item<int64_t>() >= -1 && pos_idx.max().item<int64_t>() < N,
+                "fastrank cpu rank_sums: pos_idx entries must lie in [-1, N) with N = ", N);
+  }
+  if (ign_idx.has_value()) {
+    const auto& t = *ign_idx;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == scores.size(0),
+                "fastrank cpu rank_sums: ignore_idx must be a CPU int64 tensor of shape (Q,) = (", scores.size(0),
+                ",), got ", t.scalar_type(), " ", t.sizes());
+    if (t.numel() > 0) {
+      TORCH_CHECK(t.min().item<int64_t>() >= -1 && t.max().item<int64_t>() < N,
+                  "fastrank cpu rank_sums: ignore_idx entries must lie in [-1, N) with N = ", N);
+    }
+  }
+  if (ign_mask.has_value()) {
+    const auto& t = *ign_mask;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.sizes() == scores.sizes(),
+                "fastrank cpu rank_sums: ignore_mask must be a CPU bool tensor of shape ", scores.sizes(), ", got ",
+                t.scalar_type(), " ", t.sizes());
+  }
+}
+
+template <typename T>
+static Problem<T> make_problem(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
+                               const std::optional<at::Tensor>& ign_mask, double tau, double rho, double delta,
+                               double start, double offset) {
+  Problem<T> pr;
+  pr.scores = scores.data_ptr<T>();
+  pr.pos_idx = pos_idx.data_ptr<int64_t>();
+  pr.ign_idx = ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr;
+  pr.ign_mask = ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr;
+  pr.Q = scores.size(0);
+  pr.N = scores.size(1);
+  pr.P = pos_idx.size(1);
+  pr.step = StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
+  return pr;
+}
+
+// Rows per task: enough pair evaluations per task to amortise scheduling.
+static int64_t grain(int64_t P, int64_t N) {
+  const int64_t work = std::max<int64_t>(1, P * N);
+  return std::max<int64_t>(1, (int64_t(1) << 16) / work);
+}
+
+static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
+                                                          const std::optional<at::Tensor>& ign_idx_in,
+                                                          const std::optional<at::Tensor>& ign_mask_in, int64_t step,
+                                                          double tau, double rho, double delta, double start,
+                                                          double offset) {
+  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cpu rank_sums: unknown step id ", step);
+  TORCH_CHECK(tau > 0, "fastrank cpu rank_sums: tau must be > 0, got ", tau);
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  std::optional<at::Tensor> ign_idx, ign_mask;
+  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
+  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
+  at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_fwd_cpu", [&] {
+    const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
+    scalar_t* ra = rank_all.data_ptr<scalar_t>();
+    scalar_t* rp = rank_pos.data_ptr<scalar_t>();
+    at::parallel_for(0, pr.Q, grain(pr.P, pr.N), [&](int64_t b, int64_t e) {
+      if (step == kSigmoid)
+        forward_rows<scalar_t, kSigmoid>(&pr, ra, rp, b, e);
+      else
+        forward_rows<scalar_t, kSupRank>(&pr, ra, rp, b, e);
+    });
+  });
+  return {rank_all, rank_pos};
+}
+
+static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Tensor& grad_pos_in, const at::Tensor& scores_in,
+                                   const at::Tensor& pos_idx_in, const std::optional<at::Tensor>& ign_idx_in,
+                                   const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho,
+                                   double delta, double start, double offset) {
+  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cpu rank_sums: unknown step id ", step);
+  TORCH_CHECK(tau > 0, "fastrank cpu rank_sums: tau must be > 0, got ", tau);
+  TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
+              "fastrank cpu rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
+  const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
+  std::optional<at::Tensor> ign_idx, ign_mask;
+  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
+  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  at::Tensor grad = at::zeros(scores.sizes(), scores.options());
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_bwd_cpu", [&] {
+    const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
+    const scalar_t* ga = grad_all.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, pr.Q, grain(pr.P, pr.N), [&](int64_t b, int64_t e) {
+      if (step == kSigmoid)
+        backward_rows<scalar_t, kSigmoid>(&pr, ga, gp, g, b, e);
+      else
+        backward_rows<scalar_t, kSupRank>(&pr, ga, gp, g, b, e);
+    });
+  });
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(fastrank, CPU, m) {
+  m.impl("rank_sums_fwd", &rank_sums_fwd_cpu);
+  m.impl("rank_sums_bwd", &rank_sums_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastrank

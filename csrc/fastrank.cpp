@@ -1,0 +1,26 @@
+// Op schemas of fastrank, declared in one place. Kernels register against them
+// per dispatch key (cpu/*.cpp: CPU, cuda/*.cpp: CUDA); fake kernels and autograd
+// are registered from Python (fastrank/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastrank._C` loads this library (and so runs the registrations below);
+// the module itself is empty: everything is reached through torch.ops.fastrank.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastrank, m) {
+  // rank_all[i, p], rank_pos[i, p] for the ranked positive in column pos_idx[i, p]
+  // (-1 = hole: both outputs 0). step: 0 = sigmoid, 1 = suprank.
+  m.def(
+      "rank_sums_fwd(Tensor scores, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, "
+      "float rho, float delta, float start, float offset) -> (Tensor, Tensor)");
+  // gradient of scores given the gradients of rank_all and rank_pos
+  m.def(
+      "rank_sums_bwd(Tensor grad_rank_all, Tensor grad_rank_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
+      "Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, float offset) -> Tensor");
+}

@@ -1,0 +1,75 @@
+// Per-row arithmetic of the rank-sums primitive: one ranked positive (i, j)
+// against a contiguous run of competitor scores.
+//
+// Shared by the CPU kernel (which calls these on compacted runs of positives and
+// negatives, so the loops vectorise) and by the CUDA kernels (which call them on
+// the run of competitors a thread owns). Free of torch headers.
+#pragma once
+
+#include "step.h"
+
+#if defined(__CUDACC__)
+#define FR_SIMD_SUM(a)
+#define FR_SIMD_SUM2(a, b)
+#else
+#define FR_PRAGMA(x) _Pragma(#x)
+#define FR_SIMD_SUM(a) FR_PRAGMA(omp simd reduction(+ : a))
+#define FR_SIMD_SUM2(a, b) FR_PRAGMA(omp simd reduction(+ : a, b))
+#endif
+
+namespace fastrank {
+
+// sum_k sigma_tau(s[k] - sj)
+template <typename T>
+FR_HD T run_sum_sigmoid(T sj, const T* __restrict__ s, int64_t n, T inv_tau) {
+  T acc = T(0);
+  FR_SIMD_SUM(acc)
+  for (int64_t k = 0; k < n; ++k) acc += sigmoid_tau(s[k] - sj, inv_tau);
+  return acc;
+}
+
+// sum_k H^-(s[k] - sj)
+template <typename T>
+FR_HD T run_sum_suprank_neg(T sj, const T* __restrict__ s, int64_t n, StepParams<T> p) {
+  T acc = T(0);
+  FR_SIMD_SUM(acc)
+  for (int64_t k = 0; k < n; ++k) acc += suprank_neg(s[k] - sj, p);
+  return acc;
+}
+
+// sum_k H(s[k] - sj): competitors at least as relevant as j, ties counted.
+template <typename T>
+FR_HD T run_sum_heaviside(T sj, const T* __restrict__ s, int64_t n) {
+  T acc = T(0);
+  FR_SIMD_SUM(acc)
+  for (int64_t k = 0; k < n; ++k) acc += heaviside(s[k] - sj);
+  return acc;
+}
+
+// Backward of one run: c_k = coef * step'(s[k] - sj); g[k] += c_k; returns sum_k c_k
+// (which the caller subtracts from the ranked item's gradient).
+template <typename T>
+FR_HD T run_grad_sigmoid(T sj, const T* __restrict__ s, T* __restrict__ g, int64_t n, T coef, T inv_tau) {
+  T tot = T(0);
+  FR_SIMD_SUM(tot)
+  for (int64_t k = 0; k < n; ++k) {
+    const T c = coef * sigmoid_tau_grad(s[k] - sj, inv_tau);
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
+
+template <typename T>
+FR_HD T run_grad_suprank_neg(T sj, const T* __restrict__ s, T* __restrict__ g, int64_t n, T coef, StepParams<T> p) {
+  T tot = T(0);
+  FR_SIMD_SUM(tot)
+  for (int64_t k = 0; k < n; ++k) {
+    const T c = coef * suprank_neg_grad(s[k] - sj, p);
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
+
+}  // namespace fastrank

@@ -1,0 +1,119 @@
+// Step functions of the rank-sums primitive (SPEC §1.1) and their derivatives.
+//
+// One header for the CPU kernel and the CUDA kernels: everything here is plain
+// arithmetic on scalars, marked host+device, and free of torch headers so that
+// `nvcc -c` can compile it on a machine whose torch has no CUDA.
+//
+// Conventions: d = s_ik - s_ij (competitor minus ranked item); x = d / tau.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FR_HD __host__ __device__ __forceinline__
+#else
+#define FR_HD inline __attribute__((always_inline))
+#endif
+
+namespace fastrank {
+
+// Step kinds, as passed through the op schema (an int, not a string, so the
+// kernel picks its specialisation once per call).
+enum StepKind : int64_t { kSigmoid = 0, kSupRank = 1 };
+
+// The references clamp -d/tau to [-50, 50] before exp; we do the same so that
+// values agree with them to rounding, and so exp never overflows.
+constexpr double kClamp = 50.0;
+
+template <typename T>
+struct StepParams {
+  T inv_tau;  // 1 / tau
+  T rho;      // slope of the linear branch of H^- (suprank)
+  T delta;    // where the linear branch starts
+  T start;    // added to sigma on (0, delta]
+  T offset;   // value of the linear branch at delta (continuity: sigma(delta) + start)
+};
+
+// exp for x in [-50, 50] (callers clamp). float: range reduction to
+// r in [-ln2/2, ln2/2] plus a degree-7 Taylor polynomial (rel. error < 2e-7,
+// about one ulp), written with plain arithmetic so GCC vectorises the loops that
+// call it; the C library's expf does not vectorise. double: the C library.
+FR_HD float exp_clamped(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float t = x * 1.44269504088896341f;
+  // round to nearest with the 1.5*2^23 trick: exact for |t| < 2^22, no libm call
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  float p = 1.98412698412698413e-04f;  // 1/7!
+  p = p * r + 1.38888888888888889e-03f;
+  p = p * r + 8.33333333333333333e-03f;
+  p = p * r + 4.16666666666666667e-02f;
+  p = p * r + 1.66666666666666667e-01f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // 2^n through the exponent field; n in [-73, 73] never leaves the normal range
+  // after the multiply because p in [0.7, 1.42] and |x| <= 50 keeps 2^n*p normal.
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+
+FR_HD double exp_clamped(double x) { return ::exp(x); }
+
+template <typename T>
+FR_HD T clamp_x(T x) {
+  // written so that NaN passes through (comparisons with NaN are false)
+  x = x < T(-kClamp) ? T(-kClamp) : x;
+  x = x > T(kClamp) ? T(kClamp) : x;
+  return x;
+}
+
+// sigma_tau(d) and its derivative w.r.t. d. The derivative is e*sigma^2/tau with
+// e = exp(-x), which stays accurate where sigma*(1-sigma) would cancel to zero;
+// it is zero outside the clamp, as in the references.
+template <typename T>
+FR_HD T sigmoid_tau(T d, T inv_tau) {
+  const T x = clamp_x(d * inv_tau);
+  return T(1) / (T(1) + exp_clamped(-x));
+}
+
+template <typename T>
+FR_HD T sigmoid_tau_grad(T d, T inv_tau) {
+  const T xr = d * inv_tau;
+  const T x = clamp_x(xr);
+  const T e = exp_clamped(-x);
+  const T s = T(1) / (T(1) + e);
+  const T g = e * s * s * inv_tau;
+  return (xr > T(kClamp) || xr < T(-kClamp)) ? T(0) : g;
+}
+
+// H^-(d), the SupRank upper bound used for competitors less relevant than the
+// ranked item (negatives, for binary relevance).
+template <typename T>
+FR_HD T suprank_neg(T d, const StepParams<T>& p) {
+  const T sig = sigmoid_tau(d, p.inv_tau);
+  const T lin = p.rho * (d - p.delta) + p.offset;
+  const T mid = p.start + sig;
+  return d <= T(0) ? sig : (d <= p.delta ? mid : lin);
+}
+
+template <typename T>
+FR_HD T suprank_neg_grad(T d, const StepParams<T>& p) {
+  const T g = sigmoid_tau_grad(d, p.inv_tau);
+  return d > p.delta ? p.rho : g;
+}
+
+// H(d) with H(0) = 1: the exact step for competitors at least as relevant as
+// the ranked item. It has no gradient.
+template <typename T>
+FR_HD T heaviside(T d) {
+  return d >= T(0) ? T(1) : T(0);
+}
+
+}  // namespace fastrank

@@ -1,0 +1,24 @@
+"""fastrank: fused kernels for rank-based retrieval losses that never build the Q x N x N tensor.
+
+Public surface:
+    rank_sums          the shared primitive (smoothed ranks of every positive)
+    smooth_ap, sup_ap  average-precision surrogates (return AP; the loss is 1 - AP)
+    calibration_loss   ROADMAP's calibration term
+    backends()         which backends run here, and why not
+"""
+from ._backend import BACKENDS, BackendInfo, backends
+from .ap import calibration_loss, smooth_ap, sup_ap
+from .rank_sums import RankSums, rank_sums
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendInfo",
+    "RankSums",
+    "backends",
+    "calibration_loss",
+    "rank_sums",
+    "smooth_ap",
+    "sup_ap",
+]

@@ -1,0 +1,100 @@
+"""From user inputs (dense relevance or labels, ignore) to the packed problem the kernels take.
+
+Kernels never see labels or a dense relevance: they get `pos_idx` (Q, P), the
+columns of each query's ranked positives (-1 = hole, P = the largest count), and
+the ignore information. For labels this is built by sorting the gallery labels
+once, so no (Q, N) mask is ever formed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+Tensor = torch.Tensor
+Target = Union[Tensor, Sequence[Tensor]]
+
+
+@dataclass
+class RankProblem:
+    pos_idx: Tensor  # (Q, P) int64, -1 = hole; columns ascending within a row
+    n_pos: Tensor  # (Q,) int64 number of ranked positives per query
+    ignore_idx: Optional[Tensor]  # (Q,) int64 or None
+    ignore_mask: Optional[Tensor]  # (Q, N) bool or None
+
+
+def _pack_rows(rows: Tensor, cols: Tensor, counts: Tensor, q: int, device) -> Tensor:
+    """Scatter (row, col) pairs, sorted by row, into a (Q, max count) table padded with -1."""
+    p = int(counts.max()) if counts.numel() else 0
+    out = torch.full((q, p), -1, dtype=torch.int64, device=device)
+    if rows.numel():
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(rows.numel(), device=device) - starts[rows]
+        out[rows, slot] = cols
+    return out
+
+
+def _positives_from_labels(qlab: Tensor, glab: Tensor) -> Tensor:
+    q, n = qlab.shape[0], glab.shape[0]
+    glab = glab.to(torch.int64)
+    qlab = qlab.to(torch.int64)
+    order = torch.argsort(glab, stable=True)
+    sorted_g = glab[order]
+    lo = torch.searchsorted(sorted_g, qlab, right=False)
+    hi = torch.searchsorted(sorted_g, qlab, right=True)
+    counts = hi - lo
+    p = int(counts.max()) if q else 0
+    ar = torch.arange(p, device=qlab.device)
+    take = (lo.unsqueeze(1) + ar).clamp(max=max(n - 1, 0))
+    # the stable sort keeps equal labels in column order, so rows come out ascending
+    return torch.where(ar < counts.unsqueeze(1), order[take], -1)
+
+
+def _drop_ignored(pos_idx: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Optional[Tensor]) -> Tensor:
+    has = pos_idx >= 0
+    drop = torch.zeros_like(has)
+    if ignore_idx is not None:
+        drop |= pos_idx == ignore_idx.unsqueeze(1)
+    if ignore_mask is not None:
+        drop |= ignore_mask.gather(1, pos_idx.clamp(min=0)) & has
+    if not bool(drop.any()):
+        return pos_idx
+    n_big = torch.iinfo(torch.int64).max
+    key = torch.where(has & ~drop, pos_idx, n_big)
+    key = key.sort(dim=1).values  # kept columns first, still ascending
+    keep = key != n_big
+    width = int(keep.sum(1).max()) if key.shape[0] else 0
+    return torch.where(keep, key, -1)[:, :width]
+
+
+def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, device) -> RankProblem:
+    """Packs positives and ignore; arguments must already be validated (fastrank._validate)."""
+    ignore_idx = ignore_mask = None
+    if ignore is not None:
+        if ignore.dtype == torch.bool:
+            ignore_mask = ignore.contiguous()
+        else:
+            ignore_idx = ignore.to(torch.int64).contiguous()
+    if isinstance(target, (tuple, list)):
+        pos_idx = _positives_from_labels(target[0], target[1])
+    else:
+        pos = target if target.dtype == torch.bool else target > 0
+        if ignore_mask is not None:
+            pos = pos & ~ignore_mask
+        if ignore_idx is not None:
+            pos = pos.clone()
+            rows = torch.nonzero(ignore_idx >= 0).squeeze(1)
+            pos[rows, ignore_idx[rows]] = False
+        nz = pos.nonzero()
+        pos_idx = _pack_rows(nz[:, 0], nz[:, 1], pos.sum(1), q, device)
+    pos_idx = _drop_ignored(pos_idx, ignore_idx, ignore_mask)
+    n_pos = (pos_idx >= 0).sum(1)
+    return RankProblem(pos_idx.contiguous(), n_pos, ignore_idx, ignore_mask)
+
+
+def dense_relevance(target: Target, q: int, n: int) -> Tensor:
+    """(Q, N) bool positives; only for elementwise losses (calibration) that are O(Q*N) anyway."""
+    if isinstance(target, (tuple, list)):
+        return target[0].unsqueeze(1) == target[1].unsqueeze(0)
+    return target if target.dtype == torch.bool else target > 0

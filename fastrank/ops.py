@@ -1,0 +1,94 @@
+"""Autograd glue of the rank-sums primitive for every backend.
+
+* `cpp` / `cuda`: the C++ ops `torch.ops.fastrank.rank_sums_fwd/_bwd` (schemas in
+  csrc/fastrank.cpp); here they get a fake (meta) implementation, so that
+  `torch.compile` and `torch.library.opcheck` can trace them, and an autograd
+  formula that calls the backward op.
+* `torch`: the same two functions in pure PyTorch (fastrank.reference) wrapped in
+  an autograd.Function.
+* `naive`: autograd through the materialised cube.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+from ._backend import _load_extension
+from ._step import StepParams
+
+Tensor = torch.Tensor
+
+_REGISTERED = False
+
+
+def _register_cpp_ops() -> None:
+    """Fake kernels and autograd for the C++ ops (once, after fastrank._C loaded)."""
+    global _REGISTERED
+    if _REGISTERED or _load_extension() is not None:
+        return
+    _REGISTERED = True
+
+    @torch.library.register_fake("fastrank::rank_sums_fwd")
+    def _fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
+        out = scores.new_empty(pos_idx.shape)
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake("fastrank::rank_sums_bwd")
+    def _bwd_fake(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
+        return torch.empty_like(scores)
+
+    def _setup_context(ctx, inputs, output):
+        scores, pos_idx, ignore_idx, ignore_mask = inputs[:4]
+        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+        ctx.step_args = inputs[4:]
+
+    def _backward(ctx, grad_all, grad_pos):
+        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+        if grad_all is None:
+            grad_all = torch.zeros(pos_idx.shape, dtype=scores.dtype, device=scores.device)
+        if grad_pos is None:
+            grad_pos = torch.zeros(pos_idx.shape, dtype=scores.dtype, device=scores.device)
+        grad = torch.ops.fastrank.rank_sums_bwd(
+            grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, *ctx.step_args
+        )
+        return (grad,) + (None,) * 9
+
+    torch.library.register_autograd("fastrank::rank_sums_fwd", _backward, setup_context=_setup_context)
+
+
+class _TorchRankSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: StepParams):
+        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+        ctx.params = params
+        return reference.torch_rank_sums_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_all, grad_pos):
+        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+        grad = reference.torch_rank_sums_backward(
+            grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params
+        )
+        return grad, None, None, None, None
+
+
+def rank_sums_packed(
+    backend: str,
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: StepParams,
+) -> Tuple[Tensor, Tensor]:
+    """(rank_all, rank_pos), each (Q, P), differentiable w.r.t. scores, on the named backend."""
+    if backend == "naive":
+        return reference.naive_rank_sums(scores, pos_idx, ignore_idx, ignore_mask, params)
+    if backend == "torch":
+        return _TorchRankSums.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
+    if backend in ("cpp", "cuda"):
+        _register_cpp_ops()
+        return torch.ops.fastrank.rank_sums_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
+    raise NotImplementedError(f"backend {backend!r} has no rank-sums implementation yet")

@@ -1,0 +1,112 @@
+"""The shared primitive: smoothed rank sums of every ranked positive (SPEC §1.1)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from . import _validate as V
+from ._backend import CHOICES, resolve
+from ._problem import RankProblem, Target, build_problem
+from ._step import STEP_IDS, StepParams
+from .ops import rank_sums_packed
+
+Tensor = torch.Tensor
+
+
+class RankSums(NamedTuple):
+    """Output of :func:`rank_sums`.
+
+    Dense layout (default): `rank_all`, `rank_pos` are (Q, N), defined at the
+    ranked positives and 0 elsewhere; `index` is None. Packed layout: they are
+    (Q, P) with `index[i, p]` the column of the p-th positive of query i (-1 = none).
+    """
+
+    rank_all: Tensor
+    rank_pos: Tensor
+    index: Optional[Tensor]
+
+
+def make_params(
+    fn: str, step: str, tau: float, rho: float, delta: float, start: float, offset: Optional[float]
+) -> StepParams:
+    V.check_choice(fn, "step", step, tuple(STEP_IDS))
+    tau = V.check_positive_number(fn, "tau", tau)
+    rho = V.check_positive_number(fn, "rho", rho, allow_zero=True)
+    delta = V.check_positive_number(fn, "delta", delta, allow_zero=True)
+    start = V.check_finite_number(fn, "start", start)
+    if offset is not None:
+        offset = V.check_finite_number(fn, "offset", offset)
+    return StepParams(STEP_IDS[step], tau, rho, delta, start, offset)
+
+
+def prepare(
+    fn: str, scores: Tensor, target: Target, ignore: Optional[Tensor], backend: Optional[str]
+) -> Tuple[Tensor, RankProblem, str]:
+    """Validates the common arguments; returns (scores in a kernel dtype, packed problem, backend name)."""
+    V.check_scores(fn, scores)
+    V.check_target(fn, target, scores)
+    V.check_ignore(fn, ignore, scores)
+    V.check_backend(fn, backend, CHOICES)
+    name = resolve(fn, backend, scores.device)
+    q, n = scores.shape
+    problem = build_problem(target, ignore, q, n, scores.device)
+    # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    return scores, problem, name
+
+
+def rank_sums(
+    scores: Tensor,
+    target: Target,
+    *,
+    step: str = "sigmoid",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    packed: bool = False,
+    backend: Optional[str] = None,
+) -> RankSums:
+    r"""Smoothed ranks of every positive j of every query i, differentiable w.r.t. `scores`.
+
+    .. math::
+        \mathrm{rank\_all}[i,j] = 1 + \sum_{k \ne j\ \mathrm{valid}} g(s_{ik} - s_{ij}), \qquad
+        \mathrm{rank\_pos}[i,j] = 1 + \sum_{k \in P_i,\ k \ne j} h(s_{ik} - s_{ij})
+
+    `step="sigmoid"` (Smooth-AP): g = h = sigma_tau. `step="suprank"` (ROADMAP):
+    positives get the exact step H (H(0) = 1, no gradient), negatives the upper bound
+    H^- (sigma_tau for d <= 0, start + sigma_tau up to delta, rho*(d - delta) + offset
+    beyond; offset defaults to sigma_tau(delta) + start).
+
+    Args:
+        scores: (Q, N) similarities, floating. float16/bfloat16 are computed in float32.
+        target: (Q, N) relevance (bool/int/float, > 0 = positive) or a pair
+            (query_labels (Q,), gallery_labels (N,)) of integer tensors (positive = same label).
+        ignore: None, a (Q,) integer index of one gallery item per query to leave out
+            (-1 = none), or a (Q, N) bool mask (True = leave out). Left-out items are
+            neither ranked nor competitors.
+        packed: return (Q, P) outputs plus the column index instead of (Q, N).
+        backend: "naive", "torch", "cpp", ... or None (FASTRANK_BACKEND, else auto).
+
+    Example:
+        >>> s = torch.randn(4, 6); labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> r = fastrank.rank_sums(s, (labels[:4], labels))
+        >>> r.rank_all.shape
+        torch.Size([4, 6])
+    """
+    fn = "fastrank.rank_sums"
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    scores, pb, name = prepare(fn, scores, target, ignore, backend)
+    ra, rp = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    if packed:
+        return RankSums(ra, rp, pb.pos_idx)
+    q, n = scores.shape
+    cols = torch.where(pb.pos_idx >= 0, pb.pos_idx, n)
+    zeros = scores.new_zeros(q, n + 1)
+    return RankSums(
+        zeros.scatter(1, cols, ra)[:, :n], zeros.scatter(1, cols, rp)[:, :n], None
+    )
