@@ -135,6 +135,9 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_a
     const T* ga = grad_all + i * pr.P;
     const T* gp = grad_pos + i * pr.P;
     T* g = grad + i * pr.N;
+    // the gradient is allocated uninitialised: each row is zeroed by the thread that
+    // owns it, which also spreads the first-touch page faults of a large output
+    std::fill(g, g + pr.N, T(0));
     bool any = false;
     for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
     if (!any) continue;
@@ -273,7 +276,7 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
   std::optional<at::Tensor> ign_idx, ign_mask;
   if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
   if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
-  at::Tensor grad = at::zeros(scores.sizes(), scores.options());
+  at::Tensor grad = at::empty(scores.sizes(), scores.options());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_bwd_cpu", [&] {
     const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
     const scalar_t* ga = grad_all.data_ptr<scalar_t>();
