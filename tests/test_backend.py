@@ -1,0 +1,56 @@
+"""Backend selection: argument, FASTRANK_BACKEND, auto; unavailable backends explain themselves."""
+import pytest
+import torch
+
+import fastrank
+from fastrank import _backend
+
+S = torch.rand(4, 6, dtype=torch.float64)
+LAB = (torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1, 2, 2]))
+
+
+def test_backends_report_every_backend_with_a_reason():
+    info = fastrank.backends()
+    assert set(info) == set(fastrank.BACKENDS)
+    for name, b in info.items():
+        assert isinstance(b.available, bool) and b.reason, name
+    assert info["naive"].available and info["torch"].available
+
+
+def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
+    monkeypatch.delenv("FASTRANK_BACKEND", raising=False)
+    expect = "cpp" if fastrank.backends()["cpp"].available else "torch"
+    assert _backend.resolve("f", None, torch.device("cpu")) == expect
+    assert _backend.resolve("f", "auto", torch.device("cpu")) == expect
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTRANK_BACKEND", "naive")
+    assert _backend.resolve("f", None, torch.device("cpu")) == "naive"
+    # an explicit argument wins over the environment
+    assert _backend.resolve("f", "torch", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("name", [n for n, b in fastrank.backends().items() if not b.available])
+def test_unavailable_backend_raises_with_reason(name):
+    with pytest.raises(RuntimeError, match=f"backend {name!r} is not available"):
+        fastrank.sup_ap(S, LAB, backend=name)
+
+
+def test_results_agree_across_selection_paths(monkeypatch):
+    ref = fastrank.sup_ap(S, LAB, backend="naive")
+    monkeypatch.setenv("FASTRANK_BACKEND", "torch")
+    torch.testing.assert_close(fastrank.sup_ap(S, LAB), ref)
+    monkeypatch.setenv("FASTRANK_BACKEND", "auto")
+    torch.testing.assert_close(fastrank.sup_ap(S, LAB), ref)
+
+
+def test_cpp_refuses_non_cpu_tensors():
+    if not fastrank.backends()["cpp"].available:
+        pytest.skip("cpp not built")
+    with pytest.raises(ValueError, match="backend 'cpp' runs on CPU tensors"):
+        _backend.resolve("f", "cpp", torch.device("meta"))
+
+
+def test_triton_kernels_package_is_importable():
+    import fastrank.triton_kernels  # noqa: F401  (the package-dir mapping of the editable install)

@@ -1,0 +1,68 @@
+"""The C++ custom ops: opcheck (schema, fake kernel, autograd registration) and torch.compile."""
+import pytest
+import torch
+
+import fastrank
+from fastrank._problem import build_problem
+from fastrank._step import StepParams
+from fastrank.ops import _register_cpp_ops
+
+from .conftest import requires
+
+pytestmark = requires("cpp")
+
+
+def _op_args(step, ignore_kind, dtype=torch.float64):
+    q, n = 6, 11
+    scores = torch.rand(q, n, dtype=dtype)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 3])
+    ignore = {"none": None, "index": torch.arange(q), "mask": torch.rand(q, n) < 0.3}[ignore_kind]
+    pb = build_problem((labels[:q], labels), ignore, q, n, scores.device)
+    return (scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
+
+
+@pytest.mark.parametrize("step", [0, 1])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward(step, ignore_kind, dtype):
+    _register_cpp_ops()
+    args = list(_op_args(step, ignore_kind, dtype))
+    args[0] = args[0].requires_grad_()
+    torch.library.opcheck(torch.ops.fastrank.rank_sums_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_opcheck_backward(step):
+    _register_cpp_ops()
+    fwd = _op_args(step, "mask")
+    p = fwd[1].shape
+    args = (torch.randn(p, dtype=torch.float64), torch.randn(p, dtype=torch.float64)) + fwd
+    torch.library.opcheck(torch.ops.fastrank.rank_sums_bwd.default, args)
+
+
+def test_op_rejects_bad_index_with_clear_error():
+    _register_cpp_ops()
+    args = list(_op_args(0, "none"))
+    bad = args[1].clone()
+    bad[0, 0] = 999
+    with pytest.raises(RuntimeError, match="pos_idx entries must lie in"):
+        torch.ops.fastrank.rank_sums_fwd(args[0], bad, *args[2:])
+
+
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
+def test_torch_compile_forward_and_backward(fn):
+    emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    labels = torch.arange(16) // 4
+
+    def loss_fn(e):
+        return 1 - fn(e @ e.T, (labels, labels), backend="cpp")
+
+    compiled = torch.compile(loss_fn)  # inductor: the default users get
+    e1 = emb.clone().requires_grad_()
+    e2 = emb.clone().requires_grad_()
+    l1 = compiled(e1)
+    l1.backward()
+    l2 = loss_fn(e2)
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(e1.grad, e2.grad)
