@@ -5,7 +5,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: all deps build test test-slow bench bench-full clean
+.PHONY: all deps build test test-slow bench bench-full cuda-check clean
 
 all: test
 
@@ -20,7 +20,13 @@ build: deps
 	$(PIP) install --no-build-isolation -e . -q
 
 test: build
+	@if command -v nvcc >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; \
+	 else echo "cuda-check skipped: nvcc not found"; fi
 	$(PY) -m pytest tests -q -m "not slow"
+
+# compile every .cu with nvcc -c for sm_80 and sm_90 (no GPU needed), syntax-check the CUDA glue
+cuda-check:
+	PY=$(PY) ./tools/cuda_check.sh
 
 test-slow: build
 	$(PY) -m pytest tests -q -m slow

@@ -38,7 +38,7 @@ def _want_cuda() -> bool:
 
 def _extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         archs = os.environ.get("FASTRANK_CUDA_ARCHS")
@@ -51,7 +51,7 @@ def _extensions():
                 cpu_sources + cuda_sources,
                 include_dirs=include_dirs,
                 define_macros=[("FASTRANK_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

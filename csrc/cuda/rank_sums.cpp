@@ -1,0 +1,149 @@
+// Torch glue of the CUDA rank-sums kernels (CUDA dispatch key). The kernels
+// themselves (rank_sums.cu) see only raw pointers.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <limits>
+
+#include "rank_sums_cuda.h"
+
+namespace fastrank {
+namespace cuda {
+
+static void check_inputs(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
+                         const std::optional<at::Tensor>& ign_mask, int64_t step, double tau) {
+  TORCH_CHECK(scores.is_cuda(), "fastrank cuda rank_sums: scores must be a CUDA tensor, got ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, "fastrank cuda rank_sums: scores must be 2-D (Q, N), got shape ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "fastrank cuda rank_sums: scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(pos_idx.is_cuda() && pos_idx.get_device() == scores.get_device(),
+              "fastrank cuda rank_sums: pos_idx must be on the device of scores");
+  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == scores.size(0),
+              "fastrank cuda rank_sums: pos_idx must be int64 of shape (Q, P) with Q = ", scores.size(0), ", got ",
+              pos_idx.scalar_type(), " ", pos_idx.sizes());
+  const int64_t N = scores.size(1);
+  if (pos_idx.numel() > 0) {
+    TORCH_CHECK(pos_idx.min().item<int64_t>() >= -1 && pos_idx.max().item<int64_t>() < N,
+                "fastrank cuda rank_sums: pos_idx entries must lie in [-1, N) with N = ", N);
+  }
+  if (ign_idx.has_value()) {
+    const auto& t = *ign_idx;
+    TORCH_CHECK(t.is_cuda() && t.get_device() == scores.get_device() && t.scalar_type() == at::kLong &&
+                    t.dim() == 1 && t.size(0) == scores.size(0),
+                "fastrank cuda rank_sums: ignore_idx must be an int64 tensor of shape (Q,) on the device of scores");
+    if (t.numel() > 0) {
+      TORCH_CHECK(t.min().item<int64_t>() >= -1 && t.max().item<int64_t>() < N,
+                  "fastrank cuda rank_sums: ignore_idx entries must lie in [-1, N) with N = ", N);
+    }
+  }
+  if (ign_mask.has_value()) {
+    const auto& t = *ign_mask;
+    TORCH_CHECK(t.is_cuda() && t.get_device() == scores.get_device() && t.scalar_type() == at::kBool &&
+                    t.sizes() == scores.sizes(),
+                "fastrank cuda rank_sums: ignore_mask must be a bool tensor of the shape of scores on its device");
+  }
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cuda rank_sums: unknown step id ", step);
+  TORCH_CHECK(tau > 0, "fastrank cuda rank_sums: tau must be > 0, got ", tau);
+}
+
+// Rows holding a NaN among their valid scores: the kernels' clamps and the exact step
+// could hide it, so those rows are set to NaN explicitly (as the CPU kernel does).
+static std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::optional<at::Tensor>& ign_idx,
+                                          const std::optional<at::Tensor>& ign_mask, at::Tensor* valid_out) {
+  at::Tensor bad = at::isnan(scores);
+  if (!bad.any().item<bool>()) return std::nullopt;
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  at::Tensor valid = at::ones({Q, N + 1}, scores.options().dtype(at::kBool));
+  if (ign_idx.has_value()) {
+    at::Tensor col = at::where(*ign_idx >= 0, *ign_idx, at::full_like(*ign_idx, N)).unsqueeze(1);
+    valid.scatter_(1, col, false);
+  }
+  valid = valid.slice(1, 0, N);
+  if (ign_mask.has_value()) valid = valid & ign_mask->logical_not();
+  *valid_out = valid;
+  return (bad & valid).any(1);
+}
+
+template <typename T>
+static StepParams<T> make_params(double tau, double rho, double delta, double start, double offset) {
+  return StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
+}
+
+static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
+                                                           const std::optional<at::Tensor>& ign_idx_in,
+                                                           const std::optional<at::Tensor>& ign_mask_in, int64_t step,
+                                                           double tau, double rho, double delta, double start,
+                                                           double offset) {
+  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, step, tau);
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  std::optional<at::Tensor> ign_idx, ign_mask;
+  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
+  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
+  at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_fwd_cuda", [&] {
+    const cudaError_t err = rank_sums_forward<scalar_t>(
+        scores.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
+        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
+        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
+        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
+        rank_pos.data_ptr<scalar_t>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "fastrank cuda rank_sums forward: ", cudaGetErrorString(err));
+  });
+  at::Tensor valid;
+  if (auto rows = nan_rows(scores, ign_idx, ign_mask, &valid)) {
+    const at::Tensor fill = rows->unsqueeze(1) & (pos_idx >= 0);
+    rank_all.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
+    rank_pos.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
+  }
+  return {rank_all, rank_pos};
+}
+
+static at::Tensor rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Tensor& grad_pos_in,
+                                    const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
+                                    const std::optional<at::Tensor>& ign_idx_in,
+                                    const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho,
+                                    double delta, double start, double offset) {
+  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, step, tau);
+  TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
+              "fastrank cuda rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
+  const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
+  std::optional<at::Tensor> ign_idx, ign_mask;
+  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
+  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by the column kernel
+  at::Tensor work = at::empty(pos_idx.sizes(), scores.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_bwd_cuda", [&] {
+    const cudaError_t err = rank_sums_backward<scalar_t>(
+        grad_all.data_ptr<scalar_t>(), grad_pos.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>(),
+        pos_idx.data_ptr<int64_t>(), ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
+        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
+        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
+        work.data_ptr<scalar_t>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "fastrank cuda rank_sums backward: ", cudaGetErrorString(err));
+  });
+  at::Tensor valid;
+  if (auto rows = nan_rows(scores, ign_idx, ign_mask, &valid)) {
+    const at::Tensor has_pos = (pos_idx >= 0).any(1);
+    grad.masked_fill_((*rows & has_pos).unsqueeze(1) & valid, std::numeric_limits<double>::quiet_NaN());
+  }
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(fastrank, CUDA, m) {
+  m.impl("rank_sums_fwd", &rank_sums_fwd_cuda);
+  m.impl("rank_sums_bwd", &rank_sums_bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fastrank

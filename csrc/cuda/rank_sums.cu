@@ -1,0 +1,260 @@
+// CUDA kernels of the rank-sums primitive (SPEC §1.1). No torch headers: the
+// glue lives in rank_sums.cpp. Step arithmetic comes from ../step.h, shared with
+// the CPU kernel (the CPU tests exercise it); the loop structure below is GPU-only.
+//
+// The kernels never see labels or a dense positive mask, only pos_idx (the
+// columns of each query's ranked positives). Instead of telling positives from
+// negatives inside the sweep, they sweep all valid competitors with the
+// negatives' step g and then correct over the positives:
+//   sigmoid: g = h = sigma, rank_all = 1/2 + sum_valid sigma, rank_pos = 1/2 + sum_P sigma
+//            (the sums include j itself, sigma(0) = 1/2)
+//   suprank: rank_all = sum_valid H^- + sum_P (H - H^-), rank_pos = sum_P H
+//            (j itself contributes H^-(0) + H(0) - H^-(0) = 1)
+// Backward (no atomics, fixed reduction order, hence deterministic):
+//   column kernel:  grad[i,k]  = sum_j a_j g'(d_jk)                for valid k
+//   row kernel:     tot[i,j]   = sum_k a_j g'(d_jk) + correction    (forward-shaped)
+//   pos kernel:     grad[i,k] += sum_j corr_jk - tot[i,k]           for positive k (unique per row)
+// with corr = b_j sigma' (sigmoid) or -a_j H^-' (suprank: positives get H, no gradient).
+#include <cuda_runtime.h>
+
+#include "../step.h"
+#include "rank_sums_cuda.h"
+
+namespace fastrank {
+namespace cuda {
+
+constexpr int kThreads = 256;
+constexpr int kTileP = 4;  // ranked positives per block in the row-shaped kernels
+
+template <typename T, int STEP>
+__device__ __forceinline__ T step_neg(T d, const StepParams<T>& p) {
+  return STEP == kSigmoid ? sigmoid_tau(d, p.inv_tau) : suprank_neg(d, p);
+}
+
+template <typename T, int STEP>
+__device__ __forceinline__ T step_neg_grad(T d, const StepParams<T>& p) {
+  return STEP == kSigmoid ? sigmoid_tau_grad(d, p.inv_tau) : suprank_neg_grad(d, p);
+}
+
+__device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask) {
+  return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
+}
+
+// Sum of v over the block, in a fixed order; the result is valid in thread 0.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* smem) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T out = T(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) out += smem[w];
+  }
+  return out;
+}
+
+// MODE 0: forward (rank_all, rank_pos). MODE 1: backward row sums tot[i,j] into out0.
+template <typename T, int STEP, int MODE>
+__global__ void __launch_bounds__(kThreads)
+    row_kernel(const T* __restrict__ scores, const int64_t* __restrict__ pos_idx, const int64_t* __restrict__ ign_idx,
+               const bool* __restrict__ ign_mask, const T* __restrict__ grad_all, const T* __restrict__ grad_pos,
+               int64_t N, int64_t P, StepParams<T> prm, T* __restrict__ out0, T* __restrict__ out1) {
+  __shared__ T smem[kThreads / 32];
+  const int64_t i = blockIdx.x;  // 64-bit from here on: i * N exceeds 2^31 at Q = N = 46341
+  const int64_t p0 = static_cast<int64_t>(blockIdx.y) * kTileP;
+  const T* s = scores + i * N;
+  const int64_t* pidx = pos_idx + i * P;
+  const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
+
+  T sj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
+  bool has[kTileP];
+#pragma unroll
+  for (int t = 0; t < kTileP; ++t) {
+    const int64_t p = p0 + t;
+    const int64_t j = p < P ? pidx[p] : -1;
+    has[t] = j >= 0;
+    sj[t] = has[t] ? s[j] : T(0);
+    a[t] = (MODE == 1 && has[t]) ? grad_all[i * P + p] : T(0);
+    b[t] = (MODE == 1 && has[t]) ? grad_pos[i * P + p] : T(0);
+    acc0[t] = acc1[t] = T(0);
+  }
+  // sweep every valid competitor with the negatives' step
+  for (int64_t k = threadIdx.x; k < N; k += kThreads) {
+    if (!is_valid(i, k, N, ign, ign_mask)) continue;
+    const T sk = s[k];
+#pragma unroll
+    for (int t = 0; t < kTileP; ++t) {
+      const T d = sk - sj[t];
+      if (MODE == 0)
+        acc0[t] += step_neg<T, STEP>(d, prm);
+      else
+        acc0[t] += a[t] * step_neg_grad<T, STEP>(d, prm);
+    }
+  }
+  // correction over the positives (all valid by construction)
+  for (int64_t q = threadIdx.x; q < P; q += kThreads) {
+    const int64_t k = pidx[q];
+    if (k < 0) continue;
+    const T sk = s[k];
+#pragma unroll
+    for (int t = 0; t < kTileP; ++t) {
+      const T d = sk - sj[t];
+      if (MODE == 0) {
+        if (STEP == kSigmoid) {
+          acc1[t] += sigmoid_tau(d, prm.inv_tau);
+        } else {
+          const T h = heaviside(d);
+          acc1[t] += h;
+          acc0[t] += h - suprank_neg(d, prm);
+        }
+      } else {
+        if (STEP == kSigmoid)
+          acc0[t] += b[t] * sigmoid_tau_grad(d, prm.inv_tau);
+        else
+          acc0[t] -= a[t] * suprank_neg_grad(d, prm);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTileP; ++t) {
+    const T r0 = block_sum(acc0[t], smem);
+    const T r1 = MODE == 0 ? block_sum(acc1[t], smem) : T(0);
+    if (threadIdx.x == 0 && has[t]) {
+      const int64_t o = i * P + p0 + t;
+      if (MODE == 0) {
+        const T self = STEP == kSigmoid ? T(0.5) : T(0);
+        out0[o] = r0 + self;
+        out1[o] = r1 + self;
+      } else {
+        out0[o] = r0;
+      }
+    }
+  }
+}
+
+// grad[i,k] = sum_j a_j g'(s_ik - s_ij) for valid k (0 for ignored k): one thread per competitor,
+// the row's positives staged through shared memory.
+template <typename T, int STEP>
+__global__ void __launch_bounds__(kThreads)
+    column_kernel(const T* __restrict__ scores, const int64_t* __restrict__ pos_idx,
+                  const int64_t* __restrict__ ign_idx, const bool* __restrict__ ign_mask,
+                  const T* __restrict__ grad_all, int64_t N, int64_t P, StepParams<T> prm, T* __restrict__ grad) {
+  __shared__ T s_sj[kThreads];
+  __shared__ T s_a[kThreads];
+  const int64_t i = blockIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const T* s = scores + i * N;
+  const int64_t* pidx = pos_idx + i * P;
+  const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
+  const bool active = k < N && is_valid(i, k, N, ign, ign_mask);
+  const T sk = k < N ? s[k] : T(0);
+  T acc = T(0);
+  for (int64_t p0 = 0; p0 < P; p0 += kThreads) {
+    const int64_t p = p0 + threadIdx.x;
+    const int64_t j = p < P ? pidx[p] : -1;
+    s_sj[threadIdx.x] = j >= 0 ? s[j] : T(0);
+    s_a[threadIdx.x] = j >= 0 ? grad_all[i * P + p] : T(0);  // holes: a = 0
+    __syncthreads();
+    const int64_t n = P - p0 < kThreads ? P - p0 : kThreads;
+    if (active) {
+      for (int64_t t = 0; t < n; ++t) acc += s_a[t] * step_neg_grad<T, STEP>(sk - s_sj[t], prm);
+    }
+    __syncthreads();
+  }
+  if (k < N) grad[i * N + k] = active ? acc : T(0);
+}
+
+// For each positive k = pos_idx[i,q]: grad[i,k] += sum_j corr_jk - tot[i,q]. Columns are unique
+// within a row, so each element has exactly one writer.
+template <typename T, int STEP>
+__global__ void __launch_bounds__(kThreads)
+    positive_kernel(const T* __restrict__ scores, const int64_t* __restrict__ pos_idx,
+                    const T* __restrict__ grad_all, const T* __restrict__ grad_pos, const T* __restrict__ tot,
+                    int64_t N, int64_t P, StepParams<T> prm, T* __restrict__ grad) {
+  const int64_t i = blockIdx.x;
+  const int64_t q = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (q >= P) return;
+  const int64_t* pidx = pos_idx + i * P;
+  const int64_t k = pidx[q];
+  if (k < 0) return;
+  const T* s = scores + i * N;
+  const T sk = s[k];
+  T acc = T(0);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t j = pidx[p];
+    if (j < 0) continue;
+    const T d = sk - s[j];
+    if (STEP == kSigmoid)
+      acc += grad_pos[i * P + p] * sigmoid_tau_grad(d, prm.inv_tau);
+    else
+      acc -= grad_all[i * P + p] * suprank_neg_grad(d, prm);
+  }
+  grad[i * N + k] += acc - tot[i * P + q];
+}
+
+static inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+template <typename T>
+cudaError_t rank_sums_forward(const T* scores, const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask,
+                              int64_t Q, int64_t N, int64_t P, int step, StepParams<T> prm, T* rank_all, T* rank_pos,
+                              cudaStream_t stream) {
+  if (Q == 0 || P == 0) return cudaSuccess;
+  if (Q > 2147483647LL || blocks_for(P, kTileP) > 65535u) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(Q), blocks_for(P, kTileP));
+  if (step == kSigmoid)
+    row_kernel<T, kSigmoid, 0><<<grid, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, nullptr, nullptr,
+                                                               N, P, prm, rank_all, rank_pos);
+  else
+    row_kernel<T, kSupRank, 0><<<grid, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, nullptr, nullptr,
+                                                               N, P, prm, rank_all, rank_pos);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t rank_sums_backward(const T* grad_all, const T* grad_pos, const T* scores, const int64_t* pos_idx,
+                               const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N, int64_t P, int step,
+                               StepParams<T> prm, T* grad, T* work, cudaStream_t stream) {
+  if (Q == 0 || N == 0) return cudaSuccess;
+  if (Q > 2147483647LL || blocks_for(N, kThreads) > 65535u || blocks_for(P, kTileP) > 65535u)
+    return cudaErrorInvalidConfiguration;
+  const dim3 gcol(static_cast<unsigned>(Q), blocks_for(N, kThreads));
+  const dim3 grow(static_cast<unsigned>(Q), blocks_for(P > 0 ? P : 1, kTileP));
+  const dim3 gpos(static_cast<unsigned>(Q), blocks_for(P > 0 ? P : 1, kThreads));
+  if (step == kSigmoid) {
+    column_kernel<T, kSigmoid><<<gcol, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all, N, P, prm,
+                                                               grad);
+    if (P > 0) {
+      row_kernel<T, kSigmoid, 1><<<grow, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all,
+                                                                 grad_pos, N, P, prm, work, nullptr);
+      positive_kernel<T, kSigmoid><<<gpos, kThreads, 0, stream>>>(scores, pos_idx, grad_all, grad_pos, work, N, P,
+                                                                   prm, grad);
+    }
+  } else {
+    column_kernel<T, kSupRank><<<gcol, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all, N, P, prm,
+                                                               grad);
+    if (P > 0) {
+      row_kernel<T, kSupRank, 1><<<grow, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all,
+                                                                 grad_pos, N, P, prm, work, nullptr);
+      positive_kernel<T, kSupRank><<<gpos, kThreads, 0, stream>>>(scores, pos_idx, grad_all, grad_pos, work, N, P,
+                                                                   prm, grad);
+    }
+  }
+  return cudaGetLastError();
+}
+
+template cudaError_t rank_sums_forward<float>(const float*, const int64_t*, const int64_t*, const bool*, int64_t,
+                                              int64_t, int64_t, int, StepParams<float>, float*, float*, cudaStream_t);
+template cudaError_t rank_sums_forward<double>(const double*, const int64_t*, const int64_t*, const bool*, int64_t,
+                                               int64_t, int64_t, int, StepParams<double>, double*, double*,
+                                               cudaStream_t);
+template cudaError_t rank_sums_backward<float>(const float*, const float*, const float*, const int64_t*,
+                                               const int64_t*, const bool*, int64_t, int64_t, int64_t, int,
+                                               StepParams<float>, float*, float*, cudaStream_t);
+template cudaError_t rank_sums_backward<double>(const double*, const double*, const double*, const int64_t*,
+                                                const int64_t*, const bool*, int64_t, int64_t, int64_t, int,
+                                                StepParams<double>, double*, double*, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace fastrank

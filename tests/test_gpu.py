@@ -1,0 +1,98 @@
+"""GPU tier (SPEC §3, tier 5): skipped without CUDA. Run on a GPU machine with `make test`."""
+import pytest
+import torch
+
+import fastrank
+from fastrank._problem import build_problem
+from fastrank._step import StepParams
+from fastrank.ops import _register_cpp_ops
+
+from .cases import make_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if fastrank.backends()[b].available]
+
+
+def _grad(scores, target, ignore, fn, backend):
+    s = scores.clone().requires_grad_()
+    loss = fn(s, target, ignore=ignore, backend=backend)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+def _to(case, device, dtype=None):
+    t = case.target
+    target = tuple(x.to(device) for x in t) if isinstance(t, tuple) else t.to(device)
+    ignore = None if case.ignore is None else case.ignore.to(device)
+    scores = case.scores.to(device)
+    return (scores if dtype is None else scores.to(dtype)), target, ignore
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+def test_gpu_fp64_matches_naive(backend, fn, ignore_kind):
+    case = make_case(37, 301, 6, "labels", ignore_kind, ties=True, seed=3)
+    s, t, ig = _to(case, "cuda")
+    l0, g0 = _grad(s, t, ig, fn, "naive")
+    l1, g1 = _grad(s, t, ig, fn, backend)
+    torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
+def test_gpu_low_precision_error_within_2x_of_naive(backend, dtype, fn):
+    # SPEC §3: error vs the fp64 reference at most 2x the error of naive PyTorch in the same dtype
+    case = make_case(64, 257, 8, "labels", "self", seed=5)
+    s64, t, ig = _to(case, "cuda")
+    s_lp = s64.to(dtype)
+    ref, gref = _grad(s_lp.double(), t, ig, fn, "naive")  # fp64 on the rounded inputs
+    naive, gnaive = _grad(s_lp, t, ig, fn, "naive")
+    got, ggot = _grad(s_lp, t, ig, fn, backend)
+    err_naive = (naive.double() - ref).abs().item()
+    err = (got.double() - ref).abs().item()
+    assert err <= 2 * err_naive + 1e-6, (err, err_naive)
+    gerr_naive = (gnaive.double() - gref).abs().max().item()
+    gerr = (ggot.double() - gref).abs().max().item()
+    assert gerr <= 2 * gerr_naive + 1e-6, (gerr, gerr_naive)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backward_bitwise_deterministic(backend):
+    case = make_case(300, 1000, 20, "labels", "self", seed=7, dtype=torch.float32)
+    s, t, ig = _to(case, "cuda")
+    _, g1 = _grad(s, t, ig, fastrank.sup_ap, backend)
+    _, g2 = _grad(s, t, ig, fastrank.sup_ap, backend)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_memory_ceiling_b8192(backend):
+    B = 8192
+    g = torch.Generator(device="cuda").manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(B, 128, device="cuda", generator=g), dim=1)
+    labels = torch.arange(B, device="cuda") // 4
+    scores = (emb @ emb.T).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    (1 - fastrank.sup_ap(scores, (labels, labels), backend=backend)).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    size = scores.numel() * scores.element_size()
+    assert extra < 4 * size, (extra, size)
+
+
+@pytest.mark.skipif(not fastrank.backends()["cuda"].available, reason="CUDA kernels not built")
+@pytest.mark.parametrize("step", [0, 1])
+def test_opcheck_cuda_op(step):
+    _register_cpp_ops()
+    q, n = 6, 11
+    scores = torch.rand(q, n, dtype=torch.float64, device="cuda", requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 3], device="cuda")
+    pb = build_problem((labels[:q], labels), torch.arange(q, device="cuda"), q, n, scores.device)
+    args = (scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
+    torch.library.opcheck(torch.ops.fastrank.rank_sums_fwd.default, args)
