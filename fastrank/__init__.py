@@ -4,11 +4,13 @@ Public surface:
     rank_sums          the shared primitive (smoothed ranks of every positive)
     smooth_ap, sup_ap  average-precision surrogates (return AP; the loss is 1 - AP)
     calibration_loss   ROADMAP's calibration term
+    recall_at_k        Recall@k surrogates (SupRank, Patel et al.)
     backends()         which backends run here, and why not
 """
 from ._backend import BACKENDS, BackendInfo, backends
 from .ap import calibration_loss, smooth_ap, sup_ap
 from .rank_sums import RankSums, rank_sums
+from .recall import recall_at_k
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,7 @@ __all__ = [
     "backends",
     "calibration_loss",
     "rank_sums",
+    "recall_at_k",
     "smooth_ap",
     "sup_ap",
 ]

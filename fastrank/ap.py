@@ -16,7 +16,7 @@ from .rank_sums import make_params, prepare
 Tensor = torch.Tensor
 
 
-def _reduce_ap(ap: Tensor, n_pos: Tensor, reduction: str) -> Tensor:
+def reduce_per_query(ap: Tensor, n_pos: Tensor, reduction: str) -> Tensor:
     """Queries without positives count 0 in 'none' and are left out of 'mean' (SPEC §1.4).
 
     When no query has a positive, 'mean' is 0 and still connected to the graph.
@@ -37,7 +37,7 @@ def _average_precision(fn: str, scores, target, ignore, reduction, backend, para
     # holes have rank_all = 0: divide by 1 there, or the masked-out 0/0 would leak NaN into the gradient
     ratio = torch.where(has, rank_pos / torch.where(has, rank_all, torch.ones_like(rank_all)), 0.0)
     ap = ratio.sum(1) / pb.n_pos.clamp(min=1).to(ratio.dtype)
-    return _reduce_ap(ap, pb.n_pos, reduction)
+    return reduce_per_query(ap, pb.n_pos, reduction)
 
 
 def smooth_ap(

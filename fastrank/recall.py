@@ -1,0 +1,93 @@
+"""Recall@k surrogates on the rank-sums primitive (SPEC §1.2): SupRank's and Patel et al.'s.
+
+Both are epilogues on rank_all of the ranked positives; no new kernel.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from . import _validate as V
+from ._problem import Target
+from .ap import reduce_per_query
+from .ops import rank_sums_packed
+from .rank_sums import make_params, prepare
+
+Tensor = torch.Tensor
+
+VARIANTS = ("suprank", "patel")
+_DEFAULT_STEP = {"suprank": "suprank", "patel": "sigmoid"}
+
+
+def _check_ks(fn: str, ks) -> Sequence[int]:
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (int(ks),)
+    if not isinstance(ks, (tuple, list)) or len(ks) == 0:
+        raise TypeError(f"{fn}: `ks` must be a non-empty sequence of positive integers, got {ks!r}")
+    out = []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"{fn}: `ks` must contain integers, got {k!r} in {ks!r}")
+        if k <= 0:
+            raise ValueError(f"{fn}: every k in `ks` must be >= 1, got {k!r} in {tuple(ks)!r}")
+        out.append(int(k))
+    return out
+
+
+def recall_at_k(
+    scores: Tensor,
+    target: Target,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8, 16),
+    tau: float = 0.01,
+    temp: float = 1.0,
+    step: Optional[str] = None,
+    variant: str = "suprank",
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Smooth Recall@k averaged over `ks` (higher is better; the loss is ``1 - recall_at_k(...)``).
+
+    variant="suprank" (SupRank, Ramzi et al.):
+
+    .. math:: R_i = \frac{1}{|K|} \sum_{k \in K} \frac{\sum_{j \in P_i} \sigma_{temp}(k - \mathrm{rank\_all}[i,j])}
+              {\min(|P_i|, k)}
+
+    variant="patel" (Patel et al., CVPR 2022): the inner sum is clamped at k,
+    :math:`\min(\sum_j \sigma_{temp}(k - \mathrm{rank\_all}[i,j]), k) / \min(k, |P_i|)`.
+
+    `step` ranks with "suprank" or "sigmoid"; None takes the variant's published choice
+    (suprank for "suprank", sigmoid for "patel"). `tau` (and rho/delta/start/offset for
+    suprank) parametrise the ranking step, `temp` the sigmoid around k. A k larger than
+    the gallery is allowed: min(|P_i|, k) keeps the score in [0, 1]. Patel et al. rank
+    the query as a competitor but not as a positive: pass a square target with
+    ``ignore=None`` and drop the self-positive by setting the diagonal of a dense target
+    to 0, or leave it out entirely with ``ignore=torch.arange(Q)``.
+
+    Example:
+        >>> r = fastrank.recall_at_k(scores, (labels, labels), ks=(1, 4), ignore=torch.arange(len(labels)))
+    """
+    fn = "fastrank.recall_at_k"
+    V.check_choice(fn, "variant", variant, VARIANTS)
+    ks = _check_ks(fn, ks)
+    temp = V.check_positive_number(fn, "temp", temp)
+    V.check_reduction(fn, reduction)
+    params = make_params(fn, _DEFAULT_STEP[variant] if step is None else step, tau, rho, delta, start, offset)
+    scores, pb, name = prepare(fn, scores, target, ignore, backend)
+    rank_all, _ = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    has = pb.pos_idx >= 0
+    n_pos = pb.n_pos.to(rank_all.dtype)
+    total = torch.zeros(scores.shape[0], dtype=rank_all.dtype, device=scores.device)
+    for k in ks:
+        hit = torch.where(has, torch.sigmoid((k - rank_all) / temp), 0.0).sum(1)
+        if variant == "patel":
+            hit = hit.clamp(max=float(k))
+        total = total + hit / n_pos.clamp(max=float(k)).clamp(min=1.0)
+    return reduce_per_query(total / len(ks), pb.n_pos, reduction)
