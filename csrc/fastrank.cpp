@@ -23,4 +23,12 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "rank_sums_bwd(Tensor grad_rank_all, Tensor grad_rank_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, float offset) -> Tensor");
+  // soft histograms of histogram AP: h_all[i, l] over valid items, h_pos[i, l] over the
+  // positives pos_idx[i, :]; bin coordinate v = scale * s + shift, bins at 0..bins-1
+  m.def(
+      "histogram_fwd(Tensor scores, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int bins, float scale, "
+      "float shift, bool open_ends) -> (Tensor, Tensor)");
+  m.def(
+      "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
+      "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");
 }

@@ -5,10 +5,12 @@ Public surface:
     smooth_ap, sup_ap  average-precision surrogates (return AP; the loss is 1 - AP)
     calibration_loss   ROADMAP's calibration term
     recall_at_k        Recall@k surrogates (SupRank, Patel et al.)
+    histogram_ap       FastAP and listwise SoftBin AP on fused soft histograms
     backends()         which backends run here, and why not
 """
 from ._backend import BACKENDS, BackendInfo, backends
 from .ap import calibration_loss, smooth_ap, sup_ap
+from .histogram import histogram_ap
 from .rank_sums import RankSums, rank_sums
 from .recall import recall_at_k
 
@@ -20,6 +22,7 @@ __all__ = [
     "RankSums",
     "backends",
     "calibration_loss",
+    "histogram_ap",
     "rank_sums",
     "recall_at_k",
     "smooth_ap",

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import _hist, reference
 from ._backend import _load_extension
 from ._step import StepParams
 
@@ -57,6 +57,29 @@ def _register_cpp_ops() -> None:
 
     torch.library.register_autograd("fastrank::rank_sums_fwd", _backward, setup_context=_setup_context)
 
+    @torch.library.register_fake("fastrank::histogram_fwd")
+    def _hist_fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, bins, scale, shift, open_ends):
+        out = scores.new_empty((scores.shape[0], bins))
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake("fastrank::histogram_bwd")
+    def _hist_bwd_fake(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, bins, scale, shift, open_ends):
+        return torch.empty_like(scores)
+
+    def _hist_backward(ctx, grad_all, grad_pos):
+        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+        shape = (scores.shape[0], ctx.step_args[0])
+        if grad_all is None:
+            grad_all = scores.new_zeros(shape)
+        if grad_pos is None:
+            grad_pos = scores.new_zeros(shape)
+        grad = torch.ops.fastrank.histogram_bwd(
+            grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, *ctx.step_args
+        )
+        return (grad,) + (None,) * 7
+
+    torch.library.register_autograd("fastrank::histogram_fwd", _hist_backward, setup_context=_setup_context)
+
 
 class _TorchRankSums(torch.autograd.Function):
     @staticmethod
@@ -75,6 +98,25 @@ class _TorchRankSums(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _TritonRankSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: StepParams):
+        from .triton_kernels import rank_sums as tk
+
+        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+        ctx.params = params
+        return tk.rank_sums_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_all, grad_pos):
+        from .triton_kernels import rank_sums as tk
+
+        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+        grad = tk.rank_sums_backward(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
+        return grad, None, None, None, None
+
+
 def rank_sums_packed(
     backend: str,
     scores: Tensor,
@@ -88,7 +130,43 @@ def rank_sums_packed(
         return reference.naive_rank_sums(scores, pos_idx, ignore_idx, ignore_mask, params)
     if backend == "torch":
         return _TorchRankSums.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
+    if backend == "triton":
+        return _TritonRankSums.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
     if backend in ("cpp", "cuda"):
         _register_cpp_ops()
         return torch.ops.fastrank.rank_sums_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
     raise NotImplementedError(f"backend {backend!r} has no rank-sums implementation yet")
+
+
+class _TorchHistograms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: "_hist.HistParams"):
+        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+        ctx.params = params
+        return _hist.torch_histograms_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_all, grad_pos):
+        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+        grad = _hist.torch_histograms_backward(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
+        return grad, None, None, None, None
+
+
+def histograms_packed(
+    backend: str,
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: "_hist.HistParams",
+) -> Tuple[Tensor, Tensor]:
+    """(h_all, h_pos), each (Q, bins), differentiable w.r.t. scores, on the named backend."""
+    if backend == "naive":
+        return _hist.naive_histograms(scores, pos_idx, ignore_idx, ignore_mask, params)
+    if backend == "torch":
+        return _TorchHistograms.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
+    if backend in ("cpp", "cuda"):
+        _register_cpp_ops()
+        return torch.ops.fastrank.histogram_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
+    raise NotImplementedError(f"backend {backend!r} has no histogram implementation yet")

@@ -76,8 +76,10 @@ def naive_rank_sums(
         # competitors at least as relevant as j (positives) get the exact step, the others H^-
         h = heaviside(sim_diff)
         g = torch.where(pos.unsqueeze(1), h, suprank_neg(sim_diff, params))
-    rank_all = 1 + (g * (not_self & valid.unsqueeze(1))).sum(-1)
-    rank_pos = 1 + (h * (not_self & pos.unsqueeze(1))).sum(-1)
+    # where, not multiply: a left-out item takes no part at all, even when its score is NaN
+    zero = scores.new_zeros(())
+    rank_all = 1 + torch.where(not_self & valid.unsqueeze(1), g, zero).sum(-1)
+    rank_pos = 1 + torch.where(not_self & pos.unsqueeze(1), h, zero).sum(-1)
     return _gather_packed(rank_all, pos_idx), _gather_packed(rank_pos, pos_idx)
 
 
@@ -132,14 +134,15 @@ def torch_rank_sums_forward(
     rank_pos = torch.zeros_like(rank_all)
     for q0, q1, p0, p1 in _blocks(q, p, n):
         d, has, _, comp_valid, comp_pos = _block_terms(scores, pos_idx, valid, pos, q0, q1, p0, p1)
+        zero = d.new_zeros(())
         if params.step == SIGMOID:
             g = sigmoid_tau(d, params.tau)
-            ra = (g * comp_valid).sum(-1)
-            rp = (g * comp_pos).sum(-1)
+            ra = torch.where(comp_valid, g, zero).sum(-1)
+            rp = torch.where(comp_pos, g, zero).sum(-1)
         else:
             h = heaviside(d)
-            rp = (h * comp_pos).sum(-1)
-            ra = rp + (suprank_neg(d, params) * (comp_valid & ~comp_pos)).sum(-1)
+            rp = torch.where(comp_pos, h, zero).sum(-1)
+            ra = rp + torch.where(comp_valid & ~comp_pos, suprank_neg(d, params), zero).sum(-1)
         rank_all[q0:q1, p0:p1] = torch.where(has, 1 + ra, 0)
         rank_pos[q0:q1, p0:p1] = torch.where(has, 1 + rp, 0)
     return rank_all, rank_pos
@@ -169,11 +172,12 @@ def torch_rank_sums_backward(
         in_range = (x >= -50) & (x <= 50)
         sig = sigmoid_tau(d, params.tau)
         dsig = torch.where(in_range, sig * (1 - sig) / params.tau, 0)
+        zero = d.new_zeros(())
         if params.step == SIGMOID:
-            c = a * dsig * comp_valid + b * dsig * comp_pos
+            c = torch.where(comp_valid, a * dsig, zero) + torch.where(comp_pos, b * dsig, zero)
         else:
             dneg = torch.where(d > params.delta, torch.full_like(d, params.rho), dsig)
-            c = a * dneg * (comp_valid & ~comp_pos)
+            c = torch.where(comp_valid & ~comp_pos, a * dneg, zero)
         grad[q0:q1, :n] += c.sum(1)
         grad[q0:q1].scatter_add_(1, torch.where(has, cidx, n), -c.sum(2))
     return grad[:, :n]

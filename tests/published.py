@@ -53,3 +53,53 @@ def published_sup_ap(scores: torch.Tensor, target: torch.Tensor, tau=0.01, rho=1
     rank_pos = (step * tgt.unsqueeze(1).to(scores.dtype) * mask).sum(-1) + 1
     ap = ((rank_pos / rank_all) * tgt).sum(1) / tgt.sum(-1)
     return ap.mean()
+
+
+def published_fastap(emb: torch.Tensor, labels: torch.Tensor, num_bins: int = 10) -> torch.Tensor:
+    """Mean FastAP of a batch (Cakir et al.'s formulation as in its reference code): squared
+    distances binned with a loop over bin centres, self pairs excluded, queries without a
+    positive dropped. Returns AP (not 1 - AP)."""
+    n = labels.shape[0]
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    eye = torch.eye(n, dtype=torch.bool)
+    i_pos = (same & ~eye).to(emb.dtype)
+    i_neg = (~same).to(emb.dtype)
+    n_pos = i_pos.sum(1)
+    dist = 2 - 2 * emb @ emb.T
+    delta = 4.0 / num_bins
+    z = torch.linspace(0, 4, steps=num_bins + 1, dtype=emb.dtype)
+    h_pos = torch.zeros(n, num_bins + 1, dtype=emb.dtype)
+    h_neg = torch.zeros(n, num_bins + 1, dtype=emb.dtype)
+    for l in range(num_bins + 1):
+        pulse = torch.relu(1 - (dist - z[l]).abs() / delta)
+        h_pos[:, l] = (pulse * i_pos).sum(1)
+        h_neg[:, l] = (pulse * i_neg).sum(1)
+    big_h_pos = torch.cumsum(h_pos, 1)
+    big_h = torch.cumsum(h_pos + h_neg, 1)
+    ap = h_pos * big_h_pos / big_h
+    ap = torch.where(torch.isnan(ap) | torch.isinf(ap), torch.zeros_like(ap), ap)
+    ap = ap.sum(1) / n_pos
+    return ap[~torch.isnan(ap)].mean()
+
+
+def published_softbin_ap(scores: torch.Tensor, target: torch.Tensor, nq: int = 25, lo: float = 0.0, hi: float = 1.0):
+    """Per-query listwise AP (Revaud et al.'s quantizer as a 1x1 convolution of 2*nq lines):
+    bin b centred at hi - b * (hi - lo) / (nq - 1), first and last bins open."""
+    gap = hi - lo
+    a = (nq - 1) / gap
+    w = torch.empty(2 * nq, dtype=scores.dtype)
+    b = torch.empty(2 * nq, dtype=scores.dtype)
+    w[:nq] = -a
+    b[:nq] = a * lo + torch.arange(nq, 0, -1, dtype=scores.dtype)  # rising edges
+    w[nq:] = a
+    b[nq:] = torch.arange(2 - nq, 2, dtype=scores.dtype) - a * lo  # falling edges
+    w[0] = w[-1] = 0  # the end bins are flat: open
+    b[0] = b[-1] = 1
+    x = scores.unsqueeze(1)  # (N, 1, M)
+    q = w.view(1, -1, 1) * x + b.view(1, -1, 1)
+    q = torch.min(q[:, :nq], q[:, nq:]).clamp(min=0)  # (N, nq, M)
+    nbs = q.sum(-1)
+    rec = (q * target.unsqueeze(1).to(scores.dtype)).sum(-1)
+    prec = rec.cumsum(-1) / (1e-16 + nbs.cumsum(-1))
+    rec = rec / rec.sum(-1, keepdim=True)
+    return (prec * rec).sum(-1)

@@ -18,20 +18,21 @@ SCRIPT = r"""
 import json, sys, torch, fastrank
 from bench.memory import PeakMemory
 from bench.workloads import make_batch
-B, backend = int(sys.argv[1]), sys.argv[2]
+B, backend, op = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+fn = {"supap": fastrank.sup_ap, "fastap": fastrank.histogram_ap}[op]
 scores, labels = make_batch(B)
 x = scores.clone().requires_grad_()
-(1 - fastrank.sup_ap(x, (labels, labels), backend=backend)).backward()  # warm-up: lazy init, thread pool
+(1 - fn(x, (labels, labels), backend=backend)).backward()  # warm-up: lazy init, thread pool
 x.grad = None
 with PeakMemory() as m:
-    (1 - fastrank.sup_ap(x, (labels, labels), backend=backend)).backward()
+    (1 - fn(x, (labels, labels), backend=backend)).backward()
 print(json.dumps({"extra": m.extra, "exact": m.exact, "scores": scores.numel() * scores.element_size()}))
 """
 
 
-def _peak(B, backend, **env):
+def _peak(B, backend, op="supap", **env):
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(B), backend],
+        [sys.executable, "-c", SCRIPT, str(B), backend, op],
         cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -55,3 +56,12 @@ def test_torch_backend_peak_memory_is_bounded_by_chunk():
         pytest.skip("this kernel does not allow resetting VmHWM (/proc/self/clear_refs)")
     # O(Q*N) masks and gradient plus a bounded number of chunk-sized (fp32 or bool) temporaries
     assert r["extra"] <= 4 * r["scores"] + 32 * chunk * 4, r
+
+
+@requires("cpp")
+def test_cpp_histogram_ap_memory_is_gradient_plus_histograms():
+    r = _peak(4096, "cpp", op="fastap")
+    if not r["exact"]:
+        pytest.skip("this kernel does not allow resetting VmHWM (/proc/self/clear_refs)")
+    # the gradient of scores (1x) plus O(Q * bins) histograms; the naive (Q, N, bins) tensor would be 11x
+    assert r["extra"] <= 1.5 * r["scores"], r

@@ -1,0 +1,224 @@
+// Fused CPU soft histograms of histogram AP (FastAP, SoftBin): h_all and h_pos per
+// query, O(Q * N) time and O(Q * L) output. One query row per task; each row's
+// histogram and gradient have one writer, so results are deterministic.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "histogram.h"
+
+namespace fastrank {
+namespace cpu {
+
+template <typename T>
+struct HistProblem {
+  const T* scores;
+  const int64_t* pos_idx;
+  const int64_t* ign_idx;
+  const bool* ign_mask;
+  int64_t Q, N, P, L;
+  T scale, shift;
+  bool open_ends;
+};
+
+template <typename T>
+static void valid_flags(const HistProblem<T>& pr, int64_t i, std::vector<uint8_t>& valid) {
+  if (pr.ign_mask) {
+    const bool* m = pr.ign_mask + i * pr.N;
+    for (int64_t k = 0; k < pr.N; ++k) valid[k] = !m[k];
+  } else {
+    std::fill(valid.begin(), valid.end(), uint8_t(1));
+  }
+  if (pr.ign_idx && pr.ign_idx[i] >= 0) valid[pr.ign_idx[i]] = 0;
+}
+
+template <typename T>
+static inline void add_bin(T* h, int64_t L, const SoftBin<T>& b) {
+  if (b.lo >= 0 && b.lo < L) h[b.lo] += b.w_lo;
+  if (b.lo + 1 >= 0 && b.lo + 1 < L) h[b.lo + 1] += b.w_hi;
+}
+
+template <typename T>
+static inline T bin_grad(const T* g, int64_t L, const SoftBin<T>& b) {
+  T out = T(0);
+  if (b.lo >= 0 && b.lo < L) out += g[b.lo] * b.d_lo;
+  if (b.lo + 1 >= 0 && b.lo + 1 < L) out += g[b.lo + 1] * b.d_hi;
+  return out;
+}
+
+template <typename T>
+static void hist_forward_rows(const HistProblem<T>& pr, T* h_all, T* h_pos, int64_t begin, int64_t end) {
+  std::vector<uint8_t> valid(pr.N);
+  for (int64_t i = begin; i < end; ++i) {
+    valid_flags(pr, i, valid);
+    const T* s = pr.scores + i * pr.N;
+    T* ha = h_all + i * pr.L;
+    T* hp = h_pos + i * pr.L;
+    bool nan_row = false;
+    for (int64_t k = 0; k < pr.N; ++k) {
+      if (!valid[k]) continue;
+      const T v = pr.scale * s[k] + pr.shift;
+      if (std::isnan(v)) {
+        nan_row = true;
+        break;
+      }
+      add_bin(ha, pr.L, soft_bin(v, pr.L, pr.open_ends));
+    }
+    if (nan_row) {  // a NaN score poisons its whole query, as in the references
+      std::fill(ha, ha + pr.L, std::numeric_limits<T>::quiet_NaN());
+      std::fill(hp, hp + pr.L, std::numeric_limits<T>::quiet_NaN());
+      continue;
+    }
+    const int64_t* pidx = pr.pos_idx + i * pr.P;
+    for (int64_t p = 0; p < pr.P; ++p) {
+      if (pidx[p] < 0) continue;
+      add_bin(hp, pr.L, soft_bin(pr.scale * s[pidx[p]] + pr.shift, pr.L, pr.open_ends));
+    }
+  }
+}
+
+template <typename T>
+static void hist_backward_rows(const HistProblem<T>& pr, const T* g_all, const T* g_pos, T* grad, int64_t begin,
+                               int64_t end) {
+  std::vector<uint8_t> valid(pr.N);
+  for (int64_t i = begin; i < end; ++i) {
+    valid_flags(pr, i, valid);
+    const T* s = pr.scores + i * pr.N;
+    const T* ga = g_all + i * pr.L;
+    const T* gp = g_pos + i * pr.L;
+    T* g = grad + i * pr.N;
+    bool nan_row = false;
+    for (int64_t k = 0; k < pr.N; ++k) {
+      g[k] = T(0);
+      if (!valid[k]) continue;
+      const T v = pr.scale * s[k] + pr.shift;
+      if (std::isnan(v)) {
+        nan_row = true;
+        continue;
+      }
+      g[k] = pr.scale * bin_grad(ga, pr.L, soft_bin(v, pr.L, pr.open_ends));
+    }
+    if (nan_row) {
+      for (int64_t k = 0; k < pr.N; ++k) g[k] = valid[k] ? std::numeric_limits<T>::quiet_NaN() : T(0);
+      continue;
+    }
+    const int64_t* pidx = pr.pos_idx + i * pr.P;
+    for (int64_t p = 0; p < pr.P; ++p) {
+      const int64_t j = pidx[p];
+      if (j < 0) continue;
+      g[j] += pr.scale * bin_grad(gp, pr.L, soft_bin(pr.scale * s[j] + pr.shift, pr.L, pr.open_ends));
+    }
+  }
+}
+
+static void check_hist_inputs(const at::Tensor& scores, const at::Tensor& pos_idx,
+                              const std::optional<at::Tensor>& ign_idx, const std::optional<at::Tensor>& ign_mask,
+                              int64_t bins) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2,
+              "fastrank cpu histogram: scores must be a 2-D CPU tensor, got ", scores.device(), " ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "fastrank cpu histogram: scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(bins >= 2, "fastrank cpu histogram: bins must be >= 2, got ", bins);
+  TORCH_CHECK(pos_idx.device().is_cpu() && pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 &&
+                  pos_idx.size(0) == scores.size(0),
+              "fastrank cpu histogram: pos_idx must be a CPU int64 (Q, P) tensor, got ", pos_idx.sizes());
+  const int64_t N = scores.size(1);
+  if (pos_idx.numel() > 0) {
+    TORCH_CHECK(pos_idx.min().item<int64_t>() >= -1 && pos_idx.max().item<int64_t>() < N,
+                "fastrank cpu histogram: pos_idx entries must lie in [-1, N) with N = ", N);
+  }
+  if (ign_idx.has_value()) {
+    const auto& t = *ign_idx;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == scores.size(0),
+                "fastrank cpu histogram: ignore_idx must be a CPU int64 (Q,) tensor");
+    if (t.numel() > 0) {
+      TORCH_CHECK(t.min().item<int64_t>() >= -1 && t.max().item<int64_t>() < N,
+                  "fastrank cpu histogram: ignore_idx entries must lie in [-1, N)");
+    }
+  }
+  if (ign_mask.has_value()) {
+    TORCH_CHECK(ign_mask->device().is_cpu() && ign_mask->scalar_type() == at::kBool &&
+                    ign_mask->sizes() == scores.sizes(),
+                "fastrank cpu histogram: ignore_mask must be a CPU bool tensor of the shape of scores");
+  }
+}
+
+template <typename T>
+static HistProblem<T> make_hist_problem(const at::Tensor& scores, const at::Tensor& pos_idx,
+                                        const std::optional<at::Tensor>& ign_idx,
+                                        const std::optional<at::Tensor>& ign_mask, int64_t bins, double scale,
+                                        double shift, bool open_ends) {
+  return HistProblem<T>{scores.data_ptr<T>(),
+                        pos_idx.data_ptr<int64_t>(),
+                        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
+                        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr,
+                        scores.size(0),
+                        scores.size(1),
+                        pos_idx.size(1),
+                        bins,
+                        T(scale),
+                        T(shift),
+                        open_ends};
+}
+
+static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cpu(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
+                                                          const std::optional<at::Tensor>& ign_idx_in,
+                                                          const std::optional<at::Tensor>& ign_mask_in, int64_t bins,
+                                                          double scale, double shift, bool open_ends) {
+  check_hist_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, bins);
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  std::optional<at::Tensor> ign_idx, ign_mask;
+  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
+  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  at::Tensor h_all = at::zeros({scores.size(0), bins}, scores.options());
+  at::Tensor h_pos = at::zeros({scores.size(0), bins}, scores.options());
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_histogram_fwd_cpu", [&] {
+    const auto pr = make_hist_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, bins, scale, shift, open_ends);
+    scalar_t* ha = h_all.data_ptr<scalar_t>();
+    scalar_t* hp = h_pos.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pr.N));
+    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) { hist_forward_rows(pr, ha, hp, b, e); });
+  });
+  return {h_all, h_pos};
+}
+
+static at::Tensor histogram_bwd_cpu(const at::Tensor& grad_all_in, const at::Tensor& grad_pos_in,
+                                   const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
+                                   const std::optional<at::Tensor>& ign_idx_in,
+                                   const std::optional<at::Tensor>& ign_mask_in, int64_t bins, double scale,
+                                   double shift, bool open_ends) {
+  check_hist_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, bins);
+  const std::vector<int64_t> hshape = {scores_in.size(0), bins};
+  TORCH_CHECK(grad_all_in.sizes() == hshape && grad_pos_in.sizes() == hshape,
+              "fastrank cpu histogram backward: gradients must be (Q, bins)");
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  const at::Tensor g_all = grad_all_in.to(scores.scalar_type()).contiguous();
+  const at::Tensor g_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
+  std::optional<at::Tensor> ign_idx, ign_mask;
+  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
+  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by its row's task
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_histogram_bwd_cpu", [&] {
+    const auto pr = make_hist_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, bins, scale, shift, open_ends);
+    const scalar_t* ga = g_all.data_ptr<scalar_t>();
+    const scalar_t* gp = g_pos.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pr.N));
+    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) { hist_backward_rows(pr, ga, gp, g, b, e); });
+  });
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(fastrank, CPU, m) {
+  m.impl("histogram_fwd", &histogram_fwd_cpu);
+  m.impl("histogram_bwd", &histogram_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastrank
