@@ -96,3 +96,18 @@ def test_opcheck_cuda_op(step):
     pb = build_problem((labels[:q], labels), torch.arange(q, device="cuda"), q, n, scores.device)
     args = (scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
     torch.library.opcheck(torch.ops.fastrank.rank_sums_fwd.default, args)
+
+
+@pytest.mark.skipif(not fastrank.backends()["cuda"].available, reason="CUDA kernels not built")
+@pytest.mark.parametrize("kind", ["fastap", "softbin"])
+@pytest.mark.parametrize("ignore_kind", ["none", "self", "mask"])
+def test_gpu_histogram_ap_matches_naive(kind, ignore_kind):
+    case = make_case(33, 129, 5, "labels", ignore_kind, ties=True, seed=2)
+    s, t, ig = _to(case, "cuda")
+    fn = lambda x, tt, ignore, backend: fastrank.histogram_ap(x, tt, kind=kind, ignore=ignore, backend=backend)  # noqa
+    l0, g0 = _grad(s, t, ig, fn, "naive")
+    l1, g1 = _grad(s, t, ig, fn, "cuda")
+    torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-10)
+    _, g2 = _grad(s, t, ig, fn, "cuda")
+    assert torch.equal(g1, g2)
