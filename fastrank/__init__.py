@@ -10,6 +10,7 @@ Public surface:
 """
 from ._backend import BACKENDS, BackendInfo, backends
 from .ap import calibration_loss, smooth_ap, sup_ap
+from . import losses
 from .histogram import histogram_ap
 from .rank_sums import RankSums, rank_sums
 from .recall import recall_at_k
@@ -23,6 +24,7 @@ __all__ = [
     "backends",
     "calibration_loss",
     "histogram_ap",
+    "losses",
     "rank_sums",
     "recall_at_k",
     "smooth_ap",

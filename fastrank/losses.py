@@ -1,0 +1,228 @@
+"""nn.Module losses: ``loss = module(embeddings, labels[, ref_embeddings, ref_labels])``.
+
+Every module returns a scalar ``1 - mean score`` (lower is better) for the queries
+`embeddings` against the gallery `ref_embeddings` (default: the batch itself).
+Similarity is the dot product of L2-normalised embeddings (``similarity="cosine"``)
+unless ``similarity="dot"`` or a callable ``(queries, gallery) -> (Q, N) scores``.
+
+The query's own entry, when the gallery is the batch itself (no ref_embeddings), follows
+`include_self`, whose default reproduces the paper the loss comes from:
+
+* ``True``          the query is its own positive and a competitor (Smooth-AP, ROADMAP, SupRank)
+* ``"competitor"``  it competes but is not ranked as a positive (Patel et al.'s Recall@k)
+* ``False``         it is left out entirely (FastAP, SoftBin)
+
+With a separate gallery (ref_embeddings given), nothing is left out: entries of the
+same sample in both (as in cross-batch memory) are for the caller to exclude via `ignore`
+in the functional API.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate as V
+from .ap import calibration_loss, smooth_ap, sup_ap
+from .histogram import histogram_ap
+from .recall import recall_at_k
+
+Tensor = torch.Tensor
+Similarity = Union[str, Callable[[Tensor, Tensor], Tensor]]
+SelfMode = Union[bool, str]
+
+
+class _RankingLoss(nn.Module):
+    """Shared plumbing: similarity, gallery, labels -> (scores, target, ignore)."""
+
+    _self_default: SelfMode = True
+
+    def __init__(self, *, similarity: Similarity = "cosine", include_self: Optional[SelfMode] = None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not callable(similarity):
+            V.check_choice(name, "similarity", similarity, ("cosine", "dot"))
+        if include_self is None:
+            include_self = self._self_default
+        if include_self not in (True, False, "competitor"):
+            raise ValueError(f"{name}: `include_self` must be True, False or 'competitor', got {include_self!r}")
+        V.check_backend(name, backend, ("naive", "torch", "cpp", "triton", "cuda", "auto"))
+        self.similarity = similarity
+        self.include_self = include_self
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"similarity={self.similarity!r}, include_self={self.include_self!r}, backend={self.backend!r}"
+
+    def _scores(self, q: Tensor, g: Tensor) -> Tensor:
+        if callable(self.similarity):
+            return self.similarity(q, g)
+        if self.similarity == "cosine":
+            q, g = F.normalize(q, dim=-1), F.normalize(g, dim=-1)
+        return q @ g.transpose(0, 1)
+
+    def _inputs(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Optional[Tensor],
+                ref_labels: Optional[Tensor]) -> Tuple[Tensor, object, Optional[Tensor]]:
+        name = type(self).__name__
+        for arg, value in (("embeddings", embeddings), ("ref_embeddings", ref_embeddings)):
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.dim() != 2:
+                raise ValueError(f"{name}: `{arg}` must be a 2-D (batch, dim) tensor, got "
+                                 f"{getattr(value, 'shape', type(value).__name__)}")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"{name}: `labels` must be a 1-D tensor of length {embeddings.shape[0]} "
+                             f"(one per embedding), got {getattr(labels, 'shape', type(labels).__name__)}")
+        if (ref_embeddings is None) != (ref_labels is None):
+            raise ValueError(f"{name}: pass `ref_embeddings` and `ref_labels` together")
+        if ref_embeddings is None:
+            scores = self._scores(embeddings, embeddings)
+            q = embeddings.shape[0]
+            if self.include_self is True:
+                return scores, (labels, labels), None
+            if self.include_self is False:
+                return scores, (labels, labels), torch.arange(q, device=embeddings.device)
+            # competitor only: the query is a negative of itself
+            eye = torch.eye(q, dtype=torch.bool, device=embeddings.device)
+            return scores, (labels.unsqueeze(1) == labels.unsqueeze(0)) & ~eye, None
+        if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
+            raise ValueError(f"{name}: `ref_labels` must be a 1-D tensor of length {ref_embeddings.shape[0]}")
+        return self._scores(embeddings, ref_embeddings), (labels, ref_labels), None
+
+    def score(self, scores: Tensor, target, ignore: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels)
+        return 1 - self.score(scores, target, ignore)
+
+
+class SmoothAPLoss(_RankingLoss):
+    """1 - Smooth-AP (Brown et al., ECCV 2020). See :func:`fastrank.smooth_ap`.
+
+    >>> loss = SmoothAPLoss()(embeddings, labels)
+    """
+
+    def __init__(self, tau: float = 0.01, **kw) -> None:
+        super().__init__(**kw)
+        self.tau = tau
+
+    def score(self, scores, target, ignore):
+        return smooth_ap(scores, target, tau=self.tau, ignore=ignore, backend=self.backend)
+
+
+class SupAPLoss(_RankingLoss):
+    """1 - SupAP (ROADMAP, Ramzi et al., NeurIPS 2021). See :func:`fastrank.sup_ap`.
+
+    >>> loss = SupAPLoss()(embeddings, labels)
+    """
+
+    def __init__(self, tau: float = 0.01, rho: float = 100.0, delta: float = 0.05, start: float = 0.5,
+                 offset: Optional[float] = None, **kw) -> None:
+        super().__init__(**kw)
+        self.tau, self.rho, self.delta, self.start, self.offset = tau, rho, delta, start, offset
+
+    def score(self, scores, target, ignore):
+        return sup_ap(scores, target, tau=self.tau, rho=self.rho, delta=self.delta, start=self.start,
+                      offset=self.offset, ignore=ignore, backend=self.backend)
+
+
+class CalibrationLoss(_RankingLoss):
+    """ROADMAP's calibration term (not 1 - score: the term itself). Self pairs are excluded
+    by default (include_self=False), as in ROADMAP. See :func:`fastrank.calibration_loss`."""
+
+    _self_default = False
+
+    def __init__(self, pos_margin: float = 0.9, neg_margin: float = 0.6, **kw) -> None:
+        super().__init__(**kw)
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+
+    def score(self, scores, target, ignore):
+        return calibration_loss(scores, target, pos_margin=self.pos_margin, neg_margin=self.neg_margin, ignore=ignore)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels)
+        return self.score(scores, target, ignore)
+
+
+class ROADMAPLoss(nn.Module):
+    """ROADMAP (Ramzi et al., NeurIPS 2021): ``w_ap * (1 - SupAP) + w_calibration * calibration``.
+
+    Defaults (1, 1) are the ROADMAP repository's; SupRank uses (0.9, 0.1). SupAP counts the
+    query in its own gallery (as published); the calibration term excludes self pairs.
+
+    >>> loss = ROADMAPLoss()(embeddings, labels)
+    """
+
+    def __init__(self, w_ap: float = 1.0, w_calibration: float = 1.0, *, tau: float = 0.01, rho: float = 100.0,
+                 delta: float = 0.05, start: float = 0.5, pos_margin: float = 0.9, neg_margin: float = 0.6,
+                 similarity: Similarity = "cosine", backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.w_ap = V.check_finite_number("ROADMAPLoss", "w_ap", w_ap)
+        self.w_calibration = V.check_finite_number("ROADMAPLoss", "w_calibration", w_calibration)
+        self.sup_ap = SupAPLoss(tau=tau, rho=rho, delta=delta, start=start, similarity=similarity, backend=backend)
+        self.calibration = CalibrationLoss(pos_margin=pos_margin, neg_margin=neg_margin, similarity=similarity)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        return self.w_ap * self.sup_ap(embeddings, labels, ref_embeddings, ref_labels) + \
+            self.w_calibration * self.calibration(embeddings, labels, ref_embeddings, ref_labels)
+
+
+class RecallAtKLoss(_RankingLoss):
+    """1 - smooth Recall@k. variant="suprank" (default; query counted, include_self=True) or
+    "patel" (pass include_self="competitor" to reproduce Patel et al.). See :func:`fastrank.recall_at_k`."""
+
+    def __init__(self, ks: Sequence[int] = (1, 2, 4, 8, 16), tau: float = 0.01, temp: float = 1.0,
+                 variant: str = "suprank", step: Optional[str] = None, **kw) -> None:
+        if "include_self" not in kw and variant == "patel":
+            kw["include_self"] = "competitor"
+        super().__init__(**kw)
+        self.ks, self.tau, self.temp, self.variant, self.step = tuple(ks), tau, temp, variant, step
+
+    def score(self, scores, target, ignore):
+        return recall_at_k(scores, target, ks=self.ks, tau=self.tau, temp=self.temp, variant=self.variant,
+                           step=self.step, ignore=ignore, backend=self.backend)
+
+
+class FastAPLoss(_RankingLoss):
+    """1 - FastAP (Cakir et al., CVPR 2019); the query is left out of its gallery by default.
+    See :func:`fastrank.histogram_ap`."""
+
+    _self_default = False
+
+    def __init__(self, bins: int = 10, **kw) -> None:
+        super().__init__(**kw)
+        self.bins = bins
+
+    def score(self, scores, target, ignore):
+        return histogram_ap(scores, target, bins=self.bins, kind="fastap", ignore=ignore, backend=self.backend)
+
+
+class SoftBinAPLoss(_RankingLoss):
+    """1 - listwise AP with soft bins (Revaud et al., ICCV 2019); the query is left out by default.
+    See :func:`fastrank.histogram_ap`."""
+
+    _self_default = False
+
+    def __init__(self, bins: int = 25, range: Tuple[float, float] = (0.0, 1.0), **kw) -> None:  # noqa: A002
+        super().__init__(**kw)
+        self.bins, self.range = bins, tuple(range)
+
+    def score(self, scores, target, ignore):
+        return histogram_ap(scores, target, bins=self.bins, kind="softbin", range=self.range, ignore=ignore,
+                            backend=self.backend)
+
+
+__all__ = [
+    "CalibrationLoss",
+    "FastAPLoss",
+    "ROADMAPLoss",
+    "RecallAtKLoss",
+    "SmoothAPLoss",
+    "SoftBinAPLoss",
+    "SupAPLoss",
+]
