@@ -1,0 +1,1 @@
+"""Adapters for other metric-learning libraries (optional dependencies)."""

@@ -1,0 +1,230 @@
+"""pytorch-metric-learning drop-ins: fused fastrank losses behind PML's loss interface.
+
+    from fastrank.integrations import pml as fr_pml
+    loss_fn = fr_pml.SmoothAPLoss()            # instead of pytorch_metric_learning.losses.SmoothAPLoss()
+    loss = loss_fn(embeddings, labels)         # miners' indices_tuple, reducers, ref_emb, CrossBatchMemory work
+
+or `fr_pml.patch()` to swap them into `pytorch_metric_learning.losses` for code that builds
+losses by name (`unpatch()` restores PML's own).
+
+Differences from PML's classes, all in the direction of the published definitions:
+
+* no equal-class-size, class-order or `ref_emb` restrictions;
+* PML 2.9.0's SmoothAPLoss groups the batch as (samples per class) x (classes), so it equals
+  the published Smooth-AP only when the number of classes equals the samples per class
+  (e.g. 4 x 4); with 4 classes x 3 samples its value differs. Ours computes the published
+  Smooth-AP on every batch (it equals PML's wherever PML's grouping is right);
+* queries without any positive are left out of the reduction instead of raising.
+
+pytorch-metric-learning is an optional dependency: `pip install pytorch-metric-learning`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+try:
+    from pytorch_metric_learning import losses as _pml_losses
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+    from pytorch_metric_learning.losses import BaseMetricLossFunction
+    from pytorch_metric_learning.utils import common_functions as c_f
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+except ImportError as e:  # pragma: no cover - exercised only without PML
+    raise ImportError(
+        "fastrank.integrations.pml needs pytorch-metric-learning: `pip install pytorch-metric-learning` "
+        f"({e})"
+    ) from e
+
+from .. import ap as _ap
+from ..histogram import histogram_ap
+from ..recall import recall_at_k
+
+Tensor = torch.Tensor
+
+
+def _positive_counts(labels: Tensor, ref_labels: Tensor) -> Tensor:
+    """Number of gallery items sharing each query's label, without a (Q, N) mask."""
+    sorted_ref, _ = torch.sort(ref_labels)
+    lo = torch.searchsorted(sorted_ref, labels, right=False)
+    hi = torch.searchsorted(sorted_ref, labels, right=True)
+    return hi - lo
+
+
+class _FusedPMLLoss(BaseMetricLossFunction):
+    """Shared plumbing: PML distance -> similarity scores, self handling, miner weights."""
+
+    #: True: the query is its own positive and competitor when the gallery is the batch itself
+    include_self: bool = True
+
+    def __init__(self, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.backend = backend
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def _similarities(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
+        d = self.distance(embeddings, ref_emb)
+        if isinstance(self.distance, LpDistance):
+            # squared Euclidean distance of normalised embeddings: x = 2 - 2s
+            return 1 - d / 2
+        return d
+
+    def per_query_score(self, scores: Tensor, target, ignore: Optional[Tensor]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        self_gallery = ref_emb is embeddings  # PML passes the batch itself when ref_emb is None
+        scores = self._similarities(embeddings, ref_emb)
+        ignore = None
+        n_pos = _positive_counts(labels, ref_labels)
+        if self_gallery and not self.include_self:
+            ignore = torch.arange(labels.shape[0], device=labels.device)
+            n_pos = n_pos - 1
+        score = self.per_query_score(scores, (labels, ref_labels), ignore)
+        weights = lmu.convert_to_weights(indices_tuple, labels, dtype=score.dtype, using_ref=not self_gallery)
+        keep = torch.nonzero(n_pos > 0).squeeze(1)
+        if keep.numel() == 0:
+            return self.zero_losses()
+        losses = ((1 - score) * weights)[keep]
+        return {self._sub_loss_names()[0]: {"losses": losses, "indices": keep, "reduction_type": "element"}}
+
+
+class SmoothAPLoss(_FusedPMLLoss):
+    """Drop-in for `pytorch_metric_learning.losses.SmoothAPLoss` (same `temperature` argument),
+    computing the published Smooth-AP with the fused kernels."""
+
+    def __init__(self, temperature: float = 0.01, **kwargs) -> None:
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        self.temperature = temperature
+
+    def _sub_loss_names(self):
+        return ["ap_loss"]
+
+    def per_query_score(self, scores, target, ignore):
+        return _ap.smooth_ap(scores, target, tau=self.temperature, ignore=ignore, reduction="none",
+                             backend=self.backend)
+
+
+class FastAPLoss(_FusedPMLLoss):
+    """Drop-in for `pytorch_metric_learning.losses.FastAPLoss` (same `num_bins`; squared
+    Euclidean distance of normalised embeddings), with the fused soft-histogram kernels."""
+
+    include_self = False
+
+    def __init__(self, num_bins: int = 10, **kwargs) -> None:
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, LpDistance, normalize_embeddings=True, p=2)
+        if self.distance.power != 2:
+            raise ValueError(f"FastAPLoss: the distance must be squared (LpDistance(power=2)), got power "
+                             f"{self.distance.power}")
+        self.num_bins = int(num_bins)
+        self.add_to_recordable_attributes(list_of_names=["num_bins"], is_stat=False)
+
+    def get_default_distance(self):
+        return LpDistance(power=2)
+
+    def per_query_score(self, scores, target, ignore):
+        return histogram_ap(scores, target, bins=self.num_bins, kind="fastap", ignore=ignore, reduction="none",
+                            backend=self.backend)
+
+
+class SupAPLoss(_FusedPMLLoss):
+    """SupAP (ROADMAP) in PML's interface."""
+
+    def __init__(self, tau: float = 0.01, rho: float = 100.0, delta: float = 0.05, start: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        self.tau, self.rho, self.delta, self.start = tau, rho, delta, start
+
+    def per_query_score(self, scores, target, ignore):
+        return _ap.sup_ap(scores, target, tau=self.tau, rho=self.rho, delta=self.delta, start=self.start,
+                          ignore=ignore, reduction="none", backend=self.backend)
+
+
+class RecallAtKLoss(_FusedPMLLoss):
+    """Smooth Recall@k (SupRank form by default) in PML's interface."""
+
+    def __init__(self, ks=(1, 2, 4, 8, 16), tau: float = 0.01, temp: float = 1.0, variant: str = "suprank",
+                 **kwargs):
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        self.ks, self.tau, self.temp, self.variant = tuple(ks), tau, temp, variant
+
+    def per_query_score(self, scores, target, ignore):
+        return recall_at_k(scores, target, ks=self.ks, tau=self.tau, temp=self.temp, variant=self.variant,
+                           ignore=ignore, reduction="none", backend=self.backend)
+
+
+class SoftBinAPLoss(_FusedPMLLoss):
+    """Listwise soft-binned AP (Revaud et al.) in PML's interface; the query is left out of its gallery."""
+
+    include_self = False
+
+    def __init__(self, num_bins: int = 25, value_range=(0.0, 1.0), **kwargs):
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        self.num_bins, self.value_range = int(num_bins), tuple(value_range)
+
+    def per_query_score(self, scores, target, ignore):
+        return histogram_ap(scores, target, bins=self.num_bins, kind="softbin", range=self.value_range,
+                            ignore=ignore, reduction="none", backend=self.backend)
+
+
+class CrossBatchMemory(_pml_losses.CrossBatchMemory):
+    """PML's CrossBatchMemory, accepting the fastrank drop-ins too.
+
+    PML checks the wrapped loss's class name against a fixed list that has no AP loss; the
+    fused losses rank the batch against the memory (a rectangular Q x N problem), which is
+    what cross-batch memory needs. The batch's own memory entries are exact copies of the
+    queries: for losses that count the query in its own gallery (Smooth-AP, SupAP, recall)
+    that is the published convention; FastAP/SoftBin would see a duplicate of the query —
+    use `fastrank.memory.CrossBatchMemory`, which returns the batch's memory slots to
+    leave out, for those.
+    """
+
+    @staticmethod
+    def supported_losses():
+        return list(_ORIGINAL_CBM.supported_losses()) + sorted(_FUSED_NAMES)
+
+
+_ORIGINAL_CBM = _pml_losses.CrossBatchMemory
+_FUSED_NAMES = {"SmoothAPLoss", "FastAPLoss", "SupAPLoss", "RecallAtKLoss", "SoftBinAPLoss"}
+_PATCHED: Dict[str, object] = {}
+_OURS = {
+    "SmoothAPLoss": SmoothAPLoss,
+    "FastAPLoss": FastAPLoss,
+    "SupAPLoss": SupAPLoss,
+    "RecallAtKLoss": RecallAtKLoss,
+    "SoftBinAPLoss": SoftBinAPLoss,
+    "CrossBatchMemory": CrossBatchMemory,
+}
+_MISSING = object()
+
+
+def patch() -> None:
+    """Replace PML's SmoothAPLoss, FastAPLoss and CrossBatchMemory (and add our other losses) in
+    `pytorch_metric_learning.losses`.
+
+    Idempotent; `unpatch()` restores the originals.
+    """
+    for name, cls in _OURS.items():
+        if name not in _PATCHED:
+            _PATCHED[name] = getattr(_pml_losses, name, _MISSING)
+        setattr(_pml_losses, name, cls)
+
+
+def unpatch() -> None:
+    """Undo `patch()`."""
+    for name, original in list(_PATCHED.items()):
+        if original is _MISSING:
+            delattr(_pml_losses, name)
+        else:
+            setattr(_pml_losses, name, original)
+        del _PATCHED[name]
+
+
+__all__ = ["CrossBatchMemory", "FastAPLoss", "RecallAtKLoss", "SmoothAPLoss", "SoftBinAPLoss", "SupAPLoss", "patch", "unpatch"]

@@ -1,0 +1,133 @@
+"""pytorch-metric-learning drop-ins: parity with PML where PML computes the published loss,
+the published definition where it does not, miners, reducers, CrossBatchMemory, patching."""
+import pytest
+import torch
+
+pml = pytest.importorskip("pytorch_metric_learning")
+
+from pytorch_metric_learning import losses as L  # noqa: E402
+from pytorch_metric_learning import miners, reducers  # noqa: E402
+
+import fastrank  # noqa: E402
+from fastrank.integrations import pml as P  # noqa: E402
+
+
+def _batch(classes, per, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(classes * per, dim, generator=g, dtype=torch.float64)
+    return emb, torch.arange(classes).repeat_interleave(per)
+
+
+def _value_and_grad(loss_fn, emb, labels, **kw):
+    e = emb.clone().requires_grad_()
+    loss = loss_fn(e, labels, **kw)
+    (g,) = torch.autograd.grad(loss, e)
+    return loss.detach().double(), g
+
+
+@pytest.mark.parametrize("classes,per", [(4, 4), (3, 3), (6, 6)])
+def test_smooth_ap_parity_where_pml_is_published(classes, per):
+    emb, labels = _batch(classes, per, seed=classes)
+    v0, g0 = _value_and_grad(L.SmoothAPLoss(), emb, labels)
+    v1, g1 = _value_and_grad(P.SmoothAPLoss(), emb, labels)
+    # PML accumulates AP in a float32 buffer: agreement to float32 precision
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("classes,per", [(4, 3), (2, 5)])
+def test_smooth_ap_published_where_pml_differs(classes, per):
+    emb, labels = _batch(classes, per, seed=1)
+    ours, _ = _value_and_grad(P.SmoothAPLoss(), emb, labels)
+    theirs, _ = _value_and_grad(L.SmoothAPLoss(), emb, labels)
+    e = torch.nn.functional.normalize(emb, dim=1)
+    published = 1 - fastrank.smooth_ap(e @ e.T, (labels, labels), backend="naive")
+    torch.testing.assert_close(ours, published, rtol=1e-12, atol=1e-12)
+    assert abs(theirs.item() - published.item()) > 1e-3  # PML's grouping bug (documented)
+
+
+def test_smooth_ap_unequal_unordered_classes():
+    emb, _ = _batch(1, 11, seed=3)
+    labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 2, 5, 5])
+    with pytest.raises(ValueError):
+        L.SmoothAPLoss()(emb, labels)
+    ours = P.SmoothAPLoss()(emb, labels)
+    e = torch.nn.functional.normalize(emb, dim=1)
+    torch.testing.assert_close(ours, 1 - fastrank.smooth_ap(e @ e.T, (labels, labels), backend="naive"))
+
+
+@pytest.mark.parametrize("classes,per", [(4, 4), (5, 3), (3, 7)])
+def test_fastap_parity(classes, per):
+    emb, labels = _batch(classes, per, seed=per)
+    v0, g0 = _value_and_grad(L.FastAPLoss(), emb, labels)
+    v1, g1 = _value_and_grad(P.FastAPLoss(), emb, labels)
+    torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-12)
+
+
+def test_fastap_parity_with_miner_and_reducer():
+    emb, labels = _batch(4, 5, seed=9)
+    miner = miners.MultiSimilarityMiner(epsilon=0.3)
+    e = emb.clone()
+    tuples = miner(e, labels)
+    for reducer in (reducers.MeanReducer(), reducers.SumReducer()):
+        v0, g0 = _value_and_grad(L.FastAPLoss(reducer=reducer), emb, labels, indices_tuple=tuples)
+        v1, g1 = _value_and_grad(P.FastAPLoss(reducer=reducer), emb, labels, indices_tuple=tuples)
+        torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-12)
+
+
+def test_ref_emb_is_supported():
+    emb, labels = _batch(3, 4, seed=5)
+    ref, ref_labels = _batch(3, 6, seed=6)
+    for cls in (P.SmoothAPLoss, P.SupAPLoss, P.FastAPLoss, P.RecallAtKLoss, P.SoftBinAPLoss):
+        loss = cls()(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+        assert torch.isfinite(loss) and 0 <= loss.item() <= 1
+    e, r = torch.nn.functional.normalize(emb, dim=1), torch.nn.functional.normalize(ref, dim=1)
+    expect = 1 - fastrank.sup_ap(e @ r.T, (labels, ref_labels), backend="naive")
+    torch.testing.assert_close(P.SupAPLoss()(emb, labels, ref_emb=ref, ref_labels=ref_labels), expect)
+
+
+def test_cross_batch_memory_wrapper():
+    torch.manual_seed(0)
+    with pytest.raises(Exception, match="not supported"):
+        L.CrossBatchMemory(P.SmoothAPLoss(), embedding_size=16)  # PML's own wrapper has a fixed list
+    xbm = P.CrossBatchMemory(P.SmoothAPLoss(), embedding_size=16, memory_size=24)
+    for step in range(4):
+        emb, labels = _batch(3, 4, seed=step)
+        e = emb.float().requires_grad_()
+        loss = xbm(e, labels)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(e.grad).all()
+    # the last call ranked the batch against the whole (full) memory, which holds the batch itself
+    mem_e = torch.nn.functional.normalize(xbm.embedding_memory, dim=1)
+    q = torch.nn.functional.normalize(emb.float(), dim=1)
+    expect = 1 - fastrank.smooth_ap(q @ mem_e.T, (labels, xbm.label_memory), backend="naive")
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_no_positive_queries_are_left_out():
+    emb, _ = _batch(1, 5, seed=2)
+    labels = torch.tensor([0, 0, 1, 2, 3])  # for FastAP (self excluded) only queries 0 and 1 have positives
+    loss = P.FastAPLoss()(emb, labels)
+    e = torch.nn.functional.normalize(emb, dim=1)
+    per_query = fastrank.histogram_ap(e @ e.T, (labels, labels), ignore=torch.arange(5), reduction="none")
+    torch.testing.assert_close(loss, 1 - per_query[:2].mean())
+
+
+def test_patch_round_trip():
+    original_smooth, original_fast, original_cbm = L.SmoothAPLoss, L.FastAPLoss, L.CrossBatchMemory
+    assert not hasattr(L, "SupAPLoss")
+    P.patch()
+    try:
+        assert L.SmoothAPLoss is P.SmoothAPLoss and L.FastAPLoss is P.FastAPLoss and L.SupAPLoss is P.SupAPLoss
+        assert L.CrossBatchMemory is P.CrossBatchMemory
+        L.CrossBatchMemory(L.SmoothAPLoss(), embedding_size=8)  # builds by name, fused loss accepted
+        P.patch()  # idempotent
+        loss = getattr(pml.losses, "SmoothAPLoss")()
+        assert isinstance(loss, P.SmoothAPLoss)
+    finally:
+        P.unpatch()
+    assert L.SmoothAPLoss is original_smooth and L.FastAPLoss is original_fast
+    assert L.CrossBatchMemory is original_cbm
+    assert not hasattr(L, "SupAPLoss")
