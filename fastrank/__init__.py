@@ -10,7 +10,7 @@ Public surface:
 """
 from ._backend import BACKENDS, BackendInfo, backends
 from .ap import calibration_loss, smooth_ap, sup_ap
-from . import losses
+from . import distributed, losses, memory
 from .histogram import histogram_ap
 from .rank_sums import RankSums, rank_sums
 from .recall import recall_at_k
@@ -23,8 +23,10 @@ __all__ = [
     "RankSums",
     "backends",
     "calibration_loss",
+    "distributed",
     "histogram_ap",
     "losses",
+    "memory",
     "rank_sums",
     "recall_at_k",
     "smooth_ap",

@@ -12,9 +12,9 @@ The query's own entry, when the gallery is the batch itself (no ref_embeddings),
 * ``"competitor"``  it competes but is not ranked as a positive (Patel et al.'s Recall@k)
 * ``False``         it is left out entirely (FastAP, SoftBin)
 
-With a separate gallery (ref_embeddings given), nothing is left out: entries of the
-same sample in both (as in cross-batch memory) are for the caller to exclude via `ignore`
-in the functional API.
+With a separate gallery (ref_embeddings given) that contains the queries (cross-batch
+memory, a gathered global batch), pass `self_index` (each query's position in it) and
+`include_self` applies the same way; without it nothing is left out.
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ class _RankingLoss(nn.Module):
         return q @ g.transpose(0, 1)
 
     def _inputs(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Optional[Tensor],
-                ref_labels: Optional[Tensor]) -> Tuple[Tensor, object, Optional[Tensor]]:
+                ref_labels: Optional[Tensor], self_index: Optional[Tensor] = None
+                ) -> Tuple[Tensor, object, Optional[Tensor]]:
         name = type(self).__name__
         for arg, value in (("embeddings", embeddings), ("ref_embeddings", ref_embeddings)):
             if value is None:
@@ -90,14 +91,33 @@ class _RankingLoss(nn.Module):
             return scores, (labels.unsqueeze(1) == labels.unsqueeze(0)) & ~eye, None
         if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
             raise ValueError(f"{name}: `ref_labels` must be a 1-D tensor of length {ref_embeddings.shape[0]}")
-        return self._scores(embeddings, ref_embeddings), (labels, ref_labels), None
+        scores = self._scores(embeddings, ref_embeddings)
+        if self_index is None or self.include_self is True:
+            return scores, (labels, ref_labels), None
+        if self_index.shape != labels.shape:
+            raise ValueError(f"{name}: `self_index` must have shape {tuple(labels.shape)} (the gallery position of "
+                             f"each query, -1 = absent), got {tuple(self_index.shape)}")
+        self_index = self_index.to(torch.int64)
+        if self.include_self is False:
+            return scores, (labels, ref_labels), self_index
+        target = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+        rows = torch.nonzero(self_index >= 0).squeeze(1)
+        target[rows, self_index[rows]] = False
+        return scores, target, None
 
     def score(self, scores: Tensor, target, ignore: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None) -> Tensor:
-        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels)
+                ref_labels: Optional[Tensor] = None, self_index: Optional[Tensor] = None) -> Tensor:
+        """Args:
+            embeddings: (Q, D) queries; labels: (Q,) integer labels.
+            ref_embeddings, ref_labels: the gallery (default: the batch itself).
+            self_index: with a gallery that contains the queries (cross-batch memory, a gathered
+                global batch), the (Q,) position of each query in it (-1 = absent), so that
+                `include_self` applies; ignored for in-batch galleries.
+        """
+        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels, self_index)
         return 1 - self.score(scores, target, ignore)
 
 
@@ -144,8 +164,8 @@ class CalibrationLoss(_RankingLoss):
     def score(self, scores, target, ignore):
         return calibration_loss(scores, target, pos_margin=self.pos_margin, neg_margin=self.neg_margin, ignore=ignore)
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
-        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels)
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels, self_index)
         return self.score(scores, target, ignore)
 
 
@@ -167,9 +187,9 @@ class ROADMAPLoss(nn.Module):
         self.sup_ap = SupAPLoss(tau=tau, rho=rho, delta=delta, start=start, similarity=similarity, backend=backend)
         self.calibration = CalibrationLoss(pos_margin=pos_margin, neg_margin=neg_margin, similarity=similarity)
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
-        return self.w_ap * self.sup_ap(embeddings, labels, ref_embeddings, ref_labels) + \
-            self.w_calibration * self.calibration(embeddings, labels, ref_embeddings, ref_labels)
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+        return self.w_ap * self.sup_ap(embeddings, labels, ref_embeddings, ref_labels, self_index) + \
+            self.w_calibration * self.calibration(embeddings, labels, ref_embeddings, ref_labels, self_index)
 
 
 class RecallAtKLoss(_RankingLoss):
