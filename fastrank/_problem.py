@@ -52,6 +52,8 @@ def _positives_from_labels(qlab: Tensor, glab: Tensor) -> Tensor:
 
 
 def _drop_ignored(pos_idx: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Optional[Tensor]) -> Tensor:
+    if ignore_idx is None and ignore_mask is None:
+        return pos_idx
     has = pos_idx >= 0
     drop = torch.zeros_like(has)
     if ignore_idx is not None:

@@ -5,6 +5,7 @@ The formulas follow the published code (Smooth-AP's `sigmoid`, ROADMAP's
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +36,7 @@ class StepParams:
         if self.offset is not None:
             return float(self.offset)
         x = min(max(self.delta / self.tau, -CLAMP), CLAMP)
-        return 1.0 / (1.0 + torch.exp(torch.tensor(-x, dtype=torch.float64)).item()) + self.start
+        return 1.0 / (1.0 + math.exp(-x)) + self.start
 
     def as_op_args(self):
         return (self.step, float(self.tau), float(self.rho), float(self.delta), float(self.start), self.resolved_offset)

@@ -66,3 +66,28 @@ def test_torch_compile_forward_and_backward(fn):
     l2.backward()
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(e1.grad, e2.grad)
+
+
+def test_compiled_training_step_keeps_the_fused_op_in_the_graph():
+    # Preparing the packed positives is data-dependent (the largest positive count sets a shape),
+    # so Dynamo breaks the graph there; the fused op itself must trace as one node, never break.
+    from fastrank.losses import SupAPLoss
+
+    net = torch.nn.Linear(16, 8)
+    loss_fn = SupAPLoss(backend="cpp")
+
+    def step(x, labels):
+        return loss_fn(net(x), labels)
+
+    x, labels = torch.randn(32, 16), torch.arange(32) // 4
+    explained = torch._dynamo.explain(step)(x, labels)
+    ops = [n.target for g in explained.graphs for n in g.graph.nodes if "fastrank" in str(n.target)]
+    assert any("rank_sums_fwd" in str(t) for t in ops), ops
+    for reason in explained.break_reasons:
+        frames = [f.filename for f in reason.user_stack]
+        assert not any(f.endswith(("fastrank/ops.py", "fastrank/reference.py")) for f in frames), reason.reason
+    compiled = torch.compile(step)
+    loss = compiled(x, labels)
+    loss.backward()
+    ref = step(x, labels)
+    torch.testing.assert_close(loss, ref)
