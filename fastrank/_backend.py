@@ -49,6 +49,25 @@ def _has_cuda_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastrank::rank_sums_fwd", "CUDA")
 
 
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1, as in CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_info() -> BackendInfo:
+    try:
+        import triton  # noqa: F401
+
+        from .triton_kernels import rank_sums  # noqa: F401
+    except ImportError as e:
+        return BackendInfo(False, f"Triton is not importable ({e}); `pip install triton` on a CUDA machine")
+    if triton_interpreted():
+        return BackendInfo(True, "Triton kernels in the interpreter (TRITON_INTERPRET=1), CPU tensors; slow, for testing")
+    if not torch.cuda.is_available():
+        return BackendInfo(False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to interpret them on the CPU)")
+    return BackendInfo(True, "Triton kernels, CUDA tensors")
+
+
 def backends() -> Dict[str, BackendInfo]:
     """Each backend, whether it can run here, and why not.
 
@@ -60,7 +79,7 @@ def backends() -> Dict[str, BackendInfo]:
         "naive": BackendInfo(True, "reference: materialises the Q x N x N tensor, any device"),
         "torch": BackendInfo(True, "pure PyTorch, positive rows only, chunked, any device"),
         "cpp": BackendInfo(ext is None, ext or "fused C++ kernels, CPU tensors"),
-        "triton": BackendInfo(False, "the Triton kernels are not implemented yet (issue #4)"),
+        "triton": _triton_info(),
     }
     if ext is not None:
         out["cuda"] = BackendInfo(False, ext)
@@ -95,6 +114,9 @@ def resolve(fn: str, backend: Optional[str], device: torch.device) -> str:
         raise RuntimeError(f"{fn}: backend {name!r} is not available: {info.reason}")
     if name == "cpp" and device.type != "cpu":
         raise ValueError(f"{fn}: backend 'cpp' runs on CPU tensors, but `scores` is on {device}")
-    if name in ("cuda", "triton") and device.type != "cuda":
+    if name == "triton" and device.type != "cuda" and not (triton_interpreted() and device.type == "cpu"):
+        raise ValueError(f"{fn}: backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                         f"but `scores` is on {device}")
+    if name == "cuda" and device.type != "cuda":
         raise ValueError(f"{fn}: backend {name!r} runs on CUDA tensors, but `scores` is on {device}")
     return name

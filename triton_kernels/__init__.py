@@ -1,5 +1,8 @@
 """Triton kernels of fastrank, installed as `fastrank.triton_kernels`.
 
-Empty until the GPU kernels land (issue #4). Under CI, `TRITON_INTERPRET=1` must be
-set before these modules are imported so the kernels run on the CPU.
+rank_sums.py   fused forward/backward of the rank-sums primitive (SPEC §1.1)
+_step.py       the step functions as @triton.jit helpers
+
+On a machine without a GPU, set TRITON_INTERPRET=1 before importing these modules to run
+the kernels in Triton's interpreter on CPU tensors (that is how CI tests them).
 """

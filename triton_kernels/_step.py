@@ -1,0 +1,100 @@
+"""Step functions of SPEC §1.1 as Triton device helpers (the Triton twin of csrc/step.h).
+
+Conventions, as in csrc/step.h: d = s_ik - s_ij (competitor minus ranked item),
+x = d / tau clamped to [-CLAMP, CLAMP] before exp, as the references do.
+Every helper works elementwise on tensors of the accumulation dtype (float32, or
+float64 for float64 scores); the step parameters arrive as scalars of that dtype
+(loaded from a small device tensor: Triton passes Python floats as float32, which
+would cost float64 inputs their precision).
+
+FAST (a constexpr, float32 on a GPU only; never under TRITON_INTERPRET=1, which
+cannot run inline PTX): sigma through one `tanh.approx.f32`, and the reciprocal
+of the derivative through `div.approx.f32`. Max abs error of sigma ~2.5e-4.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: the references clamp -d/tau to [-50, 50] before exp (fastrank._step.CLAMP, csrc/step.h kClamp)
+CLAMP: tl.constexpr = tl.constexpr(50.0)
+
+
+@triton.jit
+def _tanh_approx(x):
+    """tanh via the special-function unit: one MUFU op (PTX tanh.approx.f32, sm_75+)."""
+    return tl.inline_asm_elementwise(
+        "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def step_neg(d, inv_tau, rho, delta, start, offset, STEP: tl.constexpr, FAST: tl.constexpr):
+    """The step g every valid competitor gets in the sweep.
+
+    STEP 0: sigma_tau(d) = 1 / (1 + exp(-x)), x = d / tau clamped to [-50, 50].
+    STEP 1: H^-(d) = sigma_tau(d) for d <= 0, start + sigma_tau(d) on (0, delta],
+            rho * (d - delta) + offset beyond.
+    (One flat helper rather than nested ones: every device-function call costs the
+    interpreter a re-patch of triton.language, about a millisecond.)
+    """
+    x = tl.minimum(tl.maximum(d * inv_tau, -CLAMP), CLAMP)
+    if FAST:
+        # sigma(x) = (1 + tanh(x / 2)) / 2: one special-function op instead of exp + reciprocal
+        sig = 0.5 + 0.5 * _tanh_approx(0.5 * x)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-x))
+    if STEP == 1:
+        sig = tl.where(d <= 0.0, sig, tl.where(d <= delta, start + sig, rho * (d - delta) + offset))
+    return sig
+
+
+@triton.jit
+def step_neg_grad(d, inv_tau, rho, delta, STEP: tl.constexpr, FAST: tl.constexpr):
+    """g'(d) of `step_neg`.
+
+    sigma_tau'(d) = e * sigma^2 / tau with e = exp(-x), zero outside the clamp (e * sigma^2
+    stays accurate in both tails, where sigma * (1 - sigma) would cancel); H^-' = rho on
+    the linear branch d > delta, sigma_tau' elsewhere.
+    """
+    xr = d * inv_tau
+    x = tl.minimum(tl.maximum(xr, -CLAMP), CLAMP)
+    e = tl.exp(-x)
+    if FAST:
+        r = tl.math.fdiv(1.0, 1.0 + e, approx=True)
+    else:
+        r = 1.0 / (1.0 + e)
+    g = tl.where((xr > CLAMP) | (xr < -CLAMP), 0.0, e * r * r * inv_tau)
+    if STEP == 1:
+        g = tl.where(d > delta, rho, g)
+    return g
+
+
+@triton.jit
+def sigmoid_tau(d, inv_tau, FAST: tl.constexpr):
+    """sigma_tau(d), x = d / tau clamped to [-50, 50]."""
+    return step_neg(d, inv_tau, 0.0, 0.0, 0.0, 0.0, 0, FAST)
+
+
+@triton.jit
+def sigmoid_tau_grad(d, inv_tau, FAST: tl.constexpr):
+    """d sigma_tau / d d, zero outside the clamp."""
+    return step_neg_grad(d, inv_tau, 0.0, 0.0, 0, FAST)
+
+
+@triton.jit
+def suprank_neg(d, inv_tau, rho, delta, start, offset, FAST: tl.constexpr):
+    """H^-(d), the SupRank upper bound for competitors less relevant than the ranked item."""
+    return step_neg(d, inv_tau, rho, delta, start, offset, 1, FAST)
+
+
+@triton.jit
+def suprank_neg_grad(d, inv_tau, rho, delta, FAST: tl.constexpr):
+    """d H^- / d d: rho on the linear branch (d > delta), sigma_tau' elsewhere."""
+    return step_neg_grad(d, inv_tau, rho, delta, 1, FAST)
+
+
+@triton.jit
+def heaviside(d):
+    """H(d) with H(0) = 1 (no gradient), in the dtype of d."""
+    return tl.where(d >= 0.0, 1.0, 0.0).to(d.dtype)

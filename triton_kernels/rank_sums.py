@@ -1,0 +1,611 @@
+"""Triton kernels of the rank-sums primitive (SPEC §1.1): forward and deterministic backward.
+
+Same contract as `fastrank.reference.torch_rank_sums_forward/backward` and the C++
+kernel (csrc/cpu/rank_sums.cpp); `fastrank.ops._TritonRankSums` calls the two
+public functions below.
+
+The kernels never see labels or a dense positive mask: each query i has the packed
+list of its ranked positives `pos_idx[i]` (-1 = hole), and validity (ignore) is
+either one column per query or a (Q, N) mask. Per ranked positive j (d = s_ik - s_ij):
+
+* sweep: every valid competitor k, j itself included, gets the "negative" step g
+  (sigmoid: sigma_tau; suprank: H^-);
+* positive sweep over pos_idx[i]: sigmoid: rank_pos sums sigma; suprank: rank_pos
+  sums H and rank_all adds H - H^- (positives get the exact step, not H^-).
+
+Self terms: sigmoid counts sigma(0) = 1/2 for k = j in both sums, so
+rank = 1/2 + sweep; suprank counts H^-(0) + (H(0) - H^-(0)) = 1 in rank_all and
+H(0) = 1 in rank_pos, which supply the "1 +".
+
+Backward (no float atomics, so bitwise deterministic), with a_j = dL/drank_all,
+b_j = dL/drank_pos, and w_j = b_j (sigmoid) or -a_j (suprank, whose positives get H
+and therefore no gradient; the sweep gave them H^-, whose gradient is taken back):
+
+1. rows kernel, grid (Q, cdiv(P, BLOCK_P)), per ranked positive j:
+   tot_j  = a_j sum_{k valid} g'(d_jk) + (sigmoid: b_j; suprank: -a_j) sum_{k in P} g'(d_jk)
+   corr_j = sum_{t in P} w_t g'(s_ij - s_it)      (j as a competitor of the other positives)
+   out[i, p] = corr_j - tot_j; it also flags rows with a NaN among their valid scores.
+2. columns kernel, grid (Q, cdiv(N, BLOCK_K)), per competitor k:
+   grad[i, k] = sum_{j in P} a_j g'(d_jk) for valid k, 0 for ignored k, NaN for a flagged row.
+3. grad.scatter_add_(1, pos_idx, out): the columns of a row's positives are unique,
+   so every cell receives at most one addend; holes add an exact +0.0 to column 0,
+   which never changes a value, so the result is deterministic and contiguous.
+
+Accumulation in float32 (float64 for float64 scores); d is formed in that dtype.
+NaN: a NaN among a row's valid scores makes that row's ranks (non-holes) and its
+gradient at valid entries NaN, as in the C++ kernel; rows without a positive keep
+zero outputs. Detected inside the kernels, so there is no host synchronisation.
+
+Launch: on a GPU each kernel is autotuned over (BLOCK_K, num_warps) keyed on
+(N rounded up to a power of two, BLOCK_P, STEP, IGNORE); BLOCK_P comes from P.
+Under TRITON_INTERPRET=1 (checked at import) one large-block configuration is used.
+`FASTRANK_TRITON_FAST=1` (or `fast=True`) selects the special-function sigma on
+float32 GPU runs (see `_step.py`); it is never used in the interpreter or for float64.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrank._step import SIGMOID, SUPRANK, StepParams
+
+from ._step import heaviside, step_neg, step_neg_grad
+
+Tensor = torch.Tensor
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+# IGNORE constexpr: a bit set
+IGNORE_NONE = 0
+IGNORE_INDEX = 1
+IGNORE_MASK = 2
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _valid_cols(offs_k, N, ign, mask_row_ptr, stride_mn, IGNORE: tl.constexpr):
+    """Columns that take part in the ranking: inside the row, not the ignored index, not masked."""
+    valid = offs_k < N
+    if IGNORE & 1:
+        valid = valid & (offs_k != ign)
+    if IGNORE & 2:
+        m = tl.load(mask_row_ptr + offs_k.to(tl.int64) * stride_mn, mask=offs_k < N, other=1)
+        valid = valid & (m == 0)
+    return valid
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _rank_sums_fwd_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, rank_all_ptr, rank_pos_ptr,
+    N, P, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward: rank_all, rank_pos of BLOCK_P ranked positives of one query.
+
+    Grid (Q, cdiv(P, BLOCK_P)). Pointers:
+        scores_ptr    (Q, N) float16/bfloat16/float32/float64, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 column of each ranked positive, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column per query (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 (a bool mask viewed as bytes), nonzero = ignored, strides
+                      (stride_mq, stride_mn); read if IGNORE & 2
+        params_ptr    (5,) accumulation dtype: 1/tau, rho, delta, start, offset
+        rank_all_ptr, rank_pos_ptr  (Q, P) contiguous outputs, dtype of scores; 0 at holes
+    Scalars: N, P; N_KEY (N rounded up to a power of two) only keys the autotuner.
+    Constexprs:
+        STEP     0 sigmoid, 1 suprank
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask (0 = nothing ignored)
+        FAST     sigma via tanh.approx.f32 (GPU, float32 only)
+        BLOCK_P  ranked positives per program
+        BLOCK_K  competitors per tile of the sweep
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    # (1/tau, rho, delta, start, offset) in the accumulation dtype
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    start = tl.load(params_ptr + 3)
+    offset = tl.load(params_ptr + 4)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = offs_p < P
+    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
+    has = j >= 0
+    s_row = scores_ptr + i * stride_sq
+    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+
+    rank_all = tl.zeros((BLOCK_P,), ACC)
+    rank_pos = tl.zeros((BLOCK_P,), ACC)
+    if tl.max(has.to(tl.int32), axis=0) > 0:
+        ign = -1  # the ignored column, read only when IGNORE has the index bit
+        if IGNORE & 1:
+            ign = tl.load(ign_idx_ptr + i * stride_iq)
+        mask_row = ign_mask_ptr + i * stride_mq
+        # sweep: every valid competitor, j itself included, gets g
+        acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+        n_nan = tl.zeros((BLOCK_K,), tl.int32)
+        for k0 in range(0, N, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            valid = _valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+            sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+            n_nan += (sk != sk).to(tl.int32)
+            d = sk[None, :] - sj[:, None]
+            g = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+            acc += tl.where(valid[None, :], g, 0.0)
+        rank_all = tl.sum(acc, axis=1)
+        # positive sweep through pos_idx (positives are never ignored)
+        for t0 in range(0, P, BLOCK_P):
+            offs_t = t0 + tl.arange(0, BLOCK_P)
+            jt = tl.load(pos_idx_ptr + i * stride_pq + offs_t.to(tl.int64) * stride_pp, mask=offs_t < P, other=-1)
+            has_t = jt >= 0
+            st = tl.load(s_row + jt * stride_sn, mask=has_t, other=0.0).to(ACC)
+            d = st[None, :] - sj[:, None]
+            if STEP == 0:
+                h = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+                rank_pos += tl.sum(tl.where(has_t[None, :], h, 0.0), axis=1)
+            else:
+                h = heaviside(d)
+                hneg = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+                rank_pos += tl.sum(tl.where(has_t[None, :], h, 0.0), axis=1)
+                rank_all += tl.sum(tl.where(has_t[None, :], h - hneg, 0.0), axis=1)
+        if STEP == 0:
+            # 1 + sum_{k != j} = 1/2 + sum_k, since k = j contributed sigma(0) = 1/2
+            rank_all = rank_all + 0.5
+            rank_pos = rank_pos + 0.5
+        row_nan = tl.max(n_nan, axis=0) > 0
+        rank_all = tl.where(row_nan, _NAN, rank_all)
+        rank_pos = tl.where(row_nan, _NAN, rank_pos)
+
+    out_ty = rank_all_ptr.dtype.element_ty
+    out_off = i * P + offs_p
+    tl.store(rank_all_ptr + out_off, tl.where(has, rank_all, 0.0).to(out_ty), mask=in_p)
+    tl.store(rank_pos_ptr + out_off, tl.where(has, rank_pos, 0.0).to(out_ty), mask=in_p)
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _rank_sums_bwd_rows_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, grad_all_ptr, grad_pos_ptr,
+    out_ptr, nan_flag_ptr,
+    N, P, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn,
+    stride_aq, stride_ap, stride_bq, stride_bp,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward, per ranked positive: out = corr - tot (what scatters onto the positives' columns).
+
+    Grid (Q, cdiv(P, BLOCK_P)). With a = grad_all, b = grad_pos, g' the derivative of the
+    sweep's step and w = b (sigmoid) or -a (suprank):
+        tot_j  = a_j sum_{k valid} g'(s_k - s_j) + (b_j | -a_j) sum_{k in P} g'(s_k - s_j)
+        corr_j = sum_{t in P} w_t g'(s_j - s_t)
+    Pointers:
+        scores_ptr    (Q, N) scores, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 ranked positives, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 ignore mask, strides (stride_mq, stride_mn); read if IGNORE & 2
+        params_ptr    (5,) accumulation dtype: 1/tau, rho, delta, start, offset
+        grad_all_ptr  (Q, P) dL/drank_all, any float dtype, strides (stride_aq, stride_ap)
+        grad_pos_ptr  (Q, P) dL/drank_pos, strides (stride_bq, stride_bp); read for sigmoid only
+        out_ptr       (Q, P) contiguous, accumulation dtype: corr - tot, 0 at holes, NaN in NaN rows
+        nan_flag_ptr  (Q,) int32, zero-initialised: set to 1 for a row with a positive and a NaN
+                      among its valid scores (every writer stores the same value)
+    Scalars: N, P; N_KEY only keys the autotuner.
+    Constexprs:
+        STEP     0 sigmoid, 1 suprank
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask
+        FAST     approximate special functions (GPU, float32 only)
+        BLOCK_P  ranked positives per program, and per tile of the positive sweep
+        BLOCK_K  competitors per tile of the sweep
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    # (1/tau, rho, delta, start, offset) in the accumulation dtype
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    start = tl.load(params_ptr + 3)
+    offset = tl.load(params_ptr + 4)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = offs_p < P
+    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
+    has = j >= 0
+    s_row = scores_ptr + i * stride_sq
+    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+
+    out = tl.zeros((BLOCK_P,), ACC)
+    if tl.max(has.to(tl.int32), axis=0) > 0:
+        a = tl.load(grad_all_ptr + i * stride_aq + offs_p.to(tl.int64) * stride_ap, mask=has, other=0.0).to(ACC)
+        ign = -1  # the ignored column, read only when IGNORE has the index bit
+        if IGNORE & 1:
+            ign = tl.load(ign_idx_ptr + i * stride_iq)
+        mask_row = ign_mask_ptr + i * stride_mq
+        acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+        n_nan = tl.zeros((BLOCK_K,), tl.int32)
+        for k0 in range(0, N, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            valid = _valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+            sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+            n_nan += (sk != sk).to(tl.int32)
+            d = sk[None, :] - sj[:, None]
+            acc += tl.where(valid[None, :], step_neg_grad(d, inv_tau, rho, delta, STEP, FAST), 0.0)
+        sum_all = tl.sum(acc, axis=1)
+        sum_pos = tl.zeros((BLOCK_P,), ACC)
+        corr = tl.zeros((BLOCK_P,), ACC)
+        for t0 in range(0, P, BLOCK_P):
+            offs_t = t0 + tl.arange(0, BLOCK_P)
+            in_t = offs_t < P
+            jt = tl.load(pos_idx_ptr + i * stride_pq + offs_t.to(tl.int64) * stride_pp, mask=in_t, other=-1)
+            has_t = jt >= 0
+            st = tl.load(s_row + jt * stride_sn, mask=has_t, other=0.0).to(ACC)
+            # convert before negating: the interpreter keeps bfloat16 as raw 16-bit integers
+            if STEP == 0:
+                w_ptr = grad_pos_ptr + i * stride_bq + offs_t.to(tl.int64) * stride_bp
+                w = tl.load(w_ptr, mask=has_t, other=0.0).to(ACC)
+            else:
+                w_ptr = grad_all_ptr + i * stride_aq + offs_t.to(tl.int64) * stride_ap
+                w = -tl.load(w_ptr, mask=has_t, other=0.0).to(ACC)
+            # this program's positives ranked against positive t ...
+            d1 = st[None, :] - sj[:, None]
+            g1 = step_neg_grad(d1, inv_tau, rho, delta, STEP, FAST)
+            sum_pos += tl.sum(tl.where(has_t[None, :], g1, 0.0), axis=1)
+            # ... and competing in the rank of positive t
+            d2 = sj[:, None] - st[None, :]
+            g2 = step_neg_grad(d2, inv_tau, rho, delta, STEP, FAST)
+            corr += tl.sum(tl.where(has_t[None, :], w[None, :] * g2, 0.0), axis=1)
+        if STEP == 0:
+            b = tl.load(grad_pos_ptr + i * stride_bq + offs_p.to(tl.int64) * stride_bp, mask=has, other=0.0).to(ACC)
+            tot = a * sum_all + b * sum_pos
+        else:
+            tot = a * (sum_all - sum_pos)
+        out = corr - tot
+        row_nan = tl.max(n_nan, axis=0) > 0
+        out = tl.where(row_nan, _NAN, out)
+        tl.store(nan_flag_ptr + i, 1, mask=row_nan)
+
+    tl.store(out_ptr + i * P + offs_p, tl.where(has, out, 0.0), mask=in_p)
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _rank_sums_bwd_cols_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, grad_all_ptr, nan_flag_ptr,
+    grad_ptr,
+    N, P, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn,
+    stride_aq, stride_ap,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward, per competitor column: grad[i, k] = sum_{j in P} a_j g'(s_k - s_j) for valid k.
+
+    Grid (Q, cdiv(N, BLOCK_K)); each program loops over the query's ranked positives in
+    tiles of BLOCK_P. Ignored columns get 0; rows flagged by the rows kernel get NaN at
+    valid columns (launch it first). Positive columns receive the rows kernel's output
+    afterwards (scatter_add on the host).
+    Pointers:
+        scores_ptr    (Q, N) scores, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 ranked positives, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 ignore mask, strides (stride_mq, stride_mn); read if IGNORE & 2
+        params_ptr    (5,) accumulation dtype: 1/tau, rho, delta, start, offset
+        grad_all_ptr  (Q, P) dL/drank_all, strides (stride_aq, stride_ap)
+        nan_flag_ptr  (Q,) int32 written by the rows kernel
+        grad_ptr      (Q, N) contiguous output, accumulation dtype
+    Scalars: N, P; N_KEY only keys the autotuner.
+    Constexprs:
+        STEP     0 sigmoid, 1 suprank
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask
+        FAST     approximate special functions (GPU, float32 only)
+        BLOCK_P  ranked positives per tile of the loop
+        BLOCK_K  columns per program
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    # (1/tau, rho, delta, start, offset) in the accumulation dtype
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    start = tl.load(params_ptr + 3)
+    offset = tl.load(params_ptr + 4)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ign = -1  # the ignored column, read only when IGNORE has the index bit
+    if IGNORE & 1:
+        ign = tl.load(ign_idx_ptr + i * stride_iq)
+    valid = _valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    s_row = scores_ptr + i * stride_sq
+    sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        in_p = offs_p < P
+        j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
+        has = j >= 0
+        if tl.max(has.to(tl.int32), axis=0) > 0:
+            sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+            a = tl.load(grad_all_ptr + i * stride_aq + offs_p.to(tl.int64) * stride_ap, mask=has, other=0.0)
+            d = sk[None, :] - sj[:, None]
+            # holes have a = 0 and g' is always finite, so they add exact zeros
+            acc += a.to(ACC)[:, None] * step_neg_grad(d, inv_tau, rho, delta, STEP, FAST)
+    g = tl.sum(acc, axis=0)
+    row_nan = tl.load(nan_flag_ptr + i) != 0
+    g = tl.where(row_nan, _NAN, g)
+    tl.store(grad_ptr + i * N + offs_k, tl.where(valid, g, 0.0), mask=offs_k < N)
+
+
+# --------------------------------------------------------------------------- launch configuration
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+#: block caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
+#: tests lower them to drive the multi-tile loops with small shapes
+INTERPRETER_MAX_BLOCK_P = 128
+INTERPRETER_MAX_BLOCK_K = 1024
+
+
+def _block_p(p: int) -> int:
+    """Ranked positives per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
+    return max(2, min(_next_pow2(p), INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64))
+
+
+def _interpreter_block_k(args) -> int:
+    return max(2, min(INTERPRETER_MAX_BLOCK_K, _next_pow2(args["N"])))
+
+
+#: elements of the (BLOCK_P, BLOCK_K) tile per thread kept on a GPU (float32; half for float64):
+#: enough independent work per thread to hide latency, few enough that the accumulator and the
+#: handful of live temporaries stay in registers (ptxas for sm_90 spills beyond ~64)
+_PER_THREAD_MIN, _PER_THREAD_MAX = 8, 32
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs whose tile fits the per-thread budget and is not wider than the row."""
+    bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
+    n_cap = max(32, _next_pow2(int(named_args.get("N", 1 << 30))))
+    prm = named_args.get("params_ptr")
+    wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
+
+    def per_thread(c):
+        return bp * c.kwargs["BLOCK_K"] * wide / (32 * c.num_warps)
+
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+    good = [c for c in fit if _PER_THREAD_MIN <= per_thread(c) <= _PER_THREAD_MAX]
+    if good:
+        return good
+    # tiny rows or wide BLOCK_P: the config whose tile is closest to the budget
+    return [min(fit, key=lambda c: abs(per_thread(c) - _PER_THREAD_MAX))]
+
+
+def _configure(kernel):
+    """GPU: autotune (BLOCK_K, num_warps); interpreter: one config with large blocks."""
+    if INTERPRETED:
+        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
+    configs = [
+        triton.Config({"BLOCK_K": bk}, num_warps=w)
+        for bk in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+        for w in (4, 8)
+    ]
+    return triton.autotune(
+        configs, key=["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune_configs_by={"early_config_prune": _prune}
+    )(kernel)
+
+
+_fwd = _configure(_rank_sums_fwd_kernel)
+_bwd_rows = _configure(_rank_sums_bwd_rows_kernel)
+_bwd_cols = _configure(_rank_sums_bwd_cols_kernel)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _params_tensor(params: StepParams, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1/tau, rho, delta, start, offset) on the device in the accumulation dtype (cached, read-only)."""
+    vals = [1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset]
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def _use_fast(fast: Optional[bool], acc: torch.dtype) -> bool:
+    if fast is None:
+        fast = os.environ.get("FASTRANK_TRITON_FAST", "0") == "1"
+    return bool(fast) and not INTERPRETED and acc == torch.float32
+
+
+def _check_tensor(fn: str, name: str, t, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{fn}: `{name}` must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
+    _check_tensor(fn, "scores", scores, 2)
+    if scores.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: `scores` must be float16, bfloat16, float32 or float64, got {scores.dtype}")
+    dev = scores.device
+    if INTERPRETED:
+        if dev.type != "cpu":
+            raise ValueError(f"{fn}: under TRITON_INTERPRET=1 `scores` must be a CPU tensor, got {dev}")
+    elif dev.type != "cuda":
+        raise ValueError(f"{fn}: `scores` must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {dev}")
+    q, _ = scores.shape
+    _check_tensor(fn, "pos_idx", pos_idx, 2)
+    if pos_idx.dtype != torch.int64:
+        raise TypeError(f"{fn}: `pos_idx` must be int64, got {pos_idx.dtype}")
+    if pos_idx.shape[0] != q:
+        raise ValueError(f"{fn}: `pos_idx` must be (Q, P) with Q = {q}, got shape {tuple(pos_idx.shape)}")
+    if pos_idx.device != dev:
+        raise ValueError(f"{fn}: `pos_idx` is on {pos_idx.device} but `scores` is on {dev}")
+    if ignore_idx is not None:
+        _check_tensor(fn, "ignore_idx", ignore_idx, 1)
+        if ignore_idx.dtype != torch.int64:
+            raise TypeError(f"{fn}: `ignore_idx` must be int64, got {ignore_idx.dtype}")
+        if ignore_idx.shape[0] != q:
+            raise ValueError(f"{fn}: `ignore_idx` must have shape ({q},), got {tuple(ignore_idx.shape)}")
+        if ignore_idx.device != dev:
+            raise ValueError(f"{fn}: `ignore_idx` is on {ignore_idx.device} but `scores` is on {dev}")
+    if ignore_mask is not None:
+        _check_tensor(fn, "ignore_mask", ignore_mask, 2)
+        if ignore_mask.dtype != torch.bool:
+            raise TypeError(f"{fn}: `ignore_mask` must be bool, got {ignore_mask.dtype}")
+        if ignore_mask.shape != scores.shape:
+            raise ValueError(
+                f"{fn}: `ignore_mask` must have the shape of `scores` {tuple(scores.shape)}, "
+                f"got {tuple(ignore_mask.shape)}"
+            )
+        if ignore_mask.device != dev:
+            raise ValueError(f"{fn}: `ignore_mask` is on {ignore_mask.device} but `scores` is on {dev}")
+    if not isinstance(params, StepParams):
+        raise TypeError(f"{fn}: `params` must be a fastrank._step.StepParams, got {type(params).__name__}")
+    if params.step not in (SIGMOID, SUPRANK):
+        raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
+    if not params.tau > 0:
+        raise ValueError(f"{fn}: `params.tau` must be > 0, got {params.tau}")
+
+
+def _check_grad(fn: str, name: str, g, pos_idx: Tensor) -> None:
+    _check_tensor(fn, name, g, 2)
+    if not g.dtype.is_floating_point:
+        raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
+    if g.shape != pos_idx.shape:
+        raise ValueError(
+            f"{fn}: `{name}` must have the shape of `pos_idx` {tuple(pos_idx.shape)}, got {tuple(g.shape)}"
+        )
+    if g.device != pos_idx.device:
+        raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {pos_idx.device}")
+
+
+def _common_args(scores, pos_idx, ignore_idx, ignore_mask):
+    """Pointers and strides shared by the kernels; absent ignore tensors are replaced by a dummy pointer."""
+    mode = IGNORE_NONE
+    if ignore_idx is not None:
+        mode |= IGNORE_INDEX
+        ign_idx, stride_iq = ignore_idx, ignore_idx.stride(0)
+    else:
+        ign_idx, stride_iq = pos_idx, 0
+    if ignore_mask is not None:
+        mode |= IGNORE_MASK
+        ign_mask = ignore_mask.view(torch.uint8)
+        stride_mq, stride_mn = ign_mask.stride()
+    else:
+        ign_mask, stride_mq, stride_mn = pos_idx, 0, 0
+    ptrs = (scores, pos_idx, ign_idx, ign_mask)
+    strides = (*scores.stride(), *pos_idx.stride(), stride_iq, stride_mq, stride_mn)
+    return ptrs, strides, mode
+
+
+def rank_sums_forward(
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: StepParams,
+    *,
+    fast: Optional[bool] = None,
+) -> Tuple[Tensor, Tensor]:
+    """rank_all, rank_pos, each (Q, P) in the dtype of `scores`, zero at holes of `pos_idx`.
+
+    Args:
+        scores: (Q, N) float16/bfloat16/float32/float64, any strides.
+        pos_idx: (Q, P) int64 columns of the ranked positives (-1 = hole, unique per row,
+            never ignored).
+        ignore_idx: (Q,) int64 column to leave out per query (-1 = none), or None.
+        ignore_mask: (Q, N) bool, True = left out, or None.
+        params: the step (fastrank._step.StepParams).
+        fast: sigma through tanh.approx.f32 (GPU, float32 math only); None reads
+            FASTRANK_TRITON_FAST (default off).
+    """
+    fn = "fastrank.triton_kernels.rank_sums_forward"
+    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    rank_all = torch.zeros((q, p), dtype=scores.dtype, device=scores.device)
+    rank_pos = torch.zeros_like(rank_all)
+    if q == 0 or p == 0 or n == 0:
+        return rank_all, rank_pos
+    acc = _acc_dtype(scores.dtype)
+    ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
+    bp = _block_p(p)
+    _fwd[(q, triton.cdiv(p, bp))](
+        *ptrs, _params_tensor(params, acc, scores.device), rank_all, rank_pos,
+        n, p, _next_pow2(n), *strides,
+        STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=bp,
+    )
+    return rank_all, rank_pos
+
+
+def rank_sums_backward(
+    grad_rank_all: Optional[Tensor],
+    grad_rank_pos: Optional[Tensor],
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: StepParams,
+    *,
+    fast: Optional[bool] = None,
+) -> Tensor:
+    """dL/dscores (Q, N), dtype of `scores`, from dL/drank_all and dL/drank_pos (each (Q, P) or None).
+
+    Deterministic: no floating-point atomics; every output is summed in a fixed order.
+    """
+    fn = "fastrank.triton_kernels.rank_sums_backward"
+    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    acc = _acc_dtype(scores.dtype)
+    if grad_rank_all is None:
+        grad_rank_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
+    if grad_rank_pos is None:
+        grad_rank_pos = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
+    _check_grad(fn, "grad_rank_all", grad_rank_all, pos_idx)
+    _check_grad(fn, "grad_rank_pos", grad_rank_pos, pos_idx)
+    if q == 0 or p == 0 or n == 0:
+        return torch.zeros_like(scores)
+    ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
+    prm = _params_tensor(params, acc, scores.device)
+    meta = dict(STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=_block_p(p))
+    n_key = _next_pow2(n)
+
+    out = torch.empty((q, p), dtype=acc, device=scores.device)
+    nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
+    _bwd_rows[(q, triton.cdiv(p, meta["BLOCK_P"]))](
+        *ptrs, prm, grad_rank_all, grad_rank_pos, out, nan_flag,
+        n, p, n_key, *strides, *grad_rank_all.stride(), *grad_rank_pos.stride(), **meta,
+    )
+    grad = torch.empty((q, n), dtype=acc, device=scores.device)
+    _bwd_cols[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
+        *ptrs, prm, grad_rank_all, nan_flag, grad,
+        n, p, n_key, *strides, *grad_rank_all.stride(), **meta,
+    )
+    # each positive column of a row appears once in pos_idx; holes add +0.0 to column 0
+    has = pos_idx >= 0
+    grad.scatter_add_(1, torch.where(has, pos_idx, 0), out)
+    return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)
