@@ -140,3 +140,18 @@ def test_calibration_loss_zero_when_margins_met_and_nan_propagates():
     s2 = s.detach().clone()
     s2[0, 1] = float("nan")
     assert torch.isnan(fastrank.calibration_loss(s2, torch.eye(2, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap, fastrank.recall_at_k, fastrank.histogram_ap])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_item_ignored_for_one_query(fn, backend):
+    s = torch.rand(3, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    ignore = torch.zeros(3, 6, dtype=torch.bool)
+    ignore[1] = True  # query 1 sees nothing: no positive, no competitor
+    per_query = fn(s, (labels[:3], labels), ignore=ignore, backend=backend, reduction="none")
+    assert per_query[1] == 0 and torch.isfinite(per_query).all()
+    mean = fn(s, (labels[:3], labels), ignore=ignore, backend=backend)
+    torch.testing.assert_close(mean, per_query[[0, 2]].mean())
+    mean.backward()
+    assert torch.equal(s.grad[1], torch.zeros(6, dtype=torch.float64))
