@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "histogram.h"
 
 namespace fastrank {
@@ -115,38 +116,6 @@ static void hist_backward_rows(const HistProblem<T>& pr, const T* g_all, const T
   }
 }
 
-static void check_hist_inputs(const at::Tensor& scores, const at::Tensor& pos_idx,
-                              const std::optional<at::Tensor>& ign_idx, const std::optional<at::Tensor>& ign_mask,
-                              int64_t bins) {
-  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2,
-              "fastrank cpu histogram: scores must be a 2-D CPU tensor, got ", scores.device(), " ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "fastrank cpu histogram: scores must be float32 or float64, got ", scores.scalar_type());
-  TORCH_CHECK(bins >= 2, "fastrank cpu histogram: bins must be >= 2, got ", bins);
-  TORCH_CHECK(pos_idx.device().is_cpu() && pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 &&
-                  pos_idx.size(0) == scores.size(0),
-              "fastrank cpu histogram: pos_idx must be a CPU int64 (Q, P) tensor, got ", pos_idx.sizes());
-  const int64_t N = scores.size(1);
-  if (pos_idx.numel() > 0) {
-    TORCH_CHECK(pos_idx.min().item<int64_t>() >= -1 && pos_idx.max().item<int64_t>() < N,
-                "fastrank cpu histogram: pos_idx entries must lie in [-1, N) with N = ", N);
-  }
-  if (ign_idx.has_value()) {
-    const auto& t = *ign_idx;
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == scores.size(0),
-                "fastrank cpu histogram: ignore_idx must be a CPU int64 (Q,) tensor");
-    if (t.numel() > 0) {
-      TORCH_CHECK(t.min().item<int64_t>() >= -1 && t.max().item<int64_t>() < N,
-                  "fastrank cpu histogram: ignore_idx entries must lie in [-1, N)");
-    }
-  }
-  if (ign_mask.has_value()) {
-    TORCH_CHECK(ign_mask->device().is_cpu() && ign_mask->scalar_type() == at::kBool &&
-                    ign_mask->sizes() == scores.sizes(),
-                "fastrank cpu histogram: ignore_mask must be a CPU bool tensor of the shape of scores");
-  }
-}
-
 template <typename T>
 static HistProblem<T> make_hist_problem(const at::Tensor& scores, const at::Tensor& pos_idx,
                                         const std::optional<at::Tensor>& ign_idx,
@@ -169,12 +138,13 @@ static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cpu(const at::Tensor& sc
                                                           const std::optional<at::Tensor>& ign_idx_in,
                                                           const std::optional<at::Tensor>& ign_mask_in, int64_t bins,
                                                           double scale, double shift, bool open_ends) {
-  check_hist_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, bins);
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor pos_idx = pos_idx_in.contiguous();
-  std::optional<at::Tensor> ign_idx, ign_mask;
-  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
-  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  const PackedProblem pp =
+      check_problem("fastrank cpu histogram", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  TORCH_CHECK(bins >= 2, "fastrank cpu histogram: bins must be >= 2, got ", bins);
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
   at::Tensor h_all = at::zeros({scores.size(0), bins}, scores.options());
   at::Tensor h_pos = at::zeros({scores.size(0), bins}, scores.options());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_histogram_fwd_cpu", [&] {
@@ -192,17 +162,18 @@ static at::Tensor histogram_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                    const std::optional<at::Tensor>& ign_idx_in,
                                    const std::optional<at::Tensor>& ign_mask_in, int64_t bins, double scale,
                                    double shift, bool open_ends) {
-  check_hist_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, bins);
+  const PackedProblem pp =
+      check_problem("fastrank cpu histogram", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  TORCH_CHECK(bins >= 2, "fastrank cpu histogram: bins must be >= 2, got ", bins);
   const std::vector<int64_t> hshape = {scores_in.size(0), bins};
   TORCH_CHECK(grad_all_in.sizes() == hshape && grad_pos_in.sizes() == hshape,
               "fastrank cpu histogram backward: gradients must be (Q, bins)");
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
   const at::Tensor g_all = grad_all_in.to(scores.scalar_type()).contiguous();
   const at::Tensor g_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
-  std::optional<at::Tensor> ign_idx, ign_mask;
-  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
-  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
   at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by its row's task
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_histogram_bwd_cpu", [&] {
     const auto pr = make_hist_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, bins, scale, shift, open_ends);

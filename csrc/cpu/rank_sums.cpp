@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "rank_sums_row.h"
 
 // Build the hot loops for AVX-512, AVX2+FMA and baseline x86-64, picked at load
@@ -175,40 +176,6 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_a
 
 // ---------------------------------------------------------------- torch glue
 
-static void check_inputs(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
-                         const std::optional<at::Tensor>& ign_mask) {
-  TORCH_CHECK(scores.device().is_cpu(), "fastrank cpu rank_sums: scores must be on the CPU, got ", scores.device());
-  TORCH_CHECK(scores.dim() == 2, "fastrank cpu rank_sums: scores must be 2-D (Q, N), got shape ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "fastrank cpu rank_sums: scores must be float32 or float64, got ", scores.scalar_type());
-  TORCH_CHECK(pos_idx.dim() == 2 && pos_idx.size(0) == scores.size(0),
-              "fastrank cpu rank_sums: pos_idx must be (Q, P) with Q = ", scores.size(0), ", got shape ", pos_idx.sizes());
-  TORCH_CHECK(pos_idx.scalar_type() == at::kLong, "fastrank cpu rank_sums: pos_idx must be int64, got ",
-              pos_idx.scalar_type());
-  TORCH_CHECK(pos_idx.device().is_cpu(), "fastrank cpu rank_sums: pos_idx must be on the CPU");
-  const int64_t N = scores.size(1);
-  if (pos_idx.numel() > 0) {
-    TORCH_CHECK(pos_idx.min().item<int64_t>() >= -1 && pos_idx.max().item<int64_t>() < N,
-                "fastrank cpu rank_sums: pos_idx entries must lie in [-1, N) with N = ", N);
-  }
-  if (ign_idx.has_value()) {
-    const auto& t = *ign_idx;
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == scores.size(0),
-                "fastrank cpu rank_sums: ignore_idx must be a CPU int64 tensor of shape (Q,) = (", scores.size(0),
-                ",), got ", t.scalar_type(), " ", t.sizes());
-    if (t.numel() > 0) {
-      TORCH_CHECK(t.min().item<int64_t>() >= -1 && t.max().item<int64_t>() < N,
-                  "fastrank cpu rank_sums: ignore_idx entries must lie in [-1, N) with N = ", N);
-    }
-  }
-  if (ign_mask.has_value()) {
-    const auto& t = *ign_mask;
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.sizes() == scores.sizes(),
-                "fastrank cpu rank_sums: ignore_mask must be a CPU bool tensor of shape ", scores.sizes(), ", got ",
-                t.scalar_type(), " ", t.sizes());
-  }
-}
-
 template <typename T>
 static Problem<T> make_problem(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
                                const std::optional<at::Tensor>& ign_mask, double tau, double rho, double delta,
@@ -236,14 +203,14 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& sc
                                                           const std::optional<at::Tensor>& ign_mask_in, int64_t step,
                                                           double tau, double rho, double delta, double start,
                                                           double offset) {
-  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  const PackedProblem pp =
+      check_problem("fastrank cpu rank_sums", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cpu rank_sums: unknown step id ", step);
   TORCH_CHECK(tau > 0, "fastrank cpu rank_sums: tau must be > 0, got ", tau);
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor pos_idx = pos_idx_in.contiguous();
-  std::optional<at::Tensor> ign_idx, ign_mask;
-  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
-  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
   at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
   at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_fwd_cpu", [&] {
@@ -264,18 +231,18 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                    const at::Tensor& pos_idx_in, const std::optional<at::Tensor>& ign_idx_in,
                                    const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho,
                                    double delta, double start, double offset) {
-  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  const PackedProblem pp =
+      check_problem("fastrank cpu rank_sums", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cpu rank_sums: unknown step id ", step);
   TORCH_CHECK(tau > 0, "fastrank cpu rank_sums: tau must be > 0, got ", tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
               "fastrank cpu rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
   const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
   const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
-  std::optional<at::Tensor> ign_idx, ign_mask;
-  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
-  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
   at::Tensor grad = at::empty(scores.sizes(), scores.options());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_bwd_cpu", [&] {
     const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);

@@ -7,46 +7,11 @@
 
 #include <limits>
 
+#include "checks.h"
 #include "rank_sums_cuda.h"
 
 namespace fastrank {
 namespace cuda {
-
-static void check_inputs(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
-                         const std::optional<at::Tensor>& ign_mask, int64_t step, double tau) {
-  TORCH_CHECK(scores.is_cuda(), "fastrank cuda rank_sums: scores must be a CUDA tensor, got ", scores.device());
-  TORCH_CHECK(scores.dim() == 2, "fastrank cuda rank_sums: scores must be 2-D (Q, N), got shape ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "fastrank cuda rank_sums: scores must be float32 or float64, got ", scores.scalar_type());
-  TORCH_CHECK(pos_idx.is_cuda() && pos_idx.get_device() == scores.get_device(),
-              "fastrank cuda rank_sums: pos_idx must be on the device of scores");
-  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == scores.size(0),
-              "fastrank cuda rank_sums: pos_idx must be int64 of shape (Q, P) with Q = ", scores.size(0), ", got ",
-              pos_idx.scalar_type(), " ", pos_idx.sizes());
-  const int64_t N = scores.size(1);
-  if (pos_idx.numel() > 0) {
-    TORCH_CHECK(pos_idx.min().item<int64_t>() >= -1 && pos_idx.max().item<int64_t>() < N,
-                "fastrank cuda rank_sums: pos_idx entries must lie in [-1, N) with N = ", N);
-  }
-  if (ign_idx.has_value()) {
-    const auto& t = *ign_idx;
-    TORCH_CHECK(t.is_cuda() && t.get_device() == scores.get_device() && t.scalar_type() == at::kLong &&
-                    t.dim() == 1 && t.size(0) == scores.size(0),
-                "fastrank cuda rank_sums: ignore_idx must be an int64 tensor of shape (Q,) on the device of scores");
-    if (t.numel() > 0) {
-      TORCH_CHECK(t.min().item<int64_t>() >= -1 && t.max().item<int64_t>() < N,
-                  "fastrank cuda rank_sums: ignore_idx entries must lie in [-1, N) with N = ", N);
-    }
-  }
-  if (ign_mask.has_value()) {
-    const auto& t = *ign_mask;
-    TORCH_CHECK(t.is_cuda() && t.get_device() == scores.get_device() && t.scalar_type() == at::kBool &&
-                    t.sizes() == scores.sizes(),
-                "fastrank cuda rank_sums: ignore_mask must be a bool tensor of the shape of scores on its device");
-  }
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cuda rank_sums: unknown step id ", step);
-  TORCH_CHECK(tau > 0, "fastrank cuda rank_sums: tau must be > 0, got ", tau);
-}
 
 // Rows holding a NaN among their valid scores: the kernels' clamps and the exact step
 // could hide it, so those rows are set to NaN explicitly (as the CPU kernel does).
@@ -76,13 +41,15 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& s
                                                            const std::optional<at::Tensor>& ign_mask_in, int64_t step,
                                                            double tau, double rho, double delta, double start,
                                                            double offset) {
-  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, step, tau);
+  const PackedProblem pp = check_problem("fastrank cuda rank_sums", c10::DeviceType::CUDA, scores_in, pos_idx_in,
+                                         ign_idx_in, ign_mask_in);
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cuda rank_sums: unknown step id ", step);
+  TORCH_CHECK(tau > 0, "fastrank cuda rank_sums: tau must be > 0, got ", tau);
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor pos_idx = pos_idx_in.contiguous();
-  std::optional<at::Tensor> ign_idx, ign_mask;
-  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
-  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
   at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
   at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -109,17 +76,19 @@ static at::Tensor rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
                                     const std::optional<at::Tensor>& ign_idx_in,
                                     const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho,
                                     double delta, double start, double offset) {
-  check_inputs(scores_in, pos_idx_in, ign_idx_in, ign_mask_in, step, tau);
+  const PackedProblem pp = check_problem("fastrank cuda rank_sums", c10::DeviceType::CUDA, scores_in, pos_idx_in,
+                                         ign_idx_in, ign_mask_in);
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cuda rank_sums: unknown step id ", step);
+  TORCH_CHECK(tau > 0, "fastrank cuda rank_sums: tau must be > 0, got ", tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
               "fastrank cuda rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor pos_idx = pos_idx_in.contiguous();
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
   const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
   const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
-  std::optional<at::Tensor> ign_idx, ign_mask;
-  if (ign_idx_in.has_value()) ign_idx = ign_idx_in->contiguous();
-  if (ign_mask_in.has_value()) ign_mask = ign_mask_in->contiguous();
   at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by the column kernel
   at::Tensor work = at::empty(pos_idx.sizes(), scores.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

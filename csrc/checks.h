@@ -1,0 +1,59 @@
+// Argument checks and contiguous copies shared by every op's torch glue (CPU and CUDA).
+// Torch headers: for .cpp glue only, never for .cu files.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+
+namespace fastrank {
+
+// The packed problem every kernel takes (see fastrank/_problem.py), made contiguous.
+struct PackedProblem {
+  at::Tensor scores;                  // (Q, N) float32/float64
+  at::Tensor pos_idx;                 // (Q, P) int64 in [-1, N)
+  std::optional<at::Tensor> ign_idx;  // (Q,) int64 in [-1, N)
+  std::optional<at::Tensor> ign_mask; // (Q, N) bool
+};
+
+inline void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  if (t.numel() == 0) return;
+  const int64_t lo = t.min().item<int64_t>(), hi = t.max().item<int64_t>();
+  TORCH_CHECK(lo >= -1 && hi < n, op, ": ", name, " entries must lie in [-1, N) with N = ", n, ", got [", lo, ", ",
+              hi, "]");
+}
+
+inline PackedProblem check_problem(const char* op, c10::DeviceType device, const at::Tensor& scores,
+                                   const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
+                                   const std::optional<at::Tensor>& ign_mask) {
+  TORCH_CHECK(scores.device().type() == device, op, ": scores must be on ", device, ", got ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (Q, N), got shape ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
+              ": scores must be float32 or float64, got ", scores.scalar_type());
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  TORCH_CHECK(pos_idx.device() == scores.device(), op, ": pos_idx must be on the device of scores (",
+              scores.device(), "), got ", pos_idx.device());
+  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == Q, op,
+              ": pos_idx must be int64 of shape (Q, P) with Q = ", Q, ", got ", pos_idx.scalar_type(), " ",
+              pos_idx.sizes());
+  check_index_range(op, "pos_idx", pos_idx, N);
+  if (ign_idx.has_value()) {
+    const auto& t = *ign_idx;
+    TORCH_CHECK(t.device() == scores.device() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == Q, op,
+                ": ignore_idx must be an int64 tensor of shape (", Q, ",) on the device of scores, got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    check_index_range(op, "ignore_idx", t, N);
+  }
+  if (ign_mask.has_value()) {
+    const auto& t = *ign_mask;
+    TORCH_CHECK(t.device() == scores.device() && t.scalar_type() == at::kBool && t.sizes() == scores.sizes(), op,
+                ": ignore_mask must be a bool tensor of shape ", scores.sizes(), " on the device of scores, got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  PackedProblem p{scores.contiguous(), pos_idx.contiguous(), std::nullopt, std::nullopt};
+  if (ign_idx.has_value()) p.ign_idx = ign_idx->contiguous();
+  if (ign_mask.has_value()) p.ign_mask = ign_mask->contiguous();
+  return p;
+}
+
+}  // namespace fastrank
