@@ -153,6 +153,25 @@ class _TorchHistograms(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _TritonHistograms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: "_hist.HistParams"):
+        from .triton_kernels import histogram as tk
+
+        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+        ctx.params = params
+        return tk.histograms_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_all, grad_pos):
+        from .triton_kernels import histogram as tk
+
+        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+        grad = tk.histograms_backward(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
+        return grad, None, None, None, None
+
+
 def histograms_packed(
     backend: str,
     scores: Tensor,
@@ -166,6 +185,8 @@ def histograms_packed(
         return _hist.naive_histograms(scores, pos_idx, ignore_idx, ignore_mask, params)
     if backend == "torch":
         return _TorchHistograms.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
+    if backend == "triton":
+        return _TritonHistograms.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
     if backend in ("cpp", "cuda"):
         _register_cpp_ops()
         return torch.ops.fastrank.histogram_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())

@@ -1,0 +1,610 @@
+"""Triton kernels of the soft histograms of histogram AP (SPEC §1.3): forward and deterministic backward.
+
+Same contract as `fastrank._hist.naive_histograms` / `torch_histograms_forward/backward` and
+the C++ kernel (csrc/histogram.h, csrc/cpu/histogram.cpp); `fastrank.ops._TritonHistograms`
+calls the two public functions below.
+
+A score s maps to the bin coordinate v = scale * s + shift; bin l (0 <= l < L) receives the
+triangular weight [1 - |v - l|]_+, so a score touches at most bins lo = floor(v) and lo + 1,
+with weights 1 - t and t (t = v - lo) and slopes dw/dv = -1 and +1 (both 0 at t = 0: torch's
+conventions for relu and abs, which the references differentiate). With open ends (SoftBin)
+v <= 0 (v >= L-1) puts all its mass in bin 0 (L-1), with no gradient; without (FastAP) mass
+beyond the ends is lost.
+
+    h_all[i, l] = sum over valid k of w_l(v_ik)      h_pos[i, l] = sum over p of w_l(v_i,pos_idx[i,p])
+
+Forward, grid (Q, cdiv(L, BLOCK_L), SPLIT): each program owns BLOCK_L bins of one query and
+sweeps the query's columns in tiles of BLOCK_K. A tile's (lo, w_lo, w_hi) is turned into a
+(BLOCK_K, BLOCK_L) one-hot matrix (`offs_l == lo` / `offs_l == lo + 1`) added to a register
+accumulator of that shape, reduced over the tile axis with tl.sum once at the end into the
+BLOCK_L bins: no atomics, no shared-memory scatter, a fixed summation order. h_pos comes from
+a second sweep, over pos_idx[i]. With SPLIT > 1 (a GPU with few queries and long rows) split s
+takes every SPLIT-th tile and writes a partial histogram; the host sums the SPLIT partials in a
+fixed order (torch.sum over dim 0).
+
+Backward (no float atomics, so bitwise reproducible), with a = dL/dh_all, b = dL/dh_pos:
+1. columns kernel, grid (Q, cdiv(N, BLOCK_K)):
+   grad[i, k] = scale * (a[i, lo] * dw_lo + a[i, lo+1] * dw_hi) for valid k, 0 for ignored k;
+   it also flags rows with a NaN among their valid scores (every writer stores the same 1).
+2. positives kernel, grid (Q, cdiv(P, BLOCK_P)): grad[i, j] += scale * (b[i, lo] * dw_lo +
+   b[i, lo+1] * dw_hi) at j = pos_idx[i, p] (read-modify-write; the columns of a row are
+   unique, so each cell has one writer; holes are masked). In a flagged row it adds nothing
+   and its first program writes NaN at every valid column instead.
+A bin's gradient enters only where its slope is nonzero (where(slope, b_hi - b_lo, 0)), so a
+non-finite gradient of a bin the score does not slope into does not leak in.
+
+Accumulation in float32 (float64 for float64 scores); v is formed in that dtype. NaN: a NaN
+among a row's valid scores makes that row's h_all and h_pos NaN in every bin and its gradient
+NaN at every valid column (0 at ignored ones), as in the C++ kernel; detected inside the
+kernels, so there is no host synchronisation. +-inf scores are ordinary: beyond the ends.
+
+Launch: on a GPU the forward and the columns kernel are autotuned over (BLOCK_K, num_warps),
+keyed on (N rounded up to a power of two, BLOCK_L, OPEN, IGNORE, SPLIT); BLOCK_L = L rounded up to a
+power of two, at most 128 (more bins: more bin-blocks in the grid). The positives kernel
+read-modify-writes, so it is never autotuned (benchmark runs would add twice): one config.
+Under TRITON_INTERPRET=1 (checked at import) one large-block configuration is used.
+Bitwise reproducibility holds for a fixed launch configuration, i.e. within a process (the
+autotuner caches its pick) and always under the interpreter.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrank._hist import HistParams
+
+Tensor = torch.Tensor
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+# IGNORE constexpr: a bit set (same encoding as rank_sums.py)
+IGNORE_NONE = 0
+IGNORE_INDEX = 1
+IGNORE_MASK = 2
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _valid_cols(offs_k, N, ign, mask_row_ptr, stride_mn, IGNORE: tl.constexpr):
+    """Columns that enter h_all: inside the row, not the ignored index, not masked."""
+    valid = offs_k < N
+    if IGNORE & 1:
+        valid = valid & (offs_k != ign)
+    if IGNORE & 2:
+        m = tl.load(mask_row_ptr + offs_k.to(tl.int64) * stride_mn, mask=offs_k < N, other=1)
+        valid = valid & (m == 0)
+    return valid
+
+
+@triton.jit
+def _soft_bin(v, top, OPEN: tl.constexpr):
+    """(lo, w_lo, w_hi, slope) of bin coordinates v (any shape, accumulation dtype).
+
+    lo (int32) is the first touched bin (-1 and L-1 leave one bin inside; -2 = none: beyond
+    closed ends, or NaN); bins lo and lo + 1 get weights w_lo and w_hi, with dw/dv = -slope and
+    +slope, slope = 1 inside a bin interval and 0 at integer v and on clamped (open-end) scores.
+    `top` = L - 1 in the accumulation dtype. Mirrors fastrank::soft_bin (csrc/histogram.h).
+    """
+    inside = (v > -1.0) & (v < top + 1.0)  # false for NaN and +-inf
+    f = tl.floor(tl.where(inside, v, 0.0))  # guarded: never converts inf/NaN to an integer
+    t = tl.where(inside, v, 0.0) - f
+    lo = tl.where(inside, f.to(tl.int32), -2)
+    w_lo = tl.where(inside, 1.0 - t, 0.0)
+    w_hi = tl.where(inside, t, 0.0)
+    slope = tl.where(inside & (t > 0.0), 1.0, 0.0)
+    if OPEN:
+        below = v <= 0.0
+        above = v >= top
+        end = below | above
+        lo = tl.where(below, 0, tl.where(above, top.to(tl.int32), lo))
+        w_lo = tl.where(end, 1.0, w_lo)
+        w_hi = tl.where(end, 0.0, w_hi)
+        slope = tl.where(end, 0.0, slope)
+    return lo, w_lo.to(v.dtype), w_hi.to(v.dtype), slope.to(v.dtype)
+
+
+@triton.jit
+def _one_hot_bins(lo, w_lo, w_hi, offs_l):
+    """(BLOCK_K, BLOCK_L): w_lo in column lo, w_hi in column lo + 1, 0 elsewhere (one-hot compare)."""
+    lo2 = lo[:, None]
+    return tl.where(offs_l[None, :] == lo2, w_lo[:, None], tl.where(offs_l[None, :] == lo2 + 1, w_hi[:, None], 0.0))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _hist_fwd_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, h_all_ptr, h_pos_ptr,
+    N, P, L, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn, stride_hs,
+    OPEN: tl.constexpr, IGNORE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward: h_all and h_pos of BLOCK_L bins of one query (one split of its columns).
+
+    Grid (Q, cdiv(L, BLOCK_L), SPLIT). Pointers:
+        scores_ptr    (Q, N) float16/bfloat16/float32/float64, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 columns of the positives, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column per query (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 (a bool mask viewed as bytes), nonzero = ignored, strides
+                      (stride_mq, stride_mn); read if IGNORE & 2
+        params_ptr    (3,) accumulation dtype: scale, shift, L - 1
+        h_all_ptr, h_pos_ptr  (SPLIT, Q, L) contiguous outputs (split stride stride_hs): the
+                      histograms in the dtype of scores if SPLIT == 1, else partial sums in the
+                      accumulation dtype; all bins NaN in a row with a NaN among its valid scores
+    Scalars: N, P, L; N_KEY (N rounded up to a power of two) only keys the autotuner.
+    Constexprs:
+        OPEN     open end bins (SoftBin) or closed (FastAP)
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask (0 = nothing ignored)
+        SPLIT    programs sharing a row's columns (tile t goes to split t mod SPLIT)
+        BLOCK_L  bins per program (a power of two >= L unless L > 128)
+        BLOCK_K  columns (and positives) per tile
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_l = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    scale = tl.load(params_ptr + 0)
+    shift = tl.load(params_ptr + 1)
+    top = tl.load(params_ptr + 2)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    ign = -1  # the ignored column, read only when IGNORE has the index bit
+    if IGNORE & 1:
+        ign = tl.load(ign_idx_ptr + i * stride_iq)
+    mask_row = ign_mask_ptr + i * stride_mq
+    s_row = scores_ptr + i * stride_sq
+
+    # (BLOCK_K, BLOCK_L) register accumulators, reduced over the tile axis once at the end:
+    # the sweep itself is elementwise (no cross-thread reduction, no barrier per tile)
+    acc = tl.zeros((BLOCK_K, BLOCK_L), ACC)
+    n_nan = tl.zeros((BLOCK_K,), tl.int32)
+    for k0 in range(pid_s * BLOCK_K, N, SPLIT * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        valid = _valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+        s = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+        v = s * scale + shift
+        n_nan += (v != v).to(tl.int32)  # masked columns read 0: v = shift is finite
+        lo, w_lo, w_hi, _ = _soft_bin(v, top, OPEN)
+        acc += _one_hot_bins(tl.where(valid, lo, -2), w_lo, w_hi, offs_l)
+    h_all = tl.sum(acc, axis=0)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_L), ACC)
+    for p0 in range(pid_s * BLOCK_K, P, SPLIT * BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)
+        j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=offs_p < P, other=-1)
+        has = j >= 0
+        s = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+        lo, w_lo, w_hi, _ = _soft_bin(s * scale + shift, top, OPEN)
+        acc += _one_hot_bins(tl.where(has, lo, -2), w_lo, w_hi, offs_l)
+    h_pos = tl.sum(acc, axis=0)
+
+    # a NaN score poisons its whole query, as in the references (and the C++ kernel)
+    row_nan = tl.max(n_nan, axis=0) > 0
+    h_all = tl.where(row_nan, _NAN, h_all)
+    h_pos = tl.where(row_nan, _NAN, h_pos)
+    out_ty = h_all_ptr.dtype.element_ty
+    out_off = pid_s.to(tl.int64) * stride_hs + i * L + offs_l
+    in_l = offs_l < L
+    tl.store(h_all_ptr + out_off, h_all.to(out_ty), mask=in_l)
+    tl.store(h_pos_ptr + out_off, h_pos.to(out_ty), mask=in_l)
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _hist_bwd_cols_kernel(
+    scores_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, grad_all_ptr, grad_ptr, nan_flag_ptr,
+    N, L, N_KEY,
+    stride_sq, stride_sn, stride_iq, stride_mq, stride_mn, stride_aq, stride_al,
+    OPEN: tl.constexpr, IGNORE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward through h_all: grad[i, k] = scale * (a[lo] * dw_lo + a[lo+1] * dw_hi) for valid k.
+
+    Grid (Q, cdiv(N, BLOCK_K)). Ignored columns (and NaN scores) get 0 here; the positives
+    kernel runs next. Pointers:
+        scores_ptr    (Q, N) scores, strides (stride_sq, stride_sn)
+        ign_idx_ptr   (Q,) int64 ignored column (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 ignore mask, strides (stride_mq, stride_mn); read if IGNORE & 2
+        params_ptr    (3,) accumulation dtype: scale, shift, L - 1
+        grad_all_ptr  (Q, L) dL/dh_all, any float dtype, strides (stride_aq, stride_al)
+        grad_ptr      (Q, N) contiguous output, accumulation dtype
+        nan_flag_ptr  (Q,) int32, zero-initialised: set to 1 for a row with a NaN among its
+                      valid scores (every writer stores the same value)
+    Scalars: N, L; N_KEY only keys the autotuner.
+    Constexprs:
+        OPEN     open end bins
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask
+        BLOCK_K  columns per program
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    scale = tl.load(params_ptr + 0)
+    shift = tl.load(params_ptr + 1)
+    top = tl.load(params_ptr + 2)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ign = -1
+    if IGNORE & 1:
+        ign = tl.load(ign_idx_ptr + i * stride_iq)
+    valid = _valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    s = tl.load(scores_ptr + i * stride_sq + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+    v = s * scale + shift
+    is_nan = (v != v) & valid
+    lo, _, _, slope = _soft_bin(v, top, OPEN)
+    hi = lo + 1
+    a_row = grad_all_ptr + i * stride_aq
+    take_lo = valid & (slope > 0.0) & (lo >= 0)
+    take_hi = valid & (slope > 0.0) & (hi < L)
+    a_lo = tl.load(a_row + lo.to(tl.int64) * stride_al, mask=take_lo, other=0.0).to(ACC)
+    a_hi = tl.load(a_row + hi.to(tl.int64) * stride_al, mask=take_hi, other=0.0).to(ACC)
+    g = tl.where(slope > 0.0, a_hi - a_lo, 0.0) * scale
+    tl.store(grad_ptr + i * N + offs_k, tl.where(valid, g, 0.0), mask=offs_k < N)
+    tl.store(nan_flag_ptr + i, 1, mask=tl.max(is_nan.to(tl.int32), axis=0) > 0)
+
+
+@triton.jit
+def _hist_bwd_pos_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, grad_pos_ptr, nan_flag_ptr, grad_ptr,
+    N, P, L,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn, stride_bq, stride_bl,
+    OPEN: tl.constexpr, IGNORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward through h_pos, added in place at the positives' columns; NaN rows filled.
+
+    Grid (Q, max(1, cdiv(P, BLOCK_P))); run after the columns kernel. Pointers:
+        scores_ptr    (Q, N) scores, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 positives, -1 = hole (unique per row), strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column, stride stride_iq; read if IGNORE & 1 (NaN rows only)
+        ign_mask_ptr  (Q, N) uint8 ignore mask, strides (stride_mq, stride_mn); read if IGNORE & 2 (NaN rows)
+        params_ptr    (3,) accumulation dtype: scale, shift, L - 1
+        grad_pos_ptr  (Q, L) dL/dh_pos, any float dtype, strides (stride_bq, stride_bl)
+        nan_flag_ptr  (Q,) int32 written by the columns kernel
+        grad_ptr      (Q, N) contiguous, accumulation dtype: read-modify-written at positive columns
+                      (one writer per cell); in a flagged row program 0 writes NaN at valid columns
+    Scalars: N, P, L.
+    Constexprs:
+        OPEN     open end bins
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask
+        BLOCK_P  positives per program
+        BLOCK_N  columns per tile of the NaN fill
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    g_row = grad_ptr + i * N
+    row_nan = tl.load(nan_flag_ptr + i) != 0
+    if row_nan:
+        if pid_p == 0:
+            ign = -1
+            if IGNORE & 1:
+                ign = tl.load(ign_idx_ptr + i * stride_iq)
+            for k0 in range(0, N, BLOCK_N):
+                offs_k = k0 + tl.arange(0, BLOCK_N)
+                valid = _valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+                nan = tl.full((BLOCK_N,), _NAN, grad_ptr.dtype.element_ty)
+                tl.store(g_row + offs_k, nan, mask=valid)
+    else:
+        scale = tl.load(params_ptr + 0)
+        shift = tl.load(params_ptr + 1)
+        top = tl.load(params_ptr + 2)
+        ACC = params_ptr.dtype.element_ty
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=offs_p < P, other=-1)
+        has = j >= 0
+        s = tl.load(scores_ptr + i * stride_sq + j * stride_sn, mask=has, other=0.0).to(ACC)
+        lo, _, _, slope = _soft_bin(s * scale + shift, top, OPEN)
+        hi = lo + 1
+        b_row = grad_pos_ptr + i * stride_bq
+        b_lo = tl.load(b_row + lo.to(tl.int64) * stride_bl, mask=has & (slope > 0.0) & (lo >= 0), other=0.0)
+        b_hi = tl.load(b_row + hi.to(tl.int64) * stride_bl, mask=has & (slope > 0.0) & (hi < L), other=0.0)
+        g = tl.where(slope > 0.0, b_hi.to(ACC) - b_lo.to(ACC), 0.0) * scale
+        old = tl.load(g_row + j, mask=has, other=0.0)
+        tl.store(g_row + j, old + g, mask=has)
+
+
+# --------------------------------------------------------------------------- launch configuration
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+#: caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
+#: tests lower them to drive the multi-tile loops (and the split / bin-block grids) with small shapes
+INTERPRETER_MAX_BLOCK_K = 1024
+INTERPRETER_MAX_BLOCK_P = 1024
+INTERPRETER_SPLIT = 1
+#: bins per forward program (GPU and interpreter); more bins take more bin-blocks in the grid
+MAX_BLOCK_L = 128
+#: positives per program of the positives kernel, and columns per tile of its NaN fill (GPU)
+_BLOCK_P, _BLOCK_N = 128, 1024
+
+
+def _block_l(bins: int) -> int:
+    return max(2, min(_next_pow2(bins), MAX_BLOCK_L))
+
+
+def _interpreter_block_k(args) -> int:
+    return max(2, min(INTERPRETER_MAX_BLOCK_K, _next_pow2(args["N"])))
+
+
+#: elements of the (BLOCK_K, BLOCK_L) one-hot tile per thread kept on a GPU (float32; half for
+#: float64): enough independent work per thread, few enough to stay in registers
+_PER_THREAD_MIN, _PER_THREAD_MAX = 8, 32
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Keep the configs whose one-hot tile fits the per-thread budget and is not wider than the row."""
+    bl = kwargs.get("BLOCK_L", named_args.get("BLOCK_L", 32))
+    n_cap = max(16, _next_pow2(int(named_args.get("N", 1 << 30))))
+    prm = named_args.get("params_ptr")
+    wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
+
+    def per_thread(c):
+        return bl * c.kwargs["BLOCK_K"] * wide / (32 * c.num_warps)
+
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+    good = [c for c in fit if _PER_THREAD_MIN <= per_thread(c) <= _PER_THREAD_MAX]
+    if good:
+        return good
+    return [min(fit, key=lambda c: abs(per_thread(c) - _PER_THREAD_MAX))]
+
+
+def _prune_cols(configs, named_args, **kwargs):
+    """Drop blocks much wider than the row (they only add masked lanes)."""
+    n_cap = max(128, _next_pow2(int(named_args.get("N", 1 << 30))))
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+
+
+def _configure_fwd(kernel):
+    if INTERPRETED:
+        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
+    configs = [
+        triton.Config({"BLOCK_K": bk}, num_warps=w) for bk in (16, 32, 64, 128, 256, 512, 1024) for w in (2, 4, 8)
+    ]
+    return triton.autotune(
+        configs, key=["N_KEY", "BLOCK_L", "OPEN", "IGNORE", "SPLIT"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )(kernel)
+
+
+def _configure_cols(kernel):
+    if INTERPRETED:
+        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
+    configs = [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk in (128, 256, 512, 1024, 2048) for w in (2, 4, 8)]
+    return triton.autotune(
+        configs, key=["N_KEY", "OPEN", "IGNORE"], prune_configs_by={"early_config_prune": _prune_cols}
+    )(kernel)
+
+
+_fwd = _configure_fwd(_hist_fwd_kernel)
+_bwd_cols = _configure_cols(_hist_bwd_cols_kernel)
+_bwd_pos = _hist_bwd_pos_kernel  # read-modify-write: never autotuned
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(q: int, n_lblocks: int, n: int, device: torch.device) -> int:
+    """Forward programs per (query, bin-block): 1 unless the grid would leave a GPU mostly idle
+    and rows are long enough to share (each split keeps >= 2048 columns)."""
+    if INTERPRETED:
+        return max(1, min(int(INTERPRETER_SPLIT), triton.cdiv(max(n, 1), 2)))
+    target = 4 * _sm_count(device)
+    programs = q * n_lblocks
+    if programs >= target:
+        return 1
+    return max(1, min(64, triton.cdiv(n, 2048), triton.cdiv(target, programs)))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _params_tensor(params: HistParams, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(scale, shift, L - 1) on the device in the accumulation dtype (cached, read-only): Triton
+    passes Python floats as float32, which would cost float64 inputs their precision."""
+    return torch.tensor([params.scale, params.shift, params.bins - 1], dtype=dtype, device=device)
+
+
+def _check_tensor(fn: str, name: str, t, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{fn}: `{name}` must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
+    _check_tensor(fn, "scores", scores, 2)
+    if scores.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: `scores` must be float16, bfloat16, float32 or float64, got {scores.dtype}")
+    dev = scores.device
+    if INTERPRETED:
+        if dev.type != "cpu":
+            raise ValueError(f"{fn}: under TRITON_INTERPRET=1 `scores` must be a CPU tensor, got {dev}")
+    elif dev.type != "cuda":
+        raise ValueError(f"{fn}: `scores` must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {dev}")
+    q, _ = scores.shape
+    _check_tensor(fn, "pos_idx", pos_idx, 2)
+    if pos_idx.dtype != torch.int64:
+        raise TypeError(f"{fn}: `pos_idx` must be int64, got {pos_idx.dtype}")
+    if pos_idx.shape[0] != q:
+        raise ValueError(f"{fn}: `pos_idx` must be (Q, P) with Q = {q}, got shape {tuple(pos_idx.shape)}")
+    if pos_idx.device != dev:
+        raise ValueError(f"{fn}: `pos_idx` is on {pos_idx.device} but `scores` is on {dev}")
+    if ignore_idx is not None:
+        _check_tensor(fn, "ignore_idx", ignore_idx, 1)
+        if ignore_idx.dtype != torch.int64:
+            raise TypeError(f"{fn}: `ignore_idx` must be int64, got {ignore_idx.dtype}")
+        if ignore_idx.shape[0] != q:
+            raise ValueError(f"{fn}: `ignore_idx` must have shape ({q},), got {tuple(ignore_idx.shape)}")
+        if ignore_idx.device != dev:
+            raise ValueError(f"{fn}: `ignore_idx` is on {ignore_idx.device} but `scores` is on {dev}")
+    if ignore_mask is not None:
+        _check_tensor(fn, "ignore_mask", ignore_mask, 2)
+        if ignore_mask.dtype != torch.bool:
+            raise TypeError(f"{fn}: `ignore_mask` must be bool, got {ignore_mask.dtype}")
+        if ignore_mask.shape != scores.shape:
+            raise ValueError(
+                f"{fn}: `ignore_mask` must have the shape of `scores` {tuple(scores.shape)}, "
+                f"got {tuple(ignore_mask.shape)}"
+            )
+        if ignore_mask.device != dev:
+            raise ValueError(f"{fn}: `ignore_mask` is on {ignore_mask.device} but `scores` is on {dev}")
+    if not isinstance(params, HistParams):
+        raise TypeError(f"{fn}: `params` must be a fastrank._hist.HistParams, got {type(params).__name__}")
+    if isinstance(params.bins, bool) or not isinstance(params.bins, int) or params.bins < 2:
+        raise ValueError(f"{fn}: `params.bins` must be an integer >= 2, got {params.bins!r}")
+    for name in ("scale", "shift"):
+        val = float(getattr(params, name))
+        if not math.isfinite(val):
+            raise ValueError(f"{fn}: `params.{name}` must be finite, got {val}")
+    if float(params.scale) == 0.0:
+        raise ValueError(f"{fn}: `params.scale` must be nonzero")
+
+
+def _check_grad(fn: str, name: str, g, shape, device) -> None:
+    _check_tensor(fn, name, g, 2)
+    if not g.dtype.is_floating_point:
+        raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
+    if tuple(g.shape) != tuple(shape):
+        raise ValueError(f"{fn}: `{name}` must have shape (Q, bins) = {tuple(shape)}, got {tuple(g.shape)}")
+    if g.device != device:
+        raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {device}")
+
+
+def _ignore_args(pos_idx, ignore_idx, ignore_mask):
+    """(ign_idx, ign_mask) pointers, their strides and the IGNORE bits; absent tensors are
+    replaced by a dummy pointer that is never read."""
+    mode = IGNORE_NONE
+    if ignore_idx is not None:
+        mode |= IGNORE_INDEX
+        ign_idx, stride_iq = ignore_idx, ignore_idx.stride(0)
+    else:
+        ign_idx, stride_iq = pos_idx, 0
+    if ignore_mask is not None:
+        mode |= IGNORE_MASK
+        ign_mask = ignore_mask.view(torch.uint8)
+        stride_mq, stride_mn = ign_mask.stride()
+    else:
+        ign_mask, stride_mq, stride_mn = pos_idx, 0, 0
+    return ign_idx, ign_mask, (stride_iq, stride_mq, stride_mn), mode
+
+
+def histograms_forward(
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: HistParams,
+) -> Tuple[Tensor, Tensor]:
+    """h_all, h_pos, each (Q, params.bins) in the dtype of `scores`.
+
+    Args:
+        scores: (Q, N) float16/bfloat16/float32/float64, any strides (accumulated in float32,
+            float64 for float64).
+        pos_idx: (Q, P) int64 columns of the positives (-1 = hole; unique per row, never
+            ignored; entries in [-1, N), not checked: that would synchronise).
+        ignore_idx: (Q,) int64 column to leave out of h_all per query (-1 = none), or None.
+        ignore_mask: (Q, N) bool, True = left out of h_all, or None.
+        params: fastrank._hist.HistParams(bins, scale, shift, open_ends).
+    """
+    fn = "fastrank.triton_kernels.histograms_forward"
+    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    bins = int(params.bins)
+    if q == 0 or n == 0:
+        z = torch.zeros((q, bins), dtype=scores.dtype, device=scores.device)
+        return z, z.clone()
+    acc = _acc_dtype(scores.dtype)
+    ign_idx, ign_mask, ign_strides, mode = _ignore_args(pos_idx, ignore_idx, ignore_mask)
+    bl = _block_l(bins)
+    n_lb = triton.cdiv(bins, bl)
+    split = _num_splits(q, n_lb, n, scores.device)
+    # one split: the histograms themselves; several: float partials, summed below
+    shape = (q, bins) if split == 1 else (split, q, bins)
+    h_all = torch.empty(shape, dtype=scores.dtype if split == 1 else acc, device=scores.device)
+    h_pos = torch.empty_like(h_all)
+    _fwd[(q, n_lb, split)](
+        scores, pos_idx, ign_idx, ign_mask, _params_tensor(params, acc, scores.device), h_all, h_pos,
+        n, p, bins, _next_pow2(n),
+        *scores.stride(), *pos_idx.stride(), *ign_strides, q * bins,
+        OPEN=bool(params.open_ends), IGNORE=mode, SPLIT=split, BLOCK_L=bl,
+    )
+    if split == 1:
+        return h_all, h_pos
+    # partial histograms summed in a fixed order (a plain reduction: no atomics)
+    return h_all.sum(0).to(scores.dtype), h_pos.sum(0).to(scores.dtype)
+
+
+def histograms_backward(
+    grad_h_all: Optional[Tensor],
+    grad_h_pos: Optional[Tensor],
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: HistParams,
+) -> Tensor:
+    """dL/dscores (Q, N), contiguous, in the dtype of `scores`, from dL/dh_all and dL/dh_pos
+    (each (Q, bins), any float dtype and strides, or None for zero).
+
+    Deterministic: no floating-point atomics; every output cell has one writer per kernel.
+    """
+    fn = "fastrank.triton_kernels.histograms_backward"
+    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    bins = int(params.bins)
+    acc = _acc_dtype(scores.dtype)
+    if grad_h_all is None:
+        grad_h_all = torch.zeros((q, bins), dtype=acc, device=scores.device)
+    if grad_h_pos is None:
+        grad_h_pos = torch.zeros((q, bins), dtype=acc, device=scores.device)
+    _check_grad(fn, "grad_h_all", grad_h_all, (q, bins), scores.device)
+    _check_grad(fn, "grad_h_pos", grad_h_pos, (q, bins), scores.device)
+    if q == 0 or n == 0:
+        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    ign_idx, ign_mask, ign_strides, mode = _ignore_args(pos_idx, ignore_idx, ignore_mask)
+    prm = _params_tensor(params, acc, scores.device)
+    grad = torch.empty((q, n), dtype=acc, device=scores.device)
+    nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
+    _bwd_cols[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
+        scores, ign_idx, ign_mask, prm, grad_h_all, grad, nan_flag,
+        n, bins, _next_pow2(n),
+        *scores.stride(), *ign_strides, *grad_h_all.stride(),
+        OPEN=bool(params.open_ends), IGNORE=mode,
+    )
+    if INTERPRETED:
+        bp = max(2, min(_next_pow2(p), int(INTERPRETER_MAX_BLOCK_P)))
+        bn = max(2, min(_next_pow2(n), int(INTERPRETER_MAX_BLOCK_K)))
+        warps = 4
+    else:
+        bp, bn = max(16, min(_next_pow2(p), _BLOCK_P)), _BLOCK_N
+        warps = 4
+    _bwd_pos[(q, max(1, triton.cdiv(p, bp)))](
+        scores, pos_idx, ign_idx, ign_mask, prm, grad_h_pos, nan_flag, grad,
+        n, p, bins,
+        *scores.stride(), *pos_idx.stride(), *ign_strides, *grad_h_pos.stride(),
+        OPEN=bool(params.open_ends), IGNORE=mode, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+    )
+    return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)
