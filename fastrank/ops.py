@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Tuple
 
 import torch
@@ -81,40 +82,49 @@ def _register_cpp_ops() -> None:
     torch.library.register_autograd("fastrank::histogram_fwd", _hist_backward, setup_context=_setup_context)
 
 
-class _TorchRankSums(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: StepParams):
-        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
-        ctx.params = params
-        return reference.torch_rank_sums_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
+def _python_backend(name: str, module: str, forward: str, backward: str):
+    """An autograd.Function over a Python backend's (forward, backward) pair.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_all, grad_pos):
-        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-        grad = reference.torch_rank_sums_backward(
-            grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params
-        )
-        return grad, None, None, None, None
+    Every Python backend implements the same two functions — forward(scores, pos_idx,
+    ignore_idx, ignore_mask, params) -> 2 outputs, backward(grad0, grad1, scores, ...) ->
+    grad of scores — so one wrapper serves them all. `module` is imported on first use
+    (Triton is heavy and optional).
+    """
+
+    def impl(attr):
+        mod = importlib.import_module(module, __package__)
+        return getattr(mod, attr)
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params):
+            ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+            ctx.params = params
+            return impl(forward)(scores, pos_idx, ignore_idx, ignore_mask, params)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad0, grad1):
+            scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+            grad = impl(backward)(grad0, grad1, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
+            return grad, None, None, None, None
+
+    _Fn.__name__ = _Fn.__qualname__ = name
+    return _Fn
 
 
-class _TritonRankSums(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: StepParams):
-        from .triton_kernels import rank_sums as tk
-
-        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
-        ctx.params = params
-        return tk.rank_sums_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_all, grad_pos):
-        from .triton_kernels import rank_sums as tk
-
-        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-        grad = tk.rank_sums_backward(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
-        return grad, None, None, None, None
+_TorchRankSums = _python_backend(
+    "_TorchRankSums", ".reference", "torch_rank_sums_forward", "torch_rank_sums_backward"
+)
+_TritonRankSums = _python_backend(
+    "_TritonRankSums", ".triton_kernels.rank_sums", "rank_sums_forward", "rank_sums_backward"
+)
+_TorchHistograms = _python_backend(
+    "_TorchHistograms", "._hist", "torch_histograms_forward", "torch_histograms_backward"
+)
+_TritonHistograms = _python_backend(
+    "_TritonHistograms", ".triton_kernels.histogram", "histograms_forward", "histograms_backward"
+)
 
 
 def rank_sums_packed(
@@ -136,40 +146,6 @@ def rank_sums_packed(
         _register_cpp_ops()
         return torch.ops.fastrank.rank_sums_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
     raise NotImplementedError(f"backend {backend!r} has no rank-sums implementation yet")
-
-
-class _TorchHistograms(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: "_hist.HistParams"):
-        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
-        ctx.params = params
-        return _hist.torch_histograms_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_all, grad_pos):
-        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-        grad = _hist.torch_histograms_backward(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
-        return grad, None, None, None, None
-
-
-class _TritonHistograms(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params: "_hist.HistParams"):
-        from .triton_kernels import histogram as tk
-
-        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
-        ctx.params = params
-        return tk.histograms_forward(scores, pos_idx, ignore_idx, ignore_mask, params)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_all, grad_pos):
-        from .triton_kernels import histogram as tk
-
-        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-        grad = tk.histograms_backward(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
-        return grad, None, None, None, None
 
 
 def histograms_packed(
