@@ -216,12 +216,10 @@ def _rank_sums_bwd_rows_kernel(
     """
     i = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
-    # (1/tau, rho, delta, start, offset) in the accumulation dtype
+    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
     inv_tau = tl.load(params_ptr + 0)
     rho = tl.load(params_ptr + 1)
     delta = tl.load(params_ptr + 2)
-    start = tl.load(params_ptr + 3)
-    offset = tl.load(params_ptr + 4)
     ACC = params_ptr.dtype.element_ty
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -319,12 +317,10 @@ def _rank_sums_bwd_cols_kernel(
     """
     i = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
-    # (1/tau, rho, delta, start, offset) in the accumulation dtype
+    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
     inv_tau = tl.load(params_ptr + 0)
     rho = tl.load(params_ptr + 1)
     delta = tl.load(params_ptr + 2)
-    start = tl.load(params_ptr + 3)
-    offset = tl.load(params_ptr + 4)
     ACC = params_ptr.dtype.element_ty
 
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
