@@ -5,7 +5,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: all deps build test test-slow bench bench-full cuda-check clean
+.PHONY: all deps build test test-slow fuzz bench bench-full cuda-check clean
 
 all: test
 
@@ -13,8 +13,9 @@ all: test
 deps:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install triton || echo "fastrank: triton could not be installed; its tests will be skipped"
-	@$(PY) -c "import pytest, hypothesis, pytest_benchmark, matplotlib, tqdm, ninja, expecttest" 2>/dev/null || \
-		$(PIP) install "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4" "matplotlib>=3.5" "tqdm>=4" ninja expecttest
+	@$(PY) -c "import pytest, hypothesis, pytest_benchmark, matplotlib, tqdm, ninja, expecttest, pytorch_metric_learning" \
+		2>/dev/null || $(PIP) install "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4" "matplotlib>=3.5" "tqdm>=4" \
+		ninja expecttest "pytorch-metric-learning>=2.9"
 
 build: deps
 	$(PIP) install --no-build-isolation -e . -q
@@ -31,11 +32,46 @@ cuda-check:
 test-slow: build
 	$(PY) -m pytest tests -q -m slow
 
+# long property-based run: every CPU backend vs the fp64 reference (FUZZ_EXAMPLES per op and backend)
+FUZZ_EXAMPLES ?= 2000
+fuzz: build
+	FASTRANK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
+
+# Benchmarks (bench/, SPEC §4). BENCH_ARGS / GPU_BENCH_ARGS pass options to bench/run.py
+# (e.g. BENCH_ARGS="--ops supap --workloads dense --modes forward,backward"; see --help).
+#   make bench        default CPU sweep (batch workload, fwd+bwd, 5 ops x naive/torch/cpp), <= ~7.5 min on 2 cores
+#   make bench-full   every workload x mode x op with larger sizes (hours on 2 cores)
+#   make gpu-bench    builds the CUDA kernels, runs the GPU sweep; CSV/PNG named by device in bench/results/
+#   make bench-micro  pytest-benchmark micro-benchmarks (bench/test_micro.py; not collected by `make test`)
 bench: build
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 bench-full: build
-	$(PY) bench/run.py --full
+	$(PY) bench/run.py --full $(BENCH_ARGS)
+
+.PHONY: gpu-bench bench-micro
+gpu-bench: build
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || { \
+		echo "gpu-bench: torch.cuda.is_available() is False on this machine (no GPU, or a CPU-only torch build)."; \
+		echo "gpu-bench: run it on a CUDA machine with a CUDA build of torch; the CPU sweep is \`make bench\`."; \
+		exit 1; }
+	FASTRANK_FORCE_CUDA=1 \
+	FASTRANK_CUDA_ARCHS="$${FASTRANK_CUDA_ARCHS:-$$($(PY) -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}" \
+	MAX_JOBS="$${GPU_MAX_JOBS:-$$(nproc)}" $(PIP) install --no-build-isolation -e . -q
+	@$(PY) -c "import sys, fastrank; i = fastrank.backends()['cuda']; print('gpu-bench: cuda backend:', i.reason); sys.exit(0 if i.available else 1)"
+	$(PY) bench/run.py --device cuda $(GPU_BENCH_ARGS)
+
+bench-micro: build
+	$(PY) -m pytest bench/test_micro.py --benchmark-only --benchmark-sort=name \
+		--benchmark-columns=min,median,iqr,ops,rounds -q
+
+# Training example (examples/train_retrieval.py): an MLP on scikit-learn's digits with every loss on the
+# fused backend, parity with the naive backend (same seed), a full-batch scale run; prints the tables and
+# writes examples/results/training_curves.{png,csv} + training_results.json. ~5 min on 2 cores (DEMO_ARGS adds options).
+.PHONY: demo
+demo: build
+	@$(PY) -c "import sklearn" 2>/dev/null || $(PIP) install "scikit-learn>=1.0"
+	$(PY) examples/train_retrieval.py --loss all --parity --scale --out examples/results $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastrank/_C*.so
