@@ -1,7 +1,7 @@
-"""Property-based fuzzing (hypothesis): every CPU backend agrees with the fp64 naive reference.
+"""Property-based fuzzing (hypothesis): every available backend agrees with the fp64 naive reference.
 
 Seeds are derandomized (reproducible in CI); `make fuzz` runs many more examples
-(FASTRANK_FUZZ_EXAMPLES). Triton is fuzzed in tests/test_triton.py on small shapes.
+(FASTRANK_FUZZ_EXAMPLES). Triton runs under the interpreter in CI, on the same small shapes.
 """
 import os
 
@@ -15,8 +15,12 @@ import fastrank
 from .conftest import FUSED_CPU
 
 EXAMPLES = int(os.environ.get("FASTRANK_FUZZ_EXAMPLES", "100"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# the Triton interpreter is ~100x slower per call: fewer examples, still a few hundred per backend
+TRITON_EXAMPLES = int(os.environ.get("FASTRANK_FUZZ_TRITON_EXAMPLES", str(max(1, EXAMPLES // 2))))
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=_HEALTH)
+FUZZ_TRITON = settings(max_examples=TRITON_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=_HEALTH)
+TRITON = [b for b in ("triton",) if fastrank.backends()[b].available]
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 11, 13, 16, 17, 31])
 
@@ -74,3 +78,11 @@ def test_fuzz_backend_matches_naive(backend, op, problem):
     torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9)
     assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("op", sorted(OPS))
+@FUZZ_TRITON
+@given(problem=problems())
+def test_fuzz_triton_matches_naive(backend, op, problem):
+    test_fuzz_backend_matches_naive.hypothesis.inner_test(backend, op, problem)
