@@ -6,11 +6,13 @@ Public surface:
     calibration_loss   ROADMAP's calibration term
     recall_at_k        Recall@k surrogates (SupRank, Patel et al.)
     histogram_ap       FastAP and listwise SoftBin AP on fused soft histograms
+    h_ap, ndcg         graded relevance (PyTorch backends only so far)
     backends()         which backends run here, and why not
 """
 from ._backend import BACKENDS, BackendInfo, backends
 from .ap import calibration_loss, smooth_ap, sup_ap
 from . import distributed, losses, memory
+from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
 from .histogram import histogram_ap
 from .rank_sums import RankSums, rank_sums
 from .recall import recall_at_k
@@ -24,11 +26,15 @@ __all__ = [
     "backends",
     "calibration_loss",
     "distributed",
+    "graded_rank_sums",
+    "h_ap",
     "histogram_ap",
     "losses",
     "memory",
+    "ndcg",
     "rank_sums",
     "recall_at_k",
+    "relevance_from_hierarchy",
     "smooth_ap",
     "sup_ap",
 ]

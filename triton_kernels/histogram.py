@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -59,9 +58,10 @@ import triton.language as tl
 
 from fastrank._hist import HistParams
 
+from ._common import INTERPRETED, check_packed_inputs, check_tensor, next_pow2, valid_cols
+
 Tensor = torch.Tensor
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _NAN: tl.constexpr = tl.constexpr(float("nan"))
 
@@ -70,22 +70,11 @@ IGNORE_NONE = 0
 IGNORE_INDEX = 1
 IGNORE_MASK = 2
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- device helpers
 
 
-@triton.jit
-def _valid_cols(offs_k, N, ign, mask_row_ptr, stride_mn, IGNORE: tl.constexpr):
-    """Columns that enter h_all: inside the row, not the ignored index, not masked."""
-    valid = offs_k < N
-    if IGNORE & 1:
-        valid = valid & (offs_k != ign)
-    if IGNORE & 2:
-        m = tl.load(mask_row_ptr + offs_k.to(tl.int64) * stride_mn, mask=offs_k < N, other=1)
-        valid = valid & (m == 0)
-    return valid
 
 
 @triton.jit
@@ -174,7 +163,7 @@ def _hist_fwd_kernel(
     n_nan = tl.zeros((BLOCK_K,), tl.int32)
     for k0 in range(pid_s * BLOCK_K, N, SPLIT * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        valid = _valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+        valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
         s = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
         v = s * scale + shift
         n_nan += (v != v).to(tl.int32)  # masked columns read 0: v = shift is finite
@@ -239,7 +228,7 @@ def _hist_bwd_cols_kernel(
     ign = -1
     if IGNORE & 1:
         ign = tl.load(ign_idx_ptr + i * stride_iq)
-    valid = _valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
     s = tl.load(scores_ptr + i * stride_sq + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
     v = s * scale + shift
     is_nan = (v != v) & valid
@@ -292,7 +281,7 @@ def _hist_bwd_pos_kernel(
                 ign = tl.load(ign_idx_ptr + i * stride_iq)
             for k0 in range(0, N, BLOCK_N):
                 offs_k = k0 + tl.arange(0, BLOCK_N)
-                valid = _valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+                valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
                 nan = tl.full((BLOCK_N,), _NAN, grad_ptr.dtype.element_ty)
                 tl.store(g_row + offs_k, nan, mask=valid)
     else:
@@ -317,9 +306,6 @@ def _hist_bwd_pos_kernel(
 # --------------------------------------------------------------------------- launch configuration
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
 
 #: caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
 #: tests lower them to drive the multi-tile loops (and the split / bin-block grids) with small shapes
@@ -333,11 +319,11 @@ _BLOCK_P, _BLOCK_N = 128, 1024
 
 
 def _block_l(bins: int) -> int:
-    return max(2, min(_next_pow2(bins), MAX_BLOCK_L))
+    return max(2, min(next_pow2(bins), MAX_BLOCK_L))
 
 
 def _interpreter_block_k(args) -> int:
-    return max(2, min(INTERPRETER_MAX_BLOCK_K, _next_pow2(args["N"])))
+    return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
 
 
 #: elements of the (BLOCK_K, BLOCK_L) one-hot tile per thread kept on a GPU (float32; half for
@@ -348,7 +334,7 @@ _PER_THREAD_MIN, _PER_THREAD_MAX = 8, 32
 def _prune_fwd(configs, named_args, **kwargs):
     """Keep the configs whose one-hot tile fits the per-thread budget and is not wider than the row."""
     bl = kwargs.get("BLOCK_L", named_args.get("BLOCK_L", 32))
-    n_cap = max(16, _next_pow2(int(named_args.get("N", 1 << 30))))
+    n_cap = max(16, next_pow2(int(named_args.get("N", 1 << 30))))
     prm = named_args.get("params_ptr")
     wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
 
@@ -364,7 +350,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 def _prune_cols(configs, named_args, **kwargs):
     """Drop blocks much wider than the row (they only add masked lanes)."""
-    n_cap = max(128, _next_pow2(int(named_args.get("N", 1 << 30))))
+    n_cap = max(128, next_pow2(int(named_args.get("N", 1 << 30))))
     return [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
 
 
@@ -425,50 +411,8 @@ def _params_tensor(params: HistParams, dtype: torch.dtype, device: torch.device)
     return torch.tensor([params.scale, params.shift, params.bins - 1], dtype=dtype, device=device)
 
 
-def _check_tensor(fn: str, name: str, t, dims: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{fn}: `{name}` must be {dims}-D, got shape {tuple(t.shape)}")
-
-
 def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
-    _check_tensor(fn, "scores", scores, 2)
-    if scores.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: `scores` must be float16, bfloat16, float32 or float64, got {scores.dtype}")
-    dev = scores.device
-    if INTERPRETED:
-        if dev.type != "cpu":
-            raise ValueError(f"{fn}: under TRITON_INTERPRET=1 `scores` must be a CPU tensor, got {dev}")
-    elif dev.type != "cuda":
-        raise ValueError(f"{fn}: `scores` must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {dev}")
-    q, _ = scores.shape
-    _check_tensor(fn, "pos_idx", pos_idx, 2)
-    if pos_idx.dtype != torch.int64:
-        raise TypeError(f"{fn}: `pos_idx` must be int64, got {pos_idx.dtype}")
-    if pos_idx.shape[0] != q:
-        raise ValueError(f"{fn}: `pos_idx` must be (Q, P) with Q = {q}, got shape {tuple(pos_idx.shape)}")
-    if pos_idx.device != dev:
-        raise ValueError(f"{fn}: `pos_idx` is on {pos_idx.device} but `scores` is on {dev}")
-    if ignore_idx is not None:
-        _check_tensor(fn, "ignore_idx", ignore_idx, 1)
-        if ignore_idx.dtype != torch.int64:
-            raise TypeError(f"{fn}: `ignore_idx` must be int64, got {ignore_idx.dtype}")
-        if ignore_idx.shape[0] != q:
-            raise ValueError(f"{fn}: `ignore_idx` must have shape ({q},), got {tuple(ignore_idx.shape)}")
-        if ignore_idx.device != dev:
-            raise ValueError(f"{fn}: `ignore_idx` is on {ignore_idx.device} but `scores` is on {dev}")
-    if ignore_mask is not None:
-        _check_tensor(fn, "ignore_mask", ignore_mask, 2)
-        if ignore_mask.dtype != torch.bool:
-            raise TypeError(f"{fn}: `ignore_mask` must be bool, got {ignore_mask.dtype}")
-        if ignore_mask.shape != scores.shape:
-            raise ValueError(
-                f"{fn}: `ignore_mask` must have the shape of `scores` {tuple(scores.shape)}, "
-                f"got {tuple(ignore_mask.shape)}"
-            )
-        if ignore_mask.device != dev:
-            raise ValueError(f"{fn}: `ignore_mask` is on {ignore_mask.device} but `scores` is on {dev}")
+    check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
     if not isinstance(params, HistParams):
         raise TypeError(f"{fn}: `params` must be a fastrank._hist.HistParams, got {type(params).__name__}")
     if isinstance(params.bins, bool) or not isinstance(params.bins, int) or params.bins < 2:
@@ -482,7 +426,7 @@ def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> 
 
 
 def _check_grad(fn: str, name: str, g, shape, device) -> None:
-    _check_tensor(fn, name, g, 2)
+    check_tensor(fn, name, g, 2)
     if not g.dtype.is_floating_point:
         raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
     if tuple(g.shape) != tuple(shape):
@@ -546,7 +490,7 @@ def histograms_forward(
     h_pos = torch.empty_like(h_all)
     _fwd[(q, n_lb, split)](
         scores, pos_idx, ign_idx, ign_mask, _params_tensor(params, acc, scores.device), h_all, h_pos,
-        n, p, bins, _next_pow2(n),
+        n, p, bins, next_pow2(n),
         *scores.stride(), *pos_idx.stride(), *ign_strides, q * bins,
         OPEN=bool(params.open_ends), IGNORE=mode, SPLIT=split, BLOCK_L=bl,
     )
@@ -590,16 +534,16 @@ def histograms_backward(
     nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
     _bwd_cols[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
         scores, ign_idx, ign_mask, prm, grad_h_all, grad, nan_flag,
-        n, bins, _next_pow2(n),
+        n, bins, next_pow2(n),
         *scores.stride(), *ign_strides, *grad_h_all.stride(),
         OPEN=bool(params.open_ends), IGNORE=mode,
     )
     if INTERPRETED:
-        bp = max(2, min(_next_pow2(p), int(INTERPRETER_MAX_BLOCK_P)))
-        bn = max(2, min(_next_pow2(n), int(INTERPRETER_MAX_BLOCK_K)))
+        bp = max(2, min(next_pow2(p), int(INTERPRETER_MAX_BLOCK_P)))
+        bn = max(2, min(next_pow2(n), int(INTERPRETER_MAX_BLOCK_K)))
         warps = 4
     else:
-        bp, bn = max(16, min(_next_pow2(p), _BLOCK_P)), _BLOCK_N
+        bp, bn = max(16, min(next_pow2(p), _BLOCK_P)), _BLOCK_N
         warps = 4
     _bwd_pos[(q, max(1, triton.cdiv(p, bp)))](
         scores, pos_idx, ign_idx, ign_mask, prm, grad_h_pos, nan_flag, grad,

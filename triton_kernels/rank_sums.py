@@ -56,9 +56,10 @@ from fastrank._step import SIGMOID, SUPRANK, StepParams
 
 from ._step import heaviside, step_neg, step_neg_grad
 
+from ._common import INTERPRETED, check_packed_inputs, check_tensor, next_pow2, valid_cols
+
 Tensor = torch.Tensor
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _NAN: tl.constexpr = tl.constexpr(float("nan"))
 
@@ -67,22 +68,11 @@ IGNORE_NONE = 0
 IGNORE_INDEX = 1
 IGNORE_MASK = 2
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- device helpers
 
 
-@triton.jit
-def _valid_cols(offs_k, N, ign, mask_row_ptr, stride_mn, IGNORE: tl.constexpr):
-    """Columns that take part in the ranking: inside the row, not the ignored index, not masked."""
-    valid = offs_k < N
-    if IGNORE & 1:
-        valid = valid & (offs_k != ign)
-    if IGNORE & 2:
-        m = tl.load(mask_row_ptr + offs_k.to(tl.int64) * stride_mn, mask=offs_k < N, other=1)
-        valid = valid & (m == 0)
-    return valid
 
 
 # --------------------------------------------------------------------------- kernels
@@ -143,7 +133,7 @@ def _rank_sums_fwd_kernel(
         n_nan = tl.zeros((BLOCK_K,), tl.int32)
         for k0 in range(0, N, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            valid = _valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+            valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
             sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
             n_nan += (sk != sk).to(tl.int32)
             d = sk[None, :] - sj[:, None]
@@ -240,7 +230,7 @@ def _rank_sums_bwd_rows_kernel(
         n_nan = tl.zeros((BLOCK_K,), tl.int32)
         for k0 in range(0, N, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            valid = _valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+            valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
             sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
             n_nan += (sk != sk).to(tl.int32)
             d = sk[None, :] - sj[:, None]
@@ -327,7 +317,7 @@ def _rank_sums_bwd_cols_kernel(
     ign = -1  # the ignored column, read only when IGNORE has the index bit
     if IGNORE & 1:
         ign = tl.load(ign_idx_ptr + i * stride_iq)
-    valid = _valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
     s_row = scores_ptr + i * stride_sq
     sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
 
@@ -352,9 +342,6 @@ def _rank_sums_bwd_cols_kernel(
 # --------------------------------------------------------------------------- launch configuration
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
 
 #: block caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
 #: tests lower them to drive the multi-tile loops with small shapes
@@ -364,11 +351,11 @@ INTERPRETER_MAX_BLOCK_K = 1024
 
 def _block_p(p: int) -> int:
     """Ranked positives per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
-    return max(2, min(_next_pow2(p), INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64))
+    return max(2, min(next_pow2(p), INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64))
 
 
 def _interpreter_block_k(args) -> int:
-    return max(2, min(INTERPRETER_MAX_BLOCK_K, _next_pow2(args["N"])))
+    return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
 
 
 #: elements of the (BLOCK_P, BLOCK_K) tile per thread kept on a GPU (float32; half for float64):
@@ -380,7 +367,7 @@ _PER_THREAD_MIN, _PER_THREAD_MAX = 8, 32
 def _prune(configs, named_args, **kwargs):
     """Keep the configs whose tile fits the per-thread budget and is not wider than the row."""
     bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
-    n_cap = max(32, _next_pow2(int(named_args.get("N", 1 << 30))))
+    n_cap = max(32, next_pow2(int(named_args.get("N", 1 << 30))))
     prm = named_args.get("params_ptr")
     wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
 
@@ -434,50 +421,8 @@ def _use_fast(fast: Optional[bool], acc: torch.dtype) -> bool:
     return bool(fast) and not INTERPRETED and acc == torch.float32
 
 
-def _check_tensor(fn: str, name: str, t, dims: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{fn}: `{name}` must be {dims}-D, got shape {tuple(t.shape)}")
-
-
 def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
-    _check_tensor(fn, "scores", scores, 2)
-    if scores.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: `scores` must be float16, bfloat16, float32 or float64, got {scores.dtype}")
-    dev = scores.device
-    if INTERPRETED:
-        if dev.type != "cpu":
-            raise ValueError(f"{fn}: under TRITON_INTERPRET=1 `scores` must be a CPU tensor, got {dev}")
-    elif dev.type != "cuda":
-        raise ValueError(f"{fn}: `scores` must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {dev}")
-    q, _ = scores.shape
-    _check_tensor(fn, "pos_idx", pos_idx, 2)
-    if pos_idx.dtype != torch.int64:
-        raise TypeError(f"{fn}: `pos_idx` must be int64, got {pos_idx.dtype}")
-    if pos_idx.shape[0] != q:
-        raise ValueError(f"{fn}: `pos_idx` must be (Q, P) with Q = {q}, got shape {tuple(pos_idx.shape)}")
-    if pos_idx.device != dev:
-        raise ValueError(f"{fn}: `pos_idx` is on {pos_idx.device} but `scores` is on {dev}")
-    if ignore_idx is not None:
-        _check_tensor(fn, "ignore_idx", ignore_idx, 1)
-        if ignore_idx.dtype != torch.int64:
-            raise TypeError(f"{fn}: `ignore_idx` must be int64, got {ignore_idx.dtype}")
-        if ignore_idx.shape[0] != q:
-            raise ValueError(f"{fn}: `ignore_idx` must have shape ({q},), got {tuple(ignore_idx.shape)}")
-        if ignore_idx.device != dev:
-            raise ValueError(f"{fn}: `ignore_idx` is on {ignore_idx.device} but `scores` is on {dev}")
-    if ignore_mask is not None:
-        _check_tensor(fn, "ignore_mask", ignore_mask, 2)
-        if ignore_mask.dtype != torch.bool:
-            raise TypeError(f"{fn}: `ignore_mask` must be bool, got {ignore_mask.dtype}")
-        if ignore_mask.shape != scores.shape:
-            raise ValueError(
-                f"{fn}: `ignore_mask` must have the shape of `scores` {tuple(scores.shape)}, "
-                f"got {tuple(ignore_mask.shape)}"
-            )
-        if ignore_mask.device != dev:
-            raise ValueError(f"{fn}: `ignore_mask` is on {ignore_mask.device} but `scores` is on {dev}")
+    check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
     if not isinstance(params, StepParams):
         raise TypeError(f"{fn}: `params` must be a fastrank._step.StepParams, got {type(params).__name__}")
     if params.step not in (SIGMOID, SUPRANK):
@@ -487,7 +432,7 @@ def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> 
 
 
 def _check_grad(fn: str, name: str, g, pos_idx: Tensor) -> None:
-    _check_tensor(fn, name, g, 2)
+    check_tensor(fn, name, g, 2)
     if not g.dtype.is_floating_point:
         raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
     if g.shape != pos_idx.shape:
@@ -551,7 +496,7 @@ def rank_sums_forward(
     bp = _block_p(p)
     _fwd[(q, triton.cdiv(p, bp))](
         *ptrs, _params_tensor(params, acc, scores.device), rank_all, rank_pos,
-        n, p, _next_pow2(n), *strides,
+        n, p, next_pow2(n), *strides,
         STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=bp,
     )
     return rank_all, rank_pos
@@ -588,7 +533,7 @@ def rank_sums_backward(
     ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
     prm = _params_tensor(params, acc, scores.device)
     meta = dict(STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=_block_p(p))
-    n_key = _next_pow2(n)
+    n_key = next_pow2(n)
 
     out = torch.empty((q, p), dtype=acc, device=scores.device)
     nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)

@@ -1,0 +1,411 @@
+"""Graded relevance on the rank-sums primitive (SPEC §1.1-1.2, issue 9): H-AP and NDCG.
+
+PyTorch reference part only: the `naive` backend (the (Q, N, N) cube, autograd)
+and the `torch` backend (chunked over query rows, custom autograd.Function that
+recomputes the step in the backward pass, memory bounded by FASTRANK_TORCH_CHUNK).
+The fused backends (`cpp`, `triton`, `cuda`) raise NotImplementedError for now.
+
+Graded primitive, for query i and every *ranked* item j (rel_ij > 0, not ignored),
+with d = s_ik - s_ij and k running over the valid (not ignored) items, k != j:
+
+    rank_all[i,j] = 1     + sum_k  g(d; k vs j)
+    rank_pos[i,j] = rel_j + sum_k  min(rel_j, rel_k) * h(d)
+
+* step="suprank": h = H (exact step, H(0) = 1, no gradient); g = H when
+  rel_k >= rel_j, else the upper bound H^- of SPEC §1.1.
+* step="sigmoid": g = h = sigma_tau for every competitor (as Smooth-AP).
+
+With relevance in {0, 1} this is exactly :func:`fastrank.rank_sums`. Relevance is
+a constant: no gradient flows to it. Outputs are dense (Q, N), 0 at items that
+are not ranked (rel = 0 or ignored).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+
+from . import _validate as V
+from ._problem import build_problem
+from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
+from .ap import reduce_per_query
+from .reference import _blocks, dense_valid_mask
+from .rank_sums import make_params
+
+Tensor = torch.Tensor
+
+GRADED_BACKENDS = ("naive", "torch")
+_FUSED = ("cpp", "triton", "cuda")
+HIERARCHY_MODES = ("shared_prefix", "shared_levels")
+
+
+# --------------------------------------------------------------------------- relevance helper
+
+
+def relevance_from_hierarchy(
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    mode: str = "shared_prefix",
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(Q, N) graded relevance from hierarchical integer labels.
+
+    Args:
+        query_labels: (Q, L) integer labels, column 0 the coarsest level (e.g. family),
+            column L-1 the finest (e.g. species).
+        gallery_labels: (N, L) integer labels, same levels.
+        mode: how levels are counted.
+
+            * ``"shared_prefix"`` (default; the form of HAPPIER / SupRank for hierarchical
+              labels): the number of leading levels, from the coarsest, on which query and
+              item agree, stopping at the first disagreement. Two items of the same species
+              get L, same genus but another species L-1, ..., another family 0.
+            * ``"shared_levels"``: the number of levels on which they agree, anywhere
+              (for label matrices whose columns are independent attributes rather than a tree).
+
+        dtype: floating dtype of the result.
+
+    Returns:
+        (Q, N) relevance in {0, ..., L}, 0 = irrelevant.
+
+    Example:
+        >>> q = torch.tensor([[0, 0, 0]]); g = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+        >>> relevance_from_hierarchy(q, g)
+        tensor([[3., 2., 1., 0.]])
+        >>> relevance_from_hierarchy(q, g, "shared_levels")
+        tensor([[3., 2., 2., 2.]])
+    """
+    fn = "fastrank.relevance_from_hierarchy"
+    for name, lab in (("query_labels", query_labels), ("gallery_labels", gallery_labels)):
+        if not isinstance(lab, torch.Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a 2-D integer tensor (rows x levels), got {V._describe(lab)}")
+        if lab.dtype not in V.INT_DTYPES:
+            raise TypeError(f"{fn}: `{name}` must be an integer tensor, got {lab.dtype}")
+        if lab.dim() != 2:
+            raise ValueError(
+                f"{fn}: `{name}` must be 2-D (rows x levels, column 0 = coarsest), got shape {tuple(lab.shape)}; "
+                "for a single level use labels.unsqueeze(1)"
+            )
+    if query_labels.shape[1] != gallery_labels.shape[1]:
+        raise ValueError(
+            f"{fn}: `query_labels` and `gallery_labels` must have the same number of levels, "
+            f"got {query_labels.shape[1]} and {gallery_labels.shape[1]}"
+        )
+    if query_labels.shape[1] == 0:
+        raise ValueError(f"{fn}: the label matrices need at least one level, got shape {tuple(query_labels.shape)}")
+    if query_labels.device != gallery_labels.device:
+        raise ValueError(
+            f"{fn}: `query_labels` is on {query_labels.device} but `gallery_labels` is on {gallery_labels.device}"
+        )
+    V.check_choice(fn, "mode", mode, HIERARCHY_MODES)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{fn}: `dtype` must be a floating torch.dtype, got {dtype!r}")
+    qlab = query_labels.to(torch.int64)
+    glab = gallery_labels.to(torch.int64)
+    q, n = qlab.shape[0], glab.shape[0]
+    rel = torch.zeros(q, n, dtype=dtype, device=qlab.device)
+    alive = torch.ones(q, n, dtype=torch.bool, device=qlab.device)
+    # one level at a time: memory O(Q*N), never (Q, N, L)
+    for level in range(qlab.shape[1]):
+        eq = qlab[:, level].unsqueeze(1) == glab[:, level].unsqueeze(0)
+        if mode == "shared_prefix":
+            alive = alive & eq
+            rel += alive
+        else:
+            rel += eq
+    return rel
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_relevance(fn: str, relevance: Any, scores: Tensor) -> None:
+    """(Q, N) graded relevance: floating, integer or bool, finite, >= 0, on the device of scores."""
+    q, n = scores.shape
+    if not isinstance(relevance, torch.Tensor):
+        raise TypeError(f"{fn}: `relevance` must be a (Q, N) tensor of graded relevance, got {V._describe(relevance)}")
+    if tuple(relevance.shape) != (q, n):
+        raise ValueError(f"{fn}: `relevance` must have the shape of scores {(q, n)}, got {tuple(relevance.shape)}")
+    if relevance.device != scores.device:
+        raise ValueError(f"{fn}: `relevance` is on {relevance.device} but `scores` is on {scores.device}")
+    if relevance.dtype.is_complex or not (
+        relevance.dtype.is_floating_point or relevance.dtype in V.INT_DTYPES or relevance.dtype == torch.bool
+    ):
+        raise TypeError(f"{fn}: `relevance` must be a floating or integer tensor, got {relevance.dtype}")
+    if relevance.dtype.is_floating_point and not bool(torch.isfinite(relevance).all()):
+        raise ValueError(f"{fn}: `relevance` must be finite, got NaN or inf values")
+    if relevance.dtype != torch.bool and relevance.numel() and bool((relevance < 0).any()):
+        raise ValueError(
+            f"{fn}: `relevance` must be >= 0 (0 = irrelevant), got a minimum of {float(relevance.min())!r}"
+        )
+
+
+def _resolve_backend(fn: str, backend: Optional[str]) -> str:
+    if backend is not None and isinstance(backend, str) and backend in _FUSED:
+        raise NotImplementedError(
+            f"{fn}: backend {backend!r} is not available for graded relevance: graded kernels are not fused "
+            f"yet (issue 9); use backend='torch' or 'naive'"
+        )
+    V.check_backend(fn, backend, GRADED_BACKENDS + ("auto",))
+    if backend is None or backend == "auto":
+        return "torch"
+    return backend
+
+
+def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, Tensor, str, Any]:
+    """Validates; returns (scores in a kernel dtype, relevance in that dtype, valid mask, backend, problem)."""
+    V.check_scores(fn, scores)
+    check_relevance(fn, relevance, scores)
+    V.check_ignore(fn, ignore, scores)
+    name = _resolve_backend(fn, backend)
+    q, n = scores.shape
+    pb = build_problem(relevance, ignore, q, n, scores.device)
+    valid = dense_valid_mask(q, n, pb.ignore_idx, pb.ignore_mask, scores.device)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    rel = relevance.detach().to(scores.dtype)
+    return scores, rel, valid, name, pb
+
+
+# --------------------------------------------------------------------------- naive
+
+
+def naive_graded_rank_sums(scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams) -> Tuple[Tensor, Tensor]:
+    """The (Q, N, N) cube, every row j computed, autograd does the backward. Oracle of the tests."""
+    q, n = scores.shape
+    ranked = valid & (rel > 0)
+    sim_diff = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
+    not_self = ~torch.eye(n, dtype=torch.bool, device=scores.device)
+    rel_j = rel.unsqueeze(2)
+    rel_k = rel.unsqueeze(1)
+    if params.step == SIGMOID:
+        g = sigmoid_tau(sim_diff, params.tau)
+        h = g
+    else:
+        h = heaviside(sim_diff)
+        g = torch.where(rel_k >= rel_j, h, suprank_neg(sim_diff, params))
+    zero = scores.new_zeros(())
+    comp = not_self & valid.unsqueeze(1)
+    ra = 1 + torch.where(comp, g, zero).sum(-1)
+    rp = rel + torch.where(comp, torch.minimum(rel_j, rel_k) * h, zero).sum(-1)
+    return torch.where(ranked, ra, zero), torch.where(ranked, rp, zero)
+
+
+# --------------------------------------------------------------------------- torch (chunked)
+
+
+def _block_terms(scores, rel, valid, ranked, q0, q1, j0, j1):
+    s = scores[q0:q1]  # (Qc, N)
+    n = s.shape[1]
+    d = s.unsqueeze(1) - s[:, j0:j1].unsqueeze(2)  # (Qc, Jc, N): s_ik - s_ij
+    rel_k = rel[q0:q1].unsqueeze(1)
+    rel_j = rel[q0:q1, j0:j1].unsqueeze(2)
+    not_self = torch.arange(n, device=s.device).view(1, 1, n) != torch.arange(j0, j1, device=s.device).view(1, -1, 1)
+    comp = valid[q0:q1].unsqueeze(1) & not_self & ranked[q0:q1, j0:j1].unsqueeze(2)
+    return d, rel_j, rel_k, comp
+
+
+def torch_graded_forward(scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams) -> Tuple[Tensor, Tensor]:
+    q, n = scores.shape
+    ranked = valid & (rel > 0)
+    rank_all = torch.zeros(q, n, dtype=scores.dtype, device=scores.device)
+    rank_pos = torch.zeros_like(rank_all)
+    for q0, q1, j0, j1 in _blocks(q, n, n):
+        d, rel_j, rel_k, comp = _block_terms(scores, rel, valid, ranked, q0, q1, j0, j1)
+        zero = d.new_zeros(())
+        w = torch.minimum(rel_j, rel_k)
+        if params.step == SIGMOID:
+            g = sigmoid_tau(d, params.tau)
+            ra = torch.where(comp, g, zero).sum(-1)
+            rp = torch.where(comp, w * g, zero).sum(-1)
+        else:
+            h = heaviside(d)
+            higher = rel_k >= rel_j
+            ra = torch.where(comp, torch.where(higher, h, suprank_neg(d, params)), zero).sum(-1)
+            rp = torch.where(comp, w * h, zero).sum(-1)
+        r = ranked[q0:q1, j0:j1]
+        rank_all[q0:q1, j0:j1] = torch.where(r, 1 + ra, zero)
+        rank_pos[q0:q1, j0:j1] = torch.where(r, rel[q0:q1, j0:j1] + rp, zero)
+    return rank_all, rank_pos
+
+
+def torch_graded_backward(
+    grad_all: Tensor, grad_pos: Tensor, scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams
+) -> Tensor:
+    """d L / d scores, recomputing the step per block (SPEC §1.1 backward)."""
+    q, n = scores.shape
+    ranked = valid & (rel > 0)
+    grad = torch.zeros(q, n, dtype=scores.dtype, device=scores.device)
+    for q0, q1, j0, j1 in _blocks(q, n, n):
+        d, rel_j, rel_k, comp = _block_terms(scores, rel, valid, ranked, q0, q1, j0, j1)
+        a = grad_all[q0:q1, j0:j1].unsqueeze(2)
+        zero = d.new_zeros(())
+        x = d / params.tau
+        in_range = (x >= -50) & (x <= 50)
+        sig = sigmoid_tau(d, params.tau)
+        dsig = torch.where(in_range, sig * (1 - sig) / params.tau, zero)
+        if params.step == SIGMOID:
+            b = grad_pos[q0:q1, j0:j1].unsqueeze(2)
+            c = torch.where(comp, (a + b * torch.minimum(rel_j, rel_k)) * dsig, zero)
+        else:
+            dneg = torch.where(d > params.delta, torch.full_like(d, params.rho), dsig)
+            c = torch.where(comp & (rel_k < rel_j), a * dneg, zero)
+        grad[q0:q1] += c.sum(1)
+        grad[q0:q1, j0:j1] -= c.sum(2)
+    return grad
+
+
+class _TorchGraded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, rel, valid, params):
+        ctx.save_for_backward(scores, rel, valid)
+        ctx.params = params
+        return torch_graded_forward(scores.detach(), rel, valid, params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_all, grad_pos):
+        scores, rel, valid = ctx.saved_tensors
+        if grad_all is None:
+            grad_all = torch.zeros_like(scores)
+        if grad_pos is None:
+            grad_pos = torch.zeros_like(scores)
+        grad = torch_graded_backward(grad_all, grad_pos, scores, rel, valid, ctx.params)
+        return grad, None, None, None
+
+
+def _graded(name: str, scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams) -> Tuple[Tensor, Tensor]:
+    if name == "naive":
+        return naive_graded_rank_sums(scores, rel, valid, params)
+    return _TorchGraded.apply(scores, rel, valid, params)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def graded_rank_sums(
+    scores: Tensor,
+    relevance: Tensor,
+    *,
+    step: str = "suprank",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""Graded rank sums (rank_all, rank_pos), dense (Q, N), defined where relevance > 0.
+
+    .. math::
+        \mathrm{rank\_all}[i,j] = 1 + \sum_{k \ne j\ \mathrm{valid}} g(s_{ik} - s_{ij}), \qquad
+        \mathrm{rank\_pos}[i,j] = r_{ij} + \sum_{k \ne j\ \mathrm{valid}} \min(r_{ij}, r_{ik})\, h(s_{ik} - s_{ij})
+
+    step="suprank": h = H (H(0) = 1, no gradient), g = H if r_ik >= r_ij else H^-.
+    step="sigmoid": g = h = sigma_tau. Relevance in {0, 1} gives exactly
+    :func:`fastrank.rank_sums`. Items with relevance 0 or left out by `ignore` get 0.
+
+    Args:
+        scores: (Q, N) similarities, floating (float16/bfloat16 computed in float32).
+        relevance: (Q, N) graded relevance >= 0 (floating, integer or bool), finite; no gradient.
+        ignore: None, (Q,) index of one item per query (-1 = none), or (Q, N) bool mask.
+        backend: "naive" (cube + autograd), "torch" (chunked), or None / "auto" (= "torch").
+            "cpp", "triton", "cuda" raise NotImplementedError (not fused yet, issue 9).
+    """
+    fn = "fastrank.graded_rank_sums"
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    scores, rel, valid, name, _ = _prepare(fn, scores, relevance, ignore, backend)
+    return _graded(name, scores, rel, valid, params)
+
+
+def _safe_div(num: Tensor, den: Tensor, keep: Tensor) -> Tensor:
+    # divide by 1 where masked out, so a masked 0/0 never leaks NaN into the gradient
+    return torch.where(keep, num / torch.where(keep, den, torch.ones_like(den)), num.new_zeros(()))
+
+
+def h_ap(
+    scores: Tensor,
+    relevance: Tensor,
+    *,
+    step: str = "suprank",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""H-AP (HAPPIER, Ramzi et al., ECCV 2022): AP for graded relevance.
+
+    .. math:: \mathrm{H\text{-}AP}_i = \frac{\sum_{j: r_{ij} > 0} \mathrm{rank\_pos}[i,j] / \mathrm{rank\_all}[i,j]}
+                                          {\sum_j r_{ij}}
+
+    with the ranks of :func:`graded_rank_sums` (sums over items not left out by
+    `ignore`). Binary relevance gives :func:`fastrank.sup_ap` (step="suprank") or
+    :func:`fastrank.smooth_ap` (step="sigmoid"). Returns the metric (higher is
+    better): use ``1 - h_ap(...)`` as a loss.
+
+    reduction: "mean" over queries with a relevant item (0 if none has one), "sum",
+    or "none" (0 for queries without a relevant item).
+    """
+    fn = "fastrank.h_ap"
+    V.check_reduction(fn, reduction)
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    scores, rel, valid, name, pb = _prepare(fn, scores, relevance, ignore, backend)
+    rank_all, rank_pos = _graded(name, scores, rel, valid, params)
+    ranked = valid & (rel > 0)
+    ratio = _safe_div(rank_pos, rank_all, ranked)
+    # sum over the ranked items in packed column order, as fastrank.ap does (binary case bit-exact)
+    has = pb.pos_idx >= 0
+    packed = torch.where(has, ratio.gather(1, pb.pos_idx.clamp(min=0)), ratio.new_zeros(()))
+    total = torch.where(ranked, rel, rel.new_zeros(())).sum(1)
+    n_pos = pb.n_pos
+    ap = _safe_div(packed.sum(1), total, n_pos > 0)
+    return reduce_per_query(ap, n_pos, reduction)
+
+
+def ndcg(
+    scores: Tensor,
+    relevance: Tensor,
+    *,
+    step: str = "suprank",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Smoothed NDCG on the graded rank sums (SupRank).
+
+    .. math:: \mathrm{DCG}_i = \sum_{j: r_{ij} > 0} \frac{2^{r_{ij}} - 1}{\log_2(1 + \mathrm{rank\_all}[i,j])},
+              \qquad \mathrm{NDCG}_i = \mathrm{DCG}_i / \mathrm{IDCG}_i
+
+    IDCG_i is the DCG of the exact ordering: the relevances of the items not left
+    out, sorted descending, at ranks 1, 2, .... Only rank_all is used. Returns the
+    metric (higher is better). reduction as in :func:`h_ap`.
+    """
+    fn = "fastrank.ndcg"
+    V.check_reduction(fn, reduction)
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    scores, rel, valid, name, pb = _prepare(fn, scores, relevance, ignore, backend)
+    rank_all, _ = _graded(name, scores, rel, valid, params)
+    ranked = valid & (rel > 0)
+    zero = rel.new_zeros(())
+    gain = torch.where(ranked, torch.exp2(rel) - 1, zero)
+    # rank_all >= 1 where ranked; log2(2) = 1 elsewhere keeps the masked terms finite
+    disc = torch.log2(1 + torch.where(ranked, rank_all, torch.ones_like(rank_all)))
+    dcg = torch.where(ranked, gain / disc, zero).sum(1)
+    n = scores.shape[1]
+    ideal_gain = gain.sort(dim=1, descending=True).values
+    ideal_disc = torch.log2(torch.arange(2, n + 2, dtype=rel.dtype, device=rel.device))
+    idcg = (ideal_gain / ideal_disc).sum(1)
+    has = pb.n_pos > 0
+    value = _safe_div(dcg, idcg, has & (idcg > 0))
+    return reduce_per_query(value, pb.n_pos, reduction)

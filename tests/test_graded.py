@@ -1,0 +1,307 @@
+"""Graded relevance (issue 9, PyTorch reference part): naive vs torch, binary reduction, H-AP / NDCG."""
+import math
+
+import pytest
+import torch
+
+import fastrank
+from fastrank.graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
+
+STEPS = ["sigmoid", "suprank"]
+IGNORE_KINDS = ["none", "index", "mask"]
+
+
+def _ignore(kind, q, n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "index":
+        return torch.randint(-1, n, (q,), generator=g)
+    return torch.rand(q, n, generator=g) < 0.2
+
+
+def _tied_problem(q=5, n=11, seed=0):
+    """Scores on a 0.025 grid (ties at d = 0 and d = delta = 0.05), relevance in {0..3} with ties."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-8, 9, (q, n), generator=g).to(torch.float64) * 0.025
+    rel = torch.randint(0, 4, (q, n), generator=g).to(torch.float64)
+    rel[0] = torch.tensor([3.0, 0, 1, 1, 2, 2, 0, 1, 3, 0, 2])[:n]
+    return scores, rel
+
+
+def _spread_scores(q, n, seed):
+    # distinct scores on a 0.013 grid: no difference within gradcheck's step of the kinks 0 and delta
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randperm(q * n, generator=g).to(torch.float64) * 0.013 - 0.5).view(q, n)
+
+
+# --------------------------------------------------------------------------- torch vs naive
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+@pytest.mark.parametrize("chunk", [None, "7"])
+def test_torch_matches_naive(step, ignore_kind, chunk, monkeypatch):
+    if chunk is not None:  # smaller than one row of pairs: exercises the column blocks too
+        monkeypatch.setenv("FASTRANK_TORCH_CHUNK", chunk)
+    scores, rel = _tied_problem()
+    q, n = scores.shape
+    ignore = _ignore(ignore_kind, q, n)
+    wa = torch.randn(q, n, dtype=torch.float64)
+    wp = torch.randn(q, n, dtype=torch.float64)
+    out = {}
+    for backend in ("naive", "torch"):
+        s = scores.clone().requires_grad_()
+        ra, rp = graded_rank_sums(s, rel, step=step, tau=0.05, ignore=ignore, backend=backend)
+        ((ra * wa).sum() + (rp * wp).sum()).backward()
+        out[backend] = (ra.detach(), rp.detach(), s.grad)
+    for a, b in zip(out["naive"], out["torch"]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    ranked = rel > 0
+    if ignore is not None:
+        ranked &= fastrank.reference.dense_valid_mask(q, n, ignore if ignore.dtype != torch.bool else None,
+                                                     ignore if ignore.dtype == torch.bool else None, "cpu")
+    assert torch.equal(out["naive"][0] > 0, ranked)
+
+
+@pytest.mark.parametrize("fn", [h_ap, ndcg])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+def test_losses_torch_match_naive(fn, step, ignore_kind):
+    scores, rel = _tied_problem(seed=3)
+    rel[1] = 0  # a query without relevant items
+    ignore = _ignore(ignore_kind, *scores.shape)
+    res = {}
+    for backend in ("naive", "torch"):
+        s = scores.clone().requires_grad_()
+        v = fn(s, rel, step=step, tau=0.05, ignore=ignore, reduction="none", backend=backend)
+        v.sum().backward()
+        res[backend] = (v.detach(), s.grad)
+        assert torch.isfinite(s.grad).all()
+        assert v[1] == 0
+    torch.testing.assert_close(res["torch"][0], res["naive"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res["torch"][1], res["naive"][1], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- binary reduction
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+def test_binary_reduces_to_rank_sums(step, ignore_kind):
+    scores, rel = _tied_problem(seed=7)
+    binary = (rel > 1).to(torch.float64)
+    ignore = _ignore(ignore_kind, *scores.shape)
+    ra, rp = graded_rank_sums(scores, binary, step=step, ignore=ignore, backend="naive")
+    ref = fastrank.rank_sums(scores, binary, step=step, ignore=ignore, backend="naive")
+    assert torch.equal(ra, ref.rank_all)
+    assert torch.equal(rp, ref.rank_pos)
+    # the graded torch backend agrees with the binary torch backend too
+    ra_t, rp_t = graded_rank_sums(scores, binary, step=step, ignore=ignore, backend="torch")
+    ref_t = fastrank.rank_sums(scores, binary, step=step, ignore=ignore, backend="torch")
+    torch.testing.assert_close(ra_t, ref_t.rank_all, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(rp_t, ref_t.rank_pos, rtol=1e-13, atol=1e-13)
+
+
+def test_binary_rank_pos_counts_positives():
+    scores, rel = _tied_problem(seed=8)
+    binary = (rel > 0).to(torch.float64)
+    _, rp = graded_rank_sums(scores, binary, step="suprank", backend="torch")
+    d = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
+    n = scores.shape[1]
+    others = (binary.unsqueeze(1) > 0) & ~torch.eye(n, dtype=torch.bool)
+    expect = torch.where(binary > 0, 1 + ((d >= 0) & others).sum(-1).to(torch.float64), 0)
+    assert torch.equal(rp, expect)
+
+
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+@pytest.mark.parametrize("step,ref_fn", [("suprank", fastrank.sup_ap), ("sigmoid", fastrank.smooth_ap)])
+def test_binary_h_ap_equals_ap(step, ref_fn, ignore_kind):
+    scores, rel = _tied_problem(seed=9)
+    binary = (rel >= 2).to(torch.float64)
+    binary[2] = 0
+    ignore = _ignore(ignore_kind, *scores.shape)
+    kw = dict(tau=0.05, ignore=ignore, backend="naive")
+    for reduction in ("none", "mean", "sum"):
+        s1 = scores.clone().requires_grad_()
+        s2 = scores.clone().requires_grad_()
+        a = h_ap(s1, binary, step=step, reduction=reduction, **kw)
+        b = ref_fn(s2, binary, reduction=reduction, **kw)
+        assert torch.equal(a, b)
+        a.sum().backward()
+        b.sum().backward()
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-12, atol=1e-12)
+    # integer and bool relevance give the same
+    assert torch.equal(h_ap(scores, binary.long(), step=step, **kw), h_ap(scores, binary.bool(), step=step, **kw))
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+def test_gradcheck_torch_rank_sums(step, ignore_kind):
+    q, n = 4, 7
+    scores = _spread_scores(q, n, seed=1)
+    rel = torch.tensor(
+        [[2.0, 0, 1, 3, 1, 0, 2], [0, 1, 1, 1, 0, 2, 0], [3, 3, 0, 2, 1, 0, 0], [0.5, 0, 2.5, 0, 1, 1, 0]]
+    )
+    ignore = _ignore(ignore_kind, q, n)
+
+    def f(s):
+        return graded_rank_sums(s, rel, step=step, tau=0.05, ignore=ignore, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [h_ap, ndcg])
+@pytest.mark.parametrize("step", STEPS)
+def test_gradcheck_torch_losses(fn, step):
+    scores = _spread_scores(5, 9, seed=2)
+    rel = torch.randint(0, 4, (5, 9), generator=torch.Generator().manual_seed(4)).to(torch.float64)
+    rel[3] = 0
+
+    def f(s):
+        return fn(s, rel, step=step, tau=0.05, reduction="none", backend="torch")
+
+    assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- hand examples
+
+
+def test_relevance_from_hierarchy_hand_example():
+    # levels: family, genus, species
+    q = torch.tensor([[0, 0, 0], [1, 5, 7]])
+    g = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 5, 7], [2, 5, 7]])
+    prefix = relevance_from_hierarchy(q, g)
+    levels = relevance_from_hierarchy(q, g, mode="shared_levels")
+    assert prefix.dtype == torch.float32 and prefix.shape == (2, 6)
+    assert prefix.tolist() == [[3, 2, 1, 0, 0, 0], [0, 0, 0, 1, 3, 0]]
+    assert levels.tolist() == [[3, 2, 2, 2, 0, 0], [0, 0, 0, 1, 3, 2]]
+    assert relevance_from_hierarchy(q.int(), g.int(), dtype=torch.float64).dtype == torch.float64
+
+
+def test_perfect_ordering_gives_one():
+    scores = torch.tensor([[0.9, 0.6, 0.3, 0.0, -0.3], [0.0, 0.3, 0.6, 0.9, -0.5]], dtype=torch.float64)
+    rel = torch.tensor([[3.0, 2, 1, 1, 0], [0, 1, 2, 3, 0]], dtype=torch.float64)
+    for fn in (h_ap, ndcg):
+        for backend in ("naive", "torch"):
+            v = fn(scores, rel, step="suprank", tau=0.001, reduction="none", backend=backend)
+            torch.testing.assert_close(v, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_h_ap_hand_computed():
+    scores = torch.tensor([[0.9, 0.6, 0.3]], dtype=torch.float64)
+    rel = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64)
+    # suprank: item 1 (rel 2) sees item 0 (rel 1 < 2) at d = 0.3 > delta on H^-'s linear branch:
+    # rank_all = 1 + 100 * (0.3 - 0.05) + (sigma(0.05 / 0.001) + 0.5) = 27.5, rank_pos = 2 + min(2, 1) = 3
+    ra, rp = graded_rank_sums(scores, rel, tau=0.001, backend="torch")
+    torch.testing.assert_close(ra, torch.tensor([[1.0, 27.5, 0.0]], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rp, torch.tensor([[1.0, 3.0, 0.0]], dtype=torch.float64), rtol=0, atol=1e-12)
+    v = h_ap(scores, rel, tau=0.001, backend="torch")
+    assert abs(float(v) - (1 + 3 / 27.5) / 3) < 1e-12
+    # sigmoid: rank_all = 2, rank_pos = 3 for item 1
+    v = h_ap(scores, rel, step="sigmoid", tau=0.001, backend="naive")
+    assert abs(float(v) - (1 + 3 / 2) / 3) < 1e-12
+
+
+def test_ndcg_hand_computed():
+    scores = torch.tensor([[0.9, 0.6, 0.3]], dtype=torch.float64)
+    rel = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64)
+    dcg = 1 / math.log2(2) + 3 / math.log2(3)  # ranks 1, 2 (sigmoid with a tiny tau is the exact rank)
+    idcg = 3 / math.log2(2) + 1 / math.log2(3)
+    v = ndcg(scores, rel, step="sigmoid", tau=0.001, backend="torch")
+    assert abs(float(v) - dcg / idcg) < 1e-12
+    # ignoring the rel-2 item leaves a perfect ordering
+    v = ndcg(scores, rel, step="sigmoid", tau=0.001, ignore=torch.tensor([1]), backend="torch")
+    assert abs(float(v) - 1.0) < 1e-12
+
+
+def test_no_relevant_item_anywhere_is_zero_and_differentiable():
+    scores = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    rel = torch.zeros(3, 5, dtype=torch.float64)
+    for fn in (h_ap, ndcg):
+        for backend in ("naive", "torch"):
+            v = fn(scores, rel, backend=backend)
+            assert float(v.detach()) == 0.0
+            v.backward()
+            assert torch.isfinite(scores.grad).all()
+            scores.grad = None
+            assert torch.equal(fn(scores, rel, reduction="none", backend=backend), torch.zeros(3, dtype=torch.float64))
+
+
+def test_mean_leaves_out_queries_without_relevant_items():
+    scores, rel = _tied_problem(seed=11)
+    rel[2] = 0
+    for fn in (h_ap, ndcg):
+        per = fn(scores, rel, reduction="none")
+        assert per[2] == 0
+        torch.testing.assert_close(fn(scores, rel), per.sum() / 4)
+        torch.testing.assert_close(fn(scores, rel, reduction="sum"), per.sum())
+
+
+def test_half_scores_computed_in_float32():
+    scores, rel = _tied_problem(seed=12)
+    ra, _ = graded_rank_sums(scores.half(), rel, backend="torch")
+    assert ra.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("fn", [graded_rank_sums, h_ap, ndcg])
+def test_relevance_validation(fn):
+    scores = torch.randn(2, 3)
+    ok = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="relevance.*>= 0"):
+        fn(scores, torch.tensor([[1.0, -1.0, 0.0], [0, 0, 1]]))
+    with pytest.raises(ValueError, match="relevance.*finite"):
+        fn(scores, torch.tensor([[1.0, float("nan"), 0.0], [0, 0, 1]]))
+    with pytest.raises(ValueError, match="relevance.*finite"):
+        fn(scores, torch.tensor([[1.0, float("inf"), 0.0], [0, 0, 1]]))
+    with pytest.raises(ValueError, match="relevance.*-2"):
+        fn(scores, torch.tensor([[1, -2, 0], [0, 0, 1]]))
+    with pytest.raises(ValueError, match="relevance.*shape"):
+        fn(scores, torch.ones(3, 2))
+    with pytest.raises(TypeError, match="relevance"):
+        fn(scores, [[1, 0, 0], [0, 1, 0]])
+    with pytest.raises(TypeError, match="relevance"):
+        fn(scores, torch.ones(2, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="scores"):
+        fn(scores.long(), ok)
+    with pytest.raises(ValueError, match="step"):
+        fn(scores, ok, step="relu")
+    with pytest.raises(ValueError, match="tau"):
+        fn(scores, ok, tau=0.0)
+    with pytest.raises(ValueError, match="ignore"):
+        fn(scores, ok, ignore=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="backend"):
+        fn(scores, ok, backend="fast")
+    for backend in ("cpp", "triton", "cuda"):
+        with pytest.raises(NotImplementedError, match="issue 9"):
+            fn(scores, ok, backend=backend)
+
+
+def test_reduction_validation():
+    with pytest.raises(ValueError, match="reduction"):
+        h_ap(torch.randn(2, 3), torch.ones(2, 3), reduction="max")
+    with pytest.raises(ValueError, match="reduction"):
+        ndcg(torch.randn(2, 3), torch.ones(2, 3), reduction=None)
+
+
+def test_hierarchy_validation():
+    q = torch.zeros(2, 3, dtype=torch.long)
+    g = torch.zeros(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="mode"):
+        relevance_from_hierarchy(q, g, mode="prefix")
+    with pytest.raises(ValueError, match="levels"):
+        relevance_from_hierarchy(q, g[:, :2])
+    with pytest.raises(ValueError, match="2-D"):
+        relevance_from_hierarchy(q[:, 0], g)
+    with pytest.raises(TypeError, match="integer"):
+        relevance_from_hierarchy(q.float(), g)
+    with pytest.raises(TypeError, match="gallery_labels"):
+        relevance_from_hierarchy(q, [[0, 0, 0]])
+    with pytest.raises(TypeError, match="dtype"):
+        relevance_from_hierarchy(q, g, dtype=torch.int64)
