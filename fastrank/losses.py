@@ -237,8 +237,70 @@ class SoftBinAPLoss(_RankingLoss):
                             backend=self.backend)
 
 
+class _GradedLoss(nn.Module):
+    """Shared plumbing of the graded losses: (embeddings, relevance) -> 1 - score.
+
+    Relevance is a (Q, N) tensor (>= 0, 0 = irrelevant), e.g. from
+    :func:`fastrank.relevance_from_hierarchy`; the gallery is `ref_embeddings` or the batch
+    itself (then the query's own entry counts, as in SupRank/HAPPIER, unless `include_self=False`).
+    """
+
+    def __init__(self, *, step: str = "suprank", tau: float = 0.01, rho: float = 100.0, delta: float = 0.05,
+                 start: float = 0.5, similarity: Similarity = "cosine", include_self: bool = True,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not callable(similarity):
+            V.check_choice(name, "similarity", similarity, ("cosine", "dot"))
+        if include_self not in (True, False):
+            raise ValueError(f"{name}: `include_self` must be True or False, got {include_self!r}")
+        self.similarity, self.include_self, self.backend = similarity, include_self, backend
+        self.kw = dict(step=step, tau=tau, rho=rho, delta=delta, start=start)
+
+    def forward(self, embeddings: Tensor, relevance: Tensor, ref_embeddings: Optional[Tensor] = None) -> Tensor:
+        q_emb = embeddings
+        g_emb = embeddings if ref_embeddings is None else ref_embeddings
+        if callable(self.similarity):
+            scores = self.similarity(q_emb, g_emb)
+        else:
+            if self.similarity == "cosine":
+                q_emb, g_emb = F.normalize(q_emb, dim=-1), F.normalize(g_emb, dim=-1)
+            scores = q_emb @ g_emb.transpose(0, 1)
+        ignore = None
+        if ref_embeddings is None and not self.include_self:
+            ignore = torch.arange(embeddings.shape[0], device=embeddings.device)
+        return 1 - self.score(scores, relevance, ignore)
+
+    def score(self, scores, relevance, ignore):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class HAPLoss(_GradedLoss):
+    """1 - H-AP (SupRank / HAPPIER, graded relevance). See :func:`fastrank.h_ap`.
+
+    >>> rel = fastrank.relevance_from_hierarchy(labels, labels)   # (B, levels) integer labels
+    >>> loss = HAPLoss()(embeddings, rel)
+    """
+
+    def score(self, scores, relevance, ignore):
+        from .graded import h_ap
+
+        return h_ap(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
+
+
+class NDCGLoss(_GradedLoss):
+    """1 - smooth NDCG on the rank-sums primitive. See :func:`fastrank.ndcg`."""
+
+    def score(self, scores, relevance, ignore):
+        from .graded import ndcg
+
+        return ndcg(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
+
+
 __all__ = [
     "CalibrationLoss",
+    "HAPLoss",
+    "NDCGLoss",
     "FastAPLoss",
     "ROADMAPLoss",
     "RecallAtKLoss",

@@ -305,3 +305,22 @@ def test_hierarchy_validation():
         relevance_from_hierarchy(q, [[0, 0, 0]])
     with pytest.raises(TypeError, match="dtype"):
         relevance_from_hierarchy(q, g, dtype=torch.int64)
+
+
+def test_graded_loss_modules_equal_functions():
+    import torch.nn.functional as F
+
+    from fastrank.losses import HAPLoss, NDCGLoss
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 2, (10, 3), generator=g)
+    rel = fastrank.relevance_from_hierarchy(labels, labels, dtype=torch.float64)
+    e = F.normalize(emb, dim=1)
+    torch.testing.assert_close(HAPLoss()(emb, rel), 1 - fastrank.h_ap(e @ e.T, rel))
+    torch.testing.assert_close(NDCGLoss(step="sigmoid")(emb, rel), 1 - fastrank.ndcg(e @ e.T, rel, step="sigmoid"))
+    torch.testing.assert_close(HAPLoss(include_self=False)(emb, rel),
+                               1 - fastrank.h_ap(e @ e.T, rel, ignore=torch.arange(10)))
+    x = emb.clone().requires_grad_()
+    HAPLoss()(x, rel).backward()
+    assert torch.isfinite(x.grad).all()
