@@ -75,3 +75,32 @@ def check_packed_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask) -> No
             )
         if ignore_mask.device != dev:
             raise ValueError(f"{fn}: `ignore_mask` is on {ignore_mask.device} but `scores` is on {dev}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: elements of a (rows, BLOCK_K) tile per thread kept on a GPU (float32; half for float64):
+#: enough independent work per thread to hide latency, few enough that the accumulator and the
+#: handful of live temporaries stay in registers (ptxas for sm_90 spills beyond ~64)
+PER_THREAD_MIN, PER_THREAD_MAX = 8, 32
+
+
+def prune_tile_configs(configs, named_args, rows: int, n_floor: int):
+    """Autotune pruning shared by the kernels: keep configs whose (rows, BLOCK_K) tile fits the
+    per-thread budget and whose BLOCK_K is not much wider than the row (at least `n_floor`)."""
+    n_cap = max(n_floor, next_pow2(int(named_args.get("N", 1 << 30))))
+    prm = named_args.get("params_ptr")
+    wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
+
+    def per_thread(c):
+        return rows * c.kwargs["BLOCK_K"] * wide / (32 * c.num_warps)
+
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+    good = [c for c in fit if PER_THREAD_MIN <= per_thread(c) <= PER_THREAD_MAX]
+    if good:
+        return good
+    # tiny rows or wide tiles: the config whose tile is closest to the budget
+    return [min(fit, key=lambda c: abs(per_thread(c) - PER_THREAD_MAX))]

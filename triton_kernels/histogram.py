@@ -58,7 +58,9 @@ import triton.language as tl
 
 from fastrank._hist import HistParams
 
-from ._common import INTERPRETED, check_packed_inputs, check_tensor, next_pow2, valid_cols
+from ._common import (
+    INTERPRETED, acc_dtype, check_packed_inputs, check_tensor, next_pow2, prune_tile_configs, valid_cols,
+)
 
 Tensor = torch.Tensor
 
@@ -326,26 +328,10 @@ def _interpreter_block_k(args) -> int:
     return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
 
 
-#: elements of the (BLOCK_K, BLOCK_L) one-hot tile per thread kept on a GPU (float32; half for
-#: float64): enough independent work per thread, few enough to stay in registers
-_PER_THREAD_MIN, _PER_THREAD_MAX = 8, 32
-
-
 def _prune_fwd(configs, named_args, **kwargs):
-    """Keep the configs whose one-hot tile fits the per-thread budget and is not wider than the row."""
+    """The (BLOCK_K, BLOCK_L) one-hot tile: BLOCK_L plays the role of the tile's rows."""
     bl = kwargs.get("BLOCK_L", named_args.get("BLOCK_L", 32))
-    n_cap = max(16, next_pow2(int(named_args.get("N", 1 << 30))))
-    prm = named_args.get("params_ptr")
-    wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
-
-    def per_thread(c):
-        return bl * c.kwargs["BLOCK_K"] * wide / (32 * c.num_warps)
-
-    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
-    good = [c for c in fit if _PER_THREAD_MIN <= per_thread(c) <= _PER_THREAD_MAX]
-    if good:
-        return good
-    return [min(fit, key=lambda c: abs(per_thread(c) - _PER_THREAD_MAX))]
+    return prune_tile_configs(configs, named_args, rows=bl, n_floor=16)
 
 
 def _prune_cols(configs, named_args, **kwargs):
@@ -400,8 +386,7 @@ def _num_splits(q: int, n_lblocks: int, n: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------- host side
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 
 @functools.lru_cache(maxsize=64)
@@ -479,7 +464,7 @@ def histograms_forward(
     if q == 0 or n == 0:
         z = torch.zeros((q, bins), dtype=scores.dtype, device=scores.device)
         return z, z.clone()
-    acc = _acc_dtype(scores.dtype)
+    acc = acc_dtype(scores.dtype)
     ign_idx, ign_mask, ign_strides, mode = _ignore_args(pos_idx, ignore_idx, ignore_mask)
     bl = _block_l(bins)
     n_lb = triton.cdiv(bins, bl)
@@ -519,7 +504,7 @@ def histograms_backward(
     q, n = scores.shape
     p = pos_idx.shape[1]
     bins = int(params.bins)
-    acc = _acc_dtype(scores.dtype)
+    acc = acc_dtype(scores.dtype)
     if grad_h_all is None:
         grad_h_all = torch.zeros((q, bins), dtype=acc, device=scores.device)
     if grad_h_pos is None:

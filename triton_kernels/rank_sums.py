@@ -56,7 +56,9 @@ from fastrank._step import SIGMOID, SUPRANK, StepParams
 
 from ._step import heaviside, step_neg, step_neg_grad
 
-from ._common import INTERPRETED, check_packed_inputs, check_tensor, next_pow2, valid_cols
+from ._common import (
+    INTERPRETED, acc_dtype, check_packed_inputs, check_tensor, next_pow2, prune_tile_configs, valid_cols,
+)
 
 Tensor = torch.Tensor
 
@@ -358,28 +360,9 @@ def _interpreter_block_k(args) -> int:
     return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
 
 
-#: elements of the (BLOCK_P, BLOCK_K) tile per thread kept on a GPU (float32; half for float64):
-#: enough independent work per thread to hide latency, few enough that the accumulator and the
-#: handful of live temporaries stay in registers (ptxas for sm_90 spills beyond ~64)
-_PER_THREAD_MIN, _PER_THREAD_MAX = 8, 32
-
-
 def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose tile fits the per-thread budget and is not wider than the row."""
     bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
-    n_cap = max(32, next_pow2(int(named_args.get("N", 1 << 30))))
-    prm = named_args.get("params_ptr")
-    wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
-
-    def per_thread(c):
-        return bp * c.kwargs["BLOCK_K"] * wide / (32 * c.num_warps)
-
-    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
-    good = [c for c in fit if _PER_THREAD_MIN <= per_thread(c) <= _PER_THREAD_MAX]
-    if good:
-        return good
-    # tiny rows or wide BLOCK_P: the config whose tile is closest to the budget
-    return [min(fit, key=lambda c: abs(per_thread(c) - _PER_THREAD_MAX))]
+    return prune_tile_configs(configs, named_args, rows=bp, n_floor=32)
 
 
 def _configure(kernel):
@@ -402,10 +385,6 @@ _bwd_cols = _configure(_rank_sums_bwd_cols_kernel)
 
 
 # --------------------------------------------------------------------------- host side
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=64)
@@ -491,7 +470,7 @@ def rank_sums_forward(
     rank_pos = torch.zeros_like(rank_all)
     if q == 0 or p == 0 or n == 0:
         return rank_all, rank_pos
-    acc = _acc_dtype(scores.dtype)
+    acc = acc_dtype(scores.dtype)
     ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
     bp = _block_p(p)
     _fwd[(q, triton.cdiv(p, bp))](
@@ -521,7 +500,7 @@ def rank_sums_backward(
     _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
     q, n = scores.shape
     p = pos_idx.shape[1]
-    acc = _acc_dtype(scores.dtype)
+    acc = acc_dtype(scores.dtype)
     if grad_rank_all is None:
         grad_rank_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
     if grad_rank_pos is None:
