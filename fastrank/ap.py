@@ -16,6 +16,12 @@ from .rank_sums import make_params, prepare
 Tensor = torch.Tensor
 
 
+def safe_div(num: Tensor, den: Tensor, keep: Tensor) -> Tensor:
+    """num / den where `keep`, 0 elsewhere. Masked-out entries divide by 1, so a masked 0/0
+    never leaks NaN into the gradient (torch.where's backward multiplies both branches)."""
+    return torch.where(keep, num / torch.where(keep, den, torch.ones_like(den)), num.new_zeros(()))
+
+
 def reduce_per_query(ap: Tensor, n_pos: Tensor, reduction: str) -> Tensor:
     """Queries without positives count 0 in 'none' and are left out of 'mean' (SPEC §1.4).
 
@@ -34,8 +40,7 @@ def _average_precision(fn: str, scores, target, ignore, reduction, backend, para
     scores, pb, name = prepare(fn, scores, target, ignore, backend)
     rank_all, rank_pos = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     has = pb.pos_idx >= 0
-    # holes have rank_all = 0: divide by 1 there, or the masked-out 0/0 would leak NaN into the gradient
-    ratio = torch.where(has, rank_pos / torch.where(has, rank_all, torch.ones_like(rank_all)), 0.0)
+    ratio = safe_div(rank_pos, rank_all, has)  # holes have rank_all = 0
     ap = ratio.sum(1) / pb.n_pos.clamp(min=1).to(ratio.dtype)
     return reduce_per_query(ap, pb.n_pos, reduction)
 

@@ -28,7 +28,7 @@ import torch
 from . import _validate as V
 from ._problem import build_problem
 from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
-from .ap import reduce_per_query
+from .ap import reduce_per_query, safe_div
 from .reference import _blocks, dense_valid_mask
 from .rank_sums import make_params
 
@@ -320,11 +320,6 @@ def graded_rank_sums(
     return _graded(name, scores, rel, valid, params)
 
 
-def _safe_div(num: Tensor, den: Tensor, keep: Tensor) -> Tensor:
-    # divide by 1 where masked out, so a masked 0/0 never leaks NaN into the gradient
-    return torch.where(keep, num / torch.where(keep, den, torch.ones_like(den)), num.new_zeros(()))
-
-
 def h_ap(
     scores: Tensor,
     relevance: Tensor,
@@ -358,13 +353,13 @@ def h_ap(
     scores, rel, valid, name, pb = _prepare(fn, scores, relevance, ignore, backend)
     rank_all, rank_pos = _graded(name, scores, rel, valid, params)
     ranked = valid & (rel > 0)
-    ratio = _safe_div(rank_pos, rank_all, ranked)
+    ratio = safe_div(rank_pos, rank_all, ranked)
     # sum over the ranked items in packed column order, as fastrank.ap does (binary case bit-exact)
     has = pb.pos_idx >= 0
     packed = torch.where(has, ratio.gather(1, pb.pos_idx.clamp(min=0)), ratio.new_zeros(()))
     total = torch.where(ranked, rel, rel.new_zeros(())).sum(1)
     n_pos = pb.n_pos
-    ap = _safe_div(packed.sum(1), total, n_pos > 0)
+    ap = safe_div(packed.sum(1), total, n_pos > 0)
     return reduce_per_query(ap, n_pos, reduction)
 
 
@@ -407,5 +402,5 @@ def ndcg(
     ideal_disc = torch.log2(torch.arange(2, n + 2, dtype=rel.dtype, device=rel.device))
     idcg = (ideal_gain / ideal_disc).sum(1)
     has = pb.n_pos > 0
-    value = _safe_div(dcg, idcg, has & (idcg > 0))
+    value = safe_div(dcg, idcg, has & (idcg > 0))
     return reduce_per_query(value, pb.n_pos, reduction)

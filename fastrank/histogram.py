@@ -15,7 +15,7 @@ import torch
 from . import _validate as V
 from ._hist import HistParams
 from ._problem import Target
-from .ap import reduce_per_query
+from .ap import reduce_per_query, safe_div
 from .ops import histograms_packed
 from .rank_sums import prepare
 
@@ -62,7 +62,7 @@ def _fastap(h_all: Tensor, h_pos: Tensor, n_pos: Tensor) -> Tensor:
     num = h_pos * cum_pos
     # terms with h+ H+ = 0 or H = 0 are dropped (the reference zeroes its NaN/inf terms)
     keep = (num != 0) & (cum_all != 0)
-    terms = torch.where(keep, num / torch.where(keep, cum_all, torch.ones_like(cum_all)), torch.zeros_like(num))
+    terms = safe_div(num, cum_all, keep)
     return terms.sum(1) / n_pos.clamp(min=1).to(terms.dtype)
 
 
@@ -70,10 +70,10 @@ def _softbin(h_all: Tensor, h_pos: Tensor) -> Tensor:
     cum_rec = torch.cumsum(h_pos, 1)
     cum_nbs = torch.cumsum(h_all, 1)
     ok = cum_nbs > 0
-    prec = torch.where(ok, cum_rec / torch.where(ok, cum_nbs, torch.ones_like(cum_nbs)), torch.zeros_like(cum_rec))
+    prec = safe_div(cum_rec, cum_nbs, ok)
     total = h_pos.sum(1, keepdim=True)
     has = total > 0
-    rec = torch.where(has, h_pos / torch.where(has, total, torch.ones_like(total)), torch.zeros_like(h_pos))
+    rec = safe_div(h_pos, total, has)
     return (prec * rec).sum(1)
 
 
