@@ -44,19 +44,24 @@ def _register_cpp_ops() -> None:
         scores, pos_idx, ignore_idx, ignore_mask = inputs[:4]
         ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
         ctx.step_args = inputs[4:]
+        ctx.out_shape = output[0].shape
 
-    def _backward(ctx, grad_all, grad_pos):
-        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-        if grad_all is None:
-            grad_all = torch.zeros(pos_idx.shape, dtype=scores.dtype, device=scores.device)
-        if grad_pos is None:
-            grad_pos = torch.zeros(pos_idx.shape, dtype=scores.dtype, device=scores.device)
-        grad = torch.ops.fastrank.rank_sums_bwd(
-            grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, *ctx.step_args
-        )
-        return (grad,) + (None,) * 9
+    def _backward_with(bwd_op):
+        """Autograd formula of a (fwd, bwd) op pair: both take the packed problem and the same
+        trailing arguments; an unused output's gradient is zeros of its shape."""
 
-    torch.library.register_autograd("fastrank::rank_sums_fwd", _backward, setup_context=_setup_context)
+        def backward(ctx, grad0, grad1):
+            scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
+            grad0 = scores.new_zeros(ctx.out_shape) if grad0 is None else grad0
+            grad1 = scores.new_zeros(ctx.out_shape) if grad1 is None else grad1
+            grad = bwd_op(grad0, grad1, scores, pos_idx, ignore_idx, ignore_mask, *ctx.step_args)
+            return (grad,) + (None,) * (3 + len(ctx.step_args))
+
+        return backward
+
+    torch.library.register_autograd(
+        "fastrank::rank_sums_fwd", _backward_with(torch.ops.fastrank.rank_sums_bwd), setup_context=_setup_context
+    )
 
     @torch.library.register_fake("fastrank::histogram_fwd")
     def _hist_fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, bins, scale, shift, open_ends):
@@ -67,19 +72,9 @@ def _register_cpp_ops() -> None:
     def _hist_bwd_fake(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, bins, scale, shift, open_ends):
         return torch.empty_like(scores)
 
-    def _hist_backward(ctx, grad_all, grad_pos):
-        scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-        shape = (scores.shape[0], ctx.step_args[0])
-        if grad_all is None:
-            grad_all = scores.new_zeros(shape)
-        if grad_pos is None:
-            grad_pos = scores.new_zeros(shape)
-        grad = torch.ops.fastrank.histogram_bwd(
-            grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, *ctx.step_args
-        )
-        return (grad,) + (None,) * 7
-
-    torch.library.register_autograd("fastrank::histogram_fwd", _hist_backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "fastrank::histogram_fwd", _backward_with(torch.ops.fastrank.histogram_bwd), setup_context=_setup_context
+    )
 
 
 def _python_backend(name: str, module: str, forward: str, backward: str):
