@@ -79,8 +79,9 @@ def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, devi
         else:
             ignore_idx = ignore.to(torch.int64).contiguous()
     if isinstance(target, (tuple, list)):
-        pos_idx = _positives_from_labels(target[0], target[1])
-    else:
+        # labels never meet the ignore information until here
+        pos_idx = _drop_ignored(_positives_from_labels(target[0], target[1]), ignore_idx, ignore_mask)
+    else:  # the dense mask drops ignored items before packing
         pos = target if target.dtype == torch.bool else target > 0
         if ignore_mask is not None:
             pos = pos & ~ignore_mask
@@ -90,7 +91,6 @@ def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, devi
             pos[rows, ignore_idx[rows]] = False
         nz = pos.nonzero()
         pos_idx = _pack_rows(nz[:, 0], nz[:, 1], pos.sum(1), q, device)
-    pos_idx = _drop_ignored(pos_idx, ignore_idx, ignore_mask)
     n_pos = (pos_idx >= 0).sum(1)
     return RankProblem(pos_idx.contiguous(), n_pos, ignore_idx, ignore_mask)
 

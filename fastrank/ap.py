@@ -11,6 +11,7 @@ import torch
 from . import _validate as V
 from ._problem import Target, dense_relevance
 from .ops import rank_sums_packed
+from .reference import dense_valid_mask
 from .rank_sums import make_params, prepare
 
 Tensor = torch.Tensor
@@ -142,14 +143,9 @@ def calibration_loss(
     neg_margin = V.check_finite_number(fn, "neg_margin", neg_margin)
     q, n = scores.shape
     pos = dense_relevance(target, q, n)
-    valid = torch.ones_like(pos)
-    if ignore is not None:
-        if ignore.dtype == torch.bool:
-            valid = ~ignore
-        else:
-            rows = torch.nonzero(ignore >= 0).squeeze(1)
-            valid = valid.clone()
-            valid[rows, ignore[rows].long()] = False
+    ignore_idx = None if ignore is None or ignore.dtype == torch.bool else ignore.to(torch.int64)
+    ignore_mask = ignore if ignore is not None and ignore.dtype == torch.bool else None
+    valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
     pos_terms = torch.relu(pos_margin - scores) * (pos & valid)
     neg_terms = torch.relu(scores - neg_margin) * (~pos & valid)
     pos_loss = pos_terms.sum() / (pos_terms > 0).sum().clamp(min=1)
