@@ -56,4 +56,23 @@ inline PackedProblem check_problem(const char* op, c10::DeviceType device, const
   return p;
 }
 
+// Graded relevance (Q, N) next to the packed problem: same shape, device and dtype as
+// scores (the Python layer casts it), finite and >= 0. Returns a contiguous copy.
+// Checking values costs one pass over (Q, N), small next to the O(Q P N) kernels, and
+// keeps a direct torch.ops call from turning a negative or NaN relevance into a number.
+inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
+  TORCH_CHECK(relevance.device() == scores.device(), op, ": relevance must be on the device of scores (",
+              scores.device(), "), got ", relevance.device());
+  TORCH_CHECK(relevance.sizes() == scores.sizes(), op, ": relevance must have the shape of scores ", scores.sizes(),
+              ", got ", relevance.sizes());
+  TORCH_CHECK(relevance.scalar_type() == scores.scalar_type(), op, ": relevance must have the dtype of scores (",
+              scores.scalar_type(), "), got ", relevance.scalar_type());
+  if (relevance.numel() > 0) {
+    TORCH_CHECK(at::isfinite(relevance).all().item<bool>(), op, ": relevance must be finite");
+    TORCH_CHECK(relevance.min().item<double>() >= 0.0, op, ": relevance must be >= 0, got a minimum of ",
+                relevance.min().item<double>());
+  }
+  return relevance.contiguous();
+}
+
 }  // namespace fastrank

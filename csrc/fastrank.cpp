@@ -28,6 +28,18 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "histogram_fwd(Tensor scores, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int bins, float scale, "
       "float shift, bool open_ends) -> (Tensor, Tensor)");
+  // graded relevance (issue 9): the ranked items pos_idx[i, :] (relevance > 0, not
+  // ignored) against every valid competitor k != j, with relevance (Q, N) >= 0 in the
+  // dtype of scores:
+  //   rank_all = 1 + sum_k g,   g = sigmoid: sigma;  suprank: H if rel_k >= rel_j else H^-
+  //   rank_pos = rel_j + sum_k min(rel_j, rel_k) h,  h = sigmoid: sigma;  suprank: H
+  m.def(
+      "graded_rank_sums_fwd(Tensor scores, Tensor relevance, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, "
+      "int step, float tau, float rho, float delta, float start, float offset) -> (Tensor, Tensor)");
+  m.def(
+      "graded_rank_sums_bwd(Tensor grad_rank_all, Tensor grad_rank_pos, Tensor scores, Tensor relevance, "
+      "Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, "
+      "float start, float offset) -> Tensor");
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");
