@@ -72,4 +72,52 @@ FR_HD T run_grad_suprank_neg(T sj, const T* __restrict__ s, T* __restrict__ g, i
   return tot;
 }
 
+// ---- graded relevance: runs whose competitors carry their own weight r[k] (rel_k)
+
+// sum_k sigma(s[k] - sj) into acc, sum_k r[k] * sigma(s[k] - sj) into wacc
+template <typename T>
+FR_HD void run_sum_sigmoid_w(T sj, const T* __restrict__ s, const T* __restrict__ r, int64_t n, T inv_tau, T& acc,
+                             T& wacc) {
+  T a = T(0), w = T(0);
+  FR_SIMD_SUM2(a, w)
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = sigmoid_tau(s[k] - sj, inv_tau);
+    a += v;
+    w += r[k] * v;
+  }
+  acc = a;
+  wacc = w;
+}
+
+// sum_k H^-(s[k] - sj) into acc, sum_k r[k] * H(s[k] - sj) into wacc: competitors less
+// relevant than j are bounded by H^- in rank_all but counted exactly in rank_pos
+template <typename T>
+FR_HD void run_sum_suprank_w(T sj, const T* __restrict__ s, const T* __restrict__ r, int64_t n, StepParams<T> p,
+                             T& acc, T& wacc) {
+  T a = T(0), w = T(0);
+  FR_SIMD_SUM2(a, w)
+  for (int64_t k = 0; k < n; ++k) {
+    const T d = s[k] - sj;
+    a += suprank_neg(d, p);
+    w += r[k] * heaviside(d);
+  }
+  acc = a;
+  wacc = w;
+}
+
+// Backward of a weighted sigmoid run: c_k = (a + b * r[k]) * sigma'(s[k] - sj); g[k] += c_k;
+// returns sum_k c_k
+template <typename T>
+FR_HD T run_grad_sigmoid_w(T sj, const T* __restrict__ s, const T* __restrict__ r, T* __restrict__ g, int64_t n, T a,
+                           T b, T inv_tau) {
+  T tot = T(0);
+  FR_SIMD_SUM(tot)
+  for (int64_t k = 0; k < n; ++k) {
+    const T c = (a + b * r[k]) * sigmoid_tau_grad(s[k] - sj, inv_tau);
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
+
 }  // namespace fastrank

@@ -1,9 +1,14 @@
 """Graded relevance on the rank-sums primitive (SPEC §1.1-1.2, issue 9): H-AP and NDCG.
 
-PyTorch reference part only: the `naive` backend (the (Q, N, N) cube, autograd)
-and the `torch` backend (chunked over query rows, custom autograd.Function that
-recomputes the step in the backward pass, memory bounded by FASTRANK_TORCH_CHUNK).
-The fused backends (`cpp`, `triton`, `cuda`) raise NotImplementedError for now.
+Every backend of the binary primitive has a graded twin with the same packed
+contract (fastrank.ops.graded_rank_sums_packed): outputs (Q, P) at the ranked items
+pos_idx, relevance (Q, N) passed next to the packed problem.
+
+* `naive`: the (Q, N, N) cube, autograd (this file; the tests' oracle).
+* `torch`: chunked over query rows, a custom autograd.Function that recomputes the
+  step in the backward pass, memory bounded by FASTRANK_TORCH_CHUNK (this file).
+* `cpp`: csrc/cpu/graded_rank_sums.cpp; `cuda`: csrc/cuda/graded_rank_sums.cu;
+  `triton`: triton_kernels/graded.py.
 
 Graded primitive, for query i and every *ranked* item j (rel_ij > 0, not ignored),
 with d = s_ik - s_ij and k running over the valid (not ignored) items, k != j:
@@ -26,16 +31,16 @@ from typing import Any, Optional, Tuple
 import torch
 
 from . import _validate as V
+from ._backend import CHOICES, resolve
 from ._problem import build_problem
 from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
 from .ap import reduce_per_query, safe_div
+from .ops import graded_rank_sums_packed
 from .reference import _blocks, dense_valid_mask
 from .rank_sums import make_params
 
 Tensor = torch.Tensor
 
-GRADED_BACKENDS = ("naive", "torch")
-_FUSED = ("cpp", "triton", "cuda")
 HIERARCHY_MODES = ("shared_prefix", "shared_levels")
 
 
@@ -141,31 +146,40 @@ def check_relevance(fn: str, relevance: Any, scores: Tensor) -> None:
         )
 
 
-def _resolve_backend(fn: str, backend: Optional[str]) -> str:
-    if backend is not None and isinstance(backend, str) and backend in _FUSED:
-        raise NotImplementedError(
-            f"{fn}: backend {backend!r} is not available for graded relevance: graded kernels are not fused "
-            f"yet (issue 9); use backend='torch' or 'naive'"
-        )
-    V.check_backend(fn, backend, GRADED_BACKENDS + ("auto",))
-    if backend is None or backend == "auto":
-        return "torch"
-    return backend
+def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, str, Any]:
+    """Validates; returns (scores in a kernel dtype, relevance in that dtype, backend, packed problem).
 
-
-def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, Tensor, str, Any]:
-    """Validates; returns (scores in a kernel dtype, relevance in that dtype, valid mask, backend, problem)."""
+    The ranked items (relevance > 0, not ignored) are packed into pos_idx exactly as the
+    positives of a binary target are, so the kernels share the binary ops' layout."""
     V.check_scores(fn, scores)
     check_relevance(fn, relevance, scores)
     V.check_ignore(fn, ignore, scores)
-    name = _resolve_backend(fn, backend)
+    V.check_backend(fn, backend, CHOICES)
+    name = resolve(fn, backend, scores.device)
     q, n = scores.shape
     pb = build_problem(relevance, ignore, q, n, scores.device)
-    valid = dense_valid_mask(q, n, pb.ignore_idx, pb.ignore_mask, scores.device)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
-    rel = relevance.detach().to(scores.dtype)
-    return scores, rel, valid, name, pb
+    rel = relevance.detach().to(scores.dtype).contiguous()
+    return scores, rel, name, pb
+
+
+def _packed(fn, scores, relevance, ignore, backend, params) -> Tuple[Tensor, Tensor, Tensor, Any]:
+    """(rank_all, rank_pos) packed (Q, P), the relevance in the kernel dtype, and the problem."""
+    scores, rel, name, pb = _prepare(fn, scores, relevance, ignore, backend)
+    ra, rp = graded_rank_sums_packed(name, scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    return ra, rp, rel, pb
+
+
+def _gather(dense: Tensor, pos_idx: Tensor) -> Tensor:
+    """dense[i, pos_idx[i, p]], 0 at holes."""
+    return torch.where(pos_idx >= 0, dense.gather(1, pos_idx.clamp(min=0)), dense.new_zeros(()))
+
+
+def _scatter(packed: Tensor, pos_idx: Tensor, n: int) -> Tensor:
+    """The inverse of _gather: (Q, N) with packed[i, p] at column pos_idx[i, p], 0 elsewhere."""
+    cols = torch.where(pos_idx >= 0, pos_idx, n)
+    return packed.new_zeros(packed.shape[0], n + 1).scatter(1, cols, packed)[:, :n]
 
 
 # --------------------------------------------------------------------------- naive
@@ -256,29 +270,30 @@ def torch_graded_backward(
     return grad
 
 
-class _TorchGraded(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, rel, valid, params):
-        ctx.save_for_backward(scores, rel, valid)
-        ctx.params = params
-        return torch_graded_forward(scores.detach(), rel, valid, params)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_all, grad_pos):
-        scores, rel, valid = ctx.saved_tensors
-        if grad_all is None:
-            grad_all = torch.zeros_like(scores)
-        if grad_pos is None:
-            grad_pos = torch.zeros_like(scores)
-        grad = torch_graded_backward(grad_all, grad_pos, scores, rel, valid, ctx.params)
-        return grad, None, None, None
+# ---- the packed contract of fastrank.ops.graded_rank_sums_packed
 
 
-def _graded(name: str, scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams) -> Tuple[Tensor, Tensor]:
-    if name == "naive":
-        return naive_graded_rank_sums(scores, rel, valid, params)
-    return _TorchGraded.apply(scores, rel, valid, params)
+def naive_graded_packed(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -> Tuple[Tensor, Tensor]:
+    valid = dense_valid_mask(scores.shape[0], scores.shape[1], ignore_idx, ignore_mask, scores.device)
+    ra, rp = naive_graded_rank_sums(scores, rel, valid, params)
+    return _gather(ra, pos_idx), _gather(rp, pos_idx)
+
+
+def torch_graded_packed_forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -> Tuple[Tensor, Tensor]:
+    valid = dense_valid_mask(scores.shape[0], scores.shape[1], ignore_idx, ignore_mask, scores.device)
+    ra, rp = torch_graded_forward(scores.detach(), rel, valid, params)
+    return _gather(ra, pos_idx), _gather(rp, pos_idx)
+
+
+def torch_graded_packed_backward(
+    grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params
+) -> Tensor:
+    q, n = scores.shape
+    valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
+    zeros = scores.new_zeros(pos_idx.shape)
+    ga = _scatter(zeros if grad_all is None else grad_all.to(scores.dtype), pos_idx, n)
+    gp = _scatter(zeros if grad_pos is None else grad_pos.to(scores.dtype), pos_idx, n)
+    return torch_graded_backward(ga, gp, scores.detach(), rel, valid, params)
 
 
 # --------------------------------------------------------------------------- public API
@@ -311,13 +326,14 @@ def graded_rank_sums(
         scores: (Q, N) similarities, floating (float16/bfloat16 computed in float32).
         relevance: (Q, N) graded relevance >= 0 (floating, integer or bool), finite; no gradient.
         ignore: None, (Q,) index of one item per query (-1 = none), or (Q, N) bool mask.
-        backend: "naive" (cube + autograd), "torch" (chunked), or None / "auto" (= "torch").
-            "cpp", "triton", "cuda" raise NotImplementedError (not fused yet, issue 9).
+        backend: "naive" (cube + autograd), "torch" (chunked), "cpp", "triton", "cuda", or
+            None (FASTRANK_BACKEND, else auto: cpp on CPU, cuda/triton on GPU, as for rank_sums).
     """
     fn = "fastrank.graded_rank_sums"
     params = make_params(fn, step, tau, rho, delta, start, offset)
-    scores, rel, valid, name, _ = _prepare(fn, scores, relevance, ignore, backend)
-    return _graded(name, scores, rel, valid, params)
+    ra, rp, _, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    n = scores.shape[1]
+    return _scatter(ra, pb.pos_idx, n), _scatter(rp, pb.pos_idx, n)
 
 
 def h_ap(
@@ -350,17 +366,13 @@ def h_ap(
     fn = "fastrank.h_ap"
     V.check_reduction(fn, reduction)
     params = make_params(fn, step, tau, rho, delta, start, offset)
-    scores, rel, valid, name, pb = _prepare(fn, scores, relevance, ignore, backend)
-    rank_all, rank_pos = _graded(name, scores, rel, valid, params)
-    ranked = valid & (rel > 0)
-    ratio = safe_div(rank_pos, rank_all, ranked)
-    # sum over the ranked items in packed column order, as fastrank.ap does (binary case bit-exact)
+    rank_all, rank_pos, rel, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    # packed (Q, P) sums in column order, as fastrank.ap does (the binary case is bit-exact)
     has = pb.pos_idx >= 0
-    packed = torch.where(has, ratio.gather(1, pb.pos_idx.clamp(min=0)), ratio.new_zeros(()))
-    total = torch.where(ranked, rel, rel.new_zeros(())).sum(1)
-    n_pos = pb.n_pos
-    ap = safe_div(packed.sum(1), total, n_pos > 0)
-    return reduce_per_query(ap, n_pos, reduction)
+    ratio = safe_div(rank_pos, rank_all, has)
+    total = _gather(rel, pb.pos_idx).sum(1)
+    ap = safe_div(ratio.sum(1), total, pb.n_pos > 0)
+    return reduce_per_query(ap, pb.n_pos, reduction)
 
 
 def ndcg(
@@ -389,17 +401,16 @@ def ndcg(
     fn = "fastrank.ndcg"
     V.check_reduction(fn, reduction)
     params = make_params(fn, step, tau, rho, delta, start, offset)
-    scores, rel, valid, name, pb = _prepare(fn, scores, relevance, ignore, backend)
-    rank_all, _ = _graded(name, scores, rel, valid, params)
-    ranked = valid & (rel > 0)
+    rank_all, _, rel, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    # the ranked items (relevance > 0, not ignored) are exactly the packed ones
+    has = pb.pos_idx >= 0
     zero = rel.new_zeros(())
-    gain = torch.where(ranked, torch.exp2(rel) - 1, zero)
-    # rank_all >= 1 where ranked; log2(2) = 1 elsewhere keeps the masked terms finite
-    disc = torch.log2(1 + torch.where(ranked, rank_all, torch.ones_like(rank_all)))
-    dcg = torch.where(ranked, gain / disc, zero).sum(1)
-    n = scores.shape[1]
+    gain = torch.where(has, torch.exp2(_gather(rel, pb.pos_idx)) - 1, zero)
+    # rank_all >= 1 where ranked; log2(2) = 1 at holes keeps the masked terms finite
+    disc = torch.log2(1 + torch.where(has, rank_all, torch.ones_like(rank_all)))
+    dcg = torch.where(has, gain / disc, zero).sum(1)
     ideal_gain = gain.sort(dim=1, descending=True).values
-    ideal_disc = torch.log2(torch.arange(2, n + 2, dtype=rel.dtype, device=rel.device))
+    ideal_disc = torch.log2(torch.arange(2, gain.shape[1] + 2, dtype=rel.dtype, device=rel.device))
     idcg = (ideal_gain / ideal_disc).sum(1)
     has = pb.n_pos > 0
     value = safe_div(dcg, idcg, has & (idcg > 0))

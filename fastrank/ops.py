@@ -40,24 +40,32 @@ def _register_cpp_ops() -> None:
     def _bwd_fake(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
         return torch.empty_like(scores)
 
-    def _setup_context(ctx, inputs, output):
-        scores, pos_idx, ignore_idx, ignore_mask = inputs[:4]
-        ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
-        ctx.step_args = inputs[4:]
-        ctx.out_shape = output[0].shape
+    def _setup_context_with(n_tensors: int):
+        """setup_context of an op whose first `n_tensors` inputs are the (optional) tensors of the
+        problem, scores first, and whose remaining inputs are scalars for the backward op."""
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:n_tensors])
+            ctx.step_args = inputs[n_tensors:]
+            ctx.out_shape = output[0].shape
+
+        return setup_context
 
     def _backward_with(bwd_op):
-        """Autograd formula of a (fwd, bwd) op pair: both take the packed problem and the same
-        trailing arguments; an unused output's gradient is zeros of its shape."""
+        """Autograd formula of a (fwd, bwd) op pair: the backward op takes the two output
+        gradients, then the forward's inputs; an unused output's gradient is zeros of its shape."""
 
         def backward(ctx, grad0, grad1):
-            scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-            grad0 = scores.new_zeros(ctx.out_shape) if grad0 is None else grad0
-            grad1 = scores.new_zeros(ctx.out_shape) if grad1 is None else grad1
-            grad = bwd_op(grad0, grad1, scores, pos_idx, ignore_idx, ignore_mask, *ctx.step_args)
-            return (grad,) + (None,) * (3 + len(ctx.step_args))
+            saved = ctx.saved_tensors
+            grad0 = saved[0].new_zeros(ctx.out_shape) if grad0 is None else grad0
+            grad1 = saved[0].new_zeros(ctx.out_shape) if grad1 is None else grad1
+            grad = bwd_op(grad0, grad1, *saved, *ctx.step_args)
+            return (grad,) + (None,) * (len(saved) - 1 + len(ctx.step_args))
 
         return backward
+
+    # (scores, pos_idx, ignore_idx, ignore_mask) + scalars
+    _setup_context = _setup_context_with(4)
 
     torch.library.register_autograd(
         "fastrank::rank_sums_fwd", _backward_with(torch.ops.fastrank.rank_sums_bwd), setup_context=_setup_context
@@ -76,14 +84,31 @@ def _register_cpp_ops() -> None:
         "fastrank::histogram_fwd", _backward_with(torch.ops.fastrank.histogram_bwd), setup_context=_setup_context
     )
 
+    @torch.library.register_fake("fastrank::graded_rank_sums_fwd")
+    def _graded_fwd_fake(scores, relevance, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
+        out = scores.new_empty(pos_idx.shape)
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake("fastrank::graded_rank_sums_bwd")
+    def _graded_bwd_fake(grad_all, grad_pos, scores, relevance, pos_idx, ignore_idx, ignore_mask, *step_args):
+        return torch.empty_like(scores)
+
+    # (scores, relevance, pos_idx, ignore_idx, ignore_mask) + scalars; relevance gets no gradient
+    torch.library.register_autograd(
+        "fastrank::graded_rank_sums_fwd",
+        _backward_with(torch.ops.fastrank.graded_rank_sums_bwd),
+        setup_context=_setup_context_with(5),
+    )
+
 
 def _python_backend(name: str, module: str, forward: str, backward: str):
     """An autograd.Function over a Python backend's (forward, backward) pair.
 
-    Every Python backend implements the same two functions — forward(scores, pos_idx,
-    ignore_idx, ignore_mask, params) -> 2 outputs, backward(grad0, grad1, scores, ...) ->
-    grad of scores — so one wrapper serves them all. `module` is imported on first use
-    (Triton is heavy and optional).
+    Every Python backend implements the same two functions — forward(scores, *tensors,
+    params) -> 2 outputs, backward(grad0, grad1, scores, *tensors, params) -> grad of
+    scores — where `tensors` are the rest of the problem ((pos_idx, ignore_idx,
+    ignore_mask), with relevance in front for graded relevance), so one wrapper serves
+    them all. `module` is imported on first use (Triton is heavy and optional).
     """
 
     def impl(attr):
@@ -92,17 +117,18 @@ def _python_backend(name: str, module: str, forward: str, backward: str):
 
     class _Fn(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, scores, pos_idx, ignore_idx, ignore_mask, params):
-            ctx.save_for_backward(scores, pos_idx, ignore_idx, ignore_mask)
+        def forward(ctx, scores, *rest):
+            *tensors, params = rest
+            ctx.save_for_backward(scores, *tensors)
             ctx.params = params
-            return impl(forward)(scores, pos_idx, ignore_idx, ignore_mask, params)
+            return impl(forward)(scores, *tensors, params)
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad0, grad1):
-            scores, pos_idx, ignore_idx, ignore_mask = ctx.saved_tensors
-            grad = impl(backward)(grad0, grad1, scores, pos_idx, ignore_idx, ignore_mask, ctx.params)
-            return grad, None, None, None, None
+            saved = ctx.saved_tensors
+            grad = impl(backward)(grad0, grad1, *saved, ctx.params)
+            return (grad,) + (None,) * len(saved)
 
     _Fn.__name__ = _Fn.__qualname__ = name
     return _Fn
@@ -113,6 +139,12 @@ _TorchRankSums = _python_backend(
 )
 _TritonRankSums = _python_backend(
     "_TritonRankSums", ".triton_kernels.rank_sums", "rank_sums_forward", "rank_sums_backward"
+)
+_TorchGraded = _python_backend(
+    "_TorchGraded", ".graded", "torch_graded_packed_forward", "torch_graded_packed_backward"
+)
+_TritonGraded = _python_backend(
+    "_TritonGraded", ".triton_kernels.graded", "graded_rank_sums_forward", "graded_rank_sums_backward"
 )
 _TorchHistograms = _python_backend(
     "_TorchHistograms", "._hist", "torch_histograms_forward", "torch_histograms_backward"
@@ -141,6 +173,33 @@ def rank_sums_packed(
         _register_cpp_ops()
         return torch.ops.fastrank.rank_sums_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
     raise NotImplementedError(f"backend {backend!r} has no rank-sums implementation yet")
+
+
+def graded_rank_sums_packed(
+    backend: str,
+    scores: Tensor,
+    relevance: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: StepParams,
+) -> Tuple[Tensor, Tensor]:
+    """Graded (rank_all, rank_pos), each (Q, P) at the ranked items pos_idx, differentiable w.r.t.
+    scores (not relevance, a constant of the dtype of scores), on the named backend."""
+    if backend == "naive":
+        from .graded import naive_graded_packed
+
+        return naive_graded_packed(scores, relevance, pos_idx, ignore_idx, ignore_mask, params)
+    if backend == "torch":
+        return _TorchGraded.apply(scores, relevance, pos_idx, ignore_idx, ignore_mask, params)
+    if backend == "triton":
+        return _TritonGraded.apply(scores, relevance, pos_idx, ignore_idx, ignore_mask, params)
+    if backend in ("cpp", "cuda"):
+        _register_cpp_ops()
+        return torch.ops.fastrank.graded_rank_sums_fwd(
+            scores, relevance, pos_idx, ignore_idx, ignore_mask, *params.as_op_args()
+        )
+    raise NotImplementedError(f"backend {backend!r} has no graded rank-sums implementation yet")
 
 
 def histograms_packed(

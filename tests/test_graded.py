@@ -1,4 +1,5 @@
-"""Graded relevance (issue 9, PyTorch reference part): naive vs torch, binary reduction, H-AP / NDCG."""
+"""Graded relevance (issue 9): every backend vs the fp64 naive cube, binary reduction, H-AP / NDCG,
+validation. Triton runs in the interpreter on CPU (conftest sets TRITON_INTERPRET=1)."""
 import math
 
 import pytest
@@ -6,6 +7,11 @@ import torch
 
 import fastrank
 from fastrank.graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
+
+from .conftest import AVAILABLE
+
+#: the fused backends that run on this machine's CPU tensors (cuda: tests/test_gpu.py)
+FUSED = [b for b in ("torch", "cpp", "triton") if b in AVAILABLE]
 
 STEPS = ["sigmoid", "suprank"]
 IGNORE_KINDS = ["none", "index", "mask"]
@@ -35,18 +41,81 @@ def _spread_scores(q, n, seed):
     return (torch.randperm(q * n, generator=g).to(torch.float64) * 0.013 - 0.5).view(q, n)
 
 
-# --------------------------------------------------------------------------- torch vs naive
+# --------------------------------------------------------------------------- fused backends vs naive
+
+
+def _rank_sums_and_grad(backend, scores, rel, step, ignore, tau=0.05, seed=1):
+    """(rank_all, rank_pos, d/dscores of a random weighting of both), dense (Q, N)."""
+    g = torch.Generator().manual_seed(seed)
+    wa = torch.randn(scores.shape, generator=g, dtype=torch.float64).to(scores.dtype)
+    wp = torch.randn(scores.shape, generator=g, dtype=torch.float64).to(scores.dtype)
+    s = scores.clone().requires_grad_()
+    ra, rp = graded_rank_sums(s, rel, step=step, tau=tau, ignore=ignore, backend=backend)
+    ((ra * wa).sum() + (rp * wp).sum()).backward()
+    return ra.detach(), rp.detach(), s.grad
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+def test_fused_matches_naive(backend, step, ignore_kind):
+    scores, rel = _tied_problem()
+    ignore = _ignore(ignore_kind, *scores.shape)
+    ref = _rank_sums_and_grad("naive", scores, rel, step, ignore)
+    out = _rank_sums_and_grad(backend, scores, rel, step, ignore)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("q,n", [(1, 1), (3, 1), (2, 2), (4, 37), (3, 100)])
+def test_fused_odd_sizes_and_real_valued_relevance(backend, step, q, n):
+    """N = 1 (no competitor), N not a multiple of any vector width or block, relevance with
+    non-integer values, ties in relevance and in scores, zeros, and a query without relevant items."""
+    if backend == "triton" and n > 40:
+        pytest.skip("interpreter: the small sizes cover the Triton tails")
+    g = torch.Generator().manual_seed(q * 1000 + n)
+    scores = torch.randn(q, n, generator=g, dtype=torch.float64) * 0.1
+    scores[:, n // 2:] = scores[:, : n - n // 2].flip(1)  # score ties
+    rel = (torch.rand(q, n, generator=g, dtype=torch.float64) * 3).round(decimals=1)
+    rel[rel < 0.8] = 0
+    if q > 1:
+        rel[-1] = 0
+    ref = _rank_sums_and_grad("naive", scores, rel, step, None)
+    out = _rank_sums_and_grad(backend, scores, rel, step, None)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b != "torch"])
+@pytest.mark.parametrize("step", STEPS)
+def test_fused_float32_within_float32_error_of_torch(backend, step):
+    """float32 kernels: error vs the fp64 naive no larger than a few times the error of the torch
+    backend computing the same thing in float32 (the FlashAttention rule), plus an absolute floor."""
+    g = torch.Generator().manual_seed(21)
+    q, n = 6, 67
+    scores = torch.randn(q, n, generator=g, dtype=torch.float64) * 0.2
+    rel = torch.randint(0, 4, (q, n), generator=g).to(torch.float64)
+    ref = _rank_sums_and_grad("naive", scores, rel, step, None)
+    tor = _rank_sums_and_grad("torch", scores.float(), rel.float(), step, None)
+    out = _rank_sums_and_grad(backend, scores.float(), rel.float(), step, None)
+    for r, t, o in zip(ref, tor, out):
+        assert o.dtype == torch.float32
+        err_t = (t.double() - r).abs().max().item()
+        err_o = (o.double() - r).abs().max().item()
+        scale = r.abs().max().item()
+        assert err_o <= 4 * err_t + 1e-6 * scale, (err_o, err_t, scale)
 
 
 @pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
-@pytest.mark.parametrize("chunk", [None, "7"])
-def test_torch_matches_naive(step, ignore_kind, chunk, monkeypatch):
-    if chunk is not None:  # smaller than one row of pairs: exercises the column blocks too
-        monkeypatch.setenv("FASTRANK_TORCH_CHUNK", chunk)
+@pytest.mark.parametrize("chunk", ["7", "40"])
+def test_torch_column_blocks_match_naive(step, chunk, monkeypatch):
+    # chunks smaller than one row of pairs exercise the torch backend's column blocks
+    monkeypatch.setenv("FASTRANK_TORCH_CHUNK", chunk)
     scores, rel = _tied_problem()
     q, n = scores.shape
-    ignore = _ignore(ignore_kind, q, n)
+    ignore = _ignore("index", q, n)
     wa = torch.randn(q, n, dtype=torch.float64)
     wp = torch.randn(q, n, dtype=torch.float64)
     out = {}
@@ -64,23 +133,24 @@ def test_torch_matches_naive(step, ignore_kind, chunk, monkeypatch):
     assert torch.equal(out["naive"][0] > 0, ranked)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("fn", [h_ap, ndcg])
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
-def test_losses_torch_match_naive(fn, step, ignore_kind):
+def test_losses_fused_match_naive(backend, fn, step, ignore_kind):
     scores, rel = _tied_problem(seed=3)
     rel[1] = 0  # a query without relevant items
     ignore = _ignore(ignore_kind, *scores.shape)
     res = {}
-    for backend in ("naive", "torch"):
+    for backend in ("naive", backend):
         s = scores.clone().requires_grad_()
         v = fn(s, rel, step=step, tau=0.05, ignore=ignore, reduction="none", backend=backend)
         v.sum().backward()
         res[backend] = (v.detach(), s.grad)
         assert torch.isfinite(s.grad).all()
         assert v[1] == 0
-    torch.testing.assert_close(res["torch"][0], res["naive"][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(res["torch"][1], res["naive"][1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res[backend][0], res["naive"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res[backend][1], res["naive"][1], rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- binary reduction
@@ -96,11 +166,36 @@ def test_binary_reduces_to_rank_sums(step, ignore_kind):
     ref = fastrank.rank_sums(scores, binary, step=step, ignore=ignore, backend="naive")
     assert torch.equal(ra, ref.rank_all)
     assert torch.equal(rp, ref.rank_pos)
-    # the graded torch backend agrees with the binary torch backend too
-    ra_t, rp_t = graded_rank_sums(scores, binary, step=step, ignore=ignore, backend="torch")
-    ref_t = fastrank.rank_sums(scores, binary, step=step, ignore=ignore, backend="torch")
-    torch.testing.assert_close(ra_t, ref_t.rank_all, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(rp_t, ref_t.rank_pos, rtol=1e-13, atol=1e-13)
+    # each graded fused backend agrees with its binary twin
+    for backend in FUSED:
+        ra_t, rp_t = graded_rank_sums(scores, binary, step=step, ignore=ignore, backend=backend)
+        ref_t = fastrank.rank_sums(scores, binary, step=step, ignore=ignore, backend=backend)
+        torch.testing.assert_close(ra_t, ref_t.rank_all, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(rp_t, ref_t.rank_pos, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif("cpp" not in AVAILABLE, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step", STEPS)
+def test_cpp_binary_is_bit_identical_to_binary_kernel(step, dtype):
+    """The graded CPU kernel's runs are the binary kernel's runs in the same order (see
+    csrc/cpu/graded_rank_sums.cpp), so values and gradients are bit-identical."""
+    g = torch.Generator().manual_seed(13)
+    scores = torch.randn(7, 53, generator=g, dtype=torch.float64).to(dtype)
+    binary = (torch.rand(7, 53, generator=g) < 0.3).to(dtype)
+    ga = torch.randn(7, 53, generator=g, dtype=torch.float64).to(dtype)
+    gp = torch.randn(7, 53, generator=g, dtype=torch.float64).to(dtype)
+    outs = []
+    for graded in (True, False):
+        s = scores.clone().requires_grad_()
+        if graded:
+            ra, rp = graded_rank_sums(s, binary, step=step, backend="cpp")
+        else:
+            ra, rp, _ = fastrank.rank_sums(s, binary, step=step, backend="cpp")
+        ((ra * ga).sum() + (rp * gp).sum()).backward()
+        outs.append((ra.detach(), rp.detach(), s.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_binary_rank_pos_counts_positives():
@@ -138,9 +233,10 @@ def test_binary_h_ap_equals_ap(step, ref_fn, ignore_kind):
 # --------------------------------------------------------------------------- gradcheck
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
-def test_gradcheck_torch_rank_sums(step, ignore_kind):
+def test_gradcheck_fused_rank_sums(backend, step, ignore_kind):
     q, n = 4, 7
     scores = _spread_scores(q, n, seed=1)
     rel = torch.tensor(
@@ -149,20 +245,21 @@ def test_gradcheck_torch_rank_sums(step, ignore_kind):
     ignore = _ignore(ignore_kind, q, n)
 
     def f(s):
-        return graded_rank_sums(s, rel, step=step, tau=0.05, ignore=ignore, backend="torch")
+        return graded_rank_sums(s, rel, step=step, tau=0.05, ignore=ignore, backend=backend)
 
     assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("fn", [h_ap, ndcg])
 @pytest.mark.parametrize("step", STEPS)
-def test_gradcheck_torch_losses(fn, step):
+def test_gradcheck_fused_losses(backend, fn, step):
     scores = _spread_scores(5, 9, seed=2)
     rel = torch.randint(0, 4, (5, 9), generator=torch.Generator().manual_seed(4)).to(torch.float64)
     rel[3] = 0
 
     def f(s):
-        return fn(s, rel, step=step, tau=0.05, reduction="none", backend="torch")
+        return fn(s, rel, step=step, tau=0.05, reduction="none", backend=backend)
 
     assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -186,7 +283,7 @@ def test_perfect_ordering_gives_one():
     scores = torch.tensor([[0.9, 0.6, 0.3, 0.0, -0.3], [0.0, 0.3, 0.6, 0.9, -0.5]], dtype=torch.float64)
     rel = torch.tensor([[3.0, 2, 1, 1, 0], [0, 1, 2, 3, 0]], dtype=torch.float64)
     for fn in (h_ap, ndcg):
-        for backend in ("naive", "torch"):
+        for backend in ["naive"] + FUSED:
             v = fn(scores, rel, step="suprank", tau=0.001, reduction="none", backend=backend)
             torch.testing.assert_close(v, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
 
@@ -222,7 +319,7 @@ def test_no_relevant_item_anywhere_is_zero_and_differentiable():
     scores = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     rel = torch.zeros(3, 5, dtype=torch.float64)
     for fn in (h_ap, ndcg):
-        for backend in ("naive", "torch"):
+        for backend in ["naive"] + FUSED:
             v = fn(scores, rel, backend=backend)
             assert float(v.detach()) == 0.0
             v.backward()
@@ -278,9 +375,28 @@ def test_relevance_validation(fn):
         fn(scores, ok, ignore=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="backend"):
         fn(scores, ok, backend="fast")
-    for backend in ("cpp", "triton", "cuda"):
-        with pytest.raises(NotImplementedError, match="issue 9"):
-            fn(scores, ok, backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match="cuda"):
+        fn(scores, ok, backend="cuda")  # CPU tensors (or no CUDA build): a clear refusal
+
+
+@pytest.mark.skipif("cpp" not in AVAILABLE, reason="needs the C++ extension")
+def test_cpp_op_checks_relevance():
+    """A direct torch.ops call, bypassing the Python validation, still refuses bad relevance."""
+    from fastrank.ops import _register_cpp_ops
+
+    _register_cpp_ops()
+    scores = torch.randn(2, 4, dtype=torch.float64)
+    pos_idx = torch.tensor([[0, 1], [2, -1]])
+    args = (None, None, 1, 0.05, 100.0, 0.05, 0.5, 0.6)
+    op = torch.ops.fastrank.graded_rank_sums_fwd
+    with pytest.raises(RuntimeError, match="relevance must be >= 0"):
+        op(scores, -torch.ones(2, 4, dtype=torch.float64), pos_idx, *args)
+    with pytest.raises(RuntimeError, match="relevance must be finite"):
+        op(scores, torch.full((2, 4), float("nan"), dtype=torch.float64), pos_idx, *args)
+    with pytest.raises(RuntimeError, match="relevance must have the dtype of scores"):
+        op(scores, torch.ones(2, 4), pos_idx, *args)
+    with pytest.raises(RuntimeError, match="relevance must have the shape of scores"):
+        op(scores, torch.ones(2, 3, dtype=torch.float64), pos_idx, *args)
 
 
 def test_reduction_validation():
@@ -324,3 +440,48 @@ def test_graded_loss_modules_equal_functions():
     x = emb.clone().requires_grad_()
     HAPLoss()(x, rel).backward()
     assert torch.isfinite(x.grad).all()
+
+
+# --------------------------------------------------------------------------- NaN, determinism
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("step", STEPS)
+def test_nan_score_gives_nan_for_its_query_only(backend, step):
+    """A NaN score among a query's valid items makes its rank_all NaN at every ranked item, and
+    its H-AP / NDCG and their gradient NaN; the other queries are untouched. (rank_pos may stay
+    finite on the reference backends: an irrelevant NaN competitor enters it with weight 0.)"""
+    scores, rel = _tied_problem(seed=14)
+    rel[0, :3] = torch.tensor([2.0, 1.0, 0.0])
+    scores[0, 2] = float("nan")  # an irrelevant but valid competitor
+    ra, _ = graded_rank_sums(scores, rel, step=step, backend=backend)
+    ranked = rel > 0
+    assert torch.isnan(ra[0][ranked[0]]).all()
+    ref = graded_rank_sums(scores[1:], rel[1:], step=step, backend="naive")
+    torch.testing.assert_close(ra[1:], ref[0], rtol=1e-12, atol=1e-12)
+    for fn in (h_ap, ndcg):
+        s = scores.clone().requires_grad_()
+        v = fn(s, rel, step=step, reduction="none", backend=backend)
+        assert torch.isnan(v[0]) and torch.isfinite(v[1:]).all()
+        v.sum().backward()
+        assert torch.isnan(s.grad[0]).any()
+        torch.testing.assert_close(v[1:], fn(scores[1:], rel[1:], step=step, reduction="none", backend="naive"))
+
+
+@pytest.mark.skipif("cpp" not in AVAILABLE, reason="needs the C++ extension")
+@pytest.mark.parametrize("step", STEPS)
+def test_cpp_deterministic_across_runs_and_thread_counts(step):
+    g = torch.Generator().manual_seed(15)
+    scores = torch.randn(33, 129, generator=g)
+    rel = torch.randint(0, 5, (33, 129), generator=g).float()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 2):
+            torch.set_num_threads(nt)
+            outs.append(_rank_sums_and_grad("cpp", scores, rel, step, None))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
