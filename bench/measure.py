@@ -67,6 +67,25 @@ def _softbin(scores, w: W.Workload, backend: str):
     return fastrank.histogram_ap(scores, w.target, kind="softbin", backend=backend)
 
 
+def _graded_relevance(scores, w: W.Workload):
+    import fastrank
+
+    # built inside the timed call, as a training step builds it from the batch's labels
+    return fastrank.relevance_from_hierarchy(*w.hierarchy, dtype=scores.dtype)
+
+
+def _hap(scores, w: W.Workload, backend: str):
+    import fastrank
+
+    return fastrank.h_ap(scores, _graded_relevance(scores, w), backend=backend)
+
+
+def _ndcg(scores, w: W.Workload, backend: str):
+    import fastrank
+
+    return fastrank.ndcg(scores, _graded_relevance(scores, w), backend=backend)
+
+
 @dataclass(frozen=True)
 class Op:
     """A loss as the benchmark calls it: ``1 - call(scores, workload, backend)``.
@@ -82,7 +101,13 @@ class Op:
     call: Callable
     bins: int = 0  # histogram bin centres L (sizes the naive (Q, N, L) tensor)
     ignores_self: bool = False  # passes ignore = the query's own column
+    graded: bool = False  # ranks a two-level hierarchy (workloads.hierarchy): sizes table "graded"
     text: str = ""
+
+    @property
+    def sizes_key(self) -> str:
+        """Which entry of a sweep's size table the op takes (graded ops do ~4x the pairs)."""
+        return "graded" if self.graded else self.family
 
 
 OP_DEFS: Dict[str, Op] = {
@@ -92,6 +117,10 @@ OP_DEFS: Dict[str, Op] = {
     "fastap": Op("fastap", "hist", _fastap, bins=11, ignores_self=True,
                  text="fastrank.histogram_ap(kind='fastap', 10 bins, ignore = the query itself)"),
     "softbin": Op("softbin", "hist", _softbin, bins=25, text="fastrank.histogram_ap(kind='softbin', 25 bins)"),
+    "hap": Op("hap", "rank", _hap, graded=True,
+              text="fastrank.h_ap (suprank) on relevance_from_hierarchy((class // 4, class)): 2/1/0"),
+    "ndcg": Op("ndcg", "rank", _ndcg, graded=True,
+               text="fastrank.ndcg (suprank) on the same two-level relevance"),
 }
 OPS = tuple(OP_DEFS)
 UNIT = {"rank": "pair", "hist": "item"}
@@ -105,6 +134,8 @@ def work(op: str, workload: str, x: int) -> int:
     """Work of one pass: pairs (rank ops) or scored items (histogram ops); from labels only."""
     qlab, glab, in_gallery = W.labels(workload, x)
     d = OP_DEFS[op]
+    if d.graded:
+        return W.graded_pairs(qlab, glab)
     if d.family == "rank":
         return W.label_pairs(qlab, glab)
     return W.label_items(qlab, glab, ignore_self=d.ignores_self and in_gallery)
@@ -417,6 +448,7 @@ def sigmoid_ceiling(numel: int = 16384, calls: int = 5000) -> Ceiling:
 
 
 NAIVE_CUBES = 10.0  # float32 (Q, N, N) tensors alive at once in the naive rank ops (fitted at B = 256, 512)
+NAIVE_GRADED_CUBES = 16.0  # the graded cube also holds min(rel_j, rel_k) and the H / H^- choice (not fitted)
 NAIVE_HIST_COPIES = 5.0  # float32 (Q, N, L) tensors alive at once in naive histogram ops (~4.2 measured, B = 1024)
 
 
@@ -430,6 +462,8 @@ def naive_bytes_estimate(op: str, workload: str, x: int) -> float:
     """
     q, n = W.shape(workload, x)
     d = OP_DEFS[op]
+    if d.graded:
+        return NAIVE_GRADED_CUBES * 4.0 * q * n * n
     if d.family == "rank":
         return NAIVE_CUBES * 4.0 * q * n * n
     return NAIVE_HIST_COPIES * 4.0 * q * n * d.bins

@@ -53,6 +53,11 @@ class Workload:
     def shape(self) -> Tuple[int, int]:
         return int(self.scores.shape[0]), int(self.scores.shape[1])
 
+    @property
+    def hierarchy(self) -> Tuple[Tensor, Tensor]:
+        """Two-level labels (super-class, class) for the graded ops, see `hierarchy`."""
+        return hierarchy(self.qlab), hierarchy(self.glab)
+
 
 def _check(name: str, **sizes: int) -> None:
     for k, v in sizes.items():
@@ -217,6 +222,26 @@ def label_pairs(query_labels: Tensor, gallery_labels: Tensor) -> int:
     """
     n = int(gallery_labels.numel())
     return int(positives_per_query(query_labels, gallery_labels).sum()) * n
+
+
+#: classes per super-class in the graded ops' two-level hierarchy
+GRADED_FANOUT = 4
+
+
+def hierarchy(labels: Tensor) -> Tensor:
+    """(n, 2) hierarchical labels (super-class = label // GRADED_FANOUT, class = label).
+
+    With relevance = shared levels from the coarsest (fastrank.relevance_from_hierarchy),
+    same class is 2, same super-class 1, else 0: the ranked items of a query are its
+    super-class, ~GRADED_FANOUT times the positives of the binary ops.
+    """
+    return torch.stack([labels // GRADED_FANOUT, labels], dim=1)
+
+
+def graded_pairs(query_labels: Tensor, gallery_labels: Tensor) -> int:
+    """Pair evaluations of one forward pass of a graded op: sum over queries of |ranked_i| * N,
+    the ranked items being the query's super-class."""
+    return label_pairs(query_labels // GRADED_FANOUT, gallery_labels // GRADED_FANOUT)
 
 
 def label_items(query_labels: Tensor, gallery_labels: Tensor, ignore_self: bool = False) -> int:

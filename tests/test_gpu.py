@@ -111,3 +111,69 @@ def test_gpu_histogram_ap_matches_naive(kind, ignore_kind):
     torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-10)
     _, g2 = _grad(s, t, ig, fn, "cuda")
     assert torch.equal(g1, g2)
+
+
+# ---- graded relevance (issue 9)
+
+
+def _graded_case(q, n, seed, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(-40, 41, (q, n), generator=g).double() * 0.01).to(device)  # ties
+    labels = torch.randint(0, 12, (n,), generator=g)
+    hier = torch.stack([labels // 4, labels], dim=1)
+    rel = fastrank.relevance_from_hierarchy(hier[:q], hier, dtype=torch.float64).to(device)
+    return scores, rel
+
+
+def _graded_grad(fn, scores, rel, backend, **kw):
+    s = scores.clone().requires_grad_()
+    v = fn(s, rel, backend=backend, **kw)
+    v.backward()
+    return v.detach(), s.grad
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("fn", [fastrank.h_ap, fastrank.ndcg])
+@pytest.mark.parametrize("step", ["sigmoid", "suprank"])
+@pytest.mark.parametrize("ignore_kind", ["none", "self", "mask"])
+def test_gpu_graded_fp64_matches_naive(backend, fn, step, ignore_kind):
+    scores, rel = _graded_case(37, 301, seed=11)
+    q, n = scores.shape
+    ignore = {"none": None, "self": torch.arange(q, device="cuda"),
+              "mask": torch.rand(q, n, device="cuda") < 0.2}[ignore_kind]
+    v0, g0 = _graded_grad(fn, scores, rel, "naive", step=step, ignore=ignore)
+    v1, g1 = _graded_grad(fn, scores, rel, backend, step=step, ignore=ignore)
+    torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("fn", [fastrank.h_ap, fastrank.ndcg])
+def test_gpu_graded_fp32_error_within_2x_of_naive(backend, fn):
+    scores, rel = _graded_case(64, 257, seed=12)
+    s32 = scores.float()
+    ref, gref = _graded_grad(fn, s32.double(), rel, "naive")
+    naive, gnaive = _graded_grad(fn, s32, rel.float(), "naive")
+    got, ggot = _graded_grad(fn, s32, rel.float(), backend)
+    assert (got.double() - ref).abs().item() <= 2 * (naive.double() - ref).abs().item() + 1e-6
+    gerr, gerr_naive = (ggot.double() - gref).abs().max().item(), (gnaive.double() - gref).abs().max().item()
+    assert gerr <= 2 * gerr_naive + 1e-6, (gerr, gerr_naive)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_graded_backward_bitwise_deterministic(backend):
+    scores, rel = _graded_case(300, 1000, seed=13)
+    _, g1 = _graded_grad(fastrank.h_ap, scores.float(), rel.float(), backend)
+    _, g2 = _graded_grad(fastrank.h_ap, scores.float(), rel.float(), backend)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.skipif(not fastrank.backends()["cuda"].available, reason="CUDA kernels not built")
+@pytest.mark.parametrize("step", [0, 1])
+def test_opcheck_cuda_graded_op(step):
+    _register_cpp_ops()
+    scores, rel = _graded_case(6, 11, seed=14)
+    q, n = scores.shape
+    pb = build_problem(rel, torch.arange(q, device="cuda"), q, n, scores.device)
+    args = (scores.requires_grad_(), rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
+    torch.library.opcheck(torch.ops.fastrank.graded_rank_sums_fwd.default, args)

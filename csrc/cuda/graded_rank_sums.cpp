@@ -1,0 +1,136 @@
+// Torch glue of the CUDA graded rank-sums kernels (CUDA dispatch key, issue 9).
+// The kernels themselves (graded_rank_sums.cu) see only raw pointers.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <limits>
+
+#include "checks.h"
+#include "graded_rank_sums_cuda.h"
+
+namespace fastrank {
+namespace cuda {
+
+namespace {
+
+constexpr const char* kOp = "fastrank cuda graded_rank_sums";
+
+// Rows holding a NaN among their valid scores: the kernels' clamps and the exact step
+// could hide it, so those rows are set to NaN explicitly (as the CPU kernel does).
+// Same rule as rank_sums.cpp, whose helper is file-local; `valid_out` gets the
+// (Q, N) valid mask when a NaN row exists.
+std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::optional<at::Tensor>& ign_idx,
+                                   const std::optional<at::Tensor>& ign_mask, at::Tensor* valid_out) {
+  at::Tensor bad = at::isnan(scores);
+  if (!bad.any().item<bool>()) return std::nullopt;
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  // one spare column N takes the scatter of ign_idx = -1 (no ignored item)
+  at::Tensor valid = at::ones({Q, N + 1}, scores.options().dtype(at::kBool));
+  if (ign_idx.has_value()) {
+    at::Tensor col = at::where(*ign_idx >= 0, *ign_idx, at::full_like(*ign_idx, N)).unsqueeze(1);
+    valid.scatter_(1, col, false);
+  }
+  valid = valid.slice(1, 0, N);
+  if (ign_mask.has_value()) valid = valid & ign_mask->logical_not();
+  *valid_out = valid;
+  return (bad & valid).any(1);
+}
+
+template <typename T>
+StepParams<T> make_params(double tau, double rho, double delta, double start, double offset) {
+  return StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
+}
+
+void check_step(int64_t step, double tau) {
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, kOp, ": unknown step id ", step);
+  TORCH_CHECK(tau > 0, kOp, ": tau must be > 0, got ", tau);
+}
+
+std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cuda(const at::Tensor& scores_in,
+                                                             const at::Tensor& relevance_in,
+                                                             const at::Tensor& pos_idx_in,
+                                                             const std::optional<at::Tensor>& ign_idx_in,
+                                                             const std::optional<at::Tensor>& ign_mask_in,
+                                                             int64_t step, double tau, double rho, double delta,
+                                                             double start, double offset) {
+  const PackedProblem pp =
+      check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  check_step(step, tau);
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
+  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores);
+  // zeros: the kernel writes only the ranked (non-hole) entries
+  at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
+  at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_graded_rank_sums_fwd_cuda", [&] {
+    const cudaError_t err = graded_rank_sums_forward<scalar_t>(
+        scores.data_ptr<scalar_t>(), relevance.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
+        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
+        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
+        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
+        rank_pos.data_ptr<scalar_t>(), stream);
+    TORCH_CHECK(err == cudaSuccess, kOp, " forward: ", cudaGetErrorString(err));
+  });
+  at::Tensor valid;
+  if (auto rows = nan_rows(scores, ign_idx, ign_mask, &valid)) {
+    const at::Tensor fill = rows->unsqueeze(1) & (pos_idx >= 0);
+    rank_all.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
+    rank_pos.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
+  }
+  return {rank_all, rank_pos};
+}
+
+at::Tensor graded_rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Tensor& grad_pos_in,
+                                     const at::Tensor& scores_in, const at::Tensor& relevance_in,
+                                     const at::Tensor& pos_idx_in, const std::optional<at::Tensor>& ign_idx_in,
+                                     const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau,
+                                     double rho, double delta, double start, double offset) {
+  const PackedProblem pp =
+      check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  check_step(step, tau);
+  TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(), kOp,
+              " backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes(), ", got ",
+              grad_all_in.sizes(), " and ", grad_pos_in.sizes());
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor& scores = pp.scores;
+  const at::Tensor& pos_idx = pp.pos_idx;
+  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
+  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
+  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores);
+  const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
+  const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
+  at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by the column kernel
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_graded_rank_sums_bwd_cuda", [&] {
+    const cudaError_t err = graded_rank_sums_backward<scalar_t>(
+        grad_all.data_ptr<scalar_t>(), grad_pos.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>(),
+        relevance.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
+        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
+        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
+        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
+        stream);
+    TORCH_CHECK(err == cudaSuccess, kOp, " backward: ", cudaGetErrorString(err));
+  });
+  at::Tensor valid;
+  if (auto rows = nan_rows(scores, ign_idx, ign_mask, &valid)) {
+    const at::Tensor has_pos = (pos_idx >= 0).any(1);
+    grad.masked_fill_((*rows & has_pos).unsqueeze(1) & valid, std::numeric_limits<double>::quiet_NaN());
+  }
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrank, CUDA, m) {
+  m.impl("graded_rank_sums_fwd", &graded_rank_sums_fwd_cuda);
+  m.impl("graded_rank_sums_bwd", &graded_rank_sums_bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fastrank

@@ -1,0 +1,270 @@
+// CUDA kernels of the graded rank-sums primitive (SPEC §1.1, issue 9). No torch
+// headers: the glue lives in graded_rank_sums.cpp. Step arithmetic comes from
+// ../step.h, shared with the CPU kernels; the loop structure below is GPU-only and
+// follows rank_sums.cu.
+//
+// For query i, ranked item j = pos_idx[i,p] and valid competitor k, d = s_ik - s_ij,
+// w = min(rel_j, rel_k):
+//   rank_all = 1     + sum_{k != j} g(d),   g = sigma (sigmoid); H if rel_k >= rel_j else H^- (suprank)
+//   rank_pos = rel_j + sum_{k != j} w h(d), h = sigma (sigmoid); H (suprank)
+// Unlike the binary kernels there is no split into positives and negatives: the
+// relevance of k decides the step, so one sweep over every valid k does it all, j
+// itself included (it is valid by construction). Its self term is removed in
+// closed form: sigma(0) = 1/2 gives rank_all = 1/2 + sweep, rank_pos = rel_j/2 + sweep;
+// suprank's self term is H(0) = 1 and w H(0) = rel_j, exactly the constants, so the
+// sweep alone is the result.
+//
+// Backward, a = grad_rank_all[i,p], b = grad_rank_pos[i,p]:
+//   c_jk = (a + b w) sigma'(d)              (sigmoid)
+//   c_jk = a [rel_k < rel_j] H^-'(d)        (suprank: H has no gradient, so b drops out)
+//   grad[i,k] += c_jk (every valid k),  grad[i,j] -= c_jk.
+// Deterministic, no atomics, fixed reduction order:
+//   column kernel:  grad[i,k]  = sum_p c_{j_p k}         for valid k, 0 for ignored k
+//   row kernel:     grad[i,j] -= sum_k c_jk              one block per tile of ranked j
+// The row kernel runs after the column kernel on the same stream and each ranked
+// column appears once per row, so every grad element it touches has exactly one
+// writer: no (Q, P) workspace or third kernel is needed. The self pair (k = j) enters
+// both sums and cancels to rounding, as in rank_sums.cu.
+#include <cuda_runtime.h>
+
+#include "../step.h"
+#include "graded_rank_sums_cuda.h"
+
+namespace fastrank {
+namespace cuda {
+// A namespace of their own: rank_sums.cu defines kernels and helpers with the same
+// names in fastrank::cuda, and both objects link into one extension.
+namespace graded {
+
+constexpr int kThreads = 256;
+constexpr int kTileP = 4;  // ranked items per block in the row kernel
+
+__device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask) {
+  return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
+}
+
+template <typename T>
+__device__ __forceinline__ T min_rel(T x, T y) {
+  return x < y ? x : y;  // relevance is finite (checked by the glue): no NaN rule needed
+}
+
+// Sum of v over the block, in a fixed order; the result is valid in thread 0.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* smem) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T out = T(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) out += smem[w];
+  }
+  return out;
+}
+
+// MODE 0: forward, rank_all into out0 and rank_pos into out1, both (Q, P).
+// MODE 1: backward row sums, grad[i, j] -= sum_k c_jk with grad = out0 (Q, N).
+// ptxas (CUDA 13, sm_80/sm_90) caps <double, kSigmoid, 0> at 64 registers and spills
+// 12 bytes: two loop-invariant values stored before the sweep and reloaded after it
+// (checked in the SASS), none inside the loop, so it is left alone.
+template <typename T, int STEP, int MODE>
+__global__ void __launch_bounds__(kThreads)
+    row_kernel(const T* __restrict__ scores, const T* __restrict__ rel, const int64_t* __restrict__ pos_idx,
+               const int64_t* __restrict__ ign_idx, const bool* __restrict__ ign_mask, const T* __restrict__ grad_all,
+               const T* __restrict__ grad_pos, int64_t N, int64_t P, StepParams<T> prm, T* __restrict__ out0,
+               T* __restrict__ out1) {
+  __shared__ T smem[kThreads / 32];
+  const int64_t i = blockIdx.x;  // 64-bit from here on: i * N exceeds 2^31 at Q = N = 46341
+  const int64_t p0 = static_cast<int64_t>(blockIdx.y) * kTileP;
+  const T* s = scores + i * N;
+  const T* r = rel + i * N;
+  const int64_t* pidx = pos_idx + i * P;
+  const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
+
+  // holes get rel_j = 0 and a = b = 0: their sums are computed but never stored
+  T sj[kTileP], rj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
+  bool any = false;
+#pragma unroll
+  for (int t = 0; t < kTileP; ++t) {
+    const int64_t p = p0 + t;
+    const int64_t j = p < P ? pidx[p] : -1;
+    const bool has = j >= 0;
+    any |= has;
+    sj[t] = has ? s[j] : T(0);
+    rj[t] = has ? r[j] : T(0);
+    a[t] = (MODE == 1 && has) ? grad_all[i * P + p] : T(0);
+    b[t] = (MODE == 1 && STEP == kSigmoid && has) ? grad_pos[i * P + p] : T(0);
+    acc0[t] = acc1[t] = T(0);
+  }
+  // Padded rows (fewer ranked items than P) leave whole tiles empty. `any` is the
+  // same in every thread (they all read the same pos_idx entries), so returning
+  // before the first __syncthreads is safe.
+  if (!any) return;
+
+  // one sweep over every valid competitor, j itself included
+  for (int64_t k = threadIdx.x; k < N; k += kThreads) {
+    if (!is_valid(i, k, N, ign, ign_mask)) continue;
+    const T sk = s[k];
+    const T rk = r[k];
+#pragma unroll
+    for (int t = 0; t < kTileP; ++t) {
+      const T d = sk - sj[t];
+      if (MODE == 0) {
+        if (STEP == kSigmoid) {
+          const T sig = sigmoid_tau(d, prm.inv_tau);
+          acc0[t] += sig;
+          acc1[t] += min_rel(rj[t], rk) * sig;
+        } else {
+          const T h = heaviside(d);
+          acc0[t] += rk >= rj[t] ? h : suprank_neg(d, prm);
+          acc1[t] += min_rel(rj[t], rk) * h;
+        }
+      } else {
+        if (STEP == kSigmoid)
+          acc0[t] += (a[t] + b[t] * min_rel(rj[t], rk)) * sigmoid_tau_grad(d, prm.inv_tau);
+        else if (rk < rj[t])
+          acc0[t] += a[t] * suprank_neg_grad(d, prm);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTileP; ++t) {
+    const T r0 = block_sum(acc0[t], smem);
+    const T r1 = MODE == 0 ? block_sum(acc1[t], smem) : T(0);
+    const int64_t p = p0 + t;
+    const int64_t j = threadIdx.x == 0 && p < P ? pidx[p] : -1;
+    if (j >= 0) {
+      if (MODE == 0) {
+        // remove the self term of the sweep (see the top of the file)
+        out0[i * P + p] = STEP == kSigmoid ? r0 + T(0.5) : r0;
+        out1[i * P + p] = STEP == kSigmoid ? r1 + T(0.5) * rj[t] : r1;
+      } else {
+        out0[i * N + j] -= r0;  // the column kernel wrote this element; this is its only other writer
+      }
+    }
+  }
+}
+
+// grad[i,k] = sum_p c_{j_p k} for valid k (0 for ignored k): one thread per competitor,
+// the row's ranked items staged through shared memory.
+template <typename T, int STEP>
+__global__ void __launch_bounds__(kThreads)
+    column_kernel(const T* __restrict__ scores, const T* __restrict__ rel, const int64_t* __restrict__ pos_idx,
+                  const int64_t* __restrict__ ign_idx, const bool* __restrict__ ign_mask,
+                  const T* __restrict__ grad_all, const T* __restrict__ grad_pos, int64_t N, int64_t P,
+                  StepParams<T> prm, T* __restrict__ grad) {
+  __shared__ T s_sj[kThreads];
+  __shared__ T s_rj[kThreads];
+  __shared__ T s_a[kThreads];
+  __shared__ T s_b[kThreads];
+  const int64_t i = blockIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const T* s = scores + i * N;
+  const T* r = rel + i * N;
+  const int64_t* pidx = pos_idx + i * P;
+  const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
+  const bool active = k < N && is_valid(i, k, N, ign, ign_mask);
+  const T sk = k < N ? s[k] : T(0);
+  const T rk = k < N ? r[k] : T(0);
+  T acc = T(0);
+  for (int64_t p0 = 0; p0 < P; p0 += kThreads) {
+    const int64_t p = p0 + threadIdx.x;
+    const int64_t j = p < P ? pidx[p] : -1;
+    // holes: a = b = 0 (sigmoid) and rel_j = 0 (suprank: rel_k < 0 never holds)
+    s_sj[threadIdx.x] = j >= 0 ? s[j] : T(0);
+    s_rj[threadIdx.x] = j >= 0 ? r[j] : T(0);
+    s_a[threadIdx.x] = j >= 0 ? grad_all[i * P + p] : T(0);
+    if (STEP == kSigmoid) s_b[threadIdx.x] = j >= 0 ? grad_pos[i * P + p] : T(0);
+    __syncthreads();
+    const int64_t n = P - p0 < kThreads ? P - p0 : kThreads;
+    if (active) {
+      for (int64_t t = 0; t < n; ++t) {
+        const T d = sk - s_sj[t];
+        if (STEP == kSigmoid)
+          acc += (s_a[t] + s_b[t] * min_rel(s_rj[t], rk)) * sigmoid_tau_grad(d, prm.inv_tau);
+        else if (rk < s_rj[t])
+          acc += s_a[t] * suprank_neg_grad(d, prm);
+      }
+    }
+    __syncthreads();
+  }
+  if (k < N) grad[i * N + k] = active ? acc : T(0);
+}
+
+static inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+template <typename T, int STEP>
+static void launch_forward(const T* scores, const T* rel, const int64_t* pos_idx, const int64_t* ign_idx,
+                           const bool* ign_mask, int64_t Q, int64_t N, int64_t P, StepParams<T> prm, T* rank_all,
+                           T* rank_pos, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(Q), blocks_for(P, kTileP));
+  row_kernel<T, STEP, 0><<<grid, kThreads, 0, stream>>>(scores, rel, pos_idx, ign_idx, ign_mask, nullptr, nullptr, N,
+                                                          P, prm, rank_all, rank_pos);
+}
+
+template <typename T, int STEP>
+static void launch_backward(const T* grad_all, const T* grad_pos, const T* scores, const T* rel,
+                            const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N,
+                            int64_t P, StepParams<T> prm, T* grad, cudaStream_t stream) {
+  const dim3 gcol(static_cast<unsigned>(Q), blocks_for(N, kThreads));
+  column_kernel<T, STEP><<<gcol, kThreads, 0, stream>>>(scores, rel, pos_idx, ign_idx, ign_mask, grad_all, grad_pos,
+                                                         N, P, prm, grad);
+  if (P == 0) return;
+  // must follow the column kernel (same stream): it subtracts from what that kernel wrote
+  const dim3 grow(static_cast<unsigned>(Q), blocks_for(P, kTileP));
+  row_kernel<T, STEP, 1><<<grow, kThreads, 0, stream>>>(scores, rel, pos_idx, ign_idx, ign_mask, grad_all, grad_pos,
+                                                          N, P, prm, grad, nullptr);
+}
+
+}  // namespace graded
+
+template <typename T>
+cudaError_t graded_rank_sums_forward(const T* scores, const T* relevance, const int64_t* pos_idx,
+                                     const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N, int64_t P,
+                                     int step, StepParams<T> prm, T* rank_all, T* rank_pos, cudaStream_t stream) {
+  using graded::blocks_for;
+  if (Q == 0 || P == 0) return cudaSuccess;
+  if (Q > 2147483647LL || blocks_for(P, graded::kTileP) > 65535u) return cudaErrorInvalidConfiguration;
+  if (step == kSigmoid)
+    graded::launch_forward<T, kSigmoid>(scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P, prm, rank_all,
+                                        rank_pos, stream);
+  else
+    graded::launch_forward<T, kSupRank>(scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P, prm, rank_all,
+                                        rank_pos, stream);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t graded_rank_sums_backward(const T* grad_all, const T* grad_pos, const T* scores, const T* relevance,
+                                      const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask, int64_t Q,
+                                      int64_t N, int64_t P, int step, StepParams<T> prm, T* grad,
+                                      cudaStream_t stream) {
+  using graded::blocks_for;
+  if (Q == 0 || N == 0) return cudaSuccess;
+  if (Q > 2147483647LL || blocks_for(N, graded::kThreads) > 65535u || blocks_for(P, graded::kTileP) > 65535u)
+    return cudaErrorInvalidConfiguration;
+  if (step == kSigmoid)
+    graded::launch_backward<T, kSigmoid>(grad_all, grad_pos, scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P,
+                                         prm, grad, stream);
+  else
+    graded::launch_backward<T, kSupRank>(grad_all, grad_pos, scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P,
+                                         prm, grad, stream);
+  return cudaGetLastError();
+}
+
+template cudaError_t graded_rank_sums_forward<float>(const float*, const float*, const int64_t*, const int64_t*,
+                                                     const bool*, int64_t, int64_t, int64_t, int, StepParams<float>,
+                                                     float*, float*, cudaStream_t);
+template cudaError_t graded_rank_sums_forward<double>(const double*, const double*, const int64_t*, const int64_t*,
+                                                      const bool*, int64_t, int64_t, int64_t, int,
+                                                      StepParams<double>, double*, double*, cudaStream_t);
+template cudaError_t graded_rank_sums_backward<float>(const float*, const float*, const float*, const float*,
+                                                      const int64_t*, const int64_t*, const bool*, int64_t, int64_t,
+                                                      int64_t, int, StepParams<float>, float*, cudaStream_t);
+template cudaError_t graded_rank_sums_backward<double>(const double*, const double*, const double*, const double*,
+                                                       const int64_t*, const int64_t*, const bool*, int64_t, int64_t,
+                                                       int64_t, int, StepParams<double>, double*, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace fastrank

@@ -1,0 +1,497 @@
+"""Triton kernels of the GRADED rank-sums primitive (SPEC §1.1-1.2, issue 9): forward and
+deterministic backward.
+
+Same contract as `fastrank.graded.torch_graded_forward/backward`, in the packed layout of
+`triton_kernels/rank_sums.py`: each query i has the packed list of its ranked items
+`pos_idx[i]` (-1 = hole; relevance > 0, never ignored), validity (ignore) is one column per
+query or a (Q, N) mask, and the graded relevance is a dense (Q, N) floating tensor. Per
+ranked item j, with d = s_ik - s_ij and k over the valid competitors (relevance 0 allowed):
+
+    rank_all[i, j] = 1     + sum_{k != j} g(d)
+    rank_pos[i, j] = rel_j + sum_{k != j} min(rel_j, rel_k) h(d)
+
+* STEP 0 (sigmoid): g = h = sigma_tau.
+* STEP 1 (suprank): h = H (H(0) = 1, no gradient); g = H if rel_k >= rel_j, else H^-.
+
+One sweep over every valid k, j itself included. Self terms: sigmoid gives sigma(0) = 1/2 to
+rank_all and rel_j / 2 to rank_pos, so rank_all = 1/2 + sweep, rank_pos = rel_j / 2 + sweep;
+suprank gives H(0) = 1 (rel_j >= rel_j) and rel_j * H(0) = rel_j, which supply "1 +" and
+"rel_j +" exactly.
+
+Backward (no float atomics, so bitwise deterministic), with a_j = dL/drank_all,
+b_j = dL/drank_pos and, for k != j,
+
+    c_jk = (a_j + b_j min(rel_j, rel_k)) sigma_tau'(d)     (sigmoid)
+    c_jk = a_j [rel_k < rel_j] H^-'(d)                      (suprank; H has no gradient)
+
+dL/ds_ik += c_jk and dL/ds_ij -= c_jk. The self pair k = j is left out (its two terms
+cancel; dropping it costs one compare and avoids adding and subtracting sigma'(0) = 1/(4 tau)):
+
+1. rows kernel, grid (Q, cdiv(P, BLOCK_P)): out[i, p] = -tot_j = -sum_k c_jk for the ranked
+   item j = pos_idx[i, p]; it also flags rows with a NaN among their valid scores.
+2. columns kernel, grid (Q, cdiv(N, BLOCK_K)): grad[i, k] = sum_{j ranked} c_jk (through
+   tiles of pos_idx) for valid k, 0 for ignored k, NaN at valid k of a flagged row.
+3. grad.scatter_add_(1, pos_idx, out): the columns of a row's ranked items are unique, so
+   every cell receives at most one addend; holes add an exact +0.0 to column 0, which never
+   changes a value, so the result is deterministic.
+
+Accumulation in float32 (float64 for float64 scores); d is formed in that dtype and the
+relevance is cast to it on load. NaN: a NaN among a row's valid scores makes that row's
+ranks (non-holes) and its gradient at valid entries NaN, as in `rank_sums.py`; rows without
+a ranked item keep zero outputs and a zero gradient. Detected inside the kernels, so there
+is no host synchronisation. Relevance values are not checked here (no host sync): the
+callers validate them (finite, >= 0) with `fastrank.graded.check_relevance`.
+
+Launch: on a GPU each kernel is autotuned over (BLOCK_K, num_warps) keyed on (N rounded up
+to a power of two, BLOCK_P, STEP, IGNORE); BLOCK_P comes from P. Under TRITON_INTERPRET=1
+(checked at import) one large-block configuration is used. `FASTRANK_TRITON_FAST=1` (or
+`fast=True`) selects the special-function sigma on float32 GPU runs (see `_step.py`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, INTERPRETED, acc_dtype, check_tensor, next_pow2, prune_tile_configs, valid_cols
+from ._step import heaviside, step_neg, step_neg_grad
+from .rank_sums import _check_grad, _check_inputs, _common_args, _params_tensor, _use_fast
+
+Tensor = torch.Tensor
+
+_NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _graded_fwd_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, rel_ptr, params_ptr, rank_all_ptr, rank_pos_ptr,
+    N, P, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn, stride_rq, stride_rn,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward: graded rank_all, rank_pos of BLOCK_P ranked items of one query.
+
+    Grid (Q, cdiv(P, BLOCK_P)). Pointers:
+        scores_ptr    (Q, N) float16/bfloat16/float32/float64, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 column of each ranked item, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column per query (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 (a bool mask viewed as bytes), nonzero = ignored, strides
+                      (stride_mq, stride_mn); read if IGNORE & 2
+        rel_ptr       (Q, N) graded relevance, any floating dtype (cast to the accumulation dtype
+                      on load), strides (stride_rq, stride_rn)
+        params_ptr    (5,) accumulation dtype: 1/tau, rho, delta, start, offset
+        rank_all_ptr, rank_pos_ptr  (Q, P) contiguous outputs, dtype of scores; 0 at holes
+    Scalars: N, P; N_KEY (N rounded up to a power of two) only keys the autotuner.
+    Constexprs:
+        STEP     0 sigmoid, 1 suprank
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask (0 = nothing ignored)
+        FAST     sigma via tanh.approx.f32 (GPU, float32 only)
+        BLOCK_P  ranked items per program
+        BLOCK_K  competitors per tile of the sweep
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    # (1/tau, rho, delta, start, offset) in the accumulation dtype
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    start = tl.load(params_ptr + 3)
+    offset = tl.load(params_ptr + 4)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = offs_p < P
+    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
+    has = j >= 0
+    s_row = scores_ptr + i * stride_sq
+    r_row = rel_ptr + i * stride_rq
+    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+    rj = tl.load(r_row + j * stride_rn, mask=has, other=0.0).to(ACC)
+
+    rank_all = tl.zeros((BLOCK_P,), ACC)
+    rank_pos = tl.zeros((BLOCK_P,), ACC)
+    if tl.max(has.to(tl.int32), axis=0) > 0:
+        ign = -1  # the ignored column, read only when IGNORE has the index bit
+        if IGNORE & 1:
+            ign = tl.load(ign_idx_ptr + i * stride_iq)
+        mask_row = ign_mask_ptr + i * stride_mq
+        # one sweep: every valid competitor, j itself included
+        acc_all = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+        acc_pos = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+        n_nan = tl.zeros((BLOCK_K,), tl.int32)
+        for k0 in range(0, N, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+            sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+            rk = tl.load(r_row + offs_k.to(tl.int64) * stride_rn, mask=valid, other=0.0).to(ACC)
+            n_nan += (sk != sk).to(tl.int32)
+            d = sk[None, :] - sj[:, None]
+            w = tl.minimum(rj[:, None], rk[None, :])
+            if STEP == 0:
+                g = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+                acc_all += tl.where(valid[None, :], g, 0.0)
+                acc_pos += tl.where(valid[None, :], w * g, 0.0)
+            else:
+                h = heaviside(d)
+                hneg = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+                g = tl.where(rk[None, :] >= rj[:, None], h, hneg)
+                acc_all += tl.where(valid[None, :], g, 0.0)
+                acc_pos += tl.where(valid[None, :], w * h, 0.0)
+        rank_all = tl.sum(acc_all, axis=1)
+        rank_pos = tl.sum(acc_pos, axis=1)
+        if STEP == 0:
+            # 1 + sum_{k != j} = 1/2 + sum_k and rel_j + sum_{k != j} = rel_j / 2 + sum_k,
+            # since k = j contributed sigma(0) = 1/2 and min(rel_j, rel_j) sigma(0) = rel_j / 2
+            rank_all = rank_all + 0.5
+            rank_pos = rank_pos + 0.5 * rj
+        row_nan = tl.max(n_nan, axis=0) > 0
+        rank_all = tl.where(row_nan, _NAN, rank_all)
+        rank_pos = tl.where(row_nan, _NAN, rank_pos)
+
+    out_ty = rank_all_ptr.dtype.element_ty
+    out_off = i * P + offs_p
+    tl.store(rank_all_ptr + out_off, tl.where(has, rank_all, 0.0).to(out_ty), mask=in_p)
+    tl.store(rank_pos_ptr + out_off, tl.where(has, rank_pos, 0.0).to(out_ty), mask=in_p)
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _graded_bwd_rows_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, rel_ptr, params_ptr, grad_all_ptr, grad_pos_ptr,
+    out_ptr, nan_flag_ptr,
+    N, P, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn, stride_rq, stride_rn,
+    stride_aq, stride_ap, stride_bq, stride_bp,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward, per ranked item: out = -tot_j = -sum_{k valid, k != j} c_jk (what scatters onto its column).
+
+    Grid (Q, cdiv(P, BLOCK_P)). c_jk = (a_j + b_j min(rel_j, rel_k)) sigma_tau'(s_k - s_j) (sigmoid)
+    or a_j [rel_k < rel_j] H^-'(s_k - s_j) (suprank), a = grad_all, b = grad_pos.
+    Pointers:
+        scores_ptr    (Q, N) scores, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 ranked items, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 ignore mask, strides (stride_mq, stride_mn); read if IGNORE & 2
+        rel_ptr       (Q, N) graded relevance, any floating dtype, strides (stride_rq, stride_rn)
+        params_ptr    (5,) accumulation dtype: 1/tau, rho, delta, start, offset
+        grad_all_ptr  (Q, P) dL/drank_all, any float dtype, strides (stride_aq, stride_ap)
+        grad_pos_ptr  (Q, P) dL/drank_pos, strides (stride_bq, stride_bp); read for sigmoid only
+        out_ptr       (Q, P) contiguous, accumulation dtype: -tot, 0 at holes, NaN in NaN rows
+        nan_flag_ptr  (Q,) int32, zero-initialised: set to 1 for a row with a ranked item and a
+                      NaN among its valid scores (every writer stores the same value)
+    Scalars: N, P; N_KEY only keys the autotuner.
+    Constexprs:
+        STEP     0 sigmoid, 1 suprank
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask
+        FAST     approximate special functions (GPU, float32 only)
+        BLOCK_P  ranked items per program
+        BLOCK_K  competitors per tile of the sweep
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = offs_p < P
+    offs_p64 = offs_p.to(tl.int64)
+    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p64 * stride_pp, mask=in_p, other=-1)
+    has = j >= 0
+    s_row = scores_ptr + i * stride_sq
+    r_row = rel_ptr + i * stride_rq
+    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+    rj = tl.load(r_row + j * stride_rn, mask=has, other=0.0).to(ACC)
+
+    out = tl.zeros((BLOCK_P,), ACC)
+    if tl.max(has.to(tl.int32), axis=0) > 0:
+        # convert on load: the interpreter keeps bfloat16 as raw 16-bit integers
+        a = tl.load(grad_all_ptr + i * stride_aq + offs_p64 * stride_ap, mask=has, other=0.0).to(ACC)
+        b = tl.zeros((BLOCK_P,), ACC)
+        if STEP == 0:
+            b = tl.load(grad_pos_ptr + i * stride_bq + offs_p64 * stride_bp, mask=has, other=0.0).to(ACC)
+        ign = -1  # the ignored column, read only when IGNORE has the index bit
+        if IGNORE & 1:
+            ign = tl.load(ign_idx_ptr + i * stride_iq)
+        mask_row = ign_mask_ptr + i * stride_mq
+        acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+        n_nan = tl.zeros((BLOCK_K,), tl.int32)
+        for k0 in range(0, N, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+            sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+            rk = tl.load(r_row + offs_k.to(tl.int64) * stride_rn, mask=valid, other=0.0).to(ACC)
+            n_nan += (sk != sk).to(tl.int32)
+            d = sk[None, :] - sj[:, None]
+            gp = step_neg_grad(d, inv_tau, rho, delta, STEP, FAST)
+            if STEP == 0:
+                coef = a[:, None] + b[:, None] * tl.minimum(rj[:, None], rk[None, :])
+                keep = valid[None, :] & (offs_k[None, :] != j[:, None])
+                acc += tl.where(keep, coef * gp, 0.0)
+            else:
+                # rel_k < rel_j already excludes k = j
+                keep = valid[None, :] & (rk[None, :] < rj[:, None])
+                acc += tl.where(keep, a[:, None] * gp, 0.0)
+        out = -tl.sum(acc, axis=1)
+        row_nan = tl.max(n_nan, axis=0) > 0
+        out = tl.where(row_nan, _NAN, out)
+        tl.store(nan_flag_ptr + i, 1, mask=row_nan)
+
+    tl.store(out_ptr + i * P + offs_p, tl.where(has, out, 0.0), mask=in_p)
+
+
+@triton.jit(do_not_specialize=["N_KEY"])
+def _graded_bwd_cols_kernel(
+    scores_ptr, pos_idx_ptr, ign_idx_ptr, ign_mask_ptr, rel_ptr, params_ptr, grad_all_ptr, grad_pos_ptr,
+    nan_flag_ptr, grad_ptr,
+    N, P, N_KEY,
+    stride_sq, stride_sn, stride_pq, stride_pp, stride_iq, stride_mq, stride_mn, stride_rq, stride_rn,
+    stride_aq, stride_ap, stride_bq, stride_bp,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward, per competitor column: grad[i, k] = sum_{j ranked, j != k} c_jk for valid k.
+
+    Grid (Q, cdiv(N, BLOCK_K)); each program loops over the query's ranked items in tiles of
+    BLOCK_P. Ignored columns get 0; rows flagged by the rows kernel get NaN at valid columns
+    (launch it first). The ranked items' own columns receive the rows kernel's output
+    afterwards (scatter_add on the host).
+    Pointers:
+        scores_ptr    (Q, N) scores, strides (stride_sq, stride_sn)
+        pos_idx_ptr   (Q, P) int64 ranked items, -1 = hole, strides (stride_pq, stride_pp)
+        ign_idx_ptr   (Q,) int64 ignored column (-1 = none), stride stride_iq; read if IGNORE & 1
+        ign_mask_ptr  (Q, N) uint8 ignore mask, strides (stride_mq, stride_mn); read if IGNORE & 2
+        rel_ptr       (Q, N) graded relevance, any floating dtype, strides (stride_rq, stride_rn)
+        params_ptr    (5,) accumulation dtype: 1/tau, rho, delta, start, offset
+        grad_all_ptr  (Q, P) dL/drank_all, strides (stride_aq, stride_ap)
+        grad_pos_ptr  (Q, P) dL/drank_pos, strides (stride_bq, stride_bp); read for sigmoid only
+        nan_flag_ptr  (Q,) int32 written by the rows kernel
+        grad_ptr      (Q, N) contiguous output, accumulation dtype
+    Scalars: N, P; N_KEY only keys the autotuner.
+    Constexprs:
+        STEP     0 sigmoid, 1 suprank
+        IGNORE   bit set: 1 = ign_idx, 2 = ign_mask
+        FAST     approximate special functions (GPU, float32 only)
+        BLOCK_P  ranked items per tile of the loop
+        BLOCK_K  columns per program
+    """
+    i = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    ACC = params_ptr.dtype.element_ty
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ign = -1  # the ignored column, read only when IGNORE has the index bit
+    if IGNORE & 1:
+        ign = tl.load(ign_idx_ptr + i * stride_iq)
+    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    s_row = scores_ptr + i * stride_sq
+    r_row = rel_ptr + i * stride_rq
+    sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+    rk = tl.load(r_row + offs_k.to(tl.int64) * stride_rn, mask=valid, other=0.0).to(ACC)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        in_p = offs_p < P
+        offs_p64 = offs_p.to(tl.int64)
+        j = tl.load(pos_idx_ptr + i * stride_pq + offs_p64 * stride_pp, mask=in_p, other=-1)
+        has = j >= 0
+        if tl.max(has.to(tl.int32), axis=0) > 0:
+            sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+            rj = tl.load(r_row + j * stride_rn, mask=has, other=0.0).to(ACC)
+            a = tl.load(grad_all_ptr + i * stride_aq + offs_p64 * stride_ap, mask=has, other=0.0).to(ACC)
+            d = sk[None, :] - sj[:, None]
+            gp = step_neg_grad(d, inv_tau, rho, delta, STEP, FAST)
+            if STEP == 0:
+                b = tl.load(grad_pos_ptr + i * stride_bq + offs_p64 * stride_bp, mask=has, other=0.0).to(ACC)
+                coef = a[:, None] + b[:, None] * tl.minimum(rj[:, None], rk[None, :])
+                keep = has[:, None] & (offs_k[None, :] != j[:, None])
+                acc += tl.where(keep, coef * gp, 0.0)
+            else:
+                # holes and k = j fail rel_k < rel_j
+                keep = has[:, None] & (rk[None, :] < rj[:, None])
+                acc += tl.where(keep, a[:, None] * gp, 0.0)
+    g = tl.sum(acc, axis=0)
+    row_nan = tl.load(nan_flag_ptr + i) != 0
+    g = tl.where(row_nan, _NAN, g)
+    tl.store(grad_ptr + i * N + offs_k, tl.where(valid, g, 0.0), mask=offs_k < N)
+
+
+# --------------------------------------------------------------------------- launch configuration
+
+
+#: block caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
+#: tests lower them to drive the multi-tile loops with small shapes
+INTERPRETER_MAX_BLOCK_P = 128
+INTERPRETER_MAX_BLOCK_K = 1024
+
+
+def _block_p(p: int) -> int:
+    """Ranked items per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
+    return max(2, min(next_pow2(p), INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64))
+
+
+def _interpreter_block_k(args) -> int:
+    return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
+
+
+def _configure(kernel, tiles: int):
+    """GPU: autotune (BLOCK_K, num_warps); interpreter: one config with large blocks.
+
+    `tiles` is the number of live (BLOCK_P, BLOCK_K) accumulators of the kernel (the forward
+    keeps two), which the pruning rule counts against the per-thread register budget.
+    """
+    if INTERPRETED:
+        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
+
+    def prune(configs, named_args, **kwargs):
+        bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
+        return prune_tile_configs(configs, named_args, rows=tiles * bp, n_floor=32)
+
+    configs = [
+        triton.Config({"BLOCK_K": bk}, num_warps=w)
+        for bk in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+        for w in (4, 8)
+    ]
+    return triton.autotune(
+        configs, key=["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune_configs_by={"early_config_prune": prune}
+    )(kernel)
+
+
+_fwd = _configure(_graded_fwd_kernel, tiles=2)
+_bwd_rows = _configure(_graded_bwd_rows_kernel, tiles=1)
+_bwd_cols = _configure(_graded_bwd_cols_kernel, tiles=1)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _check_relevance(fn: str, relevance, scores: Tensor) -> None:
+    """(Q, N) floating relevance on the device of `scores` (values are the caller's to validate)."""
+    check_tensor(fn, "relevance", relevance, 2)
+    if relevance.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: `relevance` must be float16, bfloat16, float32 or float64, got {relevance.dtype}"
+        )
+    if relevance.shape != scores.shape:
+        raise ValueError(
+            f"{fn}: `relevance` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(relevance.shape)}"
+        )
+    if relevance.device != scores.device:
+        raise ValueError(f"{fn}: `relevance` is on {relevance.device} but `scores` is on {scores.device}")
+
+
+def _args(scores, relevance, pos_idx, ignore_idx, ignore_mask):
+    """Pointers (relevance after the common four) and strides (relevance's last) of the kernels."""
+    ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
+    return (*ptrs, relevance), (*strides, *relevance.stride()), mode
+
+
+def graded_rank_sums_forward(
+    scores: Tensor,
+    relevance: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params,
+    *,
+    fast: Optional[bool] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Graded rank_all, rank_pos, each (Q, P) in the dtype of `scores`, zero at holes of `pos_idx`.
+
+    Args:
+        scores: (Q, N) float16/bfloat16/float32/float64, any strides.
+        relevance: (Q, N) floating graded relevance (>= 0, finite; not checked here), any
+            strides, on the device of `scores`; read in the accumulation dtype.
+        pos_idx: (Q, P) int64 columns of the ranked items (-1 = hole, unique per row, relevance
+            > 0, never ignored), e.g. `fastrank._problem.build_problem(relevance, ...)`.
+        ignore_idx: (Q,) int64 column to leave out per query (-1 = none), or None.
+        ignore_mask: (Q, N) bool, True = left out, or None.
+        params: the step (fastrank._step.StepParams).
+        fast: sigma through tanh.approx.f32 (GPU, float32 math only); None reads
+            FASTRANK_TRITON_FAST (default off).
+    """
+    fn = "fastrank.triton_kernels.graded_rank_sums_forward"
+    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    _check_relevance(fn, relevance, scores)
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    rank_all = torch.zeros((q, p), dtype=scores.dtype, device=scores.device)
+    rank_pos = torch.zeros_like(rank_all)
+    if q == 0 or p == 0 or n == 0:
+        return rank_all, rank_pos
+    acc = acc_dtype(scores.dtype)
+    ptrs, strides, mode = _args(scores, relevance, pos_idx, ignore_idx, ignore_mask)
+    bp = _block_p(p)
+    _fwd[(q, triton.cdiv(p, bp))](
+        *ptrs, _params_tensor(params, acc, scores.device), rank_all, rank_pos,
+        n, p, next_pow2(n), *strides,
+        STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=bp,
+    )
+    return rank_all, rank_pos
+
+
+def graded_rank_sums_backward(
+    grad_all: Optional[Tensor],
+    grad_pos: Optional[Tensor],
+    scores: Tensor,
+    relevance: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params,
+    *,
+    fast: Optional[bool] = None,
+) -> Tensor:
+    """dL/dscores (Q, N), dtype of `scores`, from dL/drank_all and dL/drank_pos (each (Q, P) or None = zeros).
+
+    Arguments as in :func:`graded_rank_sums_forward`. No gradient flows to `relevance`.
+    Deterministic: no floating-point atomics; every output is summed in a fixed order.
+    """
+    fn = "fastrank.triton_kernels.graded_rank_sums_backward"
+    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    _check_relevance(fn, relevance, scores)
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    acc = acc_dtype(scores.dtype)
+    if grad_all is None:
+        grad_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
+    if grad_pos is None:
+        grad_pos = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
+    _check_grad(fn, "grad_all", grad_all, pos_idx)
+    _check_grad(fn, "grad_pos", grad_pos, pos_idx)
+    if q == 0 or p == 0 or n == 0:
+        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    ptrs, strides, mode = _args(scores, relevance, pos_idx, ignore_idx, ignore_mask)
+    prm = _params_tensor(params, acc, scores.device)
+    meta = dict(STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=_block_p(p))
+    n_key = next_pow2(n)
+    gstrides = (*grad_all.stride(), *grad_pos.stride())
+
+    out = torch.empty((q, p), dtype=acc, device=scores.device)
+    nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
+    _bwd_rows[(q, triton.cdiv(p, meta["BLOCK_P"]))](
+        *ptrs, prm, grad_all, grad_pos, out, nan_flag,
+        n, p, n_key, *strides, *gstrides, **meta,
+    )
+    grad = torch.empty((q, n), dtype=acc, device=scores.device)
+    _bwd_cols[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
+        *ptrs, prm, grad_all, grad_pos, nan_flag, grad,
+        n, p, n_key, *strides, *gstrides, **meta,
+    )
+    # each ranked column of a row appears once in pos_idx; holes add +0.0 (out is 0 there) to column 0
+    grad.scatter_add_(1, pos_idx.clamp(min=0), out)
+    return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)
