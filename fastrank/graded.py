@@ -207,26 +207,35 @@ def naive_graded_rank_sums(scores: Tensor, rel: Tensor, valid: Tensor, params: S
 
 
 # --------------------------------------------------------------------------- torch (chunked)
+#
+# Works on the ranked items only, as the binary torch backend does: blocks of
+# (query rows, ranked items) x N pairs, so Q * P * N work rather than the cube's Q * N * N.
 
 
-def _block_terms(scores, rel, valid, ranked, q0, q1, j0, j1):
+def _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1):
     s = scores[q0:q1]  # (Qc, N)
+    r = rel[q0:q1]
+    idx = pos_idx[q0:q1, p0:p1]  # (Qc, Pc)
+    has = idx >= 0
+    cidx = idx.clamp(min=0)
+    d = s.unsqueeze(1) - s.gather(1, cidx).unsqueeze(2)  # (Qc, Pc, N): s_ik - s_ij
+    rel_j = r.gather(1, cidx).unsqueeze(2)
+    rel_k = r.unsqueeze(1)
     n = s.shape[1]
-    d = s.unsqueeze(1) - s[:, j0:j1].unsqueeze(2)  # (Qc, Jc, N): s_ik - s_ij
-    rel_k = rel[q0:q1].unsqueeze(1)
-    rel_j = rel[q0:q1, j0:j1].unsqueeze(2)
-    not_self = torch.arange(n, device=s.device).view(1, 1, n) != torch.arange(j0, j1, device=s.device).view(1, -1, 1)
-    comp = valid[q0:q1].unsqueeze(1) & not_self & ranked[q0:q1, j0:j1].unsqueeze(2)
-    return d, rel_j, rel_k, comp
+    not_self = torch.arange(n, device=s.device).view(1, 1, n) != cidx.unsqueeze(2)
+    comp = valid[q0:q1].unsqueeze(1) & not_self & has.unsqueeze(2)
+    return d, rel_j, rel_k, comp, has, cidx
 
 
-def torch_graded_forward(scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams) -> Tuple[Tensor, Tensor]:
+def torch_graded_packed_forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -> Tuple[Tensor, Tensor]:
+    """(rank_all, rank_pos) (Q, P) at the ranked items pos_idx, 0 at holes."""
     q, n = scores.shape
-    ranked = valid & (rel > 0)
-    rank_all = torch.zeros(q, n, dtype=scores.dtype, device=scores.device)
-    rank_pos = torch.zeros_like(rank_all)
-    for q0, q1, j0, j1 in _blocks(q, n, n):
-        d, rel_j, rel_k, comp = _block_terms(scores, rel, valid, ranked, q0, q1, j0, j1)
+    scores = scores.detach()
+    valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
+    rank_all = scores.new_zeros(pos_idx.shape)
+    rank_pos = scores.new_zeros(pos_idx.shape)
+    for q0, q1, p0, p1 in _blocks(q, pos_idx.shape[1], n):
+        d, rel_j, rel_k, comp, has, _ = _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1)
         zero = d.new_zeros(())
         w = torch.minimum(rel_j, rel_k)
         if params.step == SIGMOID:
@@ -235,39 +244,66 @@ def torch_graded_forward(scores: Tensor, rel: Tensor, valid: Tensor, params: Ste
             rp = torch.where(comp, w * g, zero).sum(-1)
         else:
             h = heaviside(d)
-            higher = rel_k >= rel_j
-            ra = torch.where(comp, torch.where(higher, h, suprank_neg(d, params)), zero).sum(-1)
+            ra = torch.where(comp, torch.where(rel_k >= rel_j, h, suprank_neg(d, params)), zero).sum(-1)
             rp = torch.where(comp, w * h, zero).sum(-1)
-        r = ranked[q0:q1, j0:j1]
-        rank_all[q0:q1, j0:j1] = torch.where(r, 1 + ra, zero)
-        rank_pos[q0:q1, j0:j1] = torch.where(r, rel[q0:q1, j0:j1] + rp, zero)
+        rank_all[q0:q1, p0:p1] = torch.where(has, 1 + ra, zero)
+        rank_pos[q0:q1, p0:p1] = torch.where(has, rel_j.squeeze(2) + rp, zero)
     return rank_all, rank_pos
 
 
-def torch_graded_backward(
-    grad_all: Tensor, grad_pos: Tensor, scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams
+def torch_graded_packed_backward(
+    grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params
 ) -> Tensor:
-    """d L / d scores, recomputing the step per block (SPEC §1.1 backward)."""
+    """d L / d scores (Q, N) given the packed gradients of rank_all and rank_pos (None = zeros),
+    recomputing the step per block (SPEC §1.1 backward)."""
     q, n = scores.shape
-    ranked = valid & (rel > 0)
+    scores = scores.detach()
+    valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
+    zeros = scores.new_zeros(pos_idx.shape)
+    grad_all = zeros if grad_all is None else grad_all.to(scores.dtype)
+    grad_pos = zeros if grad_pos is None else grad_pos.to(scores.dtype)
     grad = torch.zeros(q, n, dtype=scores.dtype, device=scores.device)
-    for q0, q1, j0, j1 in _blocks(q, n, n):
-        d, rel_j, rel_k, comp = _block_terms(scores, rel, valid, ranked, q0, q1, j0, j1)
-        a = grad_all[q0:q1, j0:j1].unsqueeze(2)
+    for q0, q1, p0, p1 in _blocks(q, pos_idx.shape[1], n):
+        d, rel_j, rel_k, comp, _, cidx = _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1)
+        a = grad_all[q0:q1, p0:p1].unsqueeze(2)
         zero = d.new_zeros(())
         x = d / params.tau
         in_range = (x >= -50) & (x <= 50)
         sig = sigmoid_tau(d, params.tau)
         dsig = torch.where(in_range, sig * (1 - sig) / params.tau, zero)
         if params.step == SIGMOID:
-            b = grad_pos[q0:q1, j0:j1].unsqueeze(2)
+            b = grad_pos[q0:q1, p0:p1].unsqueeze(2)
             c = torch.where(comp, (a + b * torch.minimum(rel_j, rel_k)) * dsig, zero)
         else:
             dneg = torch.where(d > params.delta, torch.full_like(d, params.rho), dsig)
             c = torch.where(comp & (rel_k < rel_j), a * dneg, zero)
         grad[q0:q1] += c.sum(1)
-        grad[q0:q1, j0:j1] -= c.sum(2)
+        # ranked columns are unique within a row; holes add an exact 0 (their c is 0)
+        grad[q0:q1].scatter_add_(1, cidx, -c.sum(2))
     return grad
+
+
+def _ranked_index(rel: Tensor, valid: Tensor) -> Tensor:
+    """pos_idx of the ranked items (relevance > 0, valid), as build_problem packs them."""
+    return build_problem(valid & (rel > 0), None, rel.shape[0], rel.shape[1], rel.device).pos_idx
+
+
+def torch_graded_forward(scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams) -> Tuple[Tensor, Tensor]:
+    """Dense (Q, N) form of torch_graded_packed_forward (0 where not ranked), for tests and references."""
+    pos_idx = _ranked_index(rel, valid)
+    ign = ~valid
+    ra, rp = torch_graded_packed_forward(scores, rel, pos_idx, None, ign, params)
+    n = scores.shape[1]
+    return _scatter(ra, pos_idx, n), _scatter(rp, pos_idx, n)
+
+
+def torch_graded_backward(
+    grad_all: Tensor, grad_pos: Tensor, scores: Tensor, rel: Tensor, valid: Tensor, params: StepParams
+) -> Tensor:
+    """Dense (Q, N) form of torch_graded_packed_backward: gradients of the dense rank sums."""
+    pos_idx = _ranked_index(rel, valid)
+    ga, gp = _gather(grad_all, pos_idx), _gather(grad_pos, pos_idx)
+    return torch_graded_packed_backward(ga, gp, scores, rel, pos_idx, None, ~valid, params)
 
 
 # ---- the packed contract of fastrank.ops.graded_rank_sums_packed
@@ -277,23 +313,6 @@ def naive_graded_packed(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -
     valid = dense_valid_mask(scores.shape[0], scores.shape[1], ignore_idx, ignore_mask, scores.device)
     ra, rp = naive_graded_rank_sums(scores, rel, valid, params)
     return _gather(ra, pos_idx), _gather(rp, pos_idx)
-
-
-def torch_graded_packed_forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -> Tuple[Tensor, Tensor]:
-    valid = dense_valid_mask(scores.shape[0], scores.shape[1], ignore_idx, ignore_mask, scores.device)
-    ra, rp = torch_graded_forward(scores.detach(), rel, valid, params)
-    return _gather(ra, pos_idx), _gather(rp, pos_idx)
-
-
-def torch_graded_packed_backward(
-    grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params
-) -> Tensor:
-    q, n = scores.shape
-    valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
-    zeros = scores.new_zeros(pos_idx.shape)
-    ga = _scatter(zeros if grad_all is None else grad_all.to(scores.dtype), pos_idx, n)
-    gp = _scatter(zeros if grad_pos is None else grad_pos.to(scores.dtype), pos_idx, n)
-    return torch_graded_backward(ga, gp, scores.detach(), rel, valid, params)
 
 
 # --------------------------------------------------------------------------- public API
