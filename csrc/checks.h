@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <cmath>
 #include <optional>
 
 namespace fastrank {
@@ -68,9 +69,11 @@ inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, c
   TORCH_CHECK(relevance.scalar_type() == scores.scalar_type(), op, ": relevance must have the dtype of scores (",
               scores.scalar_type(), "), got ", relevance.scalar_type());
   if (relevance.numel() > 0) {
-    TORCH_CHECK(at::isfinite(relevance).all().item<bool>(), op, ": relevance must be finite");
-    TORCH_CHECK(relevance.min().item<double>() >= 0.0, op, ": relevance must be >= 0, got a minimum of ",
-                relevance.min().item<double>());
+    // one reduction pass; aminmax propagates NaN (isfinite().all() would take three)
+    const auto mm = at::aminmax(relevance);
+    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), op, ": relevance must be finite (no NaN or inf)");
+    TORCH_CHECK(lo >= 0.0, op, ": relevance must be >= 0, got a minimum of ", lo);
   }
   return relevance.contiguous();
 }

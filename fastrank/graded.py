@@ -26,6 +26,7 @@ are not ranked (rel = 0 or ignored).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
 
 import torch
@@ -138,12 +139,14 @@ def check_relevance(fn: str, relevance: Any, scores: Tensor) -> None:
         relevance.dtype.is_floating_point or relevance.dtype in V.INT_DTYPES or relevance.dtype == torch.bool
     ):
         raise TypeError(f"{fn}: `relevance` must be a floating or integer tensor, got {relevance.dtype}")
-    if relevance.dtype.is_floating_point and not bool(torch.isfinite(relevance).all()):
+    if relevance.dtype == torch.bool or relevance.numel() == 0:
+        return
+    # one reduction pass (aminmax propagates NaN); isfinite + any would take three
+    lo, hi = (float(v) for v in torch.aminmax(relevance))
+    if math.isnan(lo) or math.isinf(hi) or math.isinf(lo):
         raise ValueError(f"{fn}: `relevance` must be finite, got NaN or inf values")
-    if relevance.dtype != torch.bool and relevance.numel() and bool((relevance < 0).any()):
-        raise ValueError(
-            f"{fn}: `relevance` must be >= 0 (0 = irrelevant), got a minimum of {float(relevance.min())!r}"
-        )
+    if lo < 0:
+        raise ValueError(f"{fn}: `relevance` must be >= 0 (0 = irrelevant), got a minimum of {lo!r}")
 
 
 def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, str, Any]:

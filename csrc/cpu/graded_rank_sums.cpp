@@ -18,7 +18,7 @@
 //
 // One query row per task, each output and gradient row written by one thread in a
 // fixed order: deterministic, independent of the thread count, no atomics.
-// Work: sum_i |P_i| * N_i pair evaluations, plus an O(N log N) sort per row.
+// Work: sum_i |P_i| * N_i pair evaluations, plus an O(N + P log P) arrangement per row.
 // Extra memory: O(N) per thread.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -77,20 +77,29 @@ struct SortedRow {
       std::fill(valid.begin(), valid.end(), uint8_t(1));
     }
     if (pr.ign_idx && pr.ign_idx[i] >= 0) valid[pr.ign_idx[i]] = 0;
-    nv = 0;
-    for (int64_t k = 0; k < N; ++k) {
-      if (valid[k]) order[nv++] = k;
-    }
-    std::stable_sort(order.begin(), order.begin() + nv, [rrow](int64_t a, int64_t b) { return rrow[a] > rrow[b]; });
-    bool has_nan = false;
+    // Only the relevant items need sorting (usually few next to N): they go first, in
+    // decreasing relevance, then the irrelevant ones in column order.
     z = 0;
+    for (int64_t k = 0; k < N; ++k) z += valid[k] && rrow[k] > T(0);
+    int64_t nr = 0;
+    nv = z;
+    for (int64_t k = 0; k < N; ++k) {
+      if (!valid[k]) continue;
+      if (rrow[k] > T(0))
+        order[nr++] = k;
+      else
+        order[nv++] = k;
+    }
+    // ties broken by column: the order of the stable sort, without its heap buffer
+    std::sort(order.begin(), order.begin() + z,
+              [rrow](int64_t a, int64_t b) { return rrow[a] > rrow[b] || (rrow[a] == rrow[b] && a < b); });
+    bool has_nan = false;
     for (int64_t t = 0; t < nv; ++t) {
       const int64_t k = order[t];
       s[t] = srow[k];
       r[t] = rrow[k];
       col[t] = k;
       has_nan |= std::isnan(s[t]);
-      z += r[t] > T(0);
     }
     return has_nan;
   }
