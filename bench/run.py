@@ -19,10 +19,10 @@ where <device> is `cpu` or `gpu_<device name>`, <sweep> `default`, `full`, `quic
 `custom` when --ops/--backends/--workloads/--modes/--sizes narrow it (or --tag).
 
 Sweeps (sizes per workload, op family and backend in SWEEPS below):
-  CPU default (``make bench``, hard budget 10 min): workload batch, mode full, all
+  CPU default (``make bench``, hard budget 8 min): workload batch, mode full, all
       seven ops; naive to B = 512, torch to 2048 (rank ops) / 512 (histogram ops), cpp
-      to 16384; the graded ops (hap, ndcg: ~4x the pairs) naive to 256, torch to 1024,
-      cpp to 8192.
+      to 16384; the graded ops (hap, ndcg: ~4x the pairs) naive to 256, torch to 512,
+      cpp to 4096.
   CPU --full (``make bench-full``, a few hours): every workload x mode x op, larger caps.
   CPU --quick: a ~1 min smoke test.
   GPU default (``make gpu-bench``, budget 8 min): every workload, mode full; GPU --full:
@@ -149,9 +149,9 @@ SWEEPS: Dict[Tuple[str, str], Sweep] = {
             "rank": {"naive": p2(128, 512), "torch": p2(128, 2048), "fused": p2(128, 16384)},
             "hist": {"naive": p2(128, 512), "torch": p2(128, 512), "fused": p2(128, 16384)},
             # ~4x the pairs of the binary ops (a query ranks its whole super-class)
-            "graded": {"naive": p2(128, 256), "torch": p2(128, 1024), "fused": p2(128, 8192)},
+            "graded": {"naive": p2(128, 256), "torch": p2(128, 512), "fused": p2(128, 4096)},
         }},
-        min_time_s=1.0, budget_min=10.0,
+        min_time_s=1.0, budget_min=8.0,
     ),
     ("cpu", "full"): Sweep(
         workloads=WORKLOADS, modes=MODES, ops=OPS, backends=("naive", "torch", "cpp"), sizes=_CPU_FULL_SIZES,

@@ -6,7 +6,7 @@ Public surface:
     calibration_loss   ROADMAP's calibration term
     recall_at_k        Recall@k surrogates (SupRank, Patel et al.)
     histogram_ap       FastAP and listwise SoftBin AP on fused soft histograms
-    h_ap, ndcg         graded relevance (PyTorch backends only so far)
+    h_ap, ndcg         graded relevance (H-AP, NDCG) on the graded rank sums, every backend
     backends()         which backends run here, and why not
 """
 from ._backend import BACKENDS, BackendInfo, backends

@@ -86,3 +86,54 @@ def test_fuzz_backend_matches_naive(backend, op, problem):
 @given(problem=problems())
 def test_fuzz_triton_matches_naive(backend, op, problem):
     test_fuzz_backend_matches_naive.hypothesis.inner_test(backend, op, problem)
+
+
+# ---- graded relevance (issue 9)
+
+
+@st.composite
+def graded_problems(draw):
+    q, n = draw(SIZES), draw(SIZES)
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    grid = draw(st.sampled_from([None, 0.1, 0.05]))
+    scores = torch.rand(q, n, generator=g, dtype=torch.float64) * 2 - 1
+    if grid:
+        scores = (scores / grid).round() * grid
+    levels = draw(st.integers(1, 4))
+    rel = torch.randint(0, levels + 1, (q, n), generator=g).to(torch.float64)
+    if draw(st.booleans()):  # real-valued grades, some shared
+        rel = rel * torch.tensor([0.5, 1.25], dtype=torch.float64)[torch.randint(2, (q, n), generator=g)]
+    ig = draw(st.sampled_from(["none", "index", "mask"]))
+    ignore = {"none": None, "index": torch.randint(-1, n, (q,), generator=g),
+              "mask": torch.rand(q, n, generator=g) < 0.25}[ig]
+    return scores, rel, ignore
+
+
+GRADED_OPS = {
+    "h_ap": (fastrank.h_ap, dict(tau=0.05)),
+    "h_ap_sigmoid": (fastrank.h_ap, dict(step="sigmoid", tau=0.05)),
+    "ndcg": (fastrank.ndcg, dict(tau=0.05)),
+}
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+@pytest.mark.parametrize("op", sorted(GRADED_OPS))
+@FUZZ
+@given(problem=graded_problems())
+def test_fuzz_graded_backend_matches_naive(backend, op, problem):
+    fn, kw = GRADED_OPS[op]
+    scores, rel, ignore = problem
+    v0, g0 = _value_grad(fn, scores, rel, ignore, "naive", **kw)
+    v1, g1 = _value_grad(fn, scores, rel, ignore, backend, **kw)
+    torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9)
+    assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("op", sorted(GRADED_OPS))
+@FUZZ_TRITON
+@given(problem=graded_problems())
+def test_fuzz_graded_triton_matches_naive(backend, op, problem):
+    test_fuzz_graded_backend_matches_naive.hypothesis.inner_test(backend, op, problem)
