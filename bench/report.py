@@ -26,7 +26,8 @@ FUSED = ("cpp", "torch", "triton", "cuda")  # backends whose rank-op rate is com
 _BACKEND_ORDER = ("naive", "torch", "cpp", "triton", "cuda")  # row order in the tables
 
 LEGEND = (
-    "pairs: rank ops (supap, smoothap, recall) = Σ_i |P_i|·N per pass; histogram ops (fastap, softbin) = "
+    "pairs: rank ops (supap, smoothap, recall) = Σ_i |P_i|·N per pass; graded ops (hap, ndcg) = Σ_i |ranked_i|·N, "
+    "the ranked items being the query's super-class (4 classes); histogram ops (fastap, softbin) = "
     "scored items Q·N per pass (column `unit`). Throughput: rank ops in pair evaluations/s (pe/s) = "
     "passes·pairs / p50, with 2 passes in `full` mode (the backward visits every pair again) and 1 in "
     "`forward`/`backward`; histogram ops in items/s (it/s) = items / p50 of the call, whatever the mode. "

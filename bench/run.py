@@ -603,7 +603,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    "point" + (" (here: in-process)" if in_process else "")))
     if sweep_name == "default" and args.device == "cpu" and not custom:
         print("default sweep: batch workload, full mode; naive to B = 512, torch to 2048 (rank ops) / 512 "
-              "(histogram ops), cpp to 16384, to stay within ~8 minutes. `make bench-full` runs every "
+              "(histogram ops), cpp to 16384; graded ops (hap, ndcg) naive to 256, torch to 512, cpp to 4096; "
+              "to stay within ~8 minutes. `make bench-full` runs every "
               "workload x mode with larger sizes.")
     if sweep.budget_min > 0:
         n_budget = sum(1 for r in results if r.status == "skipped")
