@@ -7,6 +7,8 @@
 #include <cmath>
 #include <optional>
 
+#include "step.h"
+
 namespace fastrank {
 
 // The packed problem every kernel takes (see fastrank/_problem.py), made contiguous.
@@ -55,6 +57,32 @@ inline PackedProblem check_problem(const char* op, c10::DeviceType device, const
   if (ign_idx.has_value()) p.ign_idx = ign_idx->contiguous();
   if (ign_mask.has_value()) p.ign_mask = ign_mask->contiguous();
   return p;
+}
+
+// The step id and temperature of the rank-sums ops (binary and graded).
+inline void check_step(const char* op, int64_t step, double tau) {
+  TORCH_CHECK(step == kSigmoid || step == kSupRank, op, ": unknown step id ", step);
+  TORCH_CHECK(tau > 0, op, ": tau must be > 0, got ", tau);
+}
+
+// Rows holding a NaN among their valid scores (nullopt when no score is NaN). Kernels whose
+// clamps or exact steps could hide a NaN (the CUDA ones) set those rows to NaN explicitly,
+// as the CPU kernels do; `valid_out` gets the (Q, N) valid mask when a NaN row exists.
+inline std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::optional<at::Tensor>& ign_idx,
+                                          const std::optional<at::Tensor>& ign_mask, at::Tensor* valid_out) {
+  at::Tensor bad = at::isnan(scores);
+  if (!bad.any().item<bool>()) return std::nullopt;
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  // one spare column N takes the scatter of ign_idx = -1 (no ignored item)
+  at::Tensor valid = at::ones({Q, N + 1}, scores.options().dtype(at::kBool));
+  if (ign_idx.has_value()) {
+    at::Tensor col = at::where(*ign_idx >= 0, *ign_idx, at::full_like(*ign_idx, N)).unsqueeze(1);
+    valid.scatter_(1, col, false);
+  }
+  valid = valid.slice(1, 0, N);
+  if (ign_mask.has_value()) valid = valid & ign_mask->logical_not();
+  *valid_out = valid;
+  return (bad & valid).any(1);
 }
 
 // Graded relevance (Q, N) next to the packed problem: same shape, device and dtype as

@@ -35,6 +35,12 @@ struct StepParams {
   T offset;   // value of the linear branch at delta (continuity: sigma(delta) + start)
 };
 
+// The op schemas carry the step parameters as doubles; the kernels take 1/tau in T.
+template <typename T>
+inline StepParams<T> make_step_params(double tau, double rho, double delta, double start, double offset) {
+  return StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
+}
+
 // exp for x in [-50, 50] (callers clamp). float: range reduction to
 // r in [-ln2/2, ln2/2] plus a degree-7 Taylor polynomial (rel. error < 2e-7,
 // about one ulp), written with plain arithmetic so GCC vectorises the loops that

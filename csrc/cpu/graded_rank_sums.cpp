@@ -31,13 +31,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "rank_sums_row.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FR_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FR_MULTIVERSION
-#endif
 
 namespace fastrank {
 namespace cpu {
@@ -217,21 +212,11 @@ GradedProblem<T> make_problem(const PackedProblem& pp, const at::Tensor& rel, do
   pr.Q = pp.scores.size(0);
   pr.N = pp.scores.size(1);
   pr.P = pp.pos_idx.size(1);
-  pr.step = StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
+  pr.step = make_step_params<T>(tau, rho, delta, start, offset);
   return pr;
 }
 
-int64_t grain(int64_t P, int64_t N) {
-  const int64_t work = std::max<int64_t>(1, P * N);
-  return std::max<int64_t>(1, (int64_t(1) << 16) / work);
-}
-
 constexpr const char* kOp = "fastrank cpu graded_rank_sums";
-
-void check_step(int64_t step, double tau) {
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, kOp, ": unknown step id ", step);
-  TORCH_CHECK(tau > 0, kOp, ": tau must be > 0, got ", tau);
-}
 
 std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(const at::Tensor& scores, const at::Tensor& relevance,
                                                             const at::Tensor& pos_idx,
@@ -241,14 +226,14 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(const at::Tensor& sc
                                                             double offset) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
   const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
-  check_step(step, tau);
+  check_step(kOp, step, tau);
   at::Tensor rank_all = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   at::Tensor rank_pos = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_fwd_cpu", [&] {
     const GradedProblem<scalar_t> pr = make_problem<scalar_t>(pp, rel, tau, rho, delta, start, offset);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, grain(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
       if (step == kSigmoid)
         graded_forward_rows<scalar_t, kSigmoid>(&pr, ra, rp, b, e);
       else
@@ -265,7 +250,7 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                     double delta, double start, double offset) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
   const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
-  check_step(step, tau);
+  check_step(kOp, step, tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx.sizes() && grad_pos_in.sizes() == pos_idx.sizes(), kOp,
               " backward: gradients must have the shape of pos_idx ", pos_idx.sizes(), ", got ", grad_all_in.sizes(),
               " and ", grad_pos_in.sizes());
@@ -277,7 +262,7 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
     const scalar_t* ga = grad_all.data_ptr<scalar_t>();
     const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, grain(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
       if (step == kSigmoid)
         graded_backward_rows<scalar_t, kSigmoid>(&pr, ga, gp, g, b, e);
       else

@@ -16,15 +16,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "rank_sums_row.h"
-
-// Build the hot loops for AVX-512, AVX2+FMA and baseline x86-64, picked at load
-// time (glibc ifunc), so a wheel built anywhere runs at full width everywhere.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FR_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FR_MULTIVERSION
-#endif
 
 namespace fastrank {
 namespace cpu {
@@ -188,14 +181,8 @@ static Problem<T> make_problem(const at::Tensor& scores, const at::Tensor& pos_i
   pr.Q = scores.size(0);
   pr.N = scores.size(1);
   pr.P = pos_idx.size(1);
-  pr.step = StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
+  pr.step = make_step_params<T>(tau, rho, delta, start, offset);
   return pr;
-}
-
-// Rows per task: enough pair evaluations per task to amortise scheduling.
-static int64_t grain(int64_t P, int64_t N) {
-  const int64_t work = std::max<int64_t>(1, P * N);
-  return std::max<int64_t>(1, (int64_t(1) << 16) / work);
 }
 
 static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
@@ -205,8 +192,7 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& sc
                                                           double offset) {
   const PackedProblem pp =
       check_problem("fastrank cpu rank_sums", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cpu rank_sums: unknown step id ", step);
-  TORCH_CHECK(tau > 0, "fastrank cpu rank_sums: tau must be > 0, got ", tau);
+  check_step("fastrank cpu rank_sums", step, tau);
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
@@ -217,7 +203,7 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& sc
     const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, grain(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
       if (step == kSigmoid)
         forward_rows<scalar_t, kSigmoid>(&pr, ra, rp, b, e);
       else
@@ -233,8 +219,7 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                    double delta, double start, double offset) {
   const PackedProblem pp =
       check_problem("fastrank cpu rank_sums", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cpu rank_sums: unknown step id ", step);
-  TORCH_CHECK(tau > 0, "fastrank cpu rank_sums: tau must be > 0, got ", tau);
+  check_step("fastrank cpu rank_sums", step, tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
               "fastrank cpu rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
   const at::Tensor& scores = pp.scores;
@@ -249,7 +234,7 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
     const scalar_t* ga = grad_all.data_ptr<scalar_t>();
     const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, grain(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
       if (step == kSigmoid)
         backward_rows<scalar_t, kSigmoid>(&pr, ga, gp, g, b, e);
       else

@@ -17,37 +17,6 @@ namespace {
 
 constexpr const char* kOp = "fastrank cuda graded_rank_sums";
 
-// Rows holding a NaN among their valid scores: the kernels' clamps and the exact step
-// could hide it, so those rows are set to NaN explicitly (as the CPU kernel does).
-// Same rule as rank_sums.cpp, whose helper is file-local; `valid_out` gets the
-// (Q, N) valid mask when a NaN row exists.
-std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::optional<at::Tensor>& ign_idx,
-                                   const std::optional<at::Tensor>& ign_mask, at::Tensor* valid_out) {
-  at::Tensor bad = at::isnan(scores);
-  if (!bad.any().item<bool>()) return std::nullopt;
-  const int64_t Q = scores.size(0), N = scores.size(1);
-  // one spare column N takes the scatter of ign_idx = -1 (no ignored item)
-  at::Tensor valid = at::ones({Q, N + 1}, scores.options().dtype(at::kBool));
-  if (ign_idx.has_value()) {
-    at::Tensor col = at::where(*ign_idx >= 0, *ign_idx, at::full_like(*ign_idx, N)).unsqueeze(1);
-    valid.scatter_(1, col, false);
-  }
-  valid = valid.slice(1, 0, N);
-  if (ign_mask.has_value()) valid = valid & ign_mask->logical_not();
-  *valid_out = valid;
-  return (bad & valid).any(1);
-}
-
-template <typename T>
-StepParams<T> make_params(double tau, double rho, double delta, double start, double offset) {
-  return StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
-}
-
-void check_step(int64_t step, double tau) {
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, kOp, ": unknown step id ", step);
-  TORCH_CHECK(tau > 0, kOp, ": tau must be > 0, got ", tau);
-}
-
 std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cuda(const at::Tensor& scores_in,
                                                              const at::Tensor& relevance_in,
                                                              const at::Tensor& pos_idx_in,
@@ -57,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cuda(const at::Tensor& s
                                                              double start, double offset) {
   const PackedProblem pp =
       check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  check_step(step, tau);
+  check_step(kOp, step, tau);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
@@ -73,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cuda(const at::Tensor& s
         scores.data_ptr<scalar_t>(), relevance.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
         ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
         ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
-        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
+        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
         rank_pos.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, kOp, " forward: ", cudaGetErrorString(err));
   });
@@ -93,7 +62,7 @@ at::Tensor graded_rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
                                      double rho, double delta, double start, double offset) {
   const PackedProblem pp =
       check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  check_step(step, tau);
+  check_step(kOp, step, tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(), kOp,
               " backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes(), ", got ",
               grad_all_in.sizes(), " and ", grad_pos_in.sizes());
@@ -113,7 +82,7 @@ at::Tensor graded_rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
         relevance.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
         ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
         ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
-        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
+        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
         stream);
     TORCH_CHECK(err == cudaSuccess, kOp, " backward: ", cudaGetErrorString(err));
   });

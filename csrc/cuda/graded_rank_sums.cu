@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include "../step.h"
+#include "common.cuh"
 #include "graded_rank_sums_cuda.h"
 
 namespace fastrank {
@@ -39,28 +40,9 @@ namespace graded {
 constexpr int kThreads = 256;
 constexpr int kTileP = 4;  // ranked items per block in the row kernel
 
-__device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask) {
-  return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
-}
-
 template <typename T>
 __device__ __forceinline__ T min_rel(T x, T y) {
   return x < y ? x : y;  // relevance is finite (checked by the glue): no NaN rule needed
-}
-
-// Sum of v over the block, in a fixed order; the result is valid in thread 0.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* smem) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  T out = T(0);
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) out += smem[w];
-  }
-  return out;
 }
 
 // MODE 0: forward, rank_all into out0 and rank_pos into out1, both (Q, P).
@@ -130,8 +112,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int t = 0; t < kTileP; ++t) {
-    const T r0 = block_sum(acc0[t], smem);
-    const T r1 = MODE == 0 ? block_sum(acc1[t], smem) : T(0);
+    const T r0 = block_sum<kThreads>(acc0[t], smem);
+    const T r1 = MODE == 0 ? block_sum<kThreads>(acc1[t], smem) : T(0);
     const int64_t p = p0 + t;
     const int64_t j = threadIdx.x == 0 && p < P ? pidx[p] : -1;
     if (j >= 0) {

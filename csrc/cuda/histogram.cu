@@ -7,26 +7,13 @@
 #include <cuda_runtime.h>
 
 #include "../histogram.h"
+#include "common.cuh"
 #include "histogram_cuda.h"
 
 namespace fastrank {
 namespace cuda {
 
 constexpr int kHistThreads = 128;
-
-template <typename T>
-__device__ __forceinline__ T block_sum_hist(T v, T* smem) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  T out = T(0);
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kHistThreads / 32; ++w) out += smem[w];
-  }
-  return out;
-}
 
 // The private histogram lives in local memory (dynamically indexed), which is cached in L1.
 template <typename T>
@@ -52,7 +39,7 @@ __global__ void __launch_bounds__(kHistThreads)
   __syncthreads();
   bool nan_here = false;
   for (int64_t k = threadIdx.x; k < N; k += kHistThreads) {
-    if (k == ign || (ign_mask != nullptr && ign_mask[i * N + k])) continue;
+    if (!is_valid(i, k, N, ign, ign_mask)) continue;
     const T v = scale * s[k] + shift;
     if (v != v) {
       nan_here = true;
@@ -69,8 +56,8 @@ __global__ void __launch_bounds__(kHistThreads)
   }
   if (nan_here) nan_seen = 1;  // benign race: every writer stores 1
   for (int64_t l = 0; l < L; ++l) {
-    const T a = block_sum_hist(ha[l], smem);
-    const T p = block_sum_hist(hp[l], smem);
+    const T a = block_sum<kHistThreads>(ha[l], smem);
+    const T p = block_sum<kHistThreads>(hp[l], smem);
     if (threadIdx.x == 0) {
       h_all[i * L + l] = a;
       h_pos[i * L + l] = p;
@@ -99,7 +86,7 @@ __global__ void histogram_backward_items(const T* __restrict__ g_all, const T* _
   const int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (k >= N) return;
   const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
-  if (k == ign || (ign_mask != nullptr && ign_mask[i * N + k])) {
+  if (!is_valid(i, k, N, ign, ign_mask)) {
     grad[i * N + k] = T(0);
     return;
   }

@@ -13,29 +13,6 @@
 namespace fastrank {
 namespace cuda {
 
-// Rows holding a NaN among their valid scores: the kernels' clamps and the exact step
-// could hide it, so those rows are set to NaN explicitly (as the CPU kernel does).
-static std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::optional<at::Tensor>& ign_idx,
-                                          const std::optional<at::Tensor>& ign_mask, at::Tensor* valid_out) {
-  at::Tensor bad = at::isnan(scores);
-  if (!bad.any().item<bool>()) return std::nullopt;
-  const int64_t Q = scores.size(0), N = scores.size(1);
-  at::Tensor valid = at::ones({Q, N + 1}, scores.options().dtype(at::kBool));
-  if (ign_idx.has_value()) {
-    at::Tensor col = at::where(*ign_idx >= 0, *ign_idx, at::full_like(*ign_idx, N)).unsqueeze(1);
-    valid.scatter_(1, col, false);
-  }
-  valid = valid.slice(1, 0, N);
-  if (ign_mask.has_value()) valid = valid & ign_mask->logical_not();
-  *valid_out = valid;
-  return (bad & valid).any(1);
-}
-
-template <typename T>
-static StepParams<T> make_params(double tau, double rho, double delta, double start, double offset) {
-  return StepParams<T>{T(1.0 / tau), T(rho), T(delta), T(start), T(offset)};
-}
-
 static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
                                                            const std::optional<at::Tensor>& ign_idx_in,
                                                            const std::optional<at::Tensor>& ign_mask_in, int64_t step,
@@ -43,8 +20,7 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& s
                                                            double offset) {
   const PackedProblem pp = check_problem("fastrank cuda rank_sums", c10::DeviceType::CUDA, scores_in, pos_idx_in,
                                          ign_idx_in, ign_mask_in);
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cuda rank_sums: unknown step id ", step);
-  TORCH_CHECK(tau > 0, "fastrank cuda rank_sums: tau must be > 0, got ", tau);
+  check_step("fastrank cuda rank_sums", step, tau);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
@@ -58,7 +34,7 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& s
         scores.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
         ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
         ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
-        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
+        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
         rank_pos.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, "fastrank cuda rank_sums forward: ", cudaGetErrorString(err));
   });
@@ -78,8 +54,7 @@ static at::Tensor rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
                                     double delta, double start, double offset) {
   const PackedProblem pp = check_problem("fastrank cuda rank_sums", c10::DeviceType::CUDA, scores_in, pos_idx_in,
                                          ign_idx_in, ign_mask_in);
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, "fastrank cuda rank_sums: unknown step id ", step);
-  TORCH_CHECK(tau > 0, "fastrank cuda rank_sums: tau must be > 0, got ", tau);
+  check_step("fastrank cuda rank_sums", step, tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
               "fastrank cuda rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
   const c10::cuda::CUDAGuard guard(scores_in.device());
@@ -97,7 +72,7 @@ static at::Tensor rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
         grad_all.data_ptr<scalar_t>(), grad_pos.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>(),
         pos_idx.data_ptr<int64_t>(), ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
         ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
-        static_cast<int>(step), make_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
+        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
         work.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, "fastrank cuda rank_sums backward: ", cudaGetErrorString(err));
   });

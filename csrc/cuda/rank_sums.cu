@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "../step.h"
+#include "common.cuh"
 #include "rank_sums_cuda.h"
 
 namespace fastrank {
@@ -34,25 +35,6 @@ __device__ __forceinline__ T step_neg(T d, const StepParams<T>& p) {
 template <typename T, int STEP>
 __device__ __forceinline__ T step_neg_grad(T d, const StepParams<T>& p) {
   return STEP == kSigmoid ? sigmoid_tau_grad(d, p.inv_tau) : suprank_neg_grad(d, p);
-}
-
-__device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask) {
-  return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
-}
-
-// Sum of v over the block, in a fixed order; the result is valid in thread 0.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* smem) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  T out = T(0);
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) out += smem[w];
-  }
-  return out;
 }
 
 // MODE 0: forward (rank_all, rank_pos). MODE 1: backward row sums tot[i,j] into out0.
@@ -119,8 +101,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int t = 0; t < kTileP; ++t) {
-    const T r0 = block_sum(acc0[t], smem);
-    const T r1 = MODE == 0 ? block_sum(acc1[t], smem) : T(0);
+    const T r0 = block_sum<kThreads>(acc0[t], smem);
+    const T r1 = MODE == 0 ? block_sum<kThreads>(acc1[t], smem) : T(0);
     if (threadIdx.x == 0 && has[t]) {
       const int64_t o = i * P + p0 + t;
       if (MODE == 0) {

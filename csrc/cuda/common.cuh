@@ -1,0 +1,35 @@
+// Device helpers shared by the CUDA kernels (rank_sums.cu, graded_rank_sums.cu,
+// histogram.cu). No torch headers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastrank {
+namespace cuda {
+
+// Column k of query i takes part: not the ignored index, not masked.
+__device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask) {
+  return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
+}
+
+// Sum of v over a block of THREADS threads, in a fixed order (warp shuffles, then the
+// warps' partial sums in warp order): deterministic. The result is valid in thread 0.
+// smem holds THREADS / 32 values; every thread of the block must call it.
+template <int THREADS, typename T>
+__device__ __forceinline__ T block_sum(T v, T* smem) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T out = T(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < THREADS / 32; ++w) out += smem[w];
+  }
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace fastrank
