@@ -5,6 +5,7 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "step.h"
@@ -65,9 +66,8 @@ inline void check_step(const char* op, int64_t step, double tau) {
   TORCH_CHECK(tau > 0, op, ": tau must be > 0, got ", tau);
 }
 
-// Rows holding a NaN among their valid scores (nullopt when no score is NaN). Kernels whose
-// clamps or exact steps could hide a NaN (the CUDA ones) set those rows to NaN explicitly,
-// as the CPU kernels do; `valid_out` gets the (Q, N) valid mask when a NaN row exists.
+// Rows holding a NaN among their valid scores (nullopt when no score is NaN); `valid_out`
+// gets the (Q, N) valid mask when a NaN row exists. One device sync (the any()).
 inline std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::optional<at::Tensor>& ign_idx,
                                           const std::optional<at::Tensor>& ign_mask, at::Tensor* valid_out) {
   at::Tensor bad = at::isnan(scores);
@@ -83,6 +83,27 @@ inline std::optional<at::Tensor> nan_rows(const at::Tensor& scores, const std::o
   if (ign_mask.has_value()) valid = valid & ign_mask->logical_not();
   *valid_out = valid;
   return (bad & valid).any(1);
+}
+
+// Kernels whose clamps or exact steps could hide a NaN (the CUDA ones) make the rows that
+// hold one NaN explicitly, as the CPU kernels do: the ranked (non-hole) outputs of the
+// forward ...
+inline void fill_nan_rows_forward(const PackedProblem& pp, at::Tensor& out0, at::Tensor& out1) {
+  at::Tensor valid;
+  if (auto rows = nan_rows(pp.scores, pp.ign_idx, pp.ign_mask, &valid)) {
+    const at::Tensor fill = rows->unsqueeze(1) & (pp.pos_idx >= 0);
+    out0.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
+    out1.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
+  }
+}
+
+// ... and the gradient at the valid entries of those rows that rank something.
+inline void fill_nan_rows_backward(const PackedProblem& pp, at::Tensor& grad) {
+  at::Tensor valid;
+  if (auto rows = nan_rows(pp.scores, pp.ign_idx, pp.ign_mask, &valid)) {
+    const at::Tensor has_pos = (pp.pos_idx >= 0).any(1);
+    grad.masked_fill_((*rows & has_pos).unsqueeze(1) & valid, std::numeric_limits<double>::quiet_NaN());
+  }
 }
 
 // Graded relevance (Q, N) next to the packed problem: same shape, device and dtype as

@@ -38,12 +38,7 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& s
         rank_pos.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, "fastrank cuda rank_sums forward: ", cudaGetErrorString(err));
   });
-  at::Tensor valid;
-  if (auto rows = nan_rows(scores, ign_idx, ign_mask, &valid)) {
-    const at::Tensor fill = rows->unsqueeze(1) & (pos_idx >= 0);
-    rank_all.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
-    rank_pos.masked_fill_(fill, std::numeric_limits<double>::quiet_NaN());
-  }
+  fill_nan_rows_forward(pp, rank_all, rank_pos);
   return {rank_all, rank_pos};
 }
 
@@ -76,11 +71,7 @@ static at::Tensor rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
         work.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, "fastrank cuda rank_sums backward: ", cudaGetErrorString(err));
   });
-  at::Tensor valid;
-  if (auto rows = nan_rows(scores, ign_idx, ign_mask, &valid)) {
-    const at::Tensor has_pos = (pos_idx >= 0).any(1);
-    grad.masked_fill_((*rows & has_pos).unsqueeze(1) & valid, std::numeric_limits<double>::quiet_NaN());
-  }
+  fill_nan_rows_backward(pp, grad);
   return grad;
 }
 
