@@ -1,21 +1,92 @@
-"""Pieces shared by the Triton kernel modules: interpreter detection, dtypes, the
-valid-column test, and the argument checks of the packed problem (fastrank/_problem.py)."""
+"""Pieces shared by the Triton kernel modules: interpreter detection, dtypes, the kernel
+preambles (ignored column, block of ranked items, block of columns) as device helpers, the
+argument checks and pointer/stride packing of the packed problem (fastrank/_problem.py), and
+the launch configuration and host-side launches of the rank-sums kernels (rank_sums.py,
+graded.py).
+
+The device helpers run once per program (a device-function call costs the interpreter about a
+millisecond): never call them inside a kernel's loops.
+"""
 from __future__ import annotations
 
+import functools
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from fastrank._step import SIGMOID, SUPRANK, StepParams
+
+Tensor = torch.Tensor
 
 #: kernels run in Triton's CPU interpreter (CI); read once, at import, as Triton does
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# IGNORE constexpr of every kernel: a bit set
+IGNORE_NONE = 0
+IGNORE_INDEX = 1
+IGNORE_MASK = 2
+
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def capped_pow2(x: int, cap: int) -> int:
+    """A block size: x rounded up to a power of two, in [2, cap]."""
+    return max(2, min(next_pow2(x), int(cap)))
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE: tl.constexpr):
+    """(ign, mask_row) of query i: its ignored column (-1 unless IGNORE & 1, the only case
+    that reads ign_idx_ptr) and its row of the ignore mask (read by `valid_cols` if IGNORE & 2)."""
+    ign = -1
+    if IGNORE & 1:
+        ign = tl.load(ign_idx_ptr + i * stride_iq)
+    return ign, ign_mask_ptr + i * stride_mq
+
+
+@triton.jit
+def ranked_block(
+    scores_ptr, pos_idx_ptr, i, pid_p, P, stride_sq, stride_sn, stride_pq, stride_pp,
+    BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+):
+    """(offs_p, in_p, j, has, s_row, sj): the program's block pid_p of BLOCK_P ranked items of
+    query i (64-bit offsets): their slots offs_p (in_p: inside P), columns j (-1 = hole or
+    beyond P; has = j >= 0), the query's score row s_row and the items' scores sj in ACC (0 at holes)."""
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = offs_p < P
+    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
+    has = j >= 0
+    s_row = scores_ptr + i * stride_sq
+    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+    return offs_p, in_p, j, has, s_row, sj
+
+
+@triton.jit
+def column_block(
+    scores_ptr, ign_idx_ptr, ign_mask_ptr, i, pid_k, N, stride_sq, stride_sn, stride_iq, stride_mq, stride_mn,
+    IGNORE: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    """(offs_k, valid, s_row, sk): the program's block pid_k of BLOCK_K columns of query i, which
+    of them take part (`valid_cols`), the query's score row and the columns' scores in ACC
+    (0 where not valid); 64-bit offsets."""
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ign = -1  # the ignored column, read only when IGNORE has the index bit
+    if IGNORE & 1:
+        ign = tl.load(ign_idx_ptr + i * stride_iq)
+    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    s_row = scores_ptr + i * stride_sq
+    sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+    return offs_k, valid, s_row, sk
 
 
 @triton.jit
@@ -28,6 +99,9 @@ def valid_cols(offs_k, N, ign, mask_row_ptr, stride_mn, IGNORE: tl.constexpr):
         m = tl.load(mask_row_ptr + offs_k.to(tl.int64) * stride_mn, mask=offs_k < N, other=1)
         valid = valid & (m == 0)
     return valid
+
+
+# --------------------------------------------------------------------------- host side: checks, arguments
 
 
 def check_tensor(fn: str, name: str, t, dims: int) -> None:
@@ -104,3 +178,168 @@ def prune_tile_configs(configs, named_args, rows: int, n_floor: int):
         return good
     # tiny rows or wide tiles: the config whose tile is closest to the budget
     return [min(fit, key=lambda c: abs(per_thread(c) - PER_THREAD_MAX))]
+
+
+# --------------------------------------------------------------------------- host side: the rank-sums kernels
+# (rank_sums.py and graded.py share their step, checks, launch configuration and launches)
+
+
+@functools.lru_cache(maxsize=64)
+def step_params_tensor(params: StepParams, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1/tau, rho, delta, start, offset) on the device in the accumulation dtype (cached, read-only)."""
+    vals = [1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset]
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def use_fast(fast: Optional[bool], acc: torch.dtype) -> bool:
+    """The FAST constexpr: asked for (None reads FASTRANK_TRITON_FAST), float32, on a GPU."""
+    if fast is None:
+        fast = os.environ.get("FASTRANK_TRITON_FAST", "0") == "1"
+    return bool(fast) and not INTERPRETED and acc == torch.float32
+
+
+def check_step_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
+    """`check_packed_inputs` and the step parameters (a sigmoid or suprank StepParams, tau > 0)."""
+    check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
+    if not isinstance(params, StepParams):
+        raise TypeError(f"{fn}: `params` must be a fastrank._step.StepParams, got {type(params).__name__}")
+    if params.step not in (SIGMOID, SUPRANK):
+        raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
+    if not params.tau > 0:
+        raise ValueError(f"{fn}: `params.tau` must be > 0, got {params.tau}")
+
+
+def check_rank_grad(fn: str, name: str, g, pos_idx: Tensor) -> None:
+    """An incoming gradient of rank_all or rank_pos: floating, the shape and device of `pos_idx`."""
+    check_tensor(fn, name, g, 2)
+    if not g.dtype.is_floating_point:
+        raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
+    if g.shape != pos_idx.shape:
+        raise ValueError(
+            f"{fn}: `{name}` must have the shape of `pos_idx` {tuple(pos_idx.shape)}, got {tuple(g.shape)}"
+        )
+    if g.device != pos_idx.device:
+        raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {pos_idx.device}")
+
+
+def rank_grads(fn: str, names, grad_all, grad_pos, scores: Tensor, pos_idx: Tensor):
+    """(grad_all, grad_pos), None replaced by zeros (Q, P) in the accumulation dtype, both checked."""
+    acc = acc_dtype(scores.dtype)
+    if grad_all is None:
+        grad_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
+    if grad_pos is None:
+        grad_pos = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
+    check_rank_grad(fn, names[0], grad_all, pos_idx)
+    check_rank_grad(fn, names[1], grad_pos, pos_idx)
+    return grad_all, grad_pos
+
+
+def ignore_args(pos_idx, ignore_idx, ignore_mask):
+    """(ign_idx, ign_mask) pointers, their strides (stride_iq, stride_mq, stride_mn) and the
+    IGNORE bits; absent tensors are replaced by a dummy pointer that is never read."""
+    mode = IGNORE_NONE
+    if ignore_idx is not None:
+        mode |= IGNORE_INDEX
+        ign_idx, stride_iq = ignore_idx, ignore_idx.stride(0)
+    else:
+        ign_idx, stride_iq = pos_idx, 0
+    if ignore_mask is not None:
+        mode |= IGNORE_MASK
+        ign_mask = ignore_mask.view(torch.uint8)
+        stride_mq, stride_mn = ign_mask.stride()
+    else:
+        ign_mask, stride_mq, stride_mn = pos_idx, 0, 0
+    return ign_idx, ign_mask, (stride_iq, stride_mq, stride_mn), mode
+
+
+def packed_args(scores, pos_idx, ignore_idx, ignore_mask, extra=()):
+    """Pointers (scores, pos_idx, ign_idx, ign_mask, *extra) and strides (scores', pos_idx',
+    ignore strides, then each extra tensor's) of the rank-sums kernels, and the IGNORE bits."""
+    ign_idx, ign_mask, ign_strides, mode = ignore_args(pos_idx, ignore_idx, ignore_mask)
+    ptrs = (scores, pos_idx, ign_idx, ign_mask, *extra)
+    strides = (*scores.stride(), *pos_idx.stride(), *ign_strides, *(s for t in extra for s in t.stride()))
+    return ptrs, strides, mode
+
+
+def configure_rank_kernel(kernel, interpreter_block_k, tiles: int = 1):
+    """GPU: autotune (BLOCK_K, num_warps) keyed on (N_KEY, BLOCK_P, STEP, IGNORE); interpreter:
+    one config with large blocks, BLOCK_K = interpreter_block_k(args).
+
+    `tiles` is the number of live (BLOCK_P, BLOCK_K) accumulators of the kernel, which the
+    pruning rule counts against the per-thread register budget.
+    """
+    if INTERPRETED:
+        return triton.heuristics({"BLOCK_K": interpreter_block_k})(kernel)
+
+    def prune(configs, named_args, **kwargs):
+        bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
+        return prune_tile_configs(configs, named_args, rows=tiles * bp, n_floor=32)
+
+    configs = [
+        triton.Config({"BLOCK_K": bk}, num_warps=w)
+        for bk in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+        for w in (4, 8)
+    ]
+    return triton.autotune(
+        configs, key=["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune_configs_by={"early_config_prune": prune}
+    )(kernel)
+
+
+def launch_rank_forward(
+    kernel, bp: int, scores, pos_idx, ignore_idx, ignore_mask, params, fast, extra=()
+) -> Tuple[Tensor, Tensor]:
+    """rank_all, rank_pos (Q, P) in the dtype of `scores` (zeros without work) from a forward
+    kernel taking (*packed_args, params, rank_all, rank_pos, N, P, N_KEY, *strides, STEP,
+    IGNORE, FAST, BLOCK_P = bp), grid (Q, cdiv(P, bp)). Inputs already checked."""
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    rank_all = torch.zeros((q, p), dtype=scores.dtype, device=scores.device)
+    rank_pos = torch.zeros_like(rank_all)
+    if q == 0 or p == 0 or n == 0:
+        return rank_all, rank_pos
+    acc = acc_dtype(scores.dtype)
+    ptrs, strides, mode = packed_args(scores, pos_idx, ignore_idx, ignore_mask, extra)
+    kernel[(q, triton.cdiv(p, bp))](
+        *ptrs, step_params_tensor(params, acc, scores.device), rank_all, rank_pos,
+        n, p, next_pow2(n), *strides,
+        STEP=params.step, IGNORE=mode, FAST=use_fast(fast, acc), BLOCK_P=bp,
+    )
+    return rank_all, rank_pos
+
+
+def launch_rank_backward(
+    rows_kernel, cols_kernel, bp: int, grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, params, fast,
+    extra=(), cols_grad_pos: bool = False,
+) -> Tensor:
+    """dL/dscores (Q, N), dtype of `scores`: the rows kernel (grid (Q, cdiv(P, bp))), the columns
+    kernel (grid (Q, cdiv(N, BLOCK_K))), then the rows kernel's output scattered onto the ranked
+    columns (unique per row; holes add +0.0 to column 0, so the result is deterministic).
+
+    rows: (*ptrs, params, grad_all, grad_pos, out, nan_flag, N, P, N_KEY, *strides, grad_all's
+    and grad_pos' strides); cols: (*ptrs, params, grad_all, [grad_pos,] nan_flag, grad, N, P,
+    N_KEY, *strides, grad_all's [and grad_pos'] strides), grad_pos if `cols_grad_pos`. Both get
+    STEP, IGNORE, FAST, BLOCK_P = bp. Inputs checked, Q, P, N > 0.
+    """
+    q, n = scores.shape
+    p = pos_idx.shape[1]
+    acc = acc_dtype(scores.dtype)
+    ptrs, strides, mode = packed_args(scores, pos_idx, ignore_idx, ignore_mask, extra)
+    prm = step_params_tensor(params, acc, scores.device)
+    meta = dict(STEP=params.step, IGNORE=mode, FAST=use_fast(fast, acc), BLOCK_P=bp)
+    n_key = next_pow2(n)
+
+    out = torch.empty((q, p), dtype=acc, device=scores.device)
+    nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
+    rows_kernel[(q, triton.cdiv(p, bp))](
+        *ptrs, prm, grad_all, grad_pos, out, nan_flag,
+        n, p, n_key, *strides, *grad_all.stride(), *grad_pos.stride(), **meta,
+    )
+    grad = torch.empty((q, n), dtype=acc, device=scores.device)
+    cols_grads = (grad_all, grad_pos) if cols_grad_pos else (grad_all,)
+    cols_kernel[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
+        *ptrs, prm, *cols_grads, nan_flag, grad,
+        n, p, n_key, *strides, *(s for g in cols_grads for s in g.stride()), **meta,
+    )
+    # each ranked column of a row appears once in pos_idx; holes add +0.0 (out is 0 there) to column 0
+    grad.scatter_add_(1, pos_idx.clamp(min=0), out)
+    return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)

@@ -21,6 +21,19 @@ CLAMP: tl.constexpr = tl.constexpr(50.0)
 
 
 @triton.jit
+def load_step_params(params_ptr):
+    """(1/tau, rho, delta, start, offset) from the (5,) params tensor, as scalars of its dtype
+    (the accumulation dtype). Once per program: a device-function call costs the interpreter
+    about a millisecond, so never call it inside a loop."""
+    inv_tau = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    start = tl.load(params_ptr + 3)
+    offset = tl.load(params_ptr + 4)
+    return inv_tau, rho, delta, start, offset
+
+
+@triton.jit
 def _tanh_approx(x):
     """tanh via the special-function unit: one MUFU op (PTX tanh.approx.f32, sm_75+)."""
     return tl.inline_asm_elementwise(

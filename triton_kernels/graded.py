@@ -55,9 +55,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INTERPRETED, acc_dtype, check_tensor, next_pow2, prune_tile_configs, valid_cols
-from ._step import heaviside, step_neg, step_neg_grad
-from .rank_sums import _check_grad, _check_inputs, _common_args, _params_tensor, _use_fast
+from ._common import (
+    FLOAT_DTYPES, INTERPRETED, capped_pow2, check_step_inputs, check_tensor, column_block, configure_rank_kernel,
+    launch_rank_backward, launch_rank_forward, rank_grads, ranked_block, row_ignore, valid_cols,
+)
+from ._step import heaviside, load_step_params, step_neg, step_neg_grad
 
 Tensor = torch.Tensor
 
@@ -96,31 +98,18 @@ def _graded_fwd_kernel(
         BLOCK_K  competitors per tile of the sweep
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
-    # (1/tau, rho, delta, start, offset) in the accumulation dtype
-    inv_tau = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
-    start = tl.load(params_ptr + 3)
-    offset = tl.load(params_ptr + 4)
     ACC = params_ptr.dtype.element_ty
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = offs_p < P
-    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
-    has = j >= 0
-    s_row = scores_ptr + i * stride_sq
+    inv_tau, rho, delta, start, offset = load_step_params(params_ptr)
+    offs_p, in_p, j, has, s_row, sj = ranked_block(
+        scores_ptr, pos_idx_ptr, i, tl.program_id(1), P, stride_sq, stride_sn, stride_pq, stride_pp, BLOCK_P, ACC
+    )
     r_row = rel_ptr + i * stride_rq
-    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
     rj = tl.load(r_row + j * stride_rn, mask=has, other=0.0).to(ACC)
 
     rank_all = tl.zeros((BLOCK_P,), ACC)
     rank_pos = tl.zeros((BLOCK_P,), ACC)
     if tl.max(has.to(tl.int32), axis=0) > 0:
-        ign = -1  # the ignored column, read only when IGNORE has the index bit
-        if IGNORE & 1:
-            ign = tl.load(ign_idx_ptr + i * stride_iq)
-        mask_row = ign_mask_ptr + i * stride_mq
+        ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
         # one sweep: every valid competitor, j itself included
         acc_all = tl.zeros((BLOCK_P, BLOCK_K), ACC)
         acc_pos = tl.zeros((BLOCK_P, BLOCK_K), ACC)
@@ -195,21 +184,13 @@ def _graded_bwd_rows_kernel(
         BLOCK_K  competitors per tile of the sweep
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
-    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
-    inv_tau = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
     ACC = params_ptr.dtype.element_ty
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = offs_p < P
+    inv_tau, rho, delta, _, _ = load_step_params(params_ptr)  # the derivatives need no start/offset
+    offs_p, in_p, j, has, s_row, sj = ranked_block(
+        scores_ptr, pos_idx_ptr, i, tl.program_id(1), P, stride_sq, stride_sn, stride_pq, stride_pp, BLOCK_P, ACC
+    )
     offs_p64 = offs_p.to(tl.int64)
-    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p64 * stride_pp, mask=in_p, other=-1)
-    has = j >= 0
-    s_row = scores_ptr + i * stride_sq
     r_row = rel_ptr + i * stride_rq
-    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
     rj = tl.load(r_row + j * stride_rn, mask=has, other=0.0).to(ACC)
 
     out = tl.zeros((BLOCK_P,), ACC)
@@ -219,10 +200,7 @@ def _graded_bwd_rows_kernel(
         b = tl.zeros((BLOCK_P,), ACC)
         if STEP == 0:
             b = tl.load(grad_pos_ptr + i * stride_bq + offs_p64 * stride_bp, mask=has, other=0.0).to(ACC)
-        ign = -1  # the ignored column, read only when IGNORE has the index bit
-        if IGNORE & 1:
-            ign = tl.load(ign_idx_ptr + i * stride_iq)
-        mask_row = ign_mask_ptr + i * stride_mq
+        ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
         acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
         n_nan = tl.zeros((BLOCK_K,), tl.int32)
         for k0 in range(0, N, BLOCK_K):
@@ -285,21 +263,13 @@ def _graded_bwd_cols_kernel(
         BLOCK_K  columns per program
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
-    inv_tau = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
     ACC = params_ptr.dtype.element_ty
-
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ign = -1  # the ignored column, read only when IGNORE has the index bit
-    if IGNORE & 1:
-        ign = tl.load(ign_idx_ptr + i * stride_iq)
-    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
-    s_row = scores_ptr + i * stride_sq
+    inv_tau, rho, delta, _, _ = load_step_params(params_ptr)  # the derivatives need no start/offset
+    offs_k, valid, s_row, sk = column_block(
+        scores_ptr, ign_idx_ptr, ign_mask_ptr, i, tl.program_id(1), N,
+        stride_sq, stride_sn, stride_iq, stride_mq, stride_mn, IGNORE, BLOCK_K, ACC,
+    )
     r_row = rel_ptr + i * stride_rq
-    sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
     rk = tl.load(r_row + offs_k.to(tl.int64) * stride_rn, mask=valid, other=0.0).to(ACC)
 
     acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
@@ -341,39 +311,17 @@ INTERPRETER_MAX_BLOCK_K = 1024
 
 def _block_p(p: int) -> int:
     """Ranked items per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
-    return max(2, min(next_pow2(p), INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64))
+    return capped_pow2(p, INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64)
 
 
 def _interpreter_block_k(args) -> int:
-    return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
+    return capped_pow2(args["N"], INTERPRETER_MAX_BLOCK_K)
 
 
-def _configure(kernel, tiles: int):
-    """GPU: autotune (BLOCK_K, num_warps); interpreter: one config with large blocks.
-
-    `tiles` is the number of live (BLOCK_P, BLOCK_K) accumulators of the kernel (the forward
-    keeps two), which the pruning rule counts against the per-thread register budget.
-    """
-    if INTERPRETED:
-        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
-
-    def prune(configs, named_args, **kwargs):
-        bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
-        return prune_tile_configs(configs, named_args, rows=tiles * bp, n_floor=32)
-
-    configs = [
-        triton.Config({"BLOCK_K": bk}, num_warps=w)
-        for bk in (32, 64, 128, 256, 512, 1024, 2048, 4096)
-        for w in (4, 8)
-    ]
-    return triton.autotune(
-        configs, key=["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune_configs_by={"early_config_prune": prune}
-    )(kernel)
-
-
-_fwd = _configure(_graded_fwd_kernel, tiles=2)
-_bwd_rows = _configure(_graded_bwd_rows_kernel, tiles=1)
-_bwd_cols = _configure(_graded_bwd_cols_kernel, tiles=1)
+# the forward keeps two (BLOCK_P, BLOCK_K) accumulators, which the autotuner's pruning counts
+_fwd = configure_rank_kernel(_graded_fwd_kernel, _interpreter_block_k, tiles=2)
+_bwd_rows = configure_rank_kernel(_graded_bwd_rows_kernel, _interpreter_block_k, tiles=1)
+_bwd_cols = configure_rank_kernel(_graded_bwd_cols_kernel, _interpreter_block_k, tiles=1)
 
 
 # --------------------------------------------------------------------------- host side
@@ -392,12 +340,6 @@ def _check_relevance(fn: str, relevance, scores: Tensor) -> None:
         )
     if relevance.device != scores.device:
         raise ValueError(f"{fn}: `relevance` is on {relevance.device} but `scores` is on {scores.device}")
-
-
-def _args(scores, relevance, pos_idx, ignore_idx, ignore_mask):
-    """Pointers (relevance after the common four) and strides (relevance's last) of the kernels."""
-    ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
-    return (*ptrs, relevance), (*strides, *relevance.stride()), mode
 
 
 def graded_rank_sums_forward(
@@ -425,23 +367,12 @@ def graded_rank_sums_forward(
             FASTRANK_TRITON_FAST (default off).
     """
     fn = "fastrank.triton_kernels.graded_rank_sums_forward"
-    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
     _check_relevance(fn, relevance, scores)
-    q, n = scores.shape
-    p = pos_idx.shape[1]
-    rank_all = torch.zeros((q, p), dtype=scores.dtype, device=scores.device)
-    rank_pos = torch.zeros_like(rank_all)
-    if q == 0 or p == 0 or n == 0:
-        return rank_all, rank_pos
-    acc = acc_dtype(scores.dtype)
-    ptrs, strides, mode = _args(scores, relevance, pos_idx, ignore_idx, ignore_mask)
-    bp = _block_p(p)
-    _fwd[(q, triton.cdiv(p, bp))](
-        *ptrs, _params_tensor(params, acc, scores.device), rank_all, rank_pos,
-        n, p, next_pow2(n), *strides,
-        STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=bp,
+    # relevance: the pointer after the common four, its strides the last
+    return launch_rank_forward(
+        _fwd, _block_p(pos_idx.shape[1]), scores, pos_idx, ignore_idx, ignore_mask, params, fast, extra=(relevance,)
     )
-    return rank_all, rank_pos
 
 
 def graded_rank_sums_backward(
@@ -462,36 +393,15 @@ def graded_rank_sums_backward(
     Deterministic: no floating-point atomics; every output is summed in a fixed order.
     """
     fn = "fastrank.triton_kernels.graded_rank_sums_backward"
-    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
     _check_relevance(fn, relevance, scores)
+    grad_all, grad_pos = rank_grads(fn, ("grad_all", "grad_pos"), grad_all, grad_pos, scores, pos_idx)
     q, n = scores.shape
     p = pos_idx.shape[1]
-    acc = acc_dtype(scores.dtype)
-    if grad_all is None:
-        grad_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
-    if grad_pos is None:
-        grad_pos = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
-    _check_grad(fn, "grad_all", grad_all, pos_idx)
-    _check_grad(fn, "grad_pos", grad_pos, pos_idx)
     if q == 0 or p == 0 or n == 0:
         return torch.zeros_like(scores, memory_format=torch.contiguous_format)
-    ptrs, strides, mode = _args(scores, relevance, pos_idx, ignore_idx, ignore_mask)
-    prm = _params_tensor(params, acc, scores.device)
-    meta = dict(STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=_block_p(p))
-    n_key = next_pow2(n)
-    gstrides = (*grad_all.stride(), *grad_pos.stride())
-
-    out = torch.empty((q, p), dtype=acc, device=scores.device)
-    nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
-    _bwd_rows[(q, triton.cdiv(p, meta["BLOCK_P"]))](
-        *ptrs, prm, grad_all, grad_pos, out, nan_flag,
-        n, p, n_key, *strides, *gstrides, **meta,
+    # both backward kernels read grad_pos (the sigmoid's min(rel_j, rel_k) weight)
+    return launch_rank_backward(
+        _bwd_rows, _bwd_cols, _block_p(p), grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, params, fast,
+        extra=(relevance,), cols_grad_pos=True,
     )
-    grad = torch.empty((q, n), dtype=acc, device=scores.device)
-    _bwd_cols[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
-        *ptrs, prm, grad_all, grad_pos, nan_flag, grad,
-        n, p, n_key, *strides, *gstrides, **meta,
-    )
-    # each ranked column of a row appears once in pos_idx; holes add +0.0 (out is 0 there) to column 0
-    grad.scatter_add_(1, pos_idx.clamp(min=0), out)
-    return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)

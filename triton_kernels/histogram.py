@@ -59,7 +59,8 @@ import triton.language as tl
 from fastrank._hist import HistParams
 
 from ._common import (
-    INTERPRETED, acc_dtype, check_packed_inputs, check_tensor, next_pow2, prune_tile_configs, valid_cols,
+    INTERPRETED, acc_dtype, capped_pow2, check_packed_inputs, check_tensor, column_block, ignore_args, next_pow2,
+    prune_tile_configs, ranked_block, row_ignore, valid_cols,
 )
 
 Tensor = torch.Tensor
@@ -67,16 +68,8 @@ Tensor = torch.Tensor
 
 _NAN: tl.constexpr = tl.constexpr(float("nan"))
 
-# IGNORE constexpr: a bit set (same encoding as rank_sums.py)
-IGNORE_NONE = 0
-IGNORE_INDEX = 1
-IGNORE_MASK = 2
-
-
 
 # --------------------------------------------------------------------------- device helpers
-
-
 
 
 @triton.jit
@@ -153,10 +146,7 @@ def _hist_fwd_kernel(
     ACC = params_ptr.dtype.element_ty
 
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    ign = -1  # the ignored column, read only when IGNORE has the index bit
-    if IGNORE & 1:
-        ign = tl.load(ign_idx_ptr + i * stride_iq)
-    mask_row = ign_mask_ptr + i * stride_mq
+    ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
     s_row = scores_ptr + i * stride_sq
 
     # (BLOCK_K, BLOCK_L) register accumulators, reduced over the tile axis once at the end:
@@ -220,18 +210,15 @@ def _hist_bwd_cols_kernel(
         BLOCK_K  columns per program
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
     scale = tl.load(params_ptr + 0)
     shift = tl.load(params_ptr + 1)
     top = tl.load(params_ptr + 2)
     ACC = params_ptr.dtype.element_ty
 
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ign = -1
-    if IGNORE & 1:
-        ign = tl.load(ign_idx_ptr + i * stride_iq)
-    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
-    s = tl.load(scores_ptr + i * stride_sq + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+    offs_k, valid, _, s = column_block(
+        scores_ptr, ign_idx_ptr, ign_mask_ptr, i, tl.program_id(1), N,
+        stride_sq, stride_sn, stride_iq, stride_mq, stride_mn, IGNORE, BLOCK_K, ACC,
+    )
     v = s * scale + shift
     is_nan = (v != v) & valid
     lo, _, _, slope = _soft_bin(v, top, OPEN)
@@ -278,12 +265,10 @@ def _hist_bwd_pos_kernel(
     row_nan = tl.load(nan_flag_ptr + i) != 0
     if row_nan:
         if pid_p == 0:
-            ign = -1
-            if IGNORE & 1:
-                ign = tl.load(ign_idx_ptr + i * stride_iq)
+            ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
             for k0 in range(0, N, BLOCK_N):
                 offs_k = k0 + tl.arange(0, BLOCK_N)
-                valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+                valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
                 nan = tl.full((BLOCK_N,), _NAN, grad_ptr.dtype.element_ty)
                 tl.store(g_row + offs_k, nan, mask=valid)
     else:
@@ -291,10 +276,9 @@ def _hist_bwd_pos_kernel(
         shift = tl.load(params_ptr + 1)
         top = tl.load(params_ptr + 2)
         ACC = params_ptr.dtype.element_ty
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=offs_p < P, other=-1)
-        has = j >= 0
-        s = tl.load(scores_ptr + i * stride_sq + j * stride_sn, mask=has, other=0.0).to(ACC)
+        _, _, j, has, _, s = ranked_block(
+            scores_ptr, pos_idx_ptr, i, pid_p, P, stride_sq, stride_sn, stride_pq, stride_pp, BLOCK_P, ACC
+        )
         lo, _, _, slope = _soft_bin(s * scale + shift, top, OPEN)
         hi = lo + 1
         b_row = grad_pos_ptr + i * stride_bq
@@ -306,7 +290,6 @@ def _hist_bwd_pos_kernel(
 
 
 # --------------------------------------------------------------------------- launch configuration
-
 
 
 #: caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
@@ -321,11 +304,11 @@ _BLOCK_P, _BLOCK_N = 128, 1024
 
 
 def _block_l(bins: int) -> int:
-    return max(2, min(next_pow2(bins), MAX_BLOCK_L))
+    return capped_pow2(bins, MAX_BLOCK_L)
 
 
 def _interpreter_block_k(args) -> int:
-    return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
+    return capped_pow2(args["N"], INTERPRETER_MAX_BLOCK_K)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -386,9 +369,6 @@ def _num_splits(q: int, n_lblocks: int, n: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------- host side
 
 
-
-
-
 @functools.lru_cache(maxsize=64)
 def _params_tensor(params: HistParams, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(scale, shift, L - 1) on the device in the accumulation dtype (cached, read-only): Triton
@@ -420,24 +400,6 @@ def _check_grad(fn: str, name: str, g, shape, device) -> None:
         raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {device}")
 
 
-def _ignore_args(pos_idx, ignore_idx, ignore_mask):
-    """(ign_idx, ign_mask) pointers, their strides and the IGNORE bits; absent tensors are
-    replaced by a dummy pointer that is never read."""
-    mode = IGNORE_NONE
-    if ignore_idx is not None:
-        mode |= IGNORE_INDEX
-        ign_idx, stride_iq = ignore_idx, ignore_idx.stride(0)
-    else:
-        ign_idx, stride_iq = pos_idx, 0
-    if ignore_mask is not None:
-        mode |= IGNORE_MASK
-        ign_mask = ignore_mask.view(torch.uint8)
-        stride_mq, stride_mn = ign_mask.stride()
-    else:
-        ign_mask, stride_mq, stride_mn = pos_idx, 0, 0
-    return ign_idx, ign_mask, (stride_iq, stride_mq, stride_mn), mode
-
-
 def histograms_forward(
     scores: Tensor,
     pos_idx: Tensor,
@@ -465,7 +427,7 @@ def histograms_forward(
         z = torch.zeros((q, bins), dtype=scores.dtype, device=scores.device)
         return z, z.clone()
     acc = acc_dtype(scores.dtype)
-    ign_idx, ign_mask, ign_strides, mode = _ignore_args(pos_idx, ignore_idx, ignore_mask)
+    ign_idx, ign_mask, ign_strides, mode = ignore_args(pos_idx, ignore_idx, ignore_mask)
     bl = _block_l(bins)
     n_lb = triton.cdiv(bins, bl)
     split = _num_splits(q, n_lb, n, scores.device)
@@ -513,7 +475,7 @@ def histograms_backward(
     _check_grad(fn, "grad_h_pos", grad_h_pos, (q, bins), scores.device)
     if q == 0 or n == 0:
         return torch.zeros_like(scores, memory_format=torch.contiguous_format)
-    ign_idx, ign_mask, ign_strides, mode = _ignore_args(pos_idx, ignore_idx, ignore_mask)
+    ign_idx, ign_mask, ign_strides, mode = ignore_args(pos_idx, ignore_idx, ignore_mask)
     prm = _params_tensor(params, acc, scores.device)
     grad = torch.empty((q, n), dtype=acc, device=scores.device)
     nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
@@ -524,8 +486,8 @@ def histograms_backward(
         OPEN=bool(params.open_ends), IGNORE=mode,
     )
     if INTERPRETED:
-        bp = max(2, min(next_pow2(p), int(INTERPRETER_MAX_BLOCK_P)))
-        bn = max(2, min(next_pow2(n), int(INTERPRETER_MAX_BLOCK_K)))
+        bp = capped_pow2(p, INTERPRETER_MAX_BLOCK_P)
+        bn = capped_pow2(n, INTERPRETER_MAX_BLOCK_K)
         warps = 4
     else:
         bp, bn = max(16, min(next_pow2(p), _BLOCK_P)), _BLOCK_N

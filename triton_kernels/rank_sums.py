@@ -44,37 +44,25 @@ float32 GPU runs (see `_step.py`); it is never used in the interpreter or for fl
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastrank._step import SIGMOID, SUPRANK, StepParams
+from fastrank._step import StepParams
 
-from ._step import heaviside, step_neg, step_neg_grad
+from ._step import heaviside, load_step_params, step_neg, step_neg_grad
 
 from ._common import (
-    INTERPRETED, acc_dtype, check_packed_inputs, check_tensor, next_pow2, prune_tile_configs, valid_cols,
+    INTERPRETED, capped_pow2, check_step_inputs, column_block, configure_rank_kernel, launch_rank_backward,
+    launch_rank_forward, rank_grads, ranked_block, row_ignore, valid_cols,
 )
 
 Tensor = torch.Tensor
 
 
 _NAN: tl.constexpr = tl.constexpr(float("nan"))
-
-# IGNORE constexpr: a bit set
-IGNORE_NONE = 0
-IGNORE_INDEX = 1
-IGNORE_MASK = 2
-
-
-
-# --------------------------------------------------------------------------- device helpers
-
-
 
 
 # --------------------------------------------------------------------------- kernels
@@ -107,29 +95,16 @@ def _rank_sums_fwd_kernel(
         BLOCK_K  competitors per tile of the sweep
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
-    # (1/tau, rho, delta, start, offset) in the accumulation dtype
-    inv_tau = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
-    start = tl.load(params_ptr + 3)
-    offset = tl.load(params_ptr + 4)
     ACC = params_ptr.dtype.element_ty
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = offs_p < P
-    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
-    has = j >= 0
-    s_row = scores_ptr + i * stride_sq
-    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+    inv_tau, rho, delta, start, offset = load_step_params(params_ptr)
+    offs_p, in_p, j, has, s_row, sj = ranked_block(
+        scores_ptr, pos_idx_ptr, i, tl.program_id(1), P, stride_sq, stride_sn, stride_pq, stride_pp, BLOCK_P, ACC
+    )
 
     rank_all = tl.zeros((BLOCK_P,), ACC)
     rank_pos = tl.zeros((BLOCK_P,), ACC)
     if tl.max(has.to(tl.int32), axis=0) > 0:
-        ign = -1  # the ignored column, read only when IGNORE has the index bit
-        if IGNORE & 1:
-            ign = tl.load(ign_idx_ptr + i * stride_iq)
-        mask_row = ign_mask_ptr + i * stride_mq
+        ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
         # sweep: every valid competitor, j itself included, gets g
         acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
         n_nan = tl.zeros((BLOCK_K,), tl.int32)
@@ -207,27 +182,16 @@ def _rank_sums_bwd_rows_kernel(
         BLOCK_K  competitors per tile of the sweep
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
-    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
-    inv_tau = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
     ACC = params_ptr.dtype.element_ty
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = offs_p < P
-    j = tl.load(pos_idx_ptr + i * stride_pq + offs_p.to(tl.int64) * stride_pp, mask=in_p, other=-1)
-    has = j >= 0
-    s_row = scores_ptr + i * stride_sq
-    sj = tl.load(s_row + j * stride_sn, mask=has, other=0.0).to(ACC)
+    inv_tau, rho, delta, _, _ = load_step_params(params_ptr)  # the derivatives need no start/offset
+    offs_p, in_p, j, has, s_row, sj = ranked_block(
+        scores_ptr, pos_idx_ptr, i, tl.program_id(1), P, stride_sq, stride_sn, stride_pq, stride_pp, BLOCK_P, ACC
+    )
 
     out = tl.zeros((BLOCK_P,), ACC)
     if tl.max(has.to(tl.int32), axis=0) > 0:
         a = tl.load(grad_all_ptr + i * stride_aq + offs_p.to(tl.int64) * stride_ap, mask=has, other=0.0).to(ACC)
-        ign = -1  # the ignored column, read only when IGNORE has the index bit
-        if IGNORE & 1:
-            ign = tl.load(ign_idx_ptr + i * stride_iq)
-        mask_row = ign_mask_ptr + i * stride_mq
+        ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
         acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
         n_nan = tl.zeros((BLOCK_K,), tl.int32)
         for k0 in range(0, N, BLOCK_K):
@@ -308,20 +272,12 @@ def _rank_sums_bwd_cols_kernel(
         BLOCK_K  columns per program
     """
     i = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    # (1/tau, rho, delta) in the accumulation dtype; the derivatives need no start/offset
-    inv_tau = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
     ACC = params_ptr.dtype.element_ty
-
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ign = -1  # the ignored column, read only when IGNORE has the index bit
-    if IGNORE & 1:
-        ign = tl.load(ign_idx_ptr + i * stride_iq)
-    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
-    s_row = scores_ptr + i * stride_sq
-    sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+    inv_tau, rho, delta, _, _ = load_step_params(params_ptr)  # the derivatives need no start/offset
+    offs_k, valid, s_row, sk = column_block(
+        scores_ptr, ign_idx_ptr, ign_mask_ptr, i, tl.program_id(1), N,
+        stride_sq, stride_sn, stride_iq, stride_mq, stride_mn, IGNORE, BLOCK_K, ACC,
+    )
 
     acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     for p0 in range(0, P, BLOCK_P):
@@ -344,7 +300,6 @@ def _rank_sums_bwd_cols_kernel(
 # --------------------------------------------------------------------------- launch configuration
 
 
-
 #: block caps under the interpreter, where big blocks are cheap (numpy) and launches are not;
 #: tests lower them to drive the multi-tile loops with small shapes
 INTERPRETER_MAX_BLOCK_P = 128
@@ -353,92 +308,19 @@ INTERPRETER_MAX_BLOCK_K = 1024
 
 def _block_p(p: int) -> int:
     """Ranked positives per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
-    return max(2, min(next_pow2(p), INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64))
+    return capped_pow2(p, INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64)
 
 
 def _interpreter_block_k(args) -> int:
-    return max(2, min(INTERPRETER_MAX_BLOCK_K, next_pow2(args["N"])))
+    return capped_pow2(args["N"], INTERPRETER_MAX_BLOCK_K)
 
 
-def _prune(configs, named_args, **kwargs):
-    bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
-    return prune_tile_configs(configs, named_args, rows=bp, n_floor=32)
-
-
-def _configure(kernel):
-    """GPU: autotune (BLOCK_K, num_warps); interpreter: one config with large blocks."""
-    if INTERPRETED:
-        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
-    configs = [
-        triton.Config({"BLOCK_K": bk}, num_warps=w)
-        for bk in (32, 64, 128, 256, 512, 1024, 2048, 4096)
-        for w in (4, 8)
-    ]
-    return triton.autotune(
-        configs, key=["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune_configs_by={"early_config_prune": _prune}
-    )(kernel)
-
-
-_fwd = _configure(_rank_sums_fwd_kernel)
-_bwd_rows = _configure(_rank_sums_bwd_rows_kernel)
-_bwd_cols = _configure(_rank_sums_bwd_cols_kernel)
+_fwd = configure_rank_kernel(_rank_sums_fwd_kernel, _interpreter_block_k)
+_bwd_rows = configure_rank_kernel(_rank_sums_bwd_rows_kernel, _interpreter_block_k)
+_bwd_cols = configure_rank_kernel(_rank_sums_bwd_cols_kernel, _interpreter_block_k)
 
 
 # --------------------------------------------------------------------------- host side
-
-
-@functools.lru_cache(maxsize=64)
-def _params_tensor(params: StepParams, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(1/tau, rho, delta, start, offset) on the device in the accumulation dtype (cached, read-only)."""
-    vals = [1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset]
-    return torch.tensor(vals, dtype=dtype, device=device)
-
-
-def _use_fast(fast: Optional[bool], acc: torch.dtype) -> bool:
-    if fast is None:
-        fast = os.environ.get("FASTRANK_TRITON_FAST", "0") == "1"
-    return bool(fast) and not INTERPRETED and acc == torch.float32
-
-
-def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
-    check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
-    if not isinstance(params, StepParams):
-        raise TypeError(f"{fn}: `params` must be a fastrank._step.StepParams, got {type(params).__name__}")
-    if params.step not in (SIGMOID, SUPRANK):
-        raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
-    if not params.tau > 0:
-        raise ValueError(f"{fn}: `params.tau` must be > 0, got {params.tau}")
-
-
-def _check_grad(fn: str, name: str, g, pos_idx: Tensor) -> None:
-    check_tensor(fn, name, g, 2)
-    if not g.dtype.is_floating_point:
-        raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
-    if g.shape != pos_idx.shape:
-        raise ValueError(
-            f"{fn}: `{name}` must have the shape of `pos_idx` {tuple(pos_idx.shape)}, got {tuple(g.shape)}"
-        )
-    if g.device != pos_idx.device:
-        raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {pos_idx.device}")
-
-
-def _common_args(scores, pos_idx, ignore_idx, ignore_mask):
-    """Pointers and strides shared by the kernels; absent ignore tensors are replaced by a dummy pointer."""
-    mode = IGNORE_NONE
-    if ignore_idx is not None:
-        mode |= IGNORE_INDEX
-        ign_idx, stride_iq = ignore_idx, ignore_idx.stride(0)
-    else:
-        ign_idx, stride_iq = pos_idx, 0
-    if ignore_mask is not None:
-        mode |= IGNORE_MASK
-        ign_mask = ignore_mask.view(torch.uint8)
-        stride_mq, stride_mn = ign_mask.stride()
-    else:
-        ign_mask, stride_mq, stride_mn = pos_idx, 0, 0
-    ptrs = (scores, pos_idx, ign_idx, ign_mask)
-    strides = (*scores.stride(), *pos_idx.stride(), stride_iq, stride_mq, stride_mn)
-    return ptrs, strides, mode
 
 
 def rank_sums_forward(
@@ -463,22 +345,10 @@ def rank_sums_forward(
             FASTRANK_TRITON_FAST (default off).
     """
     fn = "fastrank.triton_kernels.rank_sums_forward"
-    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
-    q, n = scores.shape
-    p = pos_idx.shape[1]
-    rank_all = torch.zeros((q, p), dtype=scores.dtype, device=scores.device)
-    rank_pos = torch.zeros_like(rank_all)
-    if q == 0 or p == 0 or n == 0:
-        return rank_all, rank_pos
-    acc = acc_dtype(scores.dtype)
-    ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
-    bp = _block_p(p)
-    _fwd[(q, triton.cdiv(p, bp))](
-        *ptrs, _params_tensor(params, acc, scores.device), rank_all, rank_pos,
-        n, p, next_pow2(n), *strides,
-        STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=bp,
+    check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    return launch_rank_forward(
+        _fwd, _block_p(pos_idx.shape[1]), scores, pos_idx, ignore_idx, ignore_mask, params, fast
     )
-    return rank_all, rank_pos
 
 
 def rank_sums_backward(
@@ -497,35 +367,15 @@ def rank_sums_backward(
     Deterministic: no floating-point atomics; every output is summed in a fixed order.
     """
     fn = "fastrank.triton_kernels.rank_sums_backward"
-    _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
+    grad_rank_all, grad_rank_pos = rank_grads(
+        fn, ("grad_rank_all", "grad_rank_pos"), grad_rank_all, grad_rank_pos, scores, pos_idx
+    )
     q, n = scores.shape
     p = pos_idx.shape[1]
-    acc = acc_dtype(scores.dtype)
-    if grad_rank_all is None:
-        grad_rank_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
-    if grad_rank_pos is None:
-        grad_rank_pos = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
-    _check_grad(fn, "grad_rank_all", grad_rank_all, pos_idx)
-    _check_grad(fn, "grad_rank_pos", grad_rank_pos, pos_idx)
     if q == 0 or p == 0 or n == 0:
         return torch.zeros_like(scores)
-    ptrs, strides, mode = _common_args(scores, pos_idx, ignore_idx, ignore_mask)
-    prm = _params_tensor(params, acc, scores.device)
-    meta = dict(STEP=params.step, IGNORE=mode, FAST=_use_fast(fast, acc), BLOCK_P=_block_p(p))
-    n_key = next_pow2(n)
-
-    out = torch.empty((q, p), dtype=acc, device=scores.device)
-    nan_flag = torch.zeros((q,), dtype=torch.int32, device=scores.device)
-    _bwd_rows[(q, triton.cdiv(p, meta["BLOCK_P"]))](
-        *ptrs, prm, grad_rank_all, grad_rank_pos, out, nan_flag,
-        n, p, n_key, *strides, *grad_rank_all.stride(), *grad_rank_pos.stride(), **meta,
+    return launch_rank_backward(
+        _bwd_rows, _bwd_cols, _block_p(p), grad_rank_all, grad_rank_pos,
+        scores, pos_idx, ignore_idx, ignore_mask, params, fast,
     )
-    grad = torch.empty((q, n), dtype=acc, device=scores.device)
-    _bwd_cols[lambda m: (q, triton.cdiv(n, m["BLOCK_K"]))](
-        *ptrs, prm, grad_rank_all, nan_flag, grad,
-        n, p, n_key, *strides, *grad_rank_all.stride(), **meta,
-    )
-    # each positive column of a row appears once in pos_idx; holes add +0.0 to column 0
-    has = pos_idx >= 0
-    grad.scatter_add_(1, torch.where(has, pos_idx, 0), out)
-    return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)
