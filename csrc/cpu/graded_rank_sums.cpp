@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/loops.h"
 #include "cpu/parallel.h"
-#include "rank_sums_row.h"
 
 namespace fastrank {
 namespace cpu {
@@ -134,16 +134,16 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, T* rank_al
       T mid = T(0), wmid = T(0);
       if (STEP == kSigmoid) {
         // j itself sits in [0, m) and adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
-        const T hi = run_sum_sigmoid(sj, sv, m, pr.step.inv_tau);
+        const T hi = sum_sigmoid(sj, sv, m, pr.step.inv_tau);
         run_sum_sigmoid_w(sj, sv + m, rv + m, row.z - m, pr.step.inv_tau, mid, wmid);
-        const T lo = run_sum_sigmoid(sj, sv + row.z, row.nv - row.z, pr.step.inv_tau);
+        const T lo = sum_sigmoid(sj, sv + row.z, row.nv - row.z, pr.step.inv_tau);
         rp[p] = rj * (hi + T(0.5)) + wmid;
         ra[p] = hi + (mid + lo) + T(0.5);
       } else {
         // H(0) = 1 for j itself supplies the "1 +" and the "rel_j +"
         const T hi = run_sum_heaviside(sj, sv, m);
         run_sum_suprank_w(sj, sv + m, rv + m, row.z - m, pr.step, mid, wmid);
-        const T lo = run_sum_suprank_neg(sj, sv + row.z, row.nv - row.z, pr.step);
+        const T lo = sum_suprank_neg(sj, sv + row.z, row.nv - row.z, pr.step);
         rp[p] = rj * hi + wmid;
         ra[p] = hi + (mid + lo);
       }
@@ -186,13 +186,13 @@ FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, const T* 
       if (STEP == kSigmoid) {
         // the self term (k = j, in [0, m)) adds c to g[j] and takes it back through tot
         const T b = gp[p], hi_coef = a + b * rj;
-        if (hi_coef != T(0)) tot += run_grad_sigmoid(sj, sv, gv, m, hi_coef, pr.step.inv_tau);
+        if (hi_coef != T(0)) tot += grad_sigmoid(sj, sv, gv, m, hi_coef, pr.step.inv_tau);
         if (a != T(0) || b != T(0))
           tot += run_grad_sigmoid_w(sj, sv + m, rv + m, gv + m, row.z - m, a, b, pr.step.inv_tau);
-        if (a != T(0)) tot += run_grad_sigmoid(sj, sv + row.z, gv + row.z, row.nv - row.z, a, pr.step.inv_tau);
+        if (a != T(0)) tot += grad_sigmoid(sj, sv + row.z, gv + row.z, row.nv - row.z, a, pr.step.inv_tau);
       } else {
         // H carries no gradient: only less relevant competitors move, through rank_all
-        if (a != T(0)) tot += run_grad_suprank_neg(sj, sv + m, gv + m, row.nv - m, a, pr.step);
+        if (a != T(0)) tot += grad_suprank_neg(sj, sv + m, gv + m, row.nv - m, a, pr.step);
       }
       g[j] -= tot;
     }

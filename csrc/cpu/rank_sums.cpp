@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/loops.h"
 #include "cpu/parallel.h"
-#include "rank_sums_row.h"
 
 namespace fastrank {
 namespace cpu {
@@ -104,14 +104,14 @@ FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, T* rank_all, T* 
       const T sj = s[j];
       if (STEP == kSigmoid) {
         // the runs include j itself, which adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
-        const T sp = run_sum_sigmoid(sj, b.spos.data(), np, pr.step.inv_tau);
-        const T sn = run_sum_sigmoid(sj, b.sneg.data(), nn, pr.step.inv_tau);
+        const T sp = sum_sigmoid(sj, b.spos.data(), np, pr.step.inv_tau);
+        const T sn = sum_sigmoid(sj, b.sneg.data(), nn, pr.step.inv_tau);
         rp[p] = sp + T(0.5);
         ra[p] = sp + sn + T(0.5);
       } else {
         // H(0) = 1 for j itself supplies the "1 +"
         const T hp = run_sum_heaviside(sj, b.spos.data(), np);
-        const T sn = run_sum_suprank_neg(sj, b.sneg.data(), nn, pr.step);
+        const T sn = sum_suprank_neg(sj, b.sneg.data(), nn, pr.step);
         rp[p] = hp;
         ra[p] = hp + sn;
       }
@@ -153,12 +153,12 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_a
       if (STEP == kSigmoid) {
         // self term (k = j) adds c to g[j] and subtracts it again: net zero
         const T a = ga[p], apb = ga[p] + gp[p];
-        if (apb != T(0)) tot += run_grad_sigmoid(sj, b.spos.data(), b.gpos.data(), np, apb, pr.step.inv_tau);
-        if (a != T(0)) tot += run_grad_sigmoid(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step.inv_tau);
+        if (apb != T(0)) tot += grad_sigmoid(sj, b.spos.data(), b.gpos.data(), np, apb, pr.step.inv_tau);
+        if (a != T(0)) tot += grad_sigmoid(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step.inv_tau);
       } else {
         // H carries no gradient: only negatives move, and only through rank_all
         const T a = ga[p];
-        if (a != T(0)) tot += run_grad_suprank_neg(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step);
+        if (a != T(0)) tot += grad_suprank_neg(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step);
       }
       g[j] -= tot;
     }
