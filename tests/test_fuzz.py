@@ -72,7 +72,10 @@ OPS = {
 @given(problem=problems())
 def test_fuzz_backend_matches_naive(backend, op, problem):
     fn, kw = OPS[op]
-    scores, target, ignore = problem
+    _assert_matches_naive(fn, kw, backend, *problem)
+
+
+def _assert_matches_naive(fn, kw, backend, scores, target, ignore):
     v0, g0 = _value_grad(fn, scores, target, ignore, "naive", **kw)
     v1, g1 = _value_grad(fn, scores, target, ignore, backend, **kw)
     torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-11)
@@ -123,12 +126,7 @@ GRADED_OPS = {
 @given(problem=graded_problems())
 def test_fuzz_graded_backend_matches_naive(backend, op, problem):
     fn, kw = GRADED_OPS[op]
-    scores, rel, ignore = problem
-    v0, g0 = _value_grad(fn, scores, rel, ignore, "naive", **kw)
-    v1, g1 = _value_grad(fn, scores, rel, ignore, backend, **kw)
-    torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9)
-    assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
+    _assert_matches_naive(fn, kw, backend, *problem)  # problem: (scores, relevance, ignore)
 
 
 @pytest.mark.parametrize("backend", TRITON)
