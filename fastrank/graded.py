@@ -397,6 +397,19 @@ def h_ap(
     return reduce_per_query(ap, pb.n_pos, reduction)
 
 
+def _check_gain_range(fn: str, rel: Tensor) -> None:
+    """The gain 2^rel - 1 must be finite in the computation dtype (fp32: rel < 128)."""
+    if rel.numel() == 0:
+        return
+    top = float(rel.max())
+    limit = math.log2(torch.finfo(rel.dtype).max)
+    if top >= limit:
+        raise ValueError(
+            f"{fn}: `relevance` up to {top:g} overflows the gain 2^rel - 1 in {rel.dtype} (needs rel < {limit:.0f}); "
+            "rescale the relevance or pass float64 scores"
+        )
+
+
 def ndcg(
     scores: Tensor,
     relevance: Tensor,
@@ -424,6 +437,7 @@ def ndcg(
     V.check_reduction(fn, reduction)
     params = make_params(fn, step, tau, rho, delta, start, offset)
     rank_all, _, rel, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    _check_gain_range(fn, rel)
     # the ranked items (relevance > 0, not ignored) are exactly the packed ones
     has = pb.pos_idx >= 0
     zero = rel.new_zeros(())

@@ -485,3 +485,15 @@ def test_cpp_deterministic_across_runs_and_thread_counts(step):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
+
+
+def test_ndcg_rejects_relevance_whose_gain_overflows():
+    scores = torch.randn(2, 4)
+    rel = torch.tensor([[1.0, 200.0, 0.0, 2.0], [0.0, 1.0, 1.0, 0.0]])
+    with pytest.raises(ValueError, match="relevance.*overflows"):
+        ndcg(scores, rel)
+    # float64 has the range: finite value
+    v = ndcg(scores.double(), rel.double())
+    assert torch.isfinite(v)
+    # h_ap has no exponential gain: fine in float32
+    assert torch.isfinite(h_ap(scores, rel))
