@@ -110,14 +110,16 @@ inline void fill_nan_rows_backward(const PackedProblem& pp, at::Tensor& grad) {
 // scores (the Python layer casts it), finite and >= 0. Returns a contiguous copy.
 // Checking values costs one pass over (Q, N), small next to the O(Q P N) kernels, and
 // keeps a direct torch.ops call from turning a negative or NaN relevance into a number.
-inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
+// `values = false` skips the value pass: for a backward, whose forward checked the same tensor.
+inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores,
+                                  bool values = true) {
   TORCH_CHECK(relevance.device() == scores.device(), op, ": relevance must be on the device of scores (",
               scores.device(), "), got ", relevance.device());
   TORCH_CHECK(relevance.sizes() == scores.sizes(), op, ": relevance must have the shape of scores ", scores.sizes(),
               ", got ", relevance.sizes());
   TORCH_CHECK(relevance.scalar_type() == scores.scalar_type(), op, ": relevance must have the dtype of scores (",
               scores.scalar_type(), "), got ", relevance.scalar_type());
-  if (relevance.numel() > 0) {
+  if (values && relevance.numel() > 0) {
     // one reduction pass; aminmax propagates NaN (isfinite().all() would take three)
     const auto mm = at::aminmax(relevance);
     const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();

@@ -36,6 +36,7 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "graded_rank_sums_fwd(Tensor scores, Tensor relevance, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, "
       "int step, float tau, float rho, float delta, float start, float offset) -> (Tensor, Tensor)");
+  // (the backward checks relevance's shape, dtype and device; its values were checked by the forward)
   m.def(
       "graded_rank_sums_bwd(Tensor grad_rank_all, Tensor grad_rank_pos, Tensor scores, Tensor relevance, "
       "Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, "

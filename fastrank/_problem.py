@@ -90,7 +90,9 @@ def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, devi
             rows = torch.nonzero(ignore_idx >= 0).squeeze(1)
             pos[rows, ignore_idx[rows]] = False
         nz = pos.nonzero()
-        pos_idx = _pack_rows(nz[:, 0], nz[:, 1], pos.sum(1), q, device)
+        # counts from the nonzero rows: O(nnz), where pos.sum(1) casts all Q*N bools (~150 ms at 8192^2)
+        counts = torch.bincount(nz[:, 0], minlength=q)
+        pos_idx = _pack_rows(nz[:, 0], nz[:, 1], counts, q, device)
     n_pos = (pos_idx >= 0).sum(1)
     return RankProblem(pos_idx.contiguous(), n_pos, ignore_idx, ignore_mask)
 

@@ -249,7 +249,7 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                     const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho,
                                     double delta, double start, double offset) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
-  const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
+  const at::Tensor rel = check_relevance(kOp, relevance, pp.scores, /*values=*/false);
   check_step(kOp, step, tau);
   TORCH_CHECK(grad_all_in.sizes() == pos_idx.sizes() && grad_pos_in.sizes() == pos_idx.sizes(), kOp,
               " backward: gradients must have the shape of pos_idx ", pos_idx.sizes(), ", got ", grad_all_in.sizes(),

@@ -66,7 +66,7 @@ at::Tensor graded_rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
   const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores);
+  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores, /*values=*/false);
   const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
   const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
   at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by the column kernel
