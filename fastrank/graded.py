@@ -37,7 +37,7 @@ from ._problem import build_problem
 from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
 from .ap import reduce_per_query, safe_div
 from .ops import graded_rank_sums_packed
-from .reference import _blocks, dense_valid_mask
+from .reference import _blocks, dense_valid_mask, gather_packed, scatter_packed
 from .rank_sums import make_params
 
 Tensor = torch.Tensor
@@ -174,17 +174,6 @@ def _packed(fn, scores, relevance, ignore, backend, params) -> Tuple[Tensor, Ten
     return ra, rp, rel, pb
 
 
-def _gather(dense: Tensor, pos_idx: Tensor) -> Tensor:
-    """dense[i, pos_idx[i, p]], 0 at holes."""
-    return torch.where(pos_idx >= 0, dense.gather(1, pos_idx.clamp(min=0)), dense.new_zeros(()))
-
-
-def _scatter(packed: Tensor, pos_idx: Tensor, n: int) -> Tensor:
-    """The inverse of _gather: (Q, N) with packed[i, p] at column pos_idx[i, p], 0 elsewhere."""
-    cols = torch.where(pos_idx >= 0, pos_idx, n)
-    return packed.new_zeros(packed.shape[0], n + 1).scatter(1, cols, packed)[:, :n]
-
-
 # --------------------------------------------------------------------------- naive
 
 
@@ -297,7 +286,7 @@ def torch_graded_forward(scores: Tensor, rel: Tensor, valid: Tensor, params: Ste
     ign = ~valid
     ra, rp = torch_graded_packed_forward(scores, rel, pos_idx, None, ign, params)
     n = scores.shape[1]
-    return _scatter(ra, pos_idx, n), _scatter(rp, pos_idx, n)
+    return scatter_packed(ra, pos_idx, n), scatter_packed(rp, pos_idx, n)
 
 
 def torch_graded_backward(
@@ -305,7 +294,7 @@ def torch_graded_backward(
 ) -> Tensor:
     """Dense (Q, N) form of torch_graded_packed_backward: gradients of the dense rank sums."""
     pos_idx = _ranked_index(rel, valid)
-    ga, gp = _gather(grad_all, pos_idx), _gather(grad_pos, pos_idx)
+    ga, gp = gather_packed(grad_all, pos_idx), gather_packed(grad_pos, pos_idx)
     return torch_graded_packed_backward(ga, gp, scores, rel, pos_idx, None, ~valid, params)
 
 
@@ -315,7 +304,7 @@ def torch_graded_backward(
 def naive_graded_packed(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -> Tuple[Tensor, Tensor]:
     valid = dense_valid_mask(scores.shape[0], scores.shape[1], ignore_idx, ignore_mask, scores.device)
     ra, rp = naive_graded_rank_sums(scores, rel, valid, params)
-    return _gather(ra, pos_idx), _gather(rp, pos_idx)
+    return gather_packed(ra, pos_idx), gather_packed(rp, pos_idx)
 
 
 # --------------------------------------------------------------------------- public API
@@ -355,7 +344,7 @@ def graded_rank_sums(
     params = make_params(fn, step, tau, rho, delta, start, offset)
     ra, rp, _, pb = _packed(fn, scores, relevance, ignore, backend, params)
     n = scores.shape[1]
-    return _scatter(ra, pb.pos_idx, n), _scatter(rp, pb.pos_idx, n)
+    return scatter_packed(ra, pb.pos_idx, n), scatter_packed(rp, pb.pos_idx, n)
 
 
 def h_ap(
@@ -392,7 +381,7 @@ def h_ap(
     # packed (Q, P) sums in column order, as fastrank.ap does (the binary case is bit-exact)
     has = pb.pos_idx >= 0
     ratio = safe_div(rank_pos, rank_all, has)
-    total = _gather(rel, pb.pos_idx).sum(1)
+    total = gather_packed(rel, pb.pos_idx).sum(1)
     ap = safe_div(ratio.sum(1), total, pb.n_pos > 0)
     return reduce_per_query(ap, pb.n_pos, reduction)
 
@@ -441,7 +430,7 @@ def ndcg(
     # the ranked items (relevance > 0, not ignored) are exactly the packed ones
     has = pb.pos_idx >= 0
     zero = rel.new_zeros(())
-    gain = torch.where(has, torch.exp2(_gather(rel, pb.pos_idx)) - 1, zero)
+    gain = torch.where(has, torch.exp2(gather_packed(rel, pb.pos_idx)) - 1, zero)
     # rank_all >= 1 where ranked; log2(2) = 1 at holes keeps the masked terms finite
     disc = torch.log2(1 + torch.where(has, rank_all, torch.ones_like(rank_all)))
     dcg = torch.where(has, gain / disc, zero).sum(1)

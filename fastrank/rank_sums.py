@@ -10,6 +10,7 @@ from ._backend import CHOICES, resolve
 from ._problem import RankProblem, Target, build_problem
 from ._step import STEP_IDS, StepParams
 from .ops import rank_sums_packed
+from .reference import scatter_packed
 
 Tensor = torch.Tensor
 
@@ -104,9 +105,5 @@ def rank_sums(
     ra, rp = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     if packed:
         return RankSums(ra, rp, pb.pos_idx)
-    q, n = scores.shape
-    cols = torch.where(pb.pos_idx >= 0, pb.pos_idx, n)
-    zeros = scores.new_zeros(q, n + 1)
-    return RankSums(
-        zeros.scatter(1, cols, ra)[:, :n], zeros.scatter(1, cols, rp)[:, :n], None
-    )
+    n = scores.shape[1]
+    return RankSums(scatter_packed(ra, pb.pos_idx, n), scatter_packed(rp, pb.pos_idx, n), None)

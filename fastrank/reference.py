@@ -44,9 +44,17 @@ def dense_valid_mask(q: int, n: int, ignore_idx: Optional[Tensor], ignore_mask: 
     return valid
 
 
-def _gather_packed(full: Tensor, pos_idx: Tensor) -> Tensor:
+def gather_packed(full: Tensor, pos_idx: Tensor) -> Tensor:
+    """(Q, P) packed values full[i, pos_idx[i, p]] of a (Q, N) tensor, 0 at holes."""
     has = pos_idx >= 0
     return torch.where(has, full.gather(1, pos_idx.clamp(min=0)), torch.zeros((), dtype=full.dtype, device=full.device))
+
+
+def scatter_packed(packed: Tensor, pos_idx: Tensor, n: int) -> Tensor:
+    """The inverse of gather_packed: (Q, N) with packed[i, p] at column pos_idx[i, p], 0 elsewhere
+    (differentiable w.r.t. packed). Holes go to a spare column n, dropped afterwards."""
+    cols = torch.where(pos_idx >= 0, pos_idx, n)
+    return packed.new_zeros(packed.shape[0], n + 1).scatter(1, cols, packed)[:, :n]
 
 
 # --------------------------------------------------------------------------- naive
@@ -80,7 +88,7 @@ def naive_rank_sums(
     zero = scores.new_zeros(())
     rank_all = 1 + torch.where(not_self & valid.unsqueeze(1), g, zero).sum(-1)
     rank_pos = 1 + torch.where(not_self & pos.unsqueeze(1), h, zero).sum(-1)
-    return _gather_packed(rank_all, pos_idx), _gather_packed(rank_pos, pos_idx)
+    return gather_packed(rank_all, pos_idx), gather_packed(rank_pos, pos_idx)
 
 
 # --------------------------------------------------------------------------- torch (chunked)

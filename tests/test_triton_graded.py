@@ -17,7 +17,7 @@ from fastrank._problem import RankProblem, build_problem  # noqa: E402
 from fastrank._step import StepParams  # noqa: E402
 from fastrank.graded import torch_graded_backward, torch_graded_forward  # noqa: E402
 from fastrank.rank_sums import make_params  # noqa: E402
-from fastrank.reference import dense_valid_mask  # noqa: E402
+from fastrank.reference import dense_valid_mask, gather_packed, scatter_packed  # noqa: E402
 
 from .conftest import requires  # noqa: E402
 
@@ -94,26 +94,16 @@ def _packed_grads(pb: RankProblem, seed=1, dtype=torch.float64):
     return ga.to(DEVICE, dtype), gp.to(DEVICE, dtype)
 
 
-def _gather(dense, pos_idx):
-    has = pos_idx >= 0
-    zero = torch.zeros((), dtype=dense.dtype, device=dense.device)
-    return torch.where(has, dense.gather(1, pos_idx.clamp(min=0)), zero)
-
-
-def _scatter(packed, pos_idx, n):
-    q = pos_idx.shape[0]
-    out = torch.zeros(q, n + 1, dtype=torch.float64, device=packed.device)
-    return out.scatter(1, torch.where(pos_idx >= 0, pos_idx, n), packed.double())[:, :n]
-
-
 def _reference(pr: Problem, params, ga, gp):
     """fp64 packed forward and the gradient of sum(ga * rank_all + gp * rank_pos)."""
     s, rel = pr.scores.double(), pr.rel.double()
     n = s.shape[1]
     ra, rp = torch_graded_forward(s, rel, pr.valid, params)
     pos_idx = pr.pb.pos_idx
-    grad = torch_graded_backward(_scatter(ga, pos_idx, n), _scatter(gp, pos_idx, n), s, rel, pr.valid, params)
-    return _gather(ra, pos_idx), _gather(rp, pos_idx), grad
+    grad = torch_graded_backward(
+        scatter_packed(ga.double(), pos_idx, n), scatter_packed(gp.double(), pos_idx, n), s, rel, pr.valid, params
+    )
+    return gather_packed(ra, pos_idx), gather_packed(rp, pos_idx), grad
 
 
 def _triton(pr: Problem, params, ga, gp, rel=None):
