@@ -154,6 +154,36 @@ _TritonHistograms = _python_backend(
 )
 
 
+def _naive_graded(*args):
+    from .graded import naive_graded_packed  # imported on use: fastrank.graded imports this module
+
+    return naive_graded_packed(*args)
+
+
+# per op: (naive function, torch Function, Triton Function, C++ forward op of torch.ops.fastrank)
+_IMPLS = {
+    "rank-sums": (reference.naive_rank_sums, _TorchRankSums, _TritonRankSums, "rank_sums_fwd"),
+    "graded rank-sums": (_naive_graded, _TorchGraded, _TritonGraded, "graded_rank_sums_fwd"),
+    "histogram": (_hist.naive_histograms, _TorchHistograms, _TritonHistograms, "histogram_fwd"),
+}
+
+
+def _dispatch(op: str, backend: str, *tensors, params) -> Tuple[Tensor, Tensor]:
+    """Runs op on the named backend: every backend takes the same tensors (scores first), then
+    the parameters (a dataclass for Python backends, its scalars for the C++ ops)."""
+    naive, torch_fn, triton_fn, cpp_op = _IMPLS[op]
+    if backend == "naive":
+        return naive(*tensors, params)
+    if backend == "torch":
+        return torch_fn.apply(*tensors, params)
+    if backend == "triton":
+        return triton_fn.apply(*tensors, params)
+    if backend in ("cpp", "cuda"):
+        _register_cpp_ops()
+        return getattr(torch.ops.fastrank, cpp_op)(*tensors, *params.as_op_args())
+    raise NotImplementedError(f"backend {backend!r} has no {op} implementation yet")
+
+
 def rank_sums_packed(
     backend: str,
     scores: Tensor,
@@ -163,16 +193,7 @@ def rank_sums_packed(
     params: StepParams,
 ) -> Tuple[Tensor, Tensor]:
     """(rank_all, rank_pos), each (Q, P), differentiable w.r.t. scores, on the named backend."""
-    if backend == "naive":
-        return reference.naive_rank_sums(scores, pos_idx, ignore_idx, ignore_mask, params)
-    if backend == "torch":
-        return _TorchRankSums.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
-    if backend == "triton":
-        return _TritonRankSums.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
-    if backend in ("cpp", "cuda"):
-        _register_cpp_ops()
-        return torch.ops.fastrank.rank_sums_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
-    raise NotImplementedError(f"backend {backend!r} has no rank-sums implementation yet")
+    return _dispatch("rank-sums", backend, scores, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
 def graded_rank_sums_packed(
@@ -186,20 +207,7 @@ def graded_rank_sums_packed(
 ) -> Tuple[Tensor, Tensor]:
     """Graded (rank_all, rank_pos), each (Q, P) at the ranked items pos_idx, differentiable w.r.t.
     scores (not relevance, a constant of the dtype of scores), on the named backend."""
-    if backend == "naive":
-        from .graded import naive_graded_packed
-
-        return naive_graded_packed(scores, relevance, pos_idx, ignore_idx, ignore_mask, params)
-    if backend == "torch":
-        return _TorchGraded.apply(scores, relevance, pos_idx, ignore_idx, ignore_mask, params)
-    if backend == "triton":
-        return _TritonGraded.apply(scores, relevance, pos_idx, ignore_idx, ignore_mask, params)
-    if backend in ("cpp", "cuda"):
-        _register_cpp_ops()
-        return torch.ops.fastrank.graded_rank_sums_fwd(
-            scores, relevance, pos_idx, ignore_idx, ignore_mask, *params.as_op_args()
-        )
-    raise NotImplementedError(f"backend {backend!r} has no graded rank-sums implementation yet")
+    return _dispatch("graded rank-sums", backend, scores, relevance, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
 def histograms_packed(
@@ -211,13 +219,4 @@ def histograms_packed(
     params: "_hist.HistParams",
 ) -> Tuple[Tensor, Tensor]:
     """(h_all, h_pos), each (Q, bins), differentiable w.r.t. scores, on the named backend."""
-    if backend == "naive":
-        return _hist.naive_histograms(scores, pos_idx, ignore_idx, ignore_mask, params)
-    if backend == "torch":
-        return _TorchHistograms.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
-    if backend == "triton":
-        return _TritonHistograms.apply(scores, pos_idx, ignore_idx, ignore_mask, params)
-    if backend in ("cpp", "cuda"):
-        _register_cpp_ops()
-        return torch.ops.fastrank.histogram_fwd(scores, pos_idx, ignore_idx, ignore_mask, *params.as_op_args())
-    raise NotImplementedError(f"backend {backend!r} has no histogram implementation yet")
+    return _dispatch("histogram", backend, scores, pos_idx, ignore_idx, ignore_mask, params=params)
