@@ -15,6 +15,14 @@ CPU_BACKENDS = [b for b in ("naive", "torch", "cpp") if b in AVAILABLE]
 FUSED_CPU = [b for b in ("torch", "cpp") if b in AVAILABLE]
 
 
+#: Triton tests: compiled kernels on a GPU, else the interpreter on CPU tensors
+TRITON_ON_GPU = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
+TRITON_DEVICE = torch.device("cuda" if TRITON_ON_GPU else "cpu")
+triton_gpu_only = pytest.mark.skipif(
+    not TRITON_ON_GPU, reason="needs a CUDA GPU (Triton kernels compiled, not interpreted)"
+)
+
+
 def requires(backend: str):
     info = fastrank.backends()[backend]
     return pytest.mark.skipif(not info.available, reason=f"{backend}: {info.reason}")

@@ -17,15 +17,15 @@ from fastrank._step import SIGMOID, SUPRANK, StepParams  # noqa: E402
 from fastrank.reference import naive_rank_sums, torch_rank_sums_backward  # noqa: E402
 
 from .cases import Case, all_cases, make_case  # noqa: E402
+from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
+from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
 from .conftest import requires  # noqa: E402
+from .conftest import triton_gpu_only as gpu_only  # noqa: E402
 
 pytestmark = requires("triton")
 
 tk = pytest.importorskip("fastrank.triton_kernels.rank_sums")
 
-ON_GPU = not tk.INTERPRETED and torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (Triton kernels compiled, not interpreted)")
 
 CASES = all_cases()
 STEPS = ["sigmoid", "suprank"]

@@ -19,6 +19,8 @@ from fastrank.graded import torch_graded_backward, torch_graded_forward  # noqa:
 from fastrank.rank_sums import make_params  # noqa: E402
 from fastrank.reference import dense_valid_mask, gather_packed, scatter_packed  # noqa: E402
 
+from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
+from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
 from .conftest import requires  # noqa: E402
 
 pytestmark = requires("triton")
@@ -26,8 +28,6 @@ pytestmark = requires("triton")
 gk = pytest.importorskip("fastrank.triton_kernels.graded")
 tk = pytest.importorskip("fastrank.triton_kernels.rank_sums")
 
-ON_GPU = not gk.INTERPRETED and torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 STEPS = ["sigmoid", "suprank"]
 IGNORES = ["none", "index", "mask"]

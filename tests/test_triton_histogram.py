@@ -23,15 +23,15 @@ from fastrank.histogram import histogram_params  # noqa: E402
 from fastrank.reference import dense_valid_mask  # noqa: E402
 
 from .cases import Case, all_cases, make_case  # noqa: E402
+from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
+from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
 from .conftest import requires  # noqa: E402
+from .conftest import triton_gpu_only as gpu_only  # noqa: E402
 
 pytestmark = requires("triton")
 
 tk = pytest.importorskip("fastrank.triton_kernels.histogram")
 
-ON_GPU = not tk.INTERPRETED and torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (Triton kernels compiled, not interpreted)")
 
 # (kind, bins, range): both published defaults, ROADMAP's SoftBin copy, a coarse FastAP
 CONFIGS = {
