@@ -1,5 +1,5 @@
 // CUDA kernels of the graded rank-sums primitive (SPEC §1.1, issue 9). No torch
-// headers: the glue lives in graded_rank_sums.cpp. Step arithmetic comes from
+// headers: the glue lives in graded_rank_sums_op.cpp. Step arithmetic comes from
 // ../step.h, shared with the CPU kernels; the loop structure below is GPU-only and
 // follows rank_sums.cu.
 //

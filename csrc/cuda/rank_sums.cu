@@ -1,5 +1,5 @@
 // CUDA kernels of the rank-sums primitive (SPEC §1.1). No torch headers: the
-// glue lives in rank_sums.cpp. Step arithmetic comes from ../step.h, shared with
+// glue lives in rank_sums_op.cpp. Step arithmetic comes from ../step.h, shared with
 // the CPU kernel (the CPU tests exercise it); the loop structure below is GPU-only.
 //
 // The kernels never see labels or a dense positive mask, only pos_idx (the
