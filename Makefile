@@ -1,24 +1,40 @@
 # fastrank: every target installs what it needs, so each works on a fresh machine.
 #   make bench   install + build, run the default CPU benchmark, print the table, write CSV + plot
 #   make test    install + build, run the whole test suite (CPU; GPU tests skip without CUDA)
+#   make gpu-check  on a GPU machine, offline: build with CUDA, GPU tests, parity sweep, short GPU bench
+#                   -> bench/results/gpu_<device>_<date>/summary.md (GPU_CHECK_QUICK=1: ~3 minutes)
 PY ?= python3
 PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
+# OFFLINE=1 (or FASTRANK_OFFLINE=1 in the environment): no target installs anything; what is
+# missing is reported, optional test packages (pytorch-metric-learning, expecttest) are skipped
+OFFLINE ?= $(FASTRANK_OFFLINE)
+PIP_LOCAL := $(if $(filter 1 yes true,$(OFFLINE)),--no-deps --no-index,)
 
-.PHONY: all deps build test test-slow fuzz bench bench-full cuda-check clean
+.PHONY: all deps build test test-slow fuzz bench bench-full cuda-check clean gpu-check
 
 all: test
 
 # torch and triton only when missing: a GPU machine's own CUDA build must never be replaced
+ifeq ($(PIP_LOCAL),)
 deps:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install triton || echo "fastrank: triton could not be installed; its tests will be skipped"
-	@$(PY) -c "import pytest, hypothesis, pytest_benchmark, matplotlib, tqdm, ninja, expecttest, pytorch_metric_learning" \
-		2>/dev/null || $(PIP) install "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4" "matplotlib>=3.5" "tqdm>=4" \
-		ninja expecttest "pytorch-metric-learning>=2.9"
+	@$(PY) -c "import pytest, hypothesis, pytest_benchmark, matplotlib, tqdm, ninja" \
+		2>/dev/null || $(PIP) install "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4" "matplotlib>=3.5" "tqdm>=4" ninja
+	@# optional: their tests skip without them, so a failed install (no registry) is not an error
+	@$(PY) -c "import expecttest, pytorch_metric_learning" 2>/dev/null || $(PIP) install expecttest \
+		"pytorch-metric-learning>=2.9" || echo "deps: expecttest / pytorch-metric-learning not installed; their tests will be skipped"
+else
+deps:
+	@echo "deps: offline (OFFLINE=$(OFFLINE)): installing nothing"
+	@$(PY) -c "import torch" 2>/dev/null || { echo "deps: torch is not importable and nothing may be installed offline"; exit 1; }
+	@for m in triton pytest hypothesis pytest_benchmark matplotlib tqdm ninja expecttest pytorch_metric_learning; do \
+		$(PY) -c "import $$m" 2>/dev/null || echo "deps: $$m is missing (offline): what needs it is skipped"; done
+endif
 
 build: deps
-	$(PIP) install --no-build-isolation -e . -q
+	$(PIP) install --no-build-isolation $(PIP_LOCAL) -e . -q
 
 test: build
 	@if command -v nvcc >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; \
@@ -50,6 +66,12 @@ bench-full: build
 	$(PY) bench/run.py --full $(BENCH_ARGS)
 
 .PHONY: gpu-bench bench-micro
+# The first command on a lent GPU machine (no network): see tools/gpu_check.py and the README.
+# Installs nothing; builds with CUDA for the local arch; every step has a time limit and
+# the summary is written whatever fails. GPU_CHECK_QUICK=1 for ~3 minutes.
+gpu-check:
+	PY=$(PY) $(PY) tools/gpu_check.py
+
 gpu-bench: build
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || { \
 		echo "gpu-bench: torch.cuda.is_available() is False on this machine (no GPU, or a CPU-only torch build)."; \
@@ -57,7 +79,7 @@ gpu-bench: build
 		exit 1; }
 	FASTRANK_FORCE_CUDA=1 \
 	FASTRANK_CUDA_ARCHS="$${FASTRANK_CUDA_ARCHS:-$$($(PY) -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}" \
-	MAX_JOBS="$${GPU_MAX_JOBS:-$$(nproc)}" $(PIP) install --no-build-isolation -e . -q
+	MAX_JOBS="$${GPU_MAX_JOBS:-$$(nproc)}" $(PIP) install --no-build-isolation $(PIP_LOCAL) -e . -q
 	@$(PY) -c "import sys, fastrank; i = fastrank.backends()['cuda']; print('gpu-bench: cuda backend:', i.reason); sys.exit(0 if i.available else 1)"
 	$(PY) bench/run.py --device cuda $(GPU_BENCH_ARGS)
 
@@ -70,7 +92,7 @@ bench-micro: build
 # writes examples/results/training_curves.{png,csv} + training_results.json. ~5 min on 2 cores (DEMO_ARGS adds options).
 .PHONY: demo
 demo: build
-	@$(PY) -c "import sklearn" 2>/dev/null || $(PIP) install "scikit-learn>=1.0"
+	@$(PY) -c "import sklearn" 2>/dev/null || $(if $(PIP_LOCAL),{ echo "demo: scikit-learn is missing (offline)"; exit 1; },$(PIP) install "scikit-learn>=1.0")
 	$(PY) examples/train_retrieval.py --loss all --parity --scale --out examples/results $(DEMO_ARGS)
 
 clean:

@@ -1,14 +1,18 @@
 """Which backend runs a call: the `backend=` argument, else FASTRANK_BACKEND, else `auto`.
 
-`auto` picks the fastest available backend for the tensor's device: `cpp` on the
-CPU when the extension is built, `torch` otherwise. An explicitly requested
-backend that cannot run raises with the reason.
+`auto` picks, for the tensor's device: `cpp` on the CPU when the extension is built,
+`torch` otherwise. On CUDA it prefers the more verified GPU backend: the one that
+fastrank/gpu_evidence.json (written by `make gpu-check` on a real GPU) records as
+verified, the faster one once both are, and Triton while neither is, since CI runs
+every Triton kernel in the interpreter whereas the CUDA C++ kernels are only
+compiled there. An explicitly requested backend that cannot run raises with the reason.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -38,15 +42,59 @@ def _load_extension() -> Optional[str]:
 class BackendInfo:
     available: bool
     reason: str  # why it is unavailable, or what it runs on
+    #: GPU backends: the committed `make gpu-check` summary that verified it on a real GPU
+    #: (a path in the repository), or None while it has never passed there
+    gpu_verified: Optional[str] = None
 
     def __bool__(self) -> bool:
         return self.available
 
 
+GPU_BACKENDS = ("cuda", "triton")
+_EVIDENCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_evidence.json")
+
+
+def gpu_evidence() -> Dict[str, Optional[str]]:
+    """fastrank/gpu_evidence.json: per GPU backend the summary that verified it (or None), and
+    `preferred_on_cuda` once a run measured both. Unreadable or absent means nothing verified."""
+    try:
+        with open(_EVIDENCE_PATH) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        raw = {}
+    ev = {b: raw.get(b) if isinstance(raw.get(b), str) else None for b in GPU_BACKENDS}
+    pref = raw.get("preferred_on_cuda")
+    ev["preferred_on_cuda"] = pref if pref in GPU_BACKENDS and all(ev[b] for b in GPU_BACKENDS) else None
+    return ev
+
+
+def cuda_preference() -> List[str]:
+    """The order in which `auto` tries the GPU backends on CUDA tensors (see the module docstring)."""
+    ev = gpu_evidence()
+    if ev["preferred_on_cuda"]:
+        first = ev["preferred_on_cuda"]
+    elif ev["cuda"] and not ev["triton"]:
+        first = "cuda"
+    else:
+        first = "triton"
+    return [first] + [b for b in GPU_BACKENDS if b != first]
+
+
+# every op family's forward op: a build has CUDA kernels only if all of them have one
+_CUDA_OPS = ("fastrank::rank_sums_fwd", "fastrank::graded_rank_sums_fwd", "fastrank::histogram_fwd")
+
+
 def _has_cuda_kernel() -> bool:
     if _load_extension() is not None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastrank::rank_sums_fwd", "CUDA")
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in _CUDA_OPS)
+
+
+def _verified_note(backend: str, evidence: Optional[str]) -> str:
+    if evidence:
+        return f"; verified on a GPU by `make gpu-check` ({evidence})"
+    how = "run in the Triton interpreter in CI" if backend == "triton" else "compile-checked only, with nvcc -c"
+    return f"; not yet verified on a GPU ({how}; `make gpu-check` on a GPU machine records it)"
 
 
 def triton_interpreted() -> bool:
@@ -69,28 +117,32 @@ def _triton_info() -> BackendInfo:
 
 
 def backends() -> Dict[str, BackendInfo]:
-    """Each backend, whether it can run here, and why not.
+    """Each backend, whether it can run here, and why not; for the GPU backends also whether a
+    `make gpu-check` run has verified them on a real GPU (`gpu_verified`: the summary's path).
 
     >>> fastrank.backends()["cpp"]
-    BackendInfo(available=True, reason='fused C++ kernels, CPU tensors')
+    BackendInfo(available=True, reason='fused C++ kernels, CPU tensors', gpu_verified=None)
     """
     ext = _load_extension()
+    ev = gpu_evidence()
+    tri = _triton_info()
     out = {
         "naive": BackendInfo(True, "reference: materialises the Q x N x N tensor, any device"),
         "torch": BackendInfo(True, "pure PyTorch, positive rows only, chunked, any device"),
         "cpp": BackendInfo(ext is None, ext or "fused C++ kernels, CPU tensors"),
-        "triton": _triton_info(),
+        "triton": BackendInfo(tri.available, tri.reason + _verified_note("triton", ev["triton"]), ev["triton"]),
     }
     if ext is not None:
-        out["cuda"] = BackendInfo(False, ext)
+        cuda = BackendInfo(False, ext)
     elif not _has_cuda_kernel():
-        out["cuda"] = BackendInfo(
+        cuda = BackendInfo(
             False,
             "fastrank was built without CUDA kernels (needs a CUDA build of torch and CUDA_HOME at build time; "
             "FASTRANK_FORCE_CUDA=1 forces it)",
         )
     else:
-        out["cuda"] = BackendInfo(True, "fused CUDA kernels, CUDA tensors")
+        cuda = BackendInfo(True, "fused CUDA kernels, CUDA tensors")
+    out["cuda"] = BackendInfo(cuda.available, cuda.reason + _verified_note("cuda", ev["cuda"]), ev["cuda"])
     return out
 
 
@@ -107,12 +159,9 @@ def resolve(fn: str, backend: Optional[str], device: torch.device) -> str:
         if device.type == "cpu" and _load_extension() is None:
             return "cpp"
         if device.type == "cuda":
-            # Provisional order: no GPU benchmark has been run yet (see README, Backends). The
-            # CUDA kernels come first because they cover every op; `make gpu-bench` decides.
-            if _has_cuda_kernel():
-                return "cuda"
-            if _triton_info().available:
-                return "triton"
+            for b in cuda_preference():
+                if (b == "cuda" and _has_cuda_kernel()) or (b == "triton" and _triton_info().available):
+                    return b
         return "torch"
     info = backends()[name]
     if not info.available:

@@ -54,3 +54,55 @@ def test_cpp_refuses_non_cpu_tensors():
 
 def test_triton_kernels_package_is_importable():
     import fastrank.triton_kernels  # noqa: F401  (the package-dir mapping of the editable install)
+
+
+# ---- GPU evidence: `auto` on CUDA prefers the more verified GPU backend (issue 13)
+
+
+def _evidence(monkeypatch, tmp_path, **entries):
+    path = tmp_path / "gpu_evidence.json"
+    path.write_text(__import__("json").dumps(entries))
+    monkeypatch.setattr(_backend, "_EVIDENCE_PATH", str(path))
+
+
+@pytest.mark.parametrize("entries, order", [
+    ({}, ["triton", "cuda"]),  # neither verified: Triton, the interpreter-tested one
+    ({"cuda": None, "triton": None, "preferred_on_cuda": "cuda"}, ["triton", "cuda"]),  # no evidence: ignored
+    ({"cuda": "bench/results/x/summary.md"}, ["cuda", "triton"]),
+    ({"triton": "bench/results/x/summary.md"}, ["triton", "cuda"]),
+    ({"cuda": "a", "triton": "b", "preferred_on_cuda": "cuda"}, ["cuda", "triton"]),
+    ({"cuda": "a", "triton": "b", "preferred_on_cuda": "triton"}, ["triton", "cuda"]),
+    ({"cuda": "a", "triton": "b", "preferred_on_cuda": "bogus"}, ["triton", "cuda"]),
+])
+def test_cuda_preference_follows_the_evidence(monkeypatch, tmp_path, entries, order):
+    _evidence(monkeypatch, tmp_path, **entries)
+    assert _backend.cuda_preference() == order
+
+
+def test_unreadable_evidence_means_nothing_verified(monkeypatch, tmp_path):
+    path = tmp_path / "gpu_evidence.json"
+    path.write_text("{not json")
+    monkeypatch.setattr(_backend, "_EVIDENCE_PATH", str(path))
+    assert _backend.gpu_evidence() == {"cuda": None, "triton": None, "preferred_on_cuda": None}
+    assert _backend.cuda_preference() == ["triton", "cuda"]
+
+
+def test_backends_report_gpu_verification(monkeypatch, tmp_path):
+    info = fastrank.backends()
+    for b in ("cuda", "triton"):
+        assert "verified on a GPU" in info[b].reason
+    _evidence(monkeypatch, tmp_path, triton="bench/results/gpu_x/summary.md")
+    info = fastrank.backends()
+    assert info["triton"].gpu_verified == "bench/results/gpu_x/summary.md"
+    assert "bench/results/gpu_x/summary.md" in info["triton"].reason
+    assert info["cuda"].gpu_verified is None and "not yet verified" in info["cuda"].reason
+
+
+def test_committed_evidence_names_existing_summaries():
+    # a backend may only be called verified by a summary that is in the repository
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for b, path in _backend.gpu_evidence().items():
+        if b in ("cuda", "triton") and path:
+            assert os.path.exists(os.path.join(root, path)), (b, path)

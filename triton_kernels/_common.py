@@ -23,6 +23,10 @@ Tensor = torch.Tensor
 
 #: kernels run in Triton's CPU interpreter (CI); read once, at import, as Triton does
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: FASTRANK_TRITON_AUTOTUNE=0: one config per kernel (the one whose tile is nearest the per-thread
+#: budget) instead of benchmarking every candidate for each new shape key; test runs on a GPU use it
+#: (gpu-check), since tuning each test's shape would take most of their time
+AUTOTUNE = os.environ.get("FASTRANK_TRITON_AUTOTUNE", "1") != "0"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -174,9 +178,9 @@ def prune_tile_configs(configs, named_args, rows: int, n_floor: int):
 
     fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
     good = [c for c in fit if PER_THREAD_MIN <= per_thread(c) <= PER_THREAD_MAX]
-    if good:
+    if good and AUTOTUNE:
         return good
-    # tiny rows or wide tiles: the config whose tile is closest to the budget
+    # autotuning off, tiny rows or wide tiles: the config whose tile is closest to the budget
     return [min(fit, key=lambda c: abs(per_thread(c) - PER_THREAD_MAX))]
 
 
