@@ -408,7 +408,8 @@ def main() -> int:
             chk.run("build-inplace", [PY, "setup.py", "build_ext", "--inplace"], limit_s=420, min_s=60, env=build_env)
     chk.run("backends", [PY, "-c", "import fastrank\nfor k, v in fastrank.backends().items(): print(f'{k:7s} {v}')"],
             limit_s=60, min_s=0)
-    shutil.copyfile(os.path.join(out, "backends.log"), os.path.join(out, "backends.txt"))
+    with open(os.path.join(out, "backends.log")) as src, open(os.path.join(out, "backends.txt"), "w") as dst:
+        dst.writelines(ln for ln in src if not ln.startswith("$ "))  # the log's first line is the command
 
     no_device = facts.get("cuda_available") != "True"
     if no_device:
