@@ -129,6 +129,17 @@ def check_integer(fn: str, name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def check_range(fn: str, name: str, value: Any) -> Tuple[float, float]:
+    """A pair (min, max) of finite numbers with min < max."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{fn}: `{name}` must be a pair (min, max), got {_describe(value)}")
+    lo = check_finite_number(fn, f"{name}[0]", value[0])
+    hi = check_finite_number(fn, f"{name}[1]", value[1])
+    if not lo < hi:
+        raise ValueError(f"{fn}: `{name}` must satisfy min < max, got {tuple(value)!r}")
+    return lo, hi
+
+
 def env_positive_int(name: str, default: int) -> int:
     """An integer environment variable read at call time; unset means `default`."""
     raw = os.environ.get(name)
