@@ -181,7 +181,8 @@ def test_include_self_numpy_bool_is_the_bool(cls, backend):
 @pytest.mark.parametrize("cls", GRADED_MODULES, ids=lambda c: c.__name__)
 def test_graded_include_self_numpy_bool_and_no_competitor(cls):
     emb, labels = _batch()
-    rel = fastrank.relevance_from_hierarchy(torch.stack([labels // 2, labels], 1), torch.stack([labels // 2, labels], 1))
+    hier = torch.stack([labels // 2, labels], 1)
+    rel = fastrank.relevance_from_hierarchy(hier, hier)
     for flag in (True, False):
         torch.testing.assert_close(cls(include_self=np.bool_(flag))(emb, rel), cls(include_self=flag)(emb, rel))
     with pytest.raises(ValueError, match=f"{cls.__name__}: `include_self` must be True or False"):
@@ -263,7 +264,8 @@ def test_module_self_index_range_is_checked_before_use(backend):
         idx = torch.full((14,), -1)
         idx[3] = bad
         for mode in (True, False, "competitor"):
-            with pytest.raises(ValueError, match=r"`self_index` values must lie in \[-1, 9\] \(-1 = absent; the gallery has 10 items\)"):
+            with pytest.raises(ValueError, match=r"`self_index` values must lie in \[-1, 9\] "
+                                                 r"\(-1 = absent; the gallery has 10 items\)"):
                 SmoothAPLoss(include_self=mode, backend=backend)(emb, labels, ref, ref_labels, idx)
 
 
@@ -354,8 +356,10 @@ def test_histogram_modules_check_bins_and_range_when_built():
         for bad, exc in ((10.5, TypeError), ("10", TypeError), (True, TypeError), (1, ValueError)):
             with pytest.raises(exc, match=f"{cls.__name__}: `bins` must be"):
                 cls(bins=bad)
-    for bad, exc in ((1.0, TypeError), ((0.0,), TypeError), ((1.0, 1.0), ValueError), ((0.0, float("nan")), ValueError)):
+    for bad, exc in ((1.0, TypeError), ((0.0,), TypeError), ((1.0, 1.0), ValueError),
+                     ((0.0, float("nan")), ValueError)):
         with pytest.raises(exc, match="SoftBinAPLoss: `range"):
             SoftBinAPLoss(range=bad)
     emb, labels = _batch()
-    torch.testing.assert_close(SoftBinAPLoss(bins=np.int64(25), range=[0, 1])(emb, labels), SoftBinAPLoss()(emb, labels))
+    torch.testing.assert_close(SoftBinAPLoss(bins=np.int64(25), range=[0, 1])(emb, labels),
+                               SoftBinAPLoss()(emb, labels))

@@ -212,7 +212,8 @@ def test_wide_unsigned_labels_wrap_but_stay_distinct():
 @pytest.mark.parametrize("dtype", WIDE_UNSIGNED, ids=str)
 def test_wide_unsigned_relevance_and_ignore_say_what_is_supported(dtype, backend):
     dense = (LAB[0][:, None] == LAB[1][None, :]).to(dtype)
-    with pytest.raises(TypeError, match=r"`target` must be bool, integer or floating \(as relevance, integer means int8/.*uint8\)"):
+    with pytest.raises(TypeError, match=r"`target` must be bool, integer or floating "
+                                        r"\(as relevance, integer means int8/.*uint8\)"):
         fastrank.smooth_ap(S, dense, backend=backend)
     with pytest.raises(TypeError, match=r"`ignore` must be an integer index \(Q,\) \(int8/.*uint8\)"):
         fastrank.smooth_ap(S, LAB, ignore=torch.zeros(Q, dtype=dtype), backend=backend)
