@@ -8,10 +8,11 @@ Public surface:
     histogram_ap       FastAP and listwise SoftBin AP on fused soft histograms
     h_ap, ndcg         graded relevance (H-AP, NDCG) on the graded rank sums, every backend
     backends()         which backends run here, and why not
+    metrics            exact evaluation metrics (R@k, mAP@R, R-precision, mAP)
 """
 from ._backend import BACKENDS, BackendInfo, backends
 from .ap import calibration_loss, smooth_ap, sup_ap
-from . import distributed, losses, memory
+from . import distributed, losses, memory, metrics
 from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
 from .histogram import histogram_ap
 from .rank_sums import RankSums, rank_sums
@@ -31,6 +32,7 @@ __all__ = [
     "histogram_ap",
     "losses",
     "memory",
+    "metrics",
     "ndcg",
     "rank_sums",
     "recall_at_k",

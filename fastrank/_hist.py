@@ -9,12 +9,12 @@ bin (SoftBin); without, its mass beyond the ends is lost (FastAP, as published).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 
+from . import _validate as V
 from .reference import dense_positive_mask, dense_valid_mask
 
 Tensor = torch.Tensor
@@ -54,7 +54,7 @@ def naive_histograms(scores, pos_idx, ignore_idx, ignore_mask, p: HistParams) ->
 
 
 def _rows_per_chunk(n: int, bins: int) -> int:
-    budget = int(os.environ.get("FASTRANK_TORCH_CHUNK", str(1 << 22)))
+    budget = V.env_positive_int("FASTRANK_TORCH_CHUNK", 1 << 22)
     return max(1, budget // max(1, n * bins))
 
 

@@ -100,5 +100,6 @@ def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, devi
 def dense_relevance(target: Target, q: int, n: int) -> Tensor:
     """(Q, N) bool positives; only for elementwise losses (calibration) that are O(Q*N) anyway."""
     if isinstance(target, (tuple, list)):
-        return target[0].unsqueeze(1) == target[1].unsqueeze(0)
+        # as int64: torch has no type promotion for uint16/32/64, even against each other
+        return target[0].to(torch.int64).unsqueeze(1) == target[1].to(torch.int64).unsqueeze(0)
     return target if target.dtype == torch.bool else target > 0

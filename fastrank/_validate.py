@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: integer dtypes every op supports (comparisons, min/max, indexing)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+#: torch's newer unsigned dtypes lack comparisons and reductions; labels only need equality,
+#: so they are accepted as labels (compared as int64: uint64 values >= 2**63 wrap, still distinct)
+WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+LABEL_DTYPES = INT_DTYPES + WIDE_UNSIGNED
 REDUCTIONS = ("mean", "sum", "none")
+INT64_MAX = (1 << 63) - 1
+SELF_MODES = (True, False, "competitor")
 
 
 def _describe(x: Any) -> str:
@@ -22,9 +31,26 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_storage(fn: str, name: str, t: torch.Tensor) -> None:
+    """A strided tensor with data: sparse/mkldnn layouts and the meta device would otherwise fail
+    deep inside a kernel (or, for meta, silently compute nothing). `name` is as it should read,
+    backticks included."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        "convert it with .to_dense()")
+    if t.device.type == "meta":
+        raise ValueError(f"{fn}: {name} is on the meta device, which holds no data; "
+                         "pass a tensor on a real device (cpu or cuda)")
+
+
 def check_scores(fn: str, scores: Any) -> None:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{fn}: `scores` must be a torch.Tensor of shape (Q, N), got {_describe(scores)}")
+    check_storage(fn, "`scores`", scores)
     if scores.dim() != 2:
         raise ValueError(f"{fn}: `scores` must be 2-D (Q queries x N gallery items), got shape {tuple(scores.shape)}")
     if scores.dtype not in FLOAT_DTYPES:
@@ -52,6 +78,83 @@ def check_finite_number(fn: str, name: str, value: Any) -> float:
     return v
 
 
+def check_flag(fn: str, name: str, value: Any) -> bool:
+    """Exactly bool or numpy.bool_, returned as bool. Numbers are refused rather than read as
+    truth values: 1.0 or 0 for a flag is more likely a misplaced argument than a choice."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{fn}: `{name}` must be a bool (True or False), got {_describe(value)}")
+
+
+def check_self_mode(fn: str, value: Any, modes: Sequence[Union[bool, str]] = SELF_MODES) -> Union[bool, str]:
+    """`include_self`: True/False (bool or numpy.bool_) or, where allowed, the string 'competitor'.
+    Normalised here once, so the modules can compare with `is True` / `is False` safely."""
+    allowed = " or ".join(repr(m) for m in modes) if len(modes) == 2 else \
+        ", ".join(repr(m) for m in modes[:-1]) + f" or {modes[-1]!r}"
+    if isinstance(value, str):
+        if value in modes:
+            return value
+        raise ValueError(f"{fn}: `include_self` must be {allowed}, got {value!r}")
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{fn}: `include_self` must be {allowed} (a bool, not a number), got {_describe(value)}")
+
+
+def check_ks(fn: str, ks: Any) -> Tuple[int, ...]:
+    """k of Recall@k: one integer or a non-empty sequence (tuple, list, 1-D array/tensor) of integers
+    in [1, 2**63 - 1] (the kernels and torch scalars hold k as int64)."""
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, (bool, np.bool_)):
+        ks = (ks,)
+    elif isinstance(ks, (np.ndarray, torch.Tensor)) and ks.ndim == 1:
+        ks = ks.tolist()
+    if not isinstance(ks, (tuple, list)) or len(ks) == 0:
+        raise TypeError(f"{fn}: `ks` must be a non-empty sequence of positive integers, got {_describe(ks)}")
+    out = []
+    for k in ks:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"{fn}: `ks` must contain integers, got {k!r} in {tuple(ks)!r}")
+        if k <= 0:
+            raise ValueError(f"{fn}: every k in `ks` must be >= 1, got {k!r} in {tuple(ks)!r}")
+        if k > INT64_MAX:
+            raise ValueError(f"{fn}: every k in `ks` must be <= 2**63 - 1 (int64), got {k!r}")
+        out.append(int(k))
+    return tuple(out)
+
+
+def check_integer(fn: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: `{name}` must be an integer >= {minimum}, got {_describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{fn}: `{name}` must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_range(fn: str, name: str, value: Any) -> Tuple[float, float]:
+    """A pair (min, max) of finite numbers with min < max."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{fn}: `{name}` must be a pair (min, max), got {_describe(value)}")
+    lo = check_finite_number(fn, f"{name}[0]", value[0])
+    hi = check_finite_number(fn, f"{name}[1]", value[1])
+    if not lo < hi:
+        raise ValueError(f"{fn}: `{name}` must satisfy min < max, got {tuple(value)!r}")
+    return lo, hi
+
+
+def env_positive_int(name: str, default: int) -> int:
+    """An integer environment variable read at call time; unset means `default`."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r} "
+                         f"(unset it for the default, {default})")
+    return value
+
+
 def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{fn}: `{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -73,8 +176,10 @@ def check_target(fn: str, target: Any, scores: torch.Tensor) -> None:
         for name, lab, size in (("query_labels", target[0], q), ("gallery_labels", target[1], n)):
             if not isinstance(lab, torch.Tensor):
                 raise TypeError(f"{fn}: `target` {name} must be a 1-D integer tensor, got {_describe(lab)}")
-            if lab.dtype not in INT_DTYPES:
-                raise TypeError(f"{fn}: `target` {name} must be an integer tensor, got {lab.dtype}")
+            check_storage(fn, f"`target` {name}", lab)
+            if lab.dtype not in LABEL_DTYPES:
+                raise TypeError(f"{fn}: `target` {name} must be an integer tensor "
+                                f"({_dtype_names(LABEL_DTYPES)}), got {lab.dtype}")
             if lab.dim() != 1 or lab.shape[0] != size:
                 raise ValueError(
                     f"{fn}: `target` {name} must have shape ({size},) to match scores {tuple(scores.shape)}, "
@@ -88,12 +193,14 @@ def check_target(fn: str, target: Any, scores: torch.Tensor) -> None:
             f"{fn}: `target` must be a (Q, N) relevance tensor or a pair (query_labels, gallery_labels), "
             f"got {_describe(target)}"
         )
+    check_storage(fn, "`target`", target)
     if tuple(target.shape) != (q, n):
         raise ValueError(f"{fn}: `target` must have the shape of scores {(q, n)}, got {tuple(target.shape)}")
     if target.device != scores.device:
         raise ValueError(f"{fn}: `target` is on {target.device} but `scores` is on {scores.device}")
-    if target.dtype.is_complex:
-        raise TypeError(f"{fn}: `target` must be bool, integer or floating, got {target.dtype}")
+    if target.dtype.is_complex or target.dtype in WIDE_UNSIGNED:
+        raise TypeError(f"{fn}: `target` must be bool, integer or floating (as relevance, integer means "
+                        f"{_dtype_names(INT_DTYPES)}), got {target.dtype}")
     if target.dtype.is_floating_point and bool(torch.isnan(target).any()):
         raise ValueError(f"{fn}: `target` contains NaN; relevance must be a number (> 0 = positive)")
 
@@ -107,6 +214,7 @@ def check_ignore(fn: str, ignore: Any, scores: torch.Tensor) -> None:
         raise TypeError(
             f"{fn}: `ignore` must be None, a (Q,) int64 index or a (Q, N) bool mask, got {_describe(ignore)}"
         )
+    check_storage(fn, "`ignore`", ignore)
     if ignore.device != scores.device:
         raise ValueError(f"{fn}: `ignore` is on {ignore.device} but `scores` is on {scores.device}")
     if ignore.dtype == torch.bool:
@@ -114,7 +222,8 @@ def check_ignore(fn: str, ignore: Any, scores: torch.Tensor) -> None:
             raise ValueError(f"{fn}: `ignore` as a bool mask must have shape {(q, n)}, got {tuple(ignore.shape)}")
         return
     if ignore.dtype not in INT_DTYPES:
-        raise TypeError(f"{fn}: `ignore` must be an integer index (Q,) or a bool mask (Q, N), got {ignore.dtype}")
+        raise TypeError(f"{fn}: `ignore` must be an integer index (Q,) ({_dtype_names(INT_DTYPES)}) or a bool "
+                        f"mask (Q, N), got {ignore.dtype}")
     if tuple(ignore.shape) != (q,):
         raise ValueError(f"{fn}: `ignore` as an index must have shape ({q},), got {tuple(ignore.shape)}")
     if ignore.numel() and (int(ignore.min()) < -1 or int(ignore.max()) >= n):

@@ -18,7 +18,15 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from . import _validate as V
+
 Tensor = torch.Tensor
+
+
+def _check_tensor(fn: str, name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a tensor, got {V._describe(x)}")
+    V.check_storage(fn, f"`{name}`", x)
 
 
 def _sizes(n: int, device, group) -> List[int]:
@@ -56,6 +64,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def all_gather_with_grad(x: Tensor, group: Optional[object] = None) -> Tensor:
     """Concatenation over ranks (rank order) of `x`, differentiable: gradients flow back to the owners."""
+    _check_tensor("all_gather_with_grad", "x", x)
     if not (dist.is_available() and dist.is_initialized()):
         return x
     sizes = _sizes(x.shape[0], x.device, group)
@@ -69,6 +78,11 @@ def gather_gallery(
 
     Without an initialised process group this is the identity: (embeddings, labels, arange(B)).
     """
+    fn = "gather_gallery"
+    _check_tensor(fn, "embeddings", embeddings)
+    _check_tensor(fn, "labels", labels)
+    if embeddings.dim() != 2:
+        raise ValueError(f"{fn}: `embeddings` must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
     b = embeddings.shape[0]
     if labels.shape != (b,):
         raise ValueError(f"gather_gallery: `labels` must have shape ({b},), got {tuple(labels.shape)}")

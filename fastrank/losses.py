@@ -34,6 +34,73 @@ Similarity = Union[str, Callable[[Tensor, Tensor], Tensor]]
 SelfMode = Union[bool, str]
 
 
+def _check_embeddings(fn: str, name: str, x, like: Optional[Tensor] = None) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fn}: `{name}` must be a 2-D floating tensor (batch, dim), got {V._describe(x)}")
+    V.check_storage(fn, f"`{name}`", x)
+    if like is None:
+        if x.dim() != 2:
+            raise ValueError(f"{fn}: `{name}` must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+        return
+    if x.dim() != 2 or x.shape[1] != like.shape[1]:
+        raise ValueError(f"{fn}: `{name}` must be (N, {like.shape[1]}) like `embeddings`, got shape {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{fn}: `{name}` is on {x.device} but `embeddings` is on {like.device}")
+
+
+def _check_labels(fn: str, name: str, labels, emb: Tensor) -> Tensor:
+    """Integer labels, one per row of `emb`, on its device; returned as int64 (torch cannot compare
+    uint16/32/64 with other integer dtypes)."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a 1-D integer tensor, got {V._describe(labels)}")
+    V.check_storage(fn, f"`{name}`", labels)
+    if labels.dtype not in V.LABEL_DTYPES:
+        raise TypeError(f"{fn}: `{name}` must be an integer tensor ({V._dtype_names(V.LABEL_DTYPES)}), "
+                        f"got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
+        raise ValueError(f"{fn}: `{name}` must be a 1-D tensor of length {emb.shape[0]} (one per embedding), "
+                         f"got shape {tuple(labels.shape)}")
+    if labels.device != emb.device:
+        raise ValueError(f"{fn}: `{name}` is on {labels.device} but the embeddings are on {emb.device}")
+    return labels.to(torch.int64)
+
+
+def _check_self_index(fn: str, self_index, labels: Tensor, n: int) -> Tensor:
+    if not isinstance(self_index, Tensor):
+        raise TypeError(f"{fn}: `self_index` must be None or a 1-D integer tensor (the gallery position of "
+                        f"each query, -1 = absent), got {V._describe(self_index)}")
+    V.check_storage(fn, "`self_index`", self_index)
+    if self_index.dtype not in V.LABEL_DTYPES:
+        raise TypeError(f"{fn}: `self_index` must be an integer tensor, got {self_index.dtype}")
+    if self_index.shape != labels.shape:
+        raise ValueError(f"{fn}: `self_index` must have shape {tuple(labels.shape)} (the gallery position of "
+                         f"each query, -1 = absent), got {tuple(self_index.shape)}")
+    if self_index.device != labels.device:
+        raise ValueError(f"{fn}: `self_index` is on {self_index.device} but `labels` is on {labels.device}")
+    self_index = self_index.to(torch.int64)
+    if self_index.numel():
+        lo, hi = (int(v) for v in torch.aminmax(self_index))
+        if lo < -1 or hi >= n:
+            raise ValueError(f"{fn}: `self_index` values must lie in [-1, {n - 1}] (-1 = absent; the gallery "
+                             f"has {n} items), got values in [{lo}, {hi}]")
+    return self_index
+
+
+def _similarity_scores(fn: str, similarity: Similarity, q: Tensor, g: Tensor) -> Tensor:
+    if callable(similarity):
+        scores = similarity(q, g)
+        shape = (q.shape[0], g.shape[0])
+        if not isinstance(scores, Tensor):
+            raise TypeError(f"{fn}: `similarity` must return a {shape} tensor of scores, got {V._describe(scores)}")
+        if tuple(scores.shape) != shape:
+            raise ValueError(f"{fn}: `similarity` must return a {shape} tensor of scores (queries x gallery), "
+                             f"got shape {tuple(scores.shape)}")
+        return scores
+    if similarity == "cosine":
+        q, g = F.normalize(q, dim=-1), F.normalize(g, dim=-1)
+    return q @ g.transpose(0, 1)
+
+
 class _RankingLoss(nn.Module):
     """Shared plumbing: similarity, gallery, labels -> (scores, target, ignore)."""
 
@@ -47,58 +114,46 @@ class _RankingLoss(nn.Module):
             V.check_choice(name, "similarity", similarity, ("cosine", "dot"))
         if include_self is None:
             include_self = self._self_default
-        if include_self not in (True, False, "competitor"):
-            raise ValueError(f"{name}: `include_self` must be True, False or 'competitor', got {include_self!r}")
         V.check_backend(name, backend, ("naive", "torch", "cpp", "triton", "cuda", "auto"))
         self.similarity = similarity
-        self.include_self = include_self
+        self.include_self = V.check_self_mode(name, include_self)
         self.backend = backend
 
     def extra_repr(self) -> str:
         return f"similarity={self.similarity!r}, include_self={self.include_self!r}, backend={self.backend!r}"
 
     def _scores(self, q: Tensor, g: Tensor) -> Tensor:
-        if callable(self.similarity):
-            return self.similarity(q, g)
-        if self.similarity == "cosine":
-            q, g = F.normalize(q, dim=-1), F.normalize(g, dim=-1)
-        return q @ g.transpose(0, 1)
+        return _similarity_scores(type(self).__name__, self.similarity, q, g)
 
     def _inputs(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Optional[Tensor],
                 ref_labels: Optional[Tensor], self_index: Optional[Tensor] = None
                 ) -> Tuple[Tensor, object, Optional[Tensor]]:
+        # the module's own arguments are checked here, under its names: the functional would
+        # report them as `scores`/`target`, which the caller never passed
         name = type(self).__name__
-        for arg, value in (("embeddings", embeddings), ("ref_embeddings", ref_embeddings)):
-            if value is None:
-                continue
-            if not isinstance(value, Tensor) or value.dim() != 2:
-                raise ValueError(f"{name}: `{arg}` must be a 2-D (batch, dim) tensor, got "
-                                 f"{getattr(value, 'shape', type(value).__name__)}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"{name}: `labels` must be a 1-D tensor of length {embeddings.shape[0]} "
-                             f"(one per embedding), got {getattr(labels, 'shape', type(labels).__name__)}")
+        mode = V.check_self_mode(name, self.include_self)  # the attribute may have been reassigned
+        _check_embeddings(name, "embeddings", embeddings)
+        labels = _check_labels(name, "labels", labels, embeddings)
         if (ref_embeddings is None) != (ref_labels is None):
             raise ValueError(f"{name}: pass `ref_embeddings` and `ref_labels` together")
         if ref_embeddings is None:
             scores = self._scores(embeddings, embeddings)
             q = embeddings.shape[0]
-            if self.include_self is True:
+            if mode is True:
                 return scores, (labels, labels), None
-            if self.include_self is False:
+            if mode is False:
                 return scores, (labels, labels), torch.arange(q, device=embeddings.device)
             # competitor only: the query is a negative of itself
             eye = torch.eye(q, dtype=torch.bool, device=embeddings.device)
             return scores, (labels.unsqueeze(1) == labels.unsqueeze(0)) & ~eye, None
-        if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
-            raise ValueError(f"{name}: `ref_labels` must be a 1-D tensor of length {ref_embeddings.shape[0]}")
+        _check_embeddings(name, "ref_embeddings", ref_embeddings, like=embeddings)
+        ref_labels = _check_labels(name, "ref_labels", ref_labels, ref_embeddings)
+        if self_index is not None:
+            self_index = _check_self_index(name, self_index, labels, ref_embeddings.shape[0])
         scores = self._scores(embeddings, ref_embeddings)
-        if self_index is None or self.include_self is True:
+        if self_index is None or mode is True:
             return scores, (labels, ref_labels), None
-        if self_index.shape != labels.shape:
-            raise ValueError(f"{name}: `self_index` must have shape {tuple(labels.shape)} (the gallery position of "
-                             f"each query, -1 = absent), got {tuple(self_index.shape)}")
-        self_index = self_index.to(torch.int64)
-        if self.include_self is False:
+        if mode is False:
             return scores, (labels, ref_labels), self_index
         target = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
         rows = torch.nonzero(self_index >= 0).squeeze(1)
@@ -198,10 +253,12 @@ class RecallAtKLoss(_RankingLoss):
 
     def __init__(self, ks: Sequence[int] = (1, 2, 4, 8, 16), tau: float = 0.01, temp: float = 1.0,
                  variant: str = "suprank", step: Optional[str] = None, **kw) -> None:
+        V.check_choice(type(self).__name__, "variant", variant, ("suprank", "patel"))
         if "include_self" not in kw and variant == "patel":
             kw["include_self"] = "competitor"
         super().__init__(**kw)
-        self.ks, self.tau, self.temp, self.variant, self.step = tuple(ks), tau, temp, variant, step
+        self.ks = V.check_ks(type(self).__name__, ks)
+        self.tau, self.temp, self.variant, self.step = tau, temp, variant, step
 
     def score(self, scores, target, ignore):
         return recall_at_k(scores, target, ks=self.ks, tau=self.tau, temp=self.temp, variant=self.variant,
@@ -216,7 +273,7 @@ class FastAPLoss(_RankingLoss):
 
     def __init__(self, bins: int = 10, **kw) -> None:
         super().__init__(**kw)
-        self.bins = bins
+        self.bins = V.check_integer(type(self).__name__, "bins", bins, 2)
 
     def score(self, scores, target, ignore):
         return histogram_ap(scores, target, bins=self.bins, kind="fastap", ignore=ignore, backend=self.backend)
@@ -230,7 +287,8 @@ class SoftBinAPLoss(_RankingLoss):
 
     def __init__(self, bins: int = 25, range: Tuple[float, float] = (0.0, 1.0), **kw) -> None:  # noqa: A002
         super().__init__(**kw)
-        self.bins, self.range = bins, tuple(range)
+        self.bins = V.check_integer(type(self).__name__, "bins", bins, 2)
+        self.range = V.check_range(type(self).__name__, "range", range)
 
     def score(self, scores, target, ignore):
         return histogram_ap(scores, target, bins=self.bins, kind="softbin", range=self.range, ignore=ignore,
@@ -252,22 +310,20 @@ class _GradedLoss(nn.Module):
         name = type(self).__name__
         if not callable(similarity):
             V.check_choice(name, "similarity", similarity, ("cosine", "dot"))
-        if include_self not in (True, False):
-            raise ValueError(f"{name}: `include_self` must be True or False, got {include_self!r}")
+        include_self = V.check_self_mode(name, include_self, (True, False))
         self.similarity, self.include_self, self.backend = similarity, include_self, backend
         self.kw = dict(step=step, tau=tau, rho=rho, delta=delta, start=start)
 
     def forward(self, embeddings: Tensor, relevance: Tensor, ref_embeddings: Optional[Tensor] = None) -> Tensor:
-        q_emb = embeddings
+        name = type(self).__name__
+        include_self = V.check_self_mode(name, self.include_self, (True, False))
+        _check_embeddings(name, "embeddings", embeddings)
+        if ref_embeddings is not None:
+            _check_embeddings(name, "ref_embeddings", ref_embeddings, like=embeddings)
         g_emb = embeddings if ref_embeddings is None else ref_embeddings
-        if callable(self.similarity):
-            scores = self.similarity(q_emb, g_emb)
-        else:
-            if self.similarity == "cosine":
-                q_emb, g_emb = F.normalize(q_emb, dim=-1), F.normalize(g_emb, dim=-1)
-            scores = q_emb @ g_emb.transpose(0, 1)
+        scores = _similarity_scores(name, self.similarity, embeddings, g_emb)
         ignore = None
-        if ref_embeddings is None and not self.include_self:
+        if ref_embeddings is None and include_self is False:
             ignore = torch.arange(embeddings.shape[0], device=embeddings.device)
         return 1 - self.score(scores, relevance, ignore)
 

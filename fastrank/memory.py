@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import _validate as V
+
 Tensor = torch.Tensor
 
 
@@ -29,10 +31,15 @@ class CrossBatchMemory:
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"CrossBatchMemory: `size` must be a positive int, got {size!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"CrossBatchMemory: `dim` must be a positive int, got {dim!r}")
+        fn = "CrossBatchMemory"
+        size = V.check_integer(fn, "size", size, 1)
+        dim = V.check_integer(fn, "dim", dim, 1)
+        # an integer memory would truncate every stored embedding
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"{fn}: `dtype` must be a floating torch.dtype (embeddings are stored in it), "
+                            f"got {dtype!r}")
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError(f"{fn}: `device` is the meta device, which stores no data")
         self.size, self.dim = size, dim
         self.embeddings = torch.zeros(size, dim, dtype=dtype, device=device)
         self.labels = torch.zeros(size, dtype=torch.int64, device=device)
@@ -48,14 +55,25 @@ class CrossBatchMemory:
         A batch larger than the memory keeps only its last `size` items; the returned index is
         -1 for the items that did not fit.
         """
+        fn = "CrossBatchMemory.enqueue"
+        if not isinstance(embeddings, Tensor) or not embeddings.is_floating_point():
+            raise TypeError(f"{fn}: `embeddings` must be a 2-D floating tensor (B, {self.dim}), "
+                            f"got {V._describe(embeddings)}")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"{fn}: `labels` must be a 1-D integer tensor, got {V._describe(labels)}")
+        V.check_storage(fn, "`embeddings`", embeddings)
+        V.check_storage(fn, "`labels`", labels)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(f"CrossBatchMemory.enqueue: `embeddings` must be (B, {self.dim}), "
-                             f"got {tuple(embeddings.shape)}")
+            raise ValueError(f"{fn}: `embeddings` must be (B, {self.dim}), got {tuple(embeddings.shape)}")
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"CrossBatchMemory.enqueue: `labels` must be ({embeddings.shape[0]},), "
-                             f"got {tuple(labels.shape)}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"CrossBatchMemory.enqueue: `labels` must be integers, got {labels.dtype}")
+            raise ValueError(f"{fn}: `labels` must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if labels.dtype not in V.LABEL_DTYPES:
+            raise TypeError(f"{fn}: `labels` must be integers ({V._dtype_names(V.LABEL_DTYPES)}), got {labels.dtype}")
+        # the loss ranks the batch against get(): both must live on one device, and a silent
+        # cross-device copy here would hide a transfer per step
+        if embeddings.device != self.embeddings.device:
+            raise ValueError(f"{fn}: `embeddings` is on {embeddings.device} but the memory is on "
+                             f"{self.embeddings.device}; create the memory with device={embeddings.device}")
         b = embeddings.shape[0]
         keep = min(b, self.size)
         first = b - keep

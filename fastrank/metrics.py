@@ -39,6 +39,10 @@ Conventions (documented because the references differ):
   ``exclude_self=True``, query i's own entry is removed from its gallery (the usual
   leave-one-out protocol). With a separate gallery nothing is removed.
 * k larger than the gallery is clamped to the gallery size.
+* **Magnitudes**: embeddings are first scaled by powers of two that leave every ranking (and
+  every tie) unchanged, so 1e20 or 1e-30 embeddings rank as their unit-scale copies instead of
+  overflowing or underflowing into all-equal similarities (see `_rescale`). A float32 gallery
+  whose rows span more than float32's range is then ranked in float64 (twice the scratch memory).
 
 >>> from fastrank.metrics import retrieval_metrics
 >>> m = retrieval_metrics(test_embeddings, test_labels, ks=(1, 5))
@@ -52,6 +56,8 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import _validate as V
 
 Tensor = torch.Tensor
 ArrayLike = Union[Tensor, np.ndarray]
@@ -109,23 +115,6 @@ def _check_labels(fn: str, name: str, x: Any, n: int, emb_name: str) -> Tensor:
     return t.long()
 
 
-def _check_ks(fn: str, ks: Any) -> Tuple[int, ...]:
-    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
-        ks = (int(ks),)
-    elif isinstance(ks, (np.ndarray, Tensor)):
-        ks = ks.tolist() if ks.ndim == 1 else ks
-    if not isinstance(ks, Sequence) or isinstance(ks, str) or len(ks) == 0:
-        raise TypeError(f"{fn}: `ks` must be a non-empty sequence of positive integers, got {_describe(ks)}")
-    out = []
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise TypeError(f"{fn}: every k in `ks` must be an integer, got {_describe(k)}")
-        if k < 1:
-            raise ValueError(f"{fn}: every k in `ks` must be >= 1, got {k}")
-        out.append(int(k))
-    return tuple(out)
-
-
 def _check_chunk(fn: str, chunk: Any) -> int:
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)):
         raise TypeError(f"{fn}: `chunk` must be a positive integer, got {_describe(chunk)}")
@@ -141,13 +130,13 @@ def _prepare(fn: str, query_emb: Any, query_labels: Any, gallery_emb: Any, galle
     if (gallery_emb is None) != (gallery_labels is None):
         raise ValueError(f"{fn}: pass `gallery_emb` and `gallery_labels` together (or neither, to search the "
                          "query set itself)")
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"{fn}: `exclude_self` must be a bool, got {_describe(exclude_self)}")
+    exclude_self = V.check_flag(fn, "exclude_self", exclude_self)
     if not isinstance(similarity, str) or similarity not in SIMILARITIES:
         raise ValueError(f"{fn}: `similarity` must be one of {', '.join(map(repr, SIMILARITIES))}, got {similarity!r}")
     chunk = _check_chunk(fn, chunk)
     if gallery_emb is None:
         g, gl, self_search = q, ql, exclude_self
+        g_name = "query_emb"
     else:
         g = _check_embeddings(fn, "gallery_emb", gallery_emb)
         gl = _check_labels(fn, "gallery_labels", gallery_labels, g.shape[0], "gallery_emb")
@@ -157,12 +146,62 @@ def _prepare(fn: str, query_emb: Any, query_labels: Any, gallery_emb: Any, galle
         if g.device != q.device:
             raise ValueError(f"{fn}: `query_emb` is on {q.device} but `gallery_emb` is on {g.device}")
         self_search = False
+        g_name = "gallery_emb"
     dtype = torch.promote_types(q.dtype, g.dtype)
     q, g = q.to(dtype), g.to(dtype)
     ql, gl = ql.to(q.device), gl.to(q.device)
+    q, g = _rescale(fn, q, g, similarity, g_name)
     if similarity == "cosine":
         q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
     return q, ql, g, gl, self_search, similarity, chunk
+
+
+def _pow2_scale(x: Tensor, exponent: Tensor) -> Tensor:
+    """x * 2**exponent in float64, in two factors: 2**1073 alone overflows."""
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    return x * torch.exp2(half.to(x.dtype)) * torch.exp2((exponent - half).to(x.dtype))
+
+
+def _max_exponent(x: Tensor, dim: Optional[int]) -> Tensor:
+    """e with max|x| in [2**(e-1), 2**e) (0 for zeros), per row (dim=1) or over the whole tensor."""
+    top = x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().amax().reshape(1, 1)
+    return torch.frexp(top)[1].to(torch.int64)
+
+
+def _rescale(fn: str, q: Tensor, g: Tensor, similarity: str, g_name: str) -> Tuple[Tensor, Tensor]:
+    """Scales by powers of two that no ranking can see, so that similarities neither overflow
+    (1e20 embeddings: dot products or squared distances of 1e40) nor underflow (1e-30: a norm of
+    0, every similarity equal, every metric its all-ties value).
+
+    cosine ranks are invariant to a scale per row, dot ranks to a scale per query and one for the
+    whole gallery, euclidean ranks to one scale for everything. Each is chosen to put the largest
+    magnitude in [0.5, 1). Powers of two are exact: for inputs that did not overflow or underflow
+    before, every similarity (and so every tie) is the old one times a power of two. A float32
+    input whose scaled values do not all fit float32 (a gallery spanning more than float32's range
+    once one scale is applied to all of it) is ranked in float64, where they do; a float64 gallery
+    that leaves a non-zero row at 0 cannot be ranked and is refused."""
+    q64, g64 = q.double(), g.double()
+    if similarity == "cosine":
+        q64, g64 = _pow2_scale(q64, -_max_exponent(q64, 1)), _pow2_scale(g64, -_max_exponent(g64, 1))
+    elif similarity == "dot":
+        q64, g64 = _pow2_scale(q64, -_max_exponent(q64, 1)), _pow2_scale(g64, -_max_exponent(g64, None))
+    else:
+        e = torch.maximum(_max_exponent(q64, None), _max_exponent(g64, None))
+        q64, g64 = _pow2_scale(q64, -e), _pow2_scale(g64, -e)
+    if q.dtype == torch.float64:
+        for name, before, after in (("query_emb", q, q64), (g_name, g, g64)):
+            lost = (before != 0).any(1) & (after == 0).all(1)
+            if bool(lost.any()):
+                raise ValueError(
+                    f"{fn}: `{name}` spans more magnitudes than float64 can rank with similarity={similarity!r}: "
+                    f"row {int(lost.nonzero()[0])} is non-zero but vanishes next to the largest row "
+                    f"(|x| up to {float(before.abs().max()):.3g}); rescale the embeddings"
+                )
+        return q64, g64
+    q32, g32 = q64.to(q.dtype), g64.to(q.dtype)
+    if torch.equal(q32.double(), q64) and torch.equal(g32.double(), g64):
+        return q32, g32
+    return q64, g64
 
 
 # --------------------------------------------------------------------------- core
@@ -243,7 +282,7 @@ def per_query_metrics(query_emb: ArrayLike, query_labels: ArrayLike, gallery_emb
     torch.Size([Q])
     """
     fn = "per_query_metrics"
-    ks = _check_ks(fn, ks)
+    ks = V.check_ks(fn, ks)
     q, ql, g, gl, self_search, similarity, chunk = _prepare(
         fn, query_emb, query_labels, gallery_emb, gallery_labels, exclude_self, similarity, chunk)
     parts = list(_iter_chunks(q, ql, g, gl, self_search, similarity, chunk, ks))
@@ -284,7 +323,7 @@ def retrieval_metrics(query_emb: ArrayLike, query_labels: ArrayLike, gallery_emb
     ['R-precision', 'R@1', 'R@2', 'R@4', 'R@8', 'mAP', 'mAP@R', 'num_queries', 'num_skipped']
     """
     fn = "retrieval_metrics"
-    ks = _check_ks(fn, ks)
+    ks = V.check_ks(fn, ks)
     q, ql, g, gl, self_search, similarity, chunk = _prepare(
         fn, query_emb, query_labels, gallery_emb, gallery_labels, exclude_self, similarity, chunk)
     keys = [f"R@{k}" for k in ks] + ["mAP@R", "R-precision", "mAP"]
@@ -316,7 +355,7 @@ def recall_at_k(query_emb: ArrayLike, query_labels: ArrayLike, gallery_emb: Opti
     >>> recall_at_k(emb, labels, ks=(1, 10))
     {1: 0.93, 10: 0.99}
     """
-    ks = _check_ks("recall_at_k", ks)
+    ks = V.check_ks("recall_at_k", ks)
     m = retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=ks, exclude_self=exclude_self,
                           chunk=chunk, similarity=similarity)
     return {k: m[f"R@{k}"] for k in ks}

@@ -100,6 +100,7 @@ def rank_sums(
         torch.Size([4, 6])
     """
     fn = "fastrank.rank_sums"
+    packed = V.check_flag(fn, "packed", packed)
     params = make_params(fn, step, tau, rho, delta, start, offset)
     scores, pb, name = prepare(fn, scores, target, ignore, backend)
     ra, rp = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)

@@ -4,7 +4,6 @@ Both are epilogues on rank_all of the ranked positives; no new kernel.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -19,21 +18,6 @@ Tensor = torch.Tensor
 
 VARIANTS = ("suprank", "patel")
 _DEFAULT_STEP = {"suprank": "suprank", "patel": "sigmoid"}
-
-
-def _check_ks(fn: str, ks) -> Sequence[int]:
-    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
-        ks = (int(ks),)
-    if not isinstance(ks, (tuple, list)) or len(ks) == 0:
-        raise TypeError(f"{fn}: `ks` must be a non-empty sequence of positive integers, got {ks!r}")
-    out = []
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"{fn}: `ks` must contain integers, got {k!r} in {ks!r}")
-        if k <= 0:
-            raise ValueError(f"{fn}: every k in `ks` must be >= 1, got {k!r} in {tuple(ks)!r}")
-        out.append(int(k))
-    return out
 
 
 def recall_at_k(
@@ -76,7 +60,7 @@ def recall_at_k(
     """
     fn = "fastrank.recall_at_k"
     V.check_choice(fn, "variant", variant, VARIANTS)
-    ks = _check_ks(fn, ks)
+    ks = V.check_ks(fn, ks)
     temp = V.check_positive_number(fn, "temp", temp)
     V.check_reduction(fn, reduction)
     params = make_params(fn, _DEFAULT_STEP[variant] if step is None else step, tau, rho, delta, start, offset)

@@ -14,11 +14,11 @@ outputs are (Q, P), zero at holes.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from . import _validate as V
 from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
 
 Tensor = torch.Tensor
@@ -95,7 +95,7 @@ def naive_rank_sums(
 
 
 def _chunk_elements() -> int:
-    return int(os.environ.get("FASTRANK_TORCH_CHUNK", str(1 << 22)))
+    return V.env_positive_int("FASTRANK_TORCH_CHUNK", 1 << 22)
 
 
 def _blocks(q: int, p: int, n: int):

@@ -80,3 +80,18 @@ def test_gather_gallery_without_process_group_is_identity():
     with pytest.raises(ValueError, match="`labels` must have shape"):
         gather_gallery(emb, labels[:3])
     assert fastrank.distributed.all_gather_with_grad(emb) is emb
+
+
+def test_gather_gallery_arguments_are_checked_without_a_process_group():
+    # the checks run before the process-group test, so a bad call fails the same on one rank as on many
+    emb, labels = _data()
+    with pytest.raises(TypeError, match="gather_gallery: `embeddings` must be a tensor"):
+        gather_gallery(emb.tolist(), labels)
+    with pytest.raises(ValueError, match=r"gather_gallery: `embeddings` must be 2-D \(batch, dim\)"):
+        gather_gallery(emb[0], labels)
+    with pytest.raises(TypeError, match="gather_gallery: `labels` must be a tensor"):
+        gather_gallery(emb, labels.tolist())
+    with pytest.raises(ValueError, match="gather_gallery: `labels` is on the meta device"):
+        gather_gallery(emb, labels.to("meta"))
+    with pytest.raises(TypeError, match="all_gather_with_grad: `x` must be a tensor"):
+        fastrank.distributed.all_gather_with_grad(emb.tolist())

@@ -217,3 +217,94 @@ def test_bad_input_raises(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         retrieval_metrics(**args)
+
+
+# --------------------------------------------------------------------------- hostile input: magnitudes
+
+SIMS = ("cosine", "dot", "euclidean")
+
+
+def _random_data(q=41, d=5, classes=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(q, d, generator=g), torch.randint(0, classes, (q,), generator=g)
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+@pytest.mark.parametrize("dtype,exponent", [(torch.float32, 67), (torch.float32, -100),
+                                            (torch.float64, 600), (torch.float64, -600)],
+                         ids=["f32-2^67", "f32-2^-100", "f64-2^600", "f64-2^-600"])
+def test_huge_and_tiny_embeddings_rank_as_unscaled(similarity, dtype, exponent):
+    # 1e20 embeddings overflowed the dot products / squared distances, 1e-30 ones underflowed the
+    # norm: every similarity became the same and every metric the all-ties value. Scaling by a
+    # power of two changes no ranking, so the metrics must be identical.
+    for emb, labels in (_random_data(), tuple(map(torch.from_numpy, _tied_data(seed=3)))):
+        emb = emb.to(dtype)
+        scale = 2.0 ** exponent
+        base = retrieval_metrics(emb, labels, similarity=similarity)
+        assert retrieval_metrics(emb * scale, labels, similarity=similarity) == base
+        g_emb, g_labels = emb[::2].clone(), labels[::2].clone()
+        sep = retrieval_metrics(emb, labels, g_emb, g_labels, similarity=similarity, chunk=7)
+        assert retrieval_metrics(emb * scale, labels, g_emb * scale, g_labels, similarity=similarity, chunk=7) == sep
+        got = per_query_metrics(emb * scale, labels, similarity=similarity)
+        ref = per_query_metrics(emb, labels, similarity=similarity)
+        for key in ref:
+            assert torch.equal(got[key], ref[key]), key
+
+
+def test_dot_ranking_is_per_query_scale_free():
+    # dot ranks each query's gallery: scaling one query must not change its row, however large
+    emb, labels = _random_data(seed=2)
+    base = per_query_metrics(emb, labels, similarity="dot")
+    row_scale = torch.exp2(torch.randint(-120, 120, (emb.shape[0], 1)).float())
+    got = per_query_metrics(emb * row_scale, labels, emb, labels, similarity="dot", exclude_self=False)
+    ref = per_query_metrics(emb, labels, emb, labels, similarity="dot", exclude_self=False)
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+    assert torch.equal(per_query_metrics(emb, labels, similarity="dot")["AP"], base["AP"])
+
+
+@pytest.mark.parametrize("similarity", ("dot", "euclidean"))
+def test_float32_gallery_spanning_a_wide_range_is_exact(similarity):
+    # rows 2**100 and 2**-100 apart fit float32 but not one common scale in float32: ranked in float64
+    emb, labels = _random_data(seed=4)
+    gal, gal_labels = _random_data(q=30, seed=5)
+    gal = gal * torch.exp2(torch.tensor([100.0, -100.0]).repeat(15)).unsqueeze(1)
+    got = retrieval_metrics(emb, labels, gal, gal_labels, similarity=similarity)
+    ref, _ = _reference(emb.numpy(), labels.numpy(), gal.numpy(), gal_labels.numpy(), similarity=similarity)
+    _check_against_reference(got, ref)
+
+
+def test_float64_gallery_beyond_float64_range_is_refused():
+    emb, labels = _random_data(seed=4)
+    gal = torch.randn(6, 5, dtype=torch.float64)
+    gal[:3] *= 2.0 ** 1000
+    gal[3:] *= 2.0 ** -1000
+    with pytest.raises(ValueError, match="retrieval_metrics: `gallery_emb` spans more magnitudes than float64"):
+        retrieval_metrics(emb.double(), labels, gal, torch.arange(6) % 2, similarity="dot")
+    # cosine normalises each row on its own: the same gallery is fine
+    retrieval_metrics(emb.double(), labels, gal, torch.arange(6) % 2)
+
+
+def test_exclude_self_accepts_numpy_bool_only():
+    emb, labels = _random_data()
+    assert retrieval_metrics(emb, labels, exclude_self=np.bool_(False)) == retrieval_metrics(emb, labels,
+                                                                                             exclude_self=False)
+    for bad in (1, 0, 1.0):
+        with pytest.raises(TypeError, match="retrieval_metrics: `exclude_self` must be a bool"):
+            retrieval_metrics(emb, labels, exclude_self=bad)
+
+
+def test_ks_beyond_int64_is_a_value_error_in_metrics():
+    emb, labels = _random_data()
+    with pytest.raises(ValueError, match=r"retrieval_metrics: every k in `ks` must be <= 2\*\*63 - 1"):
+        retrieval_metrics(emb, labels, ks=(1, 1 << 64))
+    assert recall_at_k(emb, labels, ks=4) == {4: retrieval_metrics(emb, labels, ks=(4,))["R@4"]}
+
+
+def test_metrics_is_imported_with_the_package():
+    import subprocess
+    import sys
+
+    code = "import fastrank; print(fastrank.metrics.retrieval_metrics.__name__, 'metrics' in fastrank.__all__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["retrieval_metrics", "True"]

@@ -131,3 +131,39 @@ def test_patch_round_trip():
     assert L.SmoothAPLoss is original_smooth and L.FastAPLoss is original_fast
     assert L.CrossBatchMemory is original_cbm
     assert not hasattr(L, "SupAPLoss")
+
+
+# --------------------------------------------------------------------------- hostile input: arguments
+
+
+def test_recall_drop_in_accepts_one_k_and_names_bad_ks():
+    import numpy as np
+
+    emb, labels = _batch(3, 4)
+    torch.testing.assert_close(P.RecallAtKLoss(ks=4)(emb, labels), P.RecallAtKLoss(ks=(4,))(emb, labels))
+    assert P.RecallAtKLoss(ks=np.int64(2)).ks == (2,)
+    with pytest.raises(ValueError, match=r"RecallAtKLoss: every k in `ks` must be <= 2\*\*63 - 1"):
+        P.RecallAtKLoss(ks=1 << 63)
+    with pytest.raises(TypeError, match="RecallAtKLoss: `ks` must contain integers"):
+        P.RecallAtKLoss(ks=(1, "2"))
+
+
+@pytest.mark.parametrize("cls,default", [(P.FastAPLoss, 10), (P.SoftBinAPLoss, 25)], ids=["FastAP", "SoftBin"])
+def test_num_bins_is_not_truncated(cls, default):
+    import numpy as np
+
+    # int(10.7) == 10 silently ran a different loss
+    for bad in (10.7, 10.0, "10", True):
+        with pytest.raises(TypeError, match=f"{cls.__name__}: `num_bins` must be an integer >= 2"):
+            cls(num_bins=bad)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: `num_bins` must be >= 2"):
+        cls(num_bins=1)
+    emb, labels = _batch(3, 4)
+    torch.testing.assert_close(cls(num_bins=np.int64(default))(emb, labels), cls()(emb, labels))
+
+
+def test_value_range_must_be_a_pair():
+    for bad, exc in ((1.0, TypeError), ((0.0, 0.5, 1.0), TypeError), ((1.0, 0.0), ValueError),
+                     ((0.0, float("inf")), ValueError)):
+        with pytest.raises(exc, match="SoftBinAPLoss: `value_range"):
+            P.SoftBinAPLoss(value_range=bad)

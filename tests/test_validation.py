@@ -101,3 +101,136 @@ def test_env_backend_is_validated(monkeypatch):
     monkeypatch.setenv("FASTRANK_BACKEND", "fastest")
     with pytest.raises(ValueError, match="FASTRANK_BACKEND must be one of"):
         fastrank.sup_ap(S, LAB)
+
+
+# --------------------------------------------------------------------------- hostile input: storage, ks, env, dtypes
+
+
+def _layouts():
+    out = [("sparse_coo", lambda t: t.to_sparse()), ("sparse_csr", lambda t: t.to_sparse_csr())]
+    if torch.backends.mkldnn.is_available():
+        out.append(("mkldnn", lambda t: t.to_mkldnn()))
+    return out
+
+
+STORAGE_FNS = [
+    ("smooth_ap", lambda s, t, **kw: fastrank.smooth_ap(s, t, **kw)),
+    ("sup_ap", lambda s, t, **kw: fastrank.sup_ap(s, t, **kw)),
+    ("recall_at_k", lambda s, t, **kw: fastrank.recall_at_k(s, t, **kw)),
+    ("histogram_ap", lambda s, t, **kw: fastrank.histogram_ap(s, t, **kw)),
+    ("rank_sums", lambda s, t, **kw: fastrank.rank_sums(s, t, **kw)),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout,convert", _layouts(), ids=[name for name, _ in _layouts()])
+@pytest.mark.parametrize("name,fn", STORAGE_FNS, ids=[n for n, _ in STORAGE_FNS])
+def test_non_strided_scores_are_rejected(name, fn, layout, convert, backend):
+    with pytest.raises(TypeError, match=r"`scores` must be a dense \(strided\) tensor, got layout"):
+        fn(convert(S), LAB, backend=backend)
+    with pytest.raises(TypeError, match=r"`scores` must be a dense \(strided\) tensor"):
+        fastrank.calibration_loss(convert(S), LAB)
+    with pytest.raises(TypeError, match=r"`scores` must be a dense \(strided\) tensor"):
+        fastrank.h_ap(convert(S), torch.ones(Q, N), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,fn", STORAGE_FNS, ids=[n for n, _ in STORAGE_FNS])
+def test_meta_scores_are_rejected(name, fn, backend):
+    meta = S.to("meta")
+    for target in ((LAB[0].to("meta"), LAB[1].to("meta")), torch.ones(Q, N, device="meta")):
+        with pytest.raises(ValueError, match=f"fastrank.{name}: `scores` is on the meta device"):
+            fn(meta, target, backend=backend)
+    with pytest.raises(ValueError, match="`scores` is on the meta device"):
+        fastrank.calibration_loss(meta, (LAB[0].to("meta"), LAB[1].to("meta")))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_strided_target_and_ignore_are_rejected(backend):
+    dense = (LAB[0][:, None] == LAB[1][None, :]).float()
+    with pytest.raises(TypeError, match=r"`target` must be a dense \(strided\) tensor"):
+        fastrank.smooth_ap(S, dense.to_sparse(), backend=backend)
+    with pytest.raises(TypeError, match=r"`target` gallery_labels must be a dense \(strided\) tensor"):
+        fastrank.smooth_ap(S, (LAB[0], LAB[1].to_sparse()), backend=backend)
+    with pytest.raises(TypeError, match=r"`ignore` must be a dense \(strided\) tensor"):
+        fastrank.smooth_ap(S, LAB, ignore=torch.zeros(Q, N, dtype=torch.bool).to_sparse(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ks_beyond_int64_is_a_value_error(backend):
+    for ks in ((1 << 63,), (1, 1 << 70)):
+        with pytest.raises(ValueError, match=r"fastrank.recall_at_k: every k in `ks` must be <= 2\*\*63 - 1"):
+            fastrank.recall_at_k(S, LAB, ks=ks, backend=backend)
+    # the largest int64 k is valid: every positive is inside it, as for any k far beyond N
+    torch.testing.assert_close(fastrank.recall_at_k(S.double(), LAB, ks=((1 << 63) - 1,), backend=backend),
+                               fastrank.recall_at_k(S.double(), LAB, ks=(10**6,), backend="naive"))
+
+
+@pytest.mark.parametrize("raw", ["abc", "", "0", "-4", "1.5", "1e6"])
+def test_torch_chunk_environment_variable_is_validated(raw, monkeypatch):
+    # only the torch backend reads FASTRANK_TORCH_CHUNK (rank sums and histograms)
+    monkeypatch.setenv("FASTRANK_TORCH_CHUNK", raw)
+    for fn in (fastrank.sup_ap, fastrank.histogram_ap):
+        with pytest.raises(ValueError, match="environment variable FASTRANK_TORCH_CHUNK must be a positive integer"):
+            fn(S, LAB, backend="torch")
+
+
+def test_torch_chunk_environment_variable_accepts_padded_integers(monkeypatch):
+    ref = fastrank.sup_ap(S.double(), LAB, backend="naive")
+    monkeypatch.setenv("FASTRANK_TORCH_CHUNK", " 7 ")
+    torch.testing.assert_close(fastrank.sup_ap(S.double(), LAB, backend="torch"), ref)
+
+
+WIDE_UNSIGNED = [torch.uint16, torch.uint32, torch.uint64]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", WIDE_UNSIGNED, ids=str)
+def test_wide_unsigned_labels_are_accepted(dtype, backend):
+    s = S.double().requires_grad_()
+    q_lab, g_lab = LAB
+    for target in ((q_lab.to(dtype), g_lab.to(dtype)), (q_lab.to(dtype), g_lab)):
+        for fn in (fastrank.smooth_ap, fastrank.sup_ap, fastrank.recall_at_k, fastrank.histogram_ap):
+            got = fn(s, target, backend=backend)
+            ref = fn(s, LAB, backend="naive")
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+            g1, = torch.autograd.grad(got, s)
+            g2, = torch.autograd.grad(ref, s)
+            torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fastrank.calibration_loss(s, target), fastrank.calibration_loss(s, LAB))
+
+
+def test_wide_unsigned_labels_wrap_but_stay_distinct():
+    # uint64 labels past int64 are compared as int64: the wrap is a bijection, so classes stay apart
+    big = torch.tensor([(1 << 64) - 1, (1 << 63), 5, (1 << 64) - 1], dtype=torch.uint64)
+    gal = torch.tensor([(1 << 63), 5, (1 << 64) - 1, 7, 5, (1 << 63)], dtype=torch.uint64)
+    small = (torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 3, 2, 1]))
+    torch.testing.assert_close(fastrank.sup_ap(S, (big, gal)), fastrank.sup_ap(S, small))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", WIDE_UNSIGNED, ids=str)
+def test_wide_unsigned_relevance_and_ignore_say_what_is_supported(dtype, backend):
+    dense = (LAB[0][:, None] == LAB[1][None, :]).to(dtype)
+    with pytest.raises(TypeError, match=r"`target` must be bool, integer or floating "
+                                        r"\(as relevance, integer means int8/.*uint8\)"):
+        fastrank.smooth_ap(S, dense, backend=backend)
+    with pytest.raises(TypeError, match=r"`ignore` must be an integer index \(Q,\) \(int8/.*uint8\)"):
+        fastrank.smooth_ap(S, LAB, ignore=torch.zeros(Q, dtype=dtype), backend=backend)
+
+
+# --------------------------------------------------------------------------- hostile input: flags
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_flag_is_a_bool(backend):
+    import numpy as np
+
+    for bad in (1, 0, 1.0, "yes", None):
+        with pytest.raises(TypeError, match="fastrank.rank_sums: `packed` must be a bool"):
+            fastrank.rank_sums(S, LAB, packed=bad, backend=backend)
+    for flag, expect in ((np.bool_(True), True), (np.bool_(False), False)):
+        got = fastrank.rank_sums(S, LAB, packed=flag, backend=backend)
+        ref = fastrank.rank_sums(S, LAB, packed=expect, backend=backend)
+        assert (got.index is None) == (ref.index is None)
+        torch.testing.assert_close(got.rank_all, ref.rank_all)

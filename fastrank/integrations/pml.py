@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised only without PML
         f"({e})"
     ) from e
 
+from .. import _validate as V
 from .. import ap as _ap
 from ..histogram import histogram_ap
 from ..recall import recall_at_k
@@ -121,7 +122,7 @@ class FastAPLoss(_FusedPMLLoss):
         if self.distance.power != 2:
             raise ValueError(f"FastAPLoss: the distance must be squared (LpDistance(power=2)), got power "
                              f"{self.distance.power}")
-        self.num_bins = int(num_bins)
+        self.num_bins = V.check_integer(type(self).__name__, "num_bins", num_bins, 2)
         self.add_to_recordable_attributes(list_of_names=["num_bins"], is_stat=False)
 
     def get_default_distance(self):
@@ -152,7 +153,8 @@ class RecallAtKLoss(_FusedPMLLoss):
                  **kwargs):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
-        self.ks, self.tau, self.temp, self.variant = tuple(ks), tau, temp, variant
+        self.ks = V.check_ks(type(self).__name__, ks)
+        self.tau, self.temp, self.variant = tau, temp, variant
 
     def per_query_score(self, scores, target, ignore):
         return recall_at_k(scores, target, ks=self.ks, tau=self.tau, temp=self.temp, variant=self.variant,
@@ -167,7 +169,8 @@ class SoftBinAPLoss(_FusedPMLLoss):
     def __init__(self, num_bins: int = 25, value_range=(0.0, 1.0), **kwargs):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
-        self.num_bins, self.value_range = int(num_bins), tuple(value_range)
+        self.num_bins = V.check_integer(type(self).__name__, "num_bins", num_bins, 2)
+        self.value_range = V.check_range(type(self).__name__, "value_range", value_range)
 
     def per_query_score(self, scores, target, ignore):
         return histogram_ap(scores, target, bins=self.num_bins, kind="softbin", range=self.value_range,
