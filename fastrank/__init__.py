@@ -10,13 +10,23 @@ Public surface:
     backends()         which backends run here, and why not
     metrics            exact evaluation metrics (R@k, mAP@R, R-precision, mAP)
 """
-from ._backend import BACKENDS, BackendInfo, backends
-from .ap import calibration_loss, smooth_ap, sup_ap
-from . import distributed, losses, memory, metrics
-from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
-from .histogram import histogram_ap
-from .rank_sums import RankSums, rank_sums
-from .recall import recall_at_k
+import os as _os
+
+# In a source checkout imported without the install (PYTHONPATH=<repo>, as `make gpu-check` runs
+# when the build step fails), `fastrank.triton_kernels` is the repo's triton_kernels/, which the
+# install maps into the package; let the package find it there too.
+_repo = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_repo, "triton_kernels", "__init__.py")) and \
+        _os.path.isfile(_os.path.join(_repo, "setup.py")):
+    __path__.append(_repo)  # noqa: F821  (a package's own __path__)
+
+from ._backend import BACKENDS, BackendInfo, backends  # noqa: E402
+from .ap import calibration_loss, smooth_ap, sup_ap  # noqa: E402
+from . import distributed, losses, memory, metrics  # noqa: E402
+from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy  # noqa: E402
+from .histogram import histogram_ap  # noqa: E402
+from .rank_sums import RankSums, rank_sums  # noqa: E402
+from .recall import recall_at_k  # noqa: E402
 
 __version__ = "0.1.0"
 
