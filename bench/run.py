@@ -135,7 +135,7 @@ _GPU_FULL_SIZES: Sizes = {
 SWEEPS: Dict[Tuple[str, str], Sweep] = {
     # 80 points. At ~2 s of process start-up + warm-up + memory run + >= 1 s of reps per
     # point this is ~4 min of small points plus ~1.5 min for the large ones on 2 idle
-    # cores. The 7-minute budget (+30 s grace for the point in flight) bounds a contended
+    # cores. The run budget (budget_min, +30 s grace for the point in flight) bounds a contended
     # run: with `make build`'s ~1.5 min rebuild, `make bench` stays under 10 minutes (a run
     # with another process on one core took 7.8 min of sweep before this cap was 7).
     # The torch backend runs rank ops at ~50 M pairs/s here (B = 8192 is ~5-7 s per

@@ -19,3 +19,20 @@ def test_every_source_has_its_own_object_file():
     objects = Counter(os.path.splitext(s)[0] for s in sources)
     clashes = sorted(o for o, c in objects.items() if c > 1)
     assert not clashes, f"sources that compile to the same object file: {clashes}"
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    # setuptools installs only the packages pyproject.toml lists: a missing subpackage works in the
+    # editable install of a checkout and is absent from a wheel
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import pytest
+
+        pytest.skip("tomllib needs Python 3.11")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {"fastrank." + os.path.relpath(d, os.path.join(ROOT, "fastrank")).replace(os.sep, ".")
+             for d, _, files in os.walk(os.path.join(ROOT, "fastrank")) if "__init__.py" in files}
+    found = {"fastrank" if f == "fastrank.." else f for f in found} | {"fastrank.triton_kernels"}
+    assert found - {"fastrank.triton_kernels"} <= listed and "fastrank.triton_kernels" in listed, found - listed

@@ -14,7 +14,7 @@ status=0
 for cu in $(find csrc -name '*.cu' | sort); do
   for arch in 80 90; do
     echo "== nvcc -c $cu (sm_$arch)"
-    if ! "$NVCC" -c -O3 -std=c++17 -lineinfo -arch=sm_$arch -Xptxas -v -Icsrc "$cu" -o "$out/$(basename "$cu").sm$arch.o" \
+    if ! "$NVCC" -c -O3 --use_fast_math -std=c++17 -lineinfo -arch=sm_$arch -Xptxas -v -Icsrc "$cu" -o "$out/$(basename "$cu").sm$arch.o" \
         2> "$out/log"; then
       cat "$out/log"; status=1; continue
     fi
