@@ -222,7 +222,9 @@ def test_csv_schema_end_to_end(tmp_path, capsys):
             # % of the sigma ceiling for the rank op on a fused backend only
             assert (r["pct_ceiling"] != "") == (r["op"] == "supap")
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["cpu_t_batch_forward.png", "cpu_t_batch_full.png"]
+    # without matplotlib (optional) the run still writes the table and CSV, and no PNG
+    has_mpl = __import__("importlib").util.find_spec("matplotlib") is not None
+    assert pngs == (["cpu_t_batch_forward.png", "cpu_t_batch_full.png"] if has_mpl else [])
     stamped = [p for p in tmp_path.glob("cpu_t_2*.csv")]
     assert len(stamped) == 1
     # --replot redraws the PNGs from the CSV alone
