@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -22,15 +23,25 @@ from ._step import StepParams
 Tensor = torch.Tensor
 
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
 def _register_cpp_ops() -> None:
-    """Fake kernels and autograd for the C++ ops (once, after fastrank._C loaded)."""
-    global _REGISTERED
-    if _REGISTERED or _load_extension() is not None:
-        return
-    _REGISTERED = True
+    """Fake kernels and autograd for the C++ ops (once, after fastrank._C loaded).
 
+    Thread-safe: the first calls of several threads wait on the lock, and the flag that
+    lets later calls skip it is set only once every registration is in place (an op run
+    before its autograd formula is registered silently returns no gradient)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    with _REGISTER_LOCK:
+        if not _REGISTERED and _load_extension() is None:
+            _register_cpp_ops_once()
+            _REGISTERED = True
+
+
+def _register_cpp_ops_once() -> None:
     @torch.library.register_fake("fastrank::rank_sums_fwd")
     def _fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
         out = scores.new_empty(pos_idx.shape)
