@@ -383,7 +383,7 @@ def h_ap(
     ratio = safe_div(rank_pos, rank_all, has)
     total = gather_packed(rel, pb.pos_idx).sum(1)
     ap = safe_div(ratio.sum(1), total, pb.n_pos > 0)
-    return reduce_per_query(ap, pb.n_pos, reduction)
+    return reduce_per_query(ap, scores, pb, reduction)
 
 
 def _check_gain_range(fn: str, rel: Tensor) -> None:
@@ -439,4 +439,4 @@ def ndcg(
     idcg = (ideal_gain / ideal_disc).sum(1)
     has = pb.n_pos > 0
     value = safe_div(dcg, idcg, has & (idcg > 0))
-    return reduce_per_query(value, pb.n_pos, reduction)
+    return reduce_per_query(value, scores, pb, reduction)

@@ -122,4 +122,4 @@ def histogram_ap(
     h_all, h_pos = histograms_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     ap = _fastap(h_all, h_pos, pb.n_pos) if kind == "fastap" else _softbin(h_all, h_pos)
     ap = torch.where(pb.n_pos > 0, ap, torch.zeros_like(ap))
-    return reduce_per_query(ap, pb.n_pos, reduction)
+    return reduce_per_query(ap, scores, pb, reduction)

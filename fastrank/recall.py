@@ -90,4 +90,4 @@ def recall_at_k(
         if variant == "patel":
             hit = hit.clamp(max=float(k))
         total = total + hit / n_pos.clamp(max=float(k)).clamp(min=1.0)
-    return reduce_per_query(total / len(ks), pb.n_pos, reduction)
+    return reduce_per_query(total / len(ks), scores, pb, reduction)

@@ -9,6 +9,7 @@ import fastrank
 from fastrank.graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
 
 from .conftest import AVAILABLE
+from .nan_rows import NAN_BACKENDS, check_nan_rows, nan_relevance
 
 #: the fused backends that run on this machine's CPU tensors (cuda: tests/test_gpu.py)
 FUSED = [b for b in ("torch", "cpp", "triton") if b in AVAILABLE]
@@ -466,6 +467,17 @@ def test_nan_score_gives_nan_for_its_query_only(backend, step):
         v.sum().backward()
         assert torch.isnan(s.grad[0]).any()
         torch.testing.assert_close(v[1:], fn(scores[1:], rel[1:], step=step, reduction="none", backend="naive"))
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("fn", [h_ap, ndcg], ids=["h_ap", "ndcg"])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+def test_nan_poisons_its_query_with_or_without_relevant_items(backend, fn, step, ignore_kind):
+    def f(s, rel, **kw):
+        return fn(s, rel, step=step, **kw)
+
+    check_nan_rows(f, backend, ignore_kind, target=nan_relevance())
 
 
 @pytest.mark.skipif("cpp" not in AVAILABLE, reason="needs the C++ extension")

@@ -6,6 +6,7 @@ import fastrank
 
 from .cases import make_case
 from .conftest import CPU_BACKENDS, FUSED_CPU
+from .nan_rows import NAN_BACKENDS, check_nan_rows
 
 
 def _by_hand(scores, pos, ks, variant, temp=1.0, tau=0.01):
@@ -94,3 +95,16 @@ def test_recall_argument_errors():
         fastrank.recall_at_k(s, t, temp=0)
     with pytest.raises(ValueError, match="`step` must be one of"):
         fastrank.recall_at_k(s, t, step="exact")
+
+
+# --------------------------------------------------------------------------- NaN in -> NaN out
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("variant", ["suprank", "patel"])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+def test_nan_poisons_its_query_with_or_without_positives(backend, variant, ignore_kind):
+    def fn(s, t, **kw):
+        return fastrank.recall_at_k(s, t, ks=(1, 3), variant=variant, **kw)
+
+    check_nan_rows(fn, backend, ignore_kind)
