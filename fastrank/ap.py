@@ -41,7 +41,7 @@ def nan_poison(scores: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Option
             if ignore_idx is not None:
                 col = ignore_idx.clamp(min=0).unsqueeze(1)
                 nan.scatter_(1, col, nan.gather(1, col) & (ignore_idx < 0).unsqueeze(1))
-            bad = nan.any(1)
+            bad = nan.view(torch.uint8).amax(1) > 0  # on the CPU twice as fast as any(1)
     # where, not multiply: a row of +-inf scores sums to NaN without being poisoned
     t = torch.where(bad, scores.sum(1), scores.new_zeros(()))
     return t * t
