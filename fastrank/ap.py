@@ -27,9 +27,10 @@ def nan_poison(scores: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Option
     """(Q,): NaN for a query whose valid (not ignored) items hold a NaN score, 0 elsewhere.
 
     Added to the per-query value, it keeps NaN in -> NaN out where the formula cannot: a query
-    without positives has no ranked item for the kernels' NaN to reach, and the SoftBin epilogue
-    drops NaN bins. No host sync. Its gradient is NaN along a poisoned row (the derivative of
-    t * t with t the NaN row sum), 0 elsewhere, so the gradient does not hide the NaN either.
+    without positives has no ranked item for the kernels' NaN to reach. No host sync. It is a
+    constant: a gradient path to `scores` would cost a (Q, N) accumulation in the backward
+    (the fused backward allocates only the gradient itself); where a query's value depends on
+    its scores, the kernels' NaN already reaches its gradient.
     """
     with torch.no_grad():
         if ignore_idx is None and ignore_mask is None:
@@ -42,9 +43,7 @@ def nan_poison(scores: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Option
                 col = ignore_idx.clamp(min=0).unsqueeze(1)
                 nan.scatter_(1, col, nan.gather(1, col) & (ignore_idx < 0).unsqueeze(1))
             bad = nan.view(torch.uint8).amax(1) > 0  # on the CPU twice as fast as any(1)
-    # where, not multiply: a row of +-inf scores sums to NaN without being poisoned
-    t = torch.where(bad, scores.sum(1), scores.new_zeros(()))
-    return t * t
+        return torch.where(bad, torch.nan, 0.0).to(scores.dtype)
 
 
 def reduce_per_query(values: Tensor, scores: Tensor, pb: RankProblem, reduction: str) -> Tensor:
@@ -178,5 +177,4 @@ def calibration_loss(
     neg_terms = torch.where(~pos & valid, torch.relu(scores - neg_margin), zero)
     pos_loss = pos_terms.sum() / (pos_terms > 0).sum().clamp(min=1)
     neg_loss = neg_terms.sum() / (neg_terms > 0).sum().clamp(min=1)
-    # relu's gradient at NaN is 0: the poison term carries the NaN into the gradient too
-    return pos_loss + neg_loss + nan_poison(scores, ignore_idx, ignore_mask).sum()
+    return pos_loss + neg_loss

@@ -118,7 +118,7 @@ def test_module_nan_query_without_positive_gives_nan(backend, name):
     loss = _LABEL_MODULES[name](**kw)(x, labels, ref, ref_labels)
     assert torch.isnan(loss)
     loss.backward()
-    assert torch.isnan(x.grad[3]).any() and torch.isfinite(x.grad[:3]).all()
+    assert torch.isfinite(x.grad[:3]).all()  # the other queries train on
 
 
 @pytest.mark.parametrize("backend", NAN_BACKENDS)
