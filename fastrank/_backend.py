@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -21,20 +22,27 @@ CHOICES = BACKENDS + ("auto",)
 
 _EXT_ERROR: Optional[str] = None
 _EXT_LOADED = False
+_EXT_LOCK = threading.Lock()
 
 
 def _load_extension() -> Optional[str]:
-    """Imports fastrank._C once; returns None on success or the reason it failed."""
+    """Imports fastrank._C once; returns None on success or the reason it failed.
+
+    Thread-safe: the flag is set only after the import has finished, under a lock, so a
+    thread never sees "loaded" while another is still registering torch.ops.fastrank.*."""
     global _EXT_ERROR, _EXT_LOADED
-    if not _EXT_LOADED:
-        _EXT_LOADED = True
-        try:
-            from . import _C  # noqa: F401  (registers torch.ops.fastrank.*)
-        except ImportError as e:  # pragma: no cover - depends on the build
-            _EXT_ERROR = (
-                f"the C++ extension fastrank._C is not built or failed to load ({e}); "
-                "build it with `pip install --no-build-isolation -e .` (or `make test`)"
-            )
+    if _EXT_LOADED:
+        return _EXT_ERROR
+    with _EXT_LOCK:
+        if not _EXT_LOADED:
+            try:
+                from . import _C  # noqa: F401  (registers torch.ops.fastrank.*)
+            except ImportError as e:  # pragma: no cover - depends on the build
+                _EXT_ERROR = (
+                    f"the C++ extension fastrank._C is not built or failed to load ({e}); "
+                    "build it with `pip install --no-build-isolation -e .` (or `make test`)"
+                )
+            _EXT_LOADED = True
     return _EXT_ERROR
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from ._problem import Target, dense_relevance
+from ._problem import RankProblem, Target, dense_relevance
 from .ops import rank_sums_packed
 from .reference import dense_valid_mask
 from .rank_sums import make_params, prepare
@@ -23,17 +23,42 @@ def safe_div(num: Tensor, den: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, num / torch.where(keep, den, torch.ones_like(den)), num.new_zeros(()))
 
 
-def reduce_per_query(ap: Tensor, n_pos: Tensor, reduction: str) -> Tensor:
-    """Queries without positives count 0 in 'none' and are left out of 'mean' (SPEC §1.4).
+def nan_poison(scores: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Optional[Tensor]) -> Tensor:
+    """(Q,): NaN for a query whose valid (not ignored) items hold a NaN score, 0 elsewhere.
+
+    Added to the per-query value, it keeps NaN in -> NaN out where the formula cannot: a query
+    without positives has no ranked item for the kernels' NaN to reach. No host sync. It is a
+    constant: a gradient path to `scores` would cost a (Q, N) accumulation in the backward
+    (the fused backward allocates only the gradient itself); where a query's value depends on
+    its scores, the kernels' NaN already reaches its gradient.
+    """
+    with torch.no_grad():
+        if ignore_idx is None and ignore_mask is None:
+            bad = torch.isnan(scores.amax(1))  # amax propagates NaN: one reduction, no (Q, N) temporary
+        else:
+            nan = torch.isnan(scores)
+            if ignore_mask is not None:
+                nan &= ~ignore_mask
+            if ignore_idx is not None:
+                col = ignore_idx.clamp(min=0).unsqueeze(1)
+                nan.scatter_(1, col, nan.gather(1, col) & (ignore_idx < 0).unsqueeze(1))
+            bad = nan.view(torch.uint8).amax(1) > 0  # on the CPU twice as fast as any(1)
+        return torch.where(bad, torch.nan, 0.0).to(scores.dtype)
+
+
+def reduce_per_query(values: Tensor, scores: Tensor, pb: RankProblem, reduction: str) -> Tensor:
+    """Queries without positives count 0 in 'none' and are left out of 'mean' (SPEC §1.4);
+    a query with a NaN score among its valid items is NaN (and so are 'mean' and 'sum').
 
     When no query has a positive, 'mean' is 0 and still connected to the graph.
     """
-    has = n_pos > 0
+    values = values + nan_poison(scores, pb.ignore_idx, pb.ignore_mask).to(values.dtype)
+    has = pb.n_pos > 0
     if reduction == "none":
-        return ap
+        return values
     if reduction == "sum":
-        return ap.sum()
-    return ap.sum() / has.sum().clamp(min=1).to(ap.dtype)
+        return values.sum()
+    return values.sum() / has.sum().clamp(min=1).to(values.dtype)
 
 
 def _average_precision(fn: str, scores, target, ignore, reduction, backend, params) -> Tensor:
@@ -43,7 +68,7 @@ def _average_precision(fn: str, scores, target, ignore, reduction, backend, para
     has = pb.pos_idx >= 0
     ratio = safe_div(rank_pos, rank_all, has)  # holes have rank_all = 0
     ap = ratio.sum(1) / pb.n_pos.clamp(min=1).to(ratio.dtype)
-    return reduce_per_query(ap, pb.n_pos, reduction)
+    return reduce_per_query(ap, scores, pb, reduction)
 
 
 def smooth_ap(
@@ -146,8 +171,10 @@ def calibration_loss(
     ignore_idx = None if ignore is None or ignore.dtype == torch.bool else ignore.to(torch.int64)
     ignore_mask = ignore if ignore is not None and ignore.dtype == torch.bool else None
     valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
-    pos_terms = torch.relu(pos_margin - scores) * (pos & valid)
-    neg_terms = torch.relu(scores - neg_margin) * (~pos & valid)
+    zero = scores.new_zeros(())
+    # where, not multiply: a NaN at a left-out pair must not reach the sums (NaN * 0 = NaN)
+    pos_terms = torch.where(pos & valid, torch.relu(pos_margin - scores), zero)
+    neg_terms = torch.where(~pos & valid, torch.relu(scores - neg_margin), zero)
     pos_loss = pos_terms.sum() / (pos_terms > 0).sum().clamp(min=1)
     neg_loss = neg_terms.sum() / (neg_terms > 0).sum().clamp(min=1)
     return pos_loss + neg_loss

@@ -126,8 +126,12 @@ def relevance_from_hierarchy(
 # --------------------------------------------------------------------------- validation
 
 
-def check_relevance(fn: str, relevance: Any, scores: Tensor) -> None:
-    """(Q, N) graded relevance: floating, integer or bool, finite, >= 0, on the device of scores."""
+def check_relevance(fn: str, relevance: Any, scores: Tensor) -> Tensor:
+    """(Q, N) graded relevance: floating, integer or bool, finite, >= 0, on the device of scores.
+
+    Returns it detached in the dtype the ranks are computed in (that of scores, float32 for
+    half scores), where it is checked as well: a value that does not survive the cast (float64
+    1e-50 becomes 0 in float32 and 1e39 inf; a subnormal is flushed on GPUs) is rejected."""
     q, n = scores.shape
     if not isinstance(relevance, torch.Tensor):
         raise TypeError(f"{fn}: `relevance` must be a (Q, N) tensor of graded relevance, got {V._describe(relevance)}")
@@ -139,14 +143,33 @@ def check_relevance(fn: str, relevance: Any, scores: Tensor) -> None:
         relevance.dtype.is_floating_point or relevance.dtype in V.INT_DTYPES or relevance.dtype == torch.bool
     ):
         raise TypeError(f"{fn}: `relevance` must be a floating or integer tensor, got {relevance.dtype}")
+    dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    rel = relevance.detach().to(dtype).contiguous()
     if relevance.dtype == torch.bool or relevance.numel() == 0:
-        return
+        return rel
     # one reduction pass (aminmax propagates NaN); isfinite + any would take three
-    lo, hi = (float(v) for v in torch.aminmax(relevance))
+    stats = list(torch.aminmax(relevance))
+    if relevance.dtype.is_floating_point:  # integers cannot underflow
+        stats.append(torch.where(relevance > 0, relevance, torch.inf).amin())
+    lo, hi, *smallest = torch.stack(stats).double().tolist()  # one host sync
     if math.isnan(lo) or math.isinf(hi) or math.isinf(lo):
         raise ValueError(f"{fn}: `relevance` must be finite, got NaN or inf values")
     if lo < 0:
         raise ValueError(f"{fn}: `relevance` must be >= 0 (0 = irrelevant), got a minimum of {lo!r}")
+    info = torch.finfo(dtype)
+    # the cast is monotone: its extremes are the casts of the extremes
+    if math.isinf(torch.tensor(hi, dtype=torch.float64).to(dtype).item()):
+        raise ValueError(
+            f"{fn}: `relevance` has values up to {hi:g}, beyond the largest {dtype} ({info.max:g}), the dtype "
+            "the ranks are computed in; rescale the relevance or pass float64 scores"
+        )
+    if smallest and math.isfinite(smallest[0]) and torch.tensor(smallest[0], dtype=torch.float64).to(dtype) < info.tiny:
+        raise ValueError(
+            f"{fn}: `relevance` has positive values down to {smallest[0]:g}, below the smallest normal {dtype} "
+            f"({info.tiny:g}), the dtype the ranks are computed in (they become 0 or lose their precision); "
+            "rescale the relevance or pass float64 scores"
+        )
+    return rel
 
 
 def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, str, Any]:
@@ -155,7 +178,7 @@ def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, st
     The ranked items (relevance > 0, not ignored) are packed into pos_idx exactly as the
     positives of a binary target are, so the kernels share the binary ops' layout."""
     V.check_scores(fn, scores)
-    check_relevance(fn, relevance, scores)
+    rel = check_relevance(fn, relevance, scores)
     V.check_ignore(fn, ignore, scores)
     V.check_backend(fn, backend, CHOICES)
     name = resolve(fn, backend, scores.device)
@@ -163,7 +186,6 @@ def _prepare(fn, scores, relevance, ignore, backend) -> Tuple[Tensor, Tensor, st
     pb = build_problem(relevance, ignore, q, n, scores.device)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
-    rel = relevance.detach().to(scores.dtype).contiguous()
     return scores, rel, name, pb
 
 
@@ -383,7 +405,7 @@ def h_ap(
     ratio = safe_div(rank_pos, rank_all, has)
     total = gather_packed(rel, pb.pos_idx).sum(1)
     ap = safe_div(ratio.sum(1), total, pb.n_pos > 0)
-    return reduce_per_query(ap, pb.n_pos, reduction)
+    return reduce_per_query(ap, scores, pb, reduction)
 
 
 def _check_gain_range(fn: str, rel: Tensor) -> None:
@@ -430,7 +452,15 @@ def ndcg(
     # the ranked items (relevance > 0, not ignored) are exactly the packed ones
     has = pb.pos_idx >= 0
     zero = rel.new_zeros(())
-    gain = torch.where(has, torch.exp2(gather_packed(rel, pb.pos_idx)) - 1, zero)
+    r = gather_packed(rel, pb.pos_idx)
+    # 2^r - 1 rounds to 0 for r below ~1e-7 in float32: expm1 keeps small gains; exp2 keeps the
+    # large ones exact up to the limit _check_gain_range allows
+    gain = torch.where(has, torch.where(r < 1, torch.expm1(r * math.log(2)), torch.exp2(r) - 1), zero)
+    # NDCG is a ratio of sums of gains: scaling a row by its largest gain changes nothing but
+    # keeps those sums finite where several gains near the dtype's largest value would overflow
+    if gain.shape[1]:  # P = 0 when nothing is ranked anywhere
+        top = gain.amax(1, keepdim=True)
+        gain = gain / torch.where(top > 0, top, torch.ones_like(top))
     # rank_all >= 1 where ranked; log2(2) = 1 at holes keeps the masked terms finite
     disc = torch.log2(1 + torch.where(has, rank_all, torch.ones_like(rank_all)))
     dcg = torch.where(has, gain / disc, zero).sum(1)
@@ -439,4 +469,4 @@ def ndcg(
     idcg = (ideal_gain / ideal_disc).sum(1)
     has = pb.n_pos > 0
     value = safe_div(dcg, idcg, has & (idcg > 0))
-    return reduce_per_query(value, pb.n_pos, reduction)
+    return reduce_per_query(value, scores, pb, reduction)

@@ -69,10 +69,11 @@ def _fastap(h_all: Tensor, h_pos: Tensor, n_pos: Tensor) -> Tensor:
 def _softbin(h_all: Tensor, h_pos: Tensor) -> Tensor:
     cum_rec = torch.cumsum(h_pos, 1)
     cum_nbs = torch.cumsum(h_all, 1)
-    ok = cum_nbs > 0
+    # not (x <= 0) rather than x > 0: a NaN bin must reach the AP and its gradient, not count 0
+    ok = ~(cum_nbs <= 0)
     prec = safe_div(cum_rec, cum_nbs, ok)
     total = h_pos.sum(1, keepdim=True)
-    has = total > 0
+    has = ~(total <= 0)
     rec = safe_div(h_pos, total, has)
     return (prec * rec).sum(1)
 
@@ -122,4 +123,4 @@ def histogram_ap(
     h_all, h_pos = histograms_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     ap = _fastap(h_all, h_pos, pb.n_pos) if kind == "fastap" else _softbin(h_all, h_pos)
     ap = torch.where(pb.n_pos > 0, ap, torch.zeros_like(ap))
-    return reduce_per_query(ap, pb.n_pos, reduction)
+    return reduce_per_query(ap, scores, pb, reduction)

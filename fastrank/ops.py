@@ -7,13 +7,19 @@
 * `torch`: the same two functions in pure PyTorch (fastrank.reference) wrapped in
   an autograd.Function.
 * `naive`: autograd through the materialised cube.
+
+Only `naive` has higher-order and forward-mode derivatives: the other backends' gradient
+is a fused backward kernel, which autograd cannot differentiate again. They raise (see
+_fused_gradient, _refuse_transforms) rather than return the zeros autograd would make of it.
 """
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import _hist, reference
 from ._backend import _load_extension
@@ -21,16 +27,87 @@ from ._step import StepParams
 
 Tensor = torch.Tensor
 
+def _naive_hint(what: str, backend: str, missing: str, entry_points: str) -> str:
+    return (
+        f"fastrank: {what} on backend {backend!r} has no {missing} ({entry_points}): its gradient is a "
+        "fused backward kernel, not a PyTorch graph. Use backend='naive' (autograd through the "
+        "Q x N x N cube) for higher-order or forward-mode derivatives."
+    )
+
+
+class _FusedGradient(torch.autograd.Function):
+    """The first derivative a fused backward computed, unchanged, tied to the tensors it depends
+    on. Without this, under create_graph=True autograd sees the kernel's result as a constant
+    and a second derivative (grad of grad, hessian, hvp) comes out as 0; differentiating it
+    now raises the message instead."""
+
+    @staticmethod
+    def forward(grad, message, *depends_on):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[1]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _fused_gradient(compute, what: str, backend: str, *depends_on: Optional[Tensor]) -> Tensor:
+    """compute() the gradient of a fused backward; when grad mode is on in the backward
+    (create_graph=True), the result is tied to `depends_on` so that it cannot be differentiated
+    again silently."""
+    if not torch.is_grad_enabled():
+        return compute()
+    with torch.no_grad():
+        grad = compute()
+    message = _naive_hint(
+        what, backend, "second derivative", "create_graph=True, torch.autograd.functional.hessian/hvp/vhp"
+    )
+    return _FusedGradient.apply(grad, message, *(t for t in depends_on if t is not None))
+
+
+# torch.func's grad-type transforms (grad, vjp, jacrev, jvp, jacfwd, hessian) wrap tensors in a
+# grad-tracking wrapper; the fused ops' autograd cannot run under them (torch.func.vmap can)
+_is_grad_tracking = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", lambda t: False)
+
+
+def _refuse_transforms(what: str, backend: str, scores: Tensor) -> None:
+    """Forward-mode AD would run the op below autograd and give a zero tangent, and torch.func's
+    differentiating transforms would fail on the autograd.Function with an unrelated message:
+    refuse both, naming the way out. Outside a dual level unpack_dual returns at once (no op)."""
+    if fwAD.unpack_dual(scores).tangent is not None or _is_grad_tracking(scores):
+        raise RuntimeError(
+            _naive_hint(
+                what,
+                backend,
+                "forward-mode or torch.func derivative",
+                "torch.func.grad/vjp/jacrev/jvp/jacfwd/hessian, torch.autograd.forward_ad",
+            )
+        )
+
+
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
 def _register_cpp_ops() -> None:
-    """Fake kernels and autograd for the C++ ops (once, after fastrank._C loaded)."""
-    global _REGISTERED
-    if _REGISTERED or _load_extension() is not None:
-        return
-    _REGISTERED = True
+    """Fake kernels and autograd for the C++ ops (once, after fastrank._C loaded).
 
+    Thread-safe: the first calls of several threads wait on the lock, and the flag that
+    lets later calls skip it is set only once every registration is in place (an op run
+    before its autograd formula is registered silently returns no gradient)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    with _REGISTER_LOCK:
+        if not _REGISTERED and _load_extension() is None:
+            _register_cpp_ops_once()
+            _REGISTERED = True
+
+
+def _register_cpp_ops_once() -> None:
     @torch.library.register_fake("fastrank::rank_sums_fwd")
     def _fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
         out = scores.new_empty(pos_idx.shape)
@@ -51,7 +128,7 @@ def _register_cpp_ops() -> None:
 
         return setup_context
 
-    def _backward_with(bwd_op):
+    def _backward_with(bwd_op, fwd_name: str):
         """Autograd formula of a (fwd, bwd) op pair: the backward op takes the two output
         gradients, then the forward's inputs; an unused output's gradient is zeros of its shape."""
 
@@ -59,7 +136,10 @@ def _register_cpp_ops() -> None:
             saved = ctx.saved_tensors
             grad0 = saved[0].new_zeros(ctx.out_shape) if grad0 is None else grad0
             grad1 = saved[0].new_zeros(ctx.out_shape) if grad1 is None else grad1
-            grad = bwd_op(grad0, grad1, *saved, *ctx.step_args)
+            backend = "cuda" if saved[0].is_cuda else "cpp"
+            grad = _fused_gradient(
+                lambda: bwd_op(grad0, grad1, *saved, *ctx.step_args), fwd_name, backend, saved[0], grad0, grad1
+            )
             return (grad,) + (None,) * (len(saved) - 1 + len(ctx.step_args))
 
         return backward
@@ -68,7 +148,7 @@ def _register_cpp_ops() -> None:
     _setup_context = _setup_context_with(4)
 
     torch.library.register_autograd(
-        "fastrank::rank_sums_fwd", _backward_with(torch.ops.fastrank.rank_sums_bwd), setup_context=_setup_context
+        "fastrank::rank_sums_fwd", _backward_with(torch.ops.fastrank.rank_sums_bwd, "fastrank::rank_sums_fwd"), setup_context=_setup_context
     )
 
     @torch.library.register_fake("fastrank::histogram_fwd")
@@ -81,7 +161,7 @@ def _register_cpp_ops() -> None:
         return torch.empty_like(scores)
 
     torch.library.register_autograd(
-        "fastrank::histogram_fwd", _backward_with(torch.ops.fastrank.histogram_bwd), setup_context=_setup_context
+        "fastrank::histogram_fwd", _backward_with(torch.ops.fastrank.histogram_bwd, "fastrank::histogram_fwd"), setup_context=_setup_context
     )
 
     @torch.library.register_fake("fastrank::graded_rank_sums_fwd")
@@ -96,12 +176,12 @@ def _register_cpp_ops() -> None:
     # (scores, relevance, pos_idx, ignore_idx, ignore_mask) + scalars; relevance gets no gradient
     torch.library.register_autograd(
         "fastrank::graded_rank_sums_fwd",
-        _backward_with(torch.ops.fastrank.graded_rank_sums_bwd),
+        _backward_with(torch.ops.fastrank.graded_rank_sums_bwd, "fastrank::graded_rank_sums_fwd"),
         setup_context=_setup_context_with(5),
     )
 
 
-def _python_backend(name: str, module: str, forward: str, backward: str):
+def _python_backend(name: str, backend: str, module: str, forward: str, backward: str):
     """An autograd.Function over a Python backend's (forward, backward) pair.
 
     Every Python backend implements the same two functions — forward(scores, *tensors,
@@ -124,10 +204,13 @@ def _python_backend(name: str, module: str, forward: str, backward: str):
             return impl(forward)(scores, *tensors, params)
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, grad0, grad1):
+            # not once_differentiable: its error node hangs off detached copies, which a
+            # hessian never reaches, so it returned zeros instead of raising
             saved = ctx.saved_tensors
-            grad = impl(backward)(grad0, grad1, *saved, ctx.params)
+            grad = _fused_gradient(
+                lambda: impl(backward)(grad0, grad1, *saved, ctx.params), name, backend, saved[0], grad0, grad1
+            )
             return (grad,) + (None,) * len(saved)
 
     _Fn.__name__ = _Fn.__qualname__ = name
@@ -135,22 +218,22 @@ def _python_backend(name: str, module: str, forward: str, backward: str):
 
 
 _TorchRankSums = _python_backend(
-    "_TorchRankSums", ".reference", "torch_rank_sums_forward", "torch_rank_sums_backward"
+    "_TorchRankSums", "torch", ".reference", "torch_rank_sums_forward", "torch_rank_sums_backward"
 )
 _TritonRankSums = _python_backend(
-    "_TritonRankSums", ".triton_kernels.rank_sums", "rank_sums_forward", "rank_sums_backward"
+    "_TritonRankSums", "triton", ".triton_kernels.rank_sums", "rank_sums_forward", "rank_sums_backward"
 )
 _TorchGraded = _python_backend(
-    "_TorchGraded", ".graded", "torch_graded_packed_forward", "torch_graded_packed_backward"
+    "_TorchGraded", "torch", ".graded", "torch_graded_packed_forward", "torch_graded_packed_backward"
 )
 _TritonGraded = _python_backend(
-    "_TritonGraded", ".triton_kernels.graded", "graded_rank_sums_forward", "graded_rank_sums_backward"
+    "_TritonGraded", "triton", ".triton_kernels.graded", "graded_rank_sums_forward", "graded_rank_sums_backward"
 )
 _TorchHistograms = _python_backend(
-    "_TorchHistograms", "._hist", "torch_histograms_forward", "torch_histograms_backward"
+    "_TorchHistograms", "torch", "._hist", "torch_histograms_forward", "torch_histograms_backward"
 )
 _TritonHistograms = _python_backend(
-    "_TritonHistograms", ".triton_kernels.histogram", "histograms_forward", "histograms_backward"
+    "_TritonHistograms", "triton", ".triton_kernels.histogram", "histograms_forward", "histograms_backward"
 )
 
 
@@ -174,6 +257,7 @@ def _dispatch(op: str, backend: str, *tensors, params) -> Tuple[Tensor, Tensor]:
     naive, torch_fn, triton_fn, cpp_op = _IMPLS[op]
     if backend == "naive":
         return naive(*tensors, params)
+    _refuse_transforms(f"the {op} op", backend, tensors[0])
     if backend == "torch":
         return torch_fn.apply(*tensors, params)
     if backend == "triton":

@@ -4,6 +4,7 @@ Both are epilogues on rank_all of the ranked positives; no new kernel.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -69,9 +70,14 @@ def recall_at_k(
     has = pb.pos_idx >= 0
     n_pos = pb.n_pos.to(rank_all.dtype)
     total = torch.zeros(scores.shape[0], dtype=rank_all.dtype, device=scores.device)
+    # times 1/temp, not / temp: a temp below the dtype's smallest normal is rounded or flushed to 0
+    # and rank == k gave 0/0. The inverse is capped at sqrt(max): distinct ranks differ by at least
+    # an ulp of 1, so sigma is already an exact step there (sigma(0) = 0.5), and the gradient at a
+    # rank equal to k (0.25/temp) keeps ~sqrt(max) of headroom for the kernels' backward
+    inv_temp = min(1.0 / temp, math.sqrt(torch.finfo(rank_all.dtype).max))
     for k in ks:
-        hit = torch.where(has, torch.sigmoid((k - rank_all) / temp), 0.0).sum(1)
+        hit = torch.where(has, torch.sigmoid((k - rank_all) * inv_temp), 0.0).sum(1)
         if variant == "patel":
             hit = hit.clamp(max=float(k))
         total = total + hit / n_pos.clamp(max=float(k)).clamp(min=1.0)
-    return reduce_per_query(total / len(ks), pb.n_pos, reduction)
+    return reduce_per_query(total / len(ks), scores, pb, reduction)

@@ -7,6 +7,7 @@ import fastrank
 
 from .cases import make_case
 from .conftest import CPU_BACKENDS, FUSED_CPU
+from .nan_rows import NAN_BACKENDS, POISONED, check_nan_rows, nan_problem
 from .published import published_smooth_ap, published_sup_ap
 
 
@@ -155,3 +156,25 @@ def test_every_item_ignored_for_one_query(fn, backend):
     torch.testing.assert_close(mean, per_query[[0, 2]].mean())
     mean.backward()
     assert torch.equal(s.grad[1], torch.zeros(6, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- NaN in -> NaN out
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap], ids=["smooth_ap", "sup_ap"])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+def test_nan_poisons_its_query_with_or_without_positives(backend, fn, ignore_kind):
+    check_nan_rows(fn, backend, ignore_kind)
+
+
+@pytest.mark.parametrize("ignore_kind", ["index", "mask"])
+def test_calibration_loss_nan_at_a_valid_item_only(ignore_kind):
+    s, labels, ignore = nan_problem(ignore_kind)
+    assert torch.isnan(fastrank.calibration_loss(s, labels, ignore=ignore))
+    # only an ignored NaN left: the loss is the one without it
+    clean = s.clone()
+    clean[POISONED] = 0.5
+    got = fastrank.calibration_loss(clean, labels, ignore=ignore)
+    expect = fastrank.calibration_loss(clean.nan_to_num(0.5), labels, ignore=ignore)
+    assert torch.isfinite(got) and got == expect

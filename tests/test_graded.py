@@ -9,6 +9,7 @@ import fastrank
 from fastrank.graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
 
 from .conftest import AVAILABLE
+from .nan_rows import NAN_BACKENDS, check_nan_rows, nan_relevance
 
 #: the fused backends that run on this machine's CPU tensors (cuda: tests/test_gpu.py)
 FUSED = [b for b in ("torch", "cpp", "triton") if b in AVAILABLE]
@@ -468,6 +469,17 @@ def test_nan_score_gives_nan_for_its_query_only(backend, step):
         torch.testing.assert_close(v[1:], fn(scores[1:], rel[1:], step=step, reduction="none", backend="naive"))
 
 
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("fn", [h_ap, ndcg], ids=["h_ap", "ndcg"])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
+def test_nan_poisons_its_query_with_or_without_relevant_items(backend, fn, step, ignore_kind):
+    def f(s, rel, **kw):
+        return fn(s, rel, step=step, **kw)
+
+    check_nan_rows(f, backend, ignore_kind, target=nan_relevance())
+
+
 @pytest.mark.skipif("cpp" not in AVAILABLE, reason="needs the C++ extension")
 @pytest.mark.parametrize("step", STEPS)
 def test_cpp_deterministic_across_runs_and_thread_counts(step):
@@ -497,3 +509,47 @@ def test_ndcg_rejects_relevance_whose_gain_overflows():
     assert torch.isfinite(v)
     # h_ap has no exponential gain: fine in float32
     assert torch.isfinite(h_ap(scores, rel))
+
+
+# --------------------------------------------------------------------------- extreme but accepted relevance
+
+
+@pytest.mark.parametrize("fn", [graded_rank_sums, h_ap, ndcg])
+@pytest.mark.parametrize("value,why", [(1e-50, "below"), (1e-40, "below"), (1e39, "beyond")])
+def test_relevance_that_does_not_survive_the_cast_is_rejected(fn, value, why):
+    # float64 relevance with float32 scores is computed in float32: 1e-50 became 0 (a ranked item
+    # with relevance 0), 1e-40 a subnormal (flushed on GPUs), 1e39 inf; all were validated in float64
+    scores = torch.randn(2, 4)
+    rel = torch.tensor([[1.0, value, 0.0, 2.0], [0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: `relevance`.*{why}.*float32"):
+        fn(scores, rel)
+    if fn is ndcg and why == "beyond":  # 2^1e39 overflows even float64: the gain check says so
+        with pytest.raises(ValueError, match="relevance.*overflows the gain"):
+            fn(scores.double(), rel)
+        return
+    out = fn(scores.double(), rel)  # float64 has the range
+    assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
+
+
+@pytest.mark.parametrize("backend", ["naive", *FUSED])
+def test_ndcg_tiny_relevance_keeps_its_gain(backend):
+    # 2^rel - 1 rounds to 0 in float32 for rel < ~1e-7: every gain (and NDCG) was 0
+    g = torch.Generator().manual_seed(30)
+    s64 = torch.rand(3, 6, generator=g, dtype=torch.float64)
+    rel = torch.randint(0, 3, (3, 6), generator=g).double() * 1e-10
+    rel[:, 0] = 2e-10
+    got = ndcg(s64.float(), rel.float(), step="sigmoid", tau=0.1, reduction="none", backend=backend)
+    ref = ndcg(s64, rel, step="sigmoid", tau=0.1, reduction="none", backend="naive")
+    assert (ref > 0.5).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["naive", *FUSED])
+def test_ndcg_gains_whose_sum_overflows_are_computed(backend):
+    # each gain 2^127.5 - 1 fits float32, their sum in the DCG does not: NDCG is scale-free
+    scores = torch.tensor([[0.9, 0.5, 0.1, 0.3]], dtype=torch.float64)
+    rel = torch.tensor([[127.5, 127.5, 0.0, 127.0]], dtype=torch.float64)
+    got = ndcg(scores.float(), rel.float(), step="sigmoid", tau=0.1, backend=backend)
+    ref = ndcg(scores, rel, step="sigmoid", tau=0.1, backend="naive")
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)

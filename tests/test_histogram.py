@@ -7,6 +7,7 @@ import fastrank
 
 from .cases import make_case
 from .conftest import CPU_BACKENDS, FUSED_CPU, requires
+from .nan_rows import NAN_BACKENDS, check_nan_rows
 from .published import published_fastap, published_softbin_ap
 
 
@@ -130,3 +131,17 @@ def test_opcheck_histogram_ops(dtype):
         torch.library.opcheck(torch.ops.fastrank.histogram_fwd.default, args)
         g = torch.randn(5, p.bins, dtype=dtype)
         torch.library.opcheck(torch.ops.fastrank.histogram_bwd.default, (g, g.clone(), s.detach()) + args[1:])
+
+
+# --------------------------------------------------------------------------- NaN in -> NaN out
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("kind", ["fastap", "softbin"])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+def test_nan_poisons_its_query_with_or_without_positives(backend, kind, ignore_kind):
+    # softbin turned a NaN score into AP = 0 (its epilogue drops bins whose count is not > 0)
+    def fn(s, t, **kw):
+        return fastrank.histogram_ap(s, t, kind=kind, range=(-1.0, 1.0), **kw)
+
+    check_nan_rows(fn, backend, ignore_kind)

@@ -83,3 +83,48 @@ def test_half_precision_near_one(backend, dtype, name):
     err_naive = (naive_lp.double() - ref).abs().max().item()
     # ranked in fp32: far better than PyTorch's own half-precision cube
     assert err <= max(2 * err_naive, 1e-5), (err, err_naive)
+
+
+# =========================================================================== hostile input: NaN through
+# the modules (fastrank.losses). The functions' per-query contract is tested next to each function
+# (tests/nan_rows.py); here, a query embedding that is NaN and has no positive in a separate gallery
+# poisons only its own row, the case the mean used to swallow.
+
+from fastrank import losses as _losses  # noqa: E402
+
+from .nan_rows import NAN_BACKENDS  # noqa: E402
+
+_LABEL_MODULES = {
+    "SmoothAPLoss": _losses.SmoothAPLoss, "SupAPLoss": _losses.SupAPLoss, "RecallAtKLoss": _losses.RecallAtKLoss,
+    "FastAPLoss": _losses.FastAPLoss, "SoftBinAPLoss": _losses.SoftBinAPLoss,
+    "CalibrationLoss": _losses.CalibrationLoss, "ROADMAPLoss": _losses.ROADMAPLoss,
+}
+
+
+def _nan_query_without_positive():
+    g = torch.Generator().manual_seed(21)
+    emb = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    emb[3] = float("nan")
+    ref = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    return emb, torch.tensor([0, 0, 1, 7]), ref, torch.tensor([0, 0, 1, 1, 2, 2])  # label 7: no positive
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("name", sorted(_LABEL_MODULES))
+def test_module_nan_query_without_positive_gives_nan(backend, name):
+    emb, labels, ref, ref_labels = _nan_query_without_positive()
+    kw = {} if name == "CalibrationLoss" else {"backend": backend}
+    x = emb.clone().requires_grad_()
+    loss = _LABEL_MODULES[name](**kw)(x, labels, ref, ref_labels)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isfinite(x.grad[:3]).all()  # the other queries train on
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("module", [_losses.HAPLoss, _losses.NDCGLoss], ids=["HAPLoss", "NDCGLoss"])
+def test_graded_module_nan_query_without_relevant_item_gives_nan(backend, module):
+    emb, _, ref, _ = _nan_query_without_positive()
+    rel = torch.zeros(4, 6, dtype=torch.float64)
+    rel[0, :2], rel[1, 2], rel[2, 3] = 2.0, 1.0, 1.0  # query 3: nothing relevant
+    assert torch.isnan(module(backend=backend)(emb, rel, ref))

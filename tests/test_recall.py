@@ -6,6 +6,7 @@ import fastrank
 
 from .cases import make_case
 from .conftest import CPU_BACKENDS, FUSED_CPU
+from .nan_rows import NAN_BACKENDS, check_nan_rows
 
 
 def _by_hand(scores, pos, ks, variant, temp=1.0, tau=0.01):
@@ -94,3 +95,35 @@ def test_recall_argument_errors():
         fastrank.recall_at_k(s, t, temp=0)
     with pytest.raises(ValueError, match="`step` must be one of"):
         fastrank.recall_at_k(s, t, step="exact")
+
+
+# --------------------------------------------------------------------------- NaN in -> NaN out
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("variant", ["suprank", "patel"])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+def test_nan_poisons_its_query_with_or_without_positives(backend, variant, ignore_kind):
+    def fn(s, t, **kw):
+        return fastrank.recall_at_k(s, t, ks=(1, 3), variant=variant, **kw)
+
+    check_nan_rows(fn, backend, ignore_kind)
+
+
+# --------------------------------------------------------------------------- extreme but accepted parameters
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("temp", [1e-39, 1e-46, 1e-300])
+def test_tiny_temp_in_float32_is_a_step_not_nan(backend, temp):
+    # negatives far below, positives 0.1 apart: every rank_all is an exact integer, so some equal k
+    # and (k - rank) / temp was 0 / 0 once temp was rounded (or flushed) to a float32 zero
+    s64 = torch.tensor([[0.9, 0.8, 0.7, -0.9, -0.8], [0.5, -0.9, 0.4, 0.3, -0.7]], dtype=torch.float64)
+    target = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]])
+    x = s64.float().requires_grad_()
+    got = fastrank.recall_at_k(x, target, ks=(1, 2, 3), temp=temp, reduction="none", backend=backend)
+    ref = fastrank.recall_at_k(s64, target, ks=(1, 2, 3), temp=temp, reduction="none", backend="naive")
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all()
