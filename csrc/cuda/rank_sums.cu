@@ -50,7 +50,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t* pidx = pos_idx + i * P;
   const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
 
-  T sj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
+  // suprank forward: H^- = +inf terms (d = +inf, or an overflowing line) counted apart in
+  // ninf, so that the correction takes back a positive's +inf without inf - inf
+  T sj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP], ninf[kTileP];
   bool has[kTileP];
   bool ties = false;
 #pragma unroll
@@ -61,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
     sj[t] = has[t] ? s[j] : T(0);
     a[t] = (MODE == 1 && has[t]) ? grad_all[i * P + p] : T(0);
     b[t] = (MODE == 1 && has[t]) ? grad_pos[i * P + p] : T(0);
-    acc0[t] = acc1[t] = T(0);
+    acc0[t] = acc1[t] = ninf[t] = T(0);
     ties |= isinf(sj[t]);
   }
   // sweep every valid competitor with the negatives' step
@@ -72,7 +74,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int t = 0; t < kTileP; ++t) {
       const T d = sk - sj[t];
       if (MODE == 0) {
-        acc0[t] += step_neg<T, STEP>(ties ? step_diff(sk, sj[t]) : d, prm);
+        const T g = step_neg<T, STEP>(ties ? step_diff(sk, sj[t]) : d, prm);
+        if (STEP == kSupRank && isinf(g))
+          ninf[t] += T(1);
+        else
+          acc0[t] += g;
       } else {
         const T g = step_neg_grad<T, STEP>(d, prm);
         acc0[t] += a[t] * (ties ? tied_grad(d, g) : g);
@@ -93,8 +99,14 @@ __global__ void __launch_bounds__(kThreads)
           acc1[t] += sigmoid_tau(d, prm.inv_tau);
         } else {
           const T h = heaviside(d);
+          const T hneg = suprank_neg(d, prm);
           acc1[t] += h;
-          acc0[t] += h - suprank_neg(d, prm);
+          if (isinf(hneg)) {
+            ninf[t] -= T(1);
+            acc0[t] += h;
+          } else {
+            acc0[t] += h - hneg;
+          }
         }
       } else {
         const T g = STEP == kSigmoid ? sigmoid_tau_grad(draw, prm.inv_tau) : suprank_neg_grad(draw, prm);
@@ -110,11 +122,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = 0; t < kTileP; ++t) {
     const T r0 = block_sum<kThreads>(acc0[t], smem);
     const T r1 = MODE == 0 ? block_sum<kThreads>(acc1[t], smem) : T(0);
+    const T n_inf = MODE == 0 && STEP == kSupRank ? block_sum<kThreads>(ninf[t], smem) : T(0);
     if (threadIdx.x == 0 && has[t]) {
       const int64_t o = i * P + p0 + t;
       if (MODE == 0) {
         const T self = STEP == kSigmoid ? T(0.5) : T(0);
-        out0[o] = r0 + self;
+        out0[o] = n_inf > T(0) ? T(INFINITY) : r0 + self;
         out1[o] = r1 + self;
       } else {
         out0[o] = r0;
