@@ -1,5 +1,9 @@
 // Argument checks and contiguous copies shared by every op's torch glue (CPU and CUDA).
 // Torch headers: for .cpp glue only, never for .cu files.
+//
+// The ops are public surface (torch.ops.fastrank.*): they check what the Python layer
+// guarantees, cheaply (O(Q * P) beyond the index range pass), and raise ValueError /
+// TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) naming the argument.
 #pragma once
 
 #include <torch/types.h>
@@ -23,34 +27,34 @@ struct PackedProblem {
 inline void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t n) {
   if (t.numel() == 0) return;
   const int64_t lo = t.min().item<int64_t>(), hi = t.max().item<int64_t>();
-  TORCH_CHECK(lo >= -1 && hi < n, op, ": ", name, " entries must lie in [-1, N) with N = ", n, ", got [", lo, ", ",
+  TORCH_CHECK_VALUE(lo >= -1 && hi < n, op, ": ", name, " entries must lie in [-1, N) with N = ", n, ", got [", lo, ", ",
               hi, "]");
 }
 
 inline PackedProblem check_problem(const char* op, c10::DeviceType device, const at::Tensor& scores,
                                    const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
                                    const std::optional<at::Tensor>& ign_mask) {
-  TORCH_CHECK(scores.device().type() == device, op, ": scores must be on ", device, ", got ", scores.device());
-  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (Q, N), got shape ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
+  TORCH_CHECK_VALUE(scores.device().type() == device, op, ": scores must be on ", device, ", got ", scores.device());
+  TORCH_CHECK_VALUE(scores.dim() == 2, op, ": scores must be 2-D (Q, N), got shape ", scores.sizes());
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
               ": scores must be float32 or float64, got ", scores.scalar_type());
   const int64_t Q = scores.size(0), N = scores.size(1);
-  TORCH_CHECK(pos_idx.device() == scores.device(), op, ": pos_idx must be on the device of scores (",
+  TORCH_CHECK_VALUE(pos_idx.device() == scores.device(), op, ": pos_idx must be on the device of scores (",
               scores.device(), "), got ", pos_idx.device());
-  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == Q, op,
+  TORCH_CHECK_VALUE(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == Q, op,
               ": pos_idx must be int64 of shape (Q, P) with Q = ", Q, ", got ", pos_idx.scalar_type(), " ",
               pos_idx.sizes());
   check_index_range(op, "pos_idx", pos_idx, N);
   if (ign_idx.has_value()) {
     const auto& t = *ign_idx;
-    TORCH_CHECK(t.device() == scores.device() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == Q, op,
+    TORCH_CHECK_VALUE(t.device() == scores.device() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == Q, op,
                 ": ignore_idx must be an int64 tensor of shape (", Q, ",) on the device of scores, got ",
                 t.scalar_type(), " ", t.sizes(), " on ", t.device());
     check_index_range(op, "ignore_idx", t, N);
   }
   if (ign_mask.has_value()) {
     const auto& t = *ign_mask;
-    TORCH_CHECK(t.device() == scores.device() && t.scalar_type() == at::kBool && t.sizes() == scores.sizes(), op,
+    TORCH_CHECK_VALUE(t.device() == scores.device() && t.scalar_type() == at::kBool && t.sizes() == scores.sizes(), op,
                 ": ignore_mask must be a bool tensor of shape ", scores.sizes(), " on the device of scores, got ",
                 t.scalar_type(), " ", t.sizes(), " on ", t.device());
   }
@@ -60,10 +64,87 @@ inline PackedProblem check_problem(const char* op, c10::DeviceType device, const
   return p;
 }
 
-// The step id and temperature of the rank-sums ops (binary and graded).
-inline void check_step(const char* op, int64_t step, double tau) {
-  TORCH_CHECK(step == kSigmoid || step == kSupRank, op, ": unknown step id ", step);
-  TORCH_CHECK(tau > 0, op, ": tau must be > 0, got ", tau);
+// The largest finite value of the compute dtype: every parameter reaches the kernels in it.
+inline double dtype_max(at::ScalarType dtype) {
+  return dtype == at::kDouble ? std::numeric_limits<double>::max() : double(std::numeric_limits<float>::max());
+}
+
+// The step of the rank-sums ops (binary and graded). The kernels multiply by 1/tau in T, so
+// tau must lie in [1/max, max] of T (float32: [2.9e-39, 3.4e38]): otherwise 1/tau or tau is
+// inf or 0 there and a tie (0 * inf) turns NaN. The other parameters must be finite in T;
+// rho and delta >= 0, as the public functions require.
+inline void check_step(const char* op, int64_t step, double tau, double rho, double delta, double start,
+                       double offset, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(step == kSigmoid || step == kSupRank, op, ": step must be ", int64_t(kSigmoid), " (sigmoid) or ",
+                    int64_t(kSupRank), " (suprank), got ", step);
+  const double big = dtype_max(dtype);
+  TORCH_CHECK_VALUE(tau >= 1.0 / big && tau <= big, op, ": tau must lie in [", 1.0 / big, ", ", big, "] for ",
+                    dtype, " scores (tau and 1/tau finite), got ", tau);
+  TORCH_CHECK_VALUE(rho >= 0 && rho <= big, op, ": rho must be finite and >= 0 in ", dtype, ", got ", rho);
+  TORCH_CHECK_VALUE(delta >= 0 && delta <= big, op, ": delta must be finite and >= 0 in ", dtype, ", got ", delta);
+  TORCH_CHECK_VALUE(std::abs(start) <= big, op, ": start must be finite in ", dtype, ", got ", start);
+  TORCH_CHECK_VALUE(std::abs(offset) <= big, op, ": offset must be finite in ", dtype, ", got ", offset);
+}
+
+// The bin map v = scale * s + shift of the histogram ops: a non-finite scale or shift in T
+// makes NaN of every score, a zero scale NaN of an infinite one.
+inline void check_histogram(const char* op, int64_t bins, int64_t max_bins, double scale, double shift,
+                            at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(bins >= 2 && bins <= max_bins, op, ": bins must lie in [2, ", max_bins, "], got ", bins);
+  const double big = dtype_max(dtype);
+  TORCH_CHECK_VALUE(std::abs(scale) > 0 && std::abs(scale) <= big, op, ": scale must be non-zero and finite in ",
+                    dtype, ", got ", scale);
+  TORCH_CHECK_VALUE(std::abs(shift) <= big, op, ": shift must be finite in ", dtype, ", got ", shift);
+}
+
+// The incoming gradients of a backward op: floating (they are cast to the dtype of scores; a
+// complex, bool or integer gradient would be cast silently), the given shape, on the device of scores.
+inline void check_output_grads(const char* op, const char* name_all, const at::Tensor& g_all, const char* name_pos,
+                               const at::Tensor& g_pos, at::IntArrayRef shape, const at::Tensor& scores) {
+  auto check = [&](const char* name, const at::Tensor& g) {
+    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+                     g.scalar_type());
+    TORCH_CHECK_VALUE(g.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", g.sizes());
+    TORCH_CHECK_VALUE(g.device() == scores.device(), op, ": ", name, " must be on the device of scores (",
+                      scores.device(), "), got ", g.device());
+  };
+  check(name_all, g_all);
+  check(name_pos, g_pos);
+}
+
+// The packed contract fastrank/_problem.py guarantees, for direct calls: within a row each ranked
+// column appears once and is not left out (ignore_idx / ignore_mask), and with graded relevance
+// it has relevance > 0. Otherwise the backends disagree (a ranked item counted twice, or ranked
+// while ignored). O(Q * P log P) on (Q, P) tensors. CPU tensors only: on CUDA each check would
+// add a host synchronisation, which the CUDA path avoids (its callers are the Python layer).
+inline void check_packed_contract(const char* op, const PackedProblem& pp, const at::Tensor* relevance = nullptr) {
+  if (!pp.scores.is_cpu() || pp.pos_idx.numel() == 0) return;
+  const at::Tensor& idx = pp.pos_idx;
+  const at::Tensor has = idx >= 0;
+  const at::Tensor col = idx.clamp_min(0);
+  auto first_row = [](const at::Tensor& bad) { return bad.any(1).nonzero().min().item<int64_t>(); };
+  if (pp.ign_idx.has_value()) {
+    const at::Tensor bad = has & (idx == pp.ign_idx->unsqueeze(1));
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": pos_idx ranks the column ignore_idx leaves out (row ",
+                      first_row(bad), ")");
+  }
+  if (pp.ign_mask.has_value()) {
+    const at::Tensor bad = has & pp.ign_mask->gather(1, col);
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": pos_idx ranks a column ignore_mask leaves out (row ",
+                      first_row(bad), ")");
+  }
+  if (idx.size(1) > 1) {
+    const at::Tensor sorted = std::get<0>(idx.sort(1));
+    const at::Tensor hi = sorted.slice(1, 1), lo = sorted.slice(1, 0, -1);
+    const at::Tensor bad = (hi == lo) & (hi >= 0);
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": pos_idx holds a column twice in a row (row ", first_row(bad),
+                      ")");
+  }
+  if (relevance != nullptr) {
+    const at::Tensor bad = has & (relevance->gather(1, col) <= 0);
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": pos_idx ranks an item of relevance 0 (row ", first_row(bad),
+                      "); ranked items need relevance > 0");
+  }
 }
 
 // Rows holding a NaN among their valid scores (nullopt when no score is NaN); `valid_out`
@@ -110,21 +191,20 @@ inline void fill_nan_rows_backward(const PackedProblem& pp, at::Tensor& grad) {
 // scores (the Python layer casts it), finite and >= 0. Returns a contiguous copy.
 // Checking values costs one pass over (Q, N), small next to the O(Q P N) kernels, and
 // keeps a direct torch.ops call from turning a negative or NaN relevance into a number.
-// `values = false` skips the value pass: for a backward, whose forward checked the same tensor.
-inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores,
-                                  bool values = true) {
-  TORCH_CHECK(relevance.device() == scores.device(), op, ": relevance must be on the device of scores (",
+// The backward checks too: a direct call need not pass the tensor its forward checked.
+inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
+  TORCH_CHECK_VALUE(relevance.device() == scores.device(), op, ": relevance must be on the device of scores (",
               scores.device(), "), got ", relevance.device());
-  TORCH_CHECK(relevance.sizes() == scores.sizes(), op, ": relevance must have the shape of scores ", scores.sizes(),
+  TORCH_CHECK_VALUE(relevance.sizes() == scores.sizes(), op, ": relevance must have the shape of scores ", scores.sizes(),
               ", got ", relevance.sizes());
-  TORCH_CHECK(relevance.scalar_type() == scores.scalar_type(), op, ": relevance must have the dtype of scores (",
+  TORCH_CHECK_TYPE(relevance.scalar_type() == scores.scalar_type(), op, ": relevance must have the dtype of scores (",
               scores.scalar_type(), "), got ", relevance.scalar_type());
-  if (values && relevance.numel() > 0) {
+  if (relevance.numel() > 0) {
     // one reduction pass; aminmax propagates NaN (isfinite().all() would take three)
     const auto mm = at::aminmax(relevance);
     const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
-    TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), op, ": relevance must be finite (no NaN or inf)");
-    TORCH_CHECK(lo >= 0.0, op, ": relevance must be >= 0, got a minimum of ", lo);
+    TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi), op, ": relevance must be finite (no NaN or inf)");
+    TORCH_CHECK_VALUE(lo >= 0.0, op, ": relevance must be >= 0, got a minimum of ", lo);
   }
   return relevance.contiguous();
 }

@@ -72,6 +72,24 @@ FR_HD float exp_clamped(float x) {
 
 FR_HD double exp_clamped(double x) { return ::exp(x); }
 
+// The difference d = s_k - s_j the steps see. Scores that compare equal tie (d = 0: H(0) = 1,
+// sigma(0) = 1/2), infinities included, where IEEE gives inf - inf = NaN; the ranked item's own
+// term (k = j) is such a tie, so this also keeps the self term exact for s_j = +-inf. Every
+// other NaN difference comes from a NaN score, whose row the kernels make NaN explicitly.
+// Same definition as fastrank._step.score_diff.
+template <typename T>
+FR_HD T step_diff(T sk, T sj) {
+  const T d = sk - sj;
+  return d == d ? d : T(0);
+}
+
+// A step's derivative at the raw difference d = s_k - s_j: a tie of two infinities (d NaN)
+// is a constant and carries no gradient.
+template <typename T>
+FR_HD T tied_grad(T d, T g) {
+  return d == d ? g : T(0);
+}
+
 template <typename T>
 FR_HD T clamp_x(T x) {
   // written so that NaN passes through (comparisons with NaN are false)
@@ -101,10 +119,11 @@ FR_HD T sigmoid_tau_grad(T d, T inv_tau) {
 
 // H^-(d), the SupRank upper bound used for competitors less relevant than the
 // ranked item (negatives, for binary relevance).
+// rho = 0 makes the linear branch the constant offset, also at d = +inf (0 * inf is NaN).
 template <typename T>
 FR_HD T suprank_neg(T d, const StepParams<T>& p) {
   const T sig = sigmoid_tau(d, p.inv_tau);
-  const T lin = p.rho * (d - p.delta) + p.offset;
+  const T lin = (p.rho == T(0) ? T(0) : p.rho * (d - p.delta)) + p.offset;
   const T mid = p.start + sig;
   return d <= T(0) ? sig : (d <= p.delta ? mid : lin);
 }

@@ -9,12 +9,13 @@ bin (SoftBin); without, its mass beyond the ends is lost (FastAP, as published).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Tuple
 
 import torch
 
 from . import _validate as V
+from ._step import compute_dtype
 from .reference import dense_positive_mask, dense_valid_mask
 
 Tensor = torch.Tensor
@@ -26,9 +27,23 @@ class HistParams:
     scale: float  # v = scale * s + shift
     shift: float
     open_ends: bool
+    fn: str = field(default="fastrank.histogram_ap", compare=False)  # for error messages
 
     def as_op_args(self):
         return (int(self.bins), float(self.scale), float(self.shift), bool(self.open_ends))
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """The kernels map scores to bins in the compute dtype (float32 for float16/bfloat16/float32):
+        a scale or shift that is not finite there makes inf * s - inf = NaN of every score, and a
+        zero scale 0 * inf = NaN of an infinite one. Both come from a `range` too narrow (or too
+        far out) for the bins."""
+        big = torch.finfo(compute_dtype(dtype)).max
+        if not (0 < abs(self.scale) <= big and abs(self.shift) <= big):
+            raise ValueError(
+                f"{self.fn}: `range` gives the bin map v = {self.scale!r} * s + {self.shift!r}, which needs a "
+                f"non-zero scale and both finite in {compute_dtype(dtype)} for {dtype} scores; widen the range "
+                f"or use fewer bins"
+            )
 
 
 def bin_weights(v: Tensor, p: HistParams) -> Tensor:

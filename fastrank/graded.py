@@ -34,7 +34,7 @@ import torch
 from . import _validate as V
 from ._backend import CHOICES, resolve
 from ._problem import build_problem
-from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
+from ._step import SIGMOID, StepParams, heaviside, score_diff, sigmoid_tau, suprank_neg
 from .ap import reduce_per_query, safe_div
 from .ops import graded_rank_sums_packed
 from .reference import _blocks, dense_valid_mask, gather_packed, scatter_packed
@@ -203,7 +203,7 @@ def naive_graded_rank_sums(scores: Tensor, rel: Tensor, valid: Tensor, params: S
     """The (Q, N, N) cube, every row j computed, autograd does the backward. Oracle of the tests."""
     q, n = scores.shape
     ranked = valid & (rel > 0)
-    sim_diff = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
+    sim_diff, _ = score_diff(scores.unsqueeze(1), scores.unsqueeze(2))  # [i, j, k] = s_ik - s_ij
     not_self = ~torch.eye(n, dtype=torch.bool, device=scores.device)
     rel_j = rel.unsqueeze(2)
     rel_k = rel.unsqueeze(1)
@@ -232,13 +232,13 @@ def _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1):
     idx = pos_idx[q0:q1, p0:p1]  # (Qc, Pc)
     has = idx >= 0
     cidx = idx.clamp(min=0)
-    d = s.unsqueeze(1) - s.gather(1, cidx).unsqueeze(2)  # (Qc, Pc, N): s_ik - s_ij
+    d, tied = score_diff(s.unsqueeze(1), s.gather(1, cidx).unsqueeze(2))  # (Qc, Pc, N): s_ik - s_ij
     rel_j = r.gather(1, cidx).unsqueeze(2)
     rel_k = r.unsqueeze(1)
     n = s.shape[1]
     not_self = torch.arange(n, device=s.device).view(1, 1, n) != cidx.unsqueeze(2)
     comp = valid[q0:q1].unsqueeze(1) & not_self & has.unsqueeze(2)
-    return d, rel_j, rel_k, comp, has, cidx
+    return d, tied, rel_j, rel_k, comp, has, cidx
 
 
 def torch_graded_packed_forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params) -> Tuple[Tensor, Tensor]:
@@ -249,7 +249,7 @@ def torch_graded_packed_forward(scores, rel, pos_idx, ignore_idx, ignore_mask, p
     rank_all = scores.new_zeros(pos_idx.shape)
     rank_pos = scores.new_zeros(pos_idx.shape)
     for q0, q1, p0, p1 in _blocks(q, pos_idx.shape[1], n):
-        d, rel_j, rel_k, comp, has, _ = _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1)
+        d, _, rel_j, rel_k, comp, has, _ = _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1)
         zero = d.new_zeros(())
         w = torch.minimum(rel_j, rel_k)
         if params.step == SIGMOID:
@@ -278,7 +278,8 @@ def torch_graded_packed_backward(
     grad_pos = zeros if grad_pos is None else grad_pos.to(scores.dtype)
     grad = torch.zeros(q, n, dtype=scores.dtype, device=scores.device)
     for q0, q1, p0, p1 in _blocks(q, pos_idx.shape[1], n):
-        d, rel_j, rel_k, comp, _, cidx = _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1)
+        d, tied, rel_j, rel_k, comp, _, cidx = _block_terms(scores, rel, valid, pos_idx, q0, q1, p0, p1)
+        comp = comp & ~tied  # a tie of two infinities is a constant
         a = grad_all[q0:q1, p0:p1].unsqueeze(2)
         zero = d.new_zeros(())
         x = d / params.tau

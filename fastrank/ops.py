@@ -108,13 +108,24 @@ def _register_cpp_ops() -> None:
 
 
 def _register_cpp_ops_once() -> None:
+    def _one_device(op, **tensors):
+        """The fake kernels run for meta tensors, also when only some arguments are meta (the
+        dispatcher picks Meta over CPU): a mix would return an uninitialised tensor."""
+        devices = {name: t.device for name, t in tensors.items() if t is not None}
+        if len(set(devices.values())) > 1:
+            listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+            raise ValueError(f"fastrank::{op}: every tensor argument must be on one device, got {listed}")
+
     @torch.library.register_fake("fastrank::rank_sums_fwd")
     def _fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
+        _one_device("rank_sums_fwd", scores=scores, pos_idx=pos_idx, ignore_idx=ignore_idx, ignore_mask=ignore_mask)
         out = scores.new_empty(pos_idx.shape)
         return out, torch.empty_like(out)
 
     @torch.library.register_fake("fastrank::rank_sums_bwd")
     def _bwd_fake(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
+        _one_device("rank_sums_bwd", grad_rank_all=grad_all, grad_rank_pos=grad_pos, scores=scores, pos_idx=pos_idx,
+                    ignore_idx=ignore_idx, ignore_mask=ignore_mask)
         return torch.empty_like(scores)
 
     def _setup_context_with(n_tensors: int):
@@ -153,11 +164,14 @@ def _register_cpp_ops_once() -> None:
 
     @torch.library.register_fake("fastrank::histogram_fwd")
     def _hist_fwd_fake(scores, pos_idx, ignore_idx, ignore_mask, bins, scale, shift, open_ends):
+        _one_device("histogram_fwd", scores=scores, pos_idx=pos_idx, ignore_idx=ignore_idx, ignore_mask=ignore_mask)
         out = scores.new_empty((scores.shape[0], bins))
         return out, torch.empty_like(out)
 
     @torch.library.register_fake("fastrank::histogram_bwd")
     def _hist_bwd_fake(grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, bins, scale, shift, open_ends):
+        _one_device("histogram_bwd", grad_h_all=grad_all, grad_h_pos=grad_pos, scores=scores, pos_idx=pos_idx,
+                    ignore_idx=ignore_idx, ignore_mask=ignore_mask)
         return torch.empty_like(scores)
 
     torch.library.register_autograd(
@@ -166,11 +180,15 @@ def _register_cpp_ops_once() -> None:
 
     @torch.library.register_fake("fastrank::graded_rank_sums_fwd")
     def _graded_fwd_fake(scores, relevance, pos_idx, ignore_idx, ignore_mask, step, tau, rho, delta, start, offset):
+        _one_device("graded_rank_sums_fwd", scores=scores, relevance=relevance, pos_idx=pos_idx,
+                    ignore_idx=ignore_idx, ignore_mask=ignore_mask)
         out = scores.new_empty(pos_idx.shape)
         return out, torch.empty_like(out)
 
     @torch.library.register_fake("fastrank::graded_rank_sums_bwd")
     def _graded_bwd_fake(grad_all, grad_pos, scores, relevance, pos_idx, ignore_idx, ignore_mask, *step_args):
+        _one_device("graded_rank_sums_bwd", grad_rank_all=grad_all, grad_rank_pos=grad_pos, scores=scores,
+                    relevance=relevance, pos_idx=pos_idx, ignore_idx=ignore_idx, ignore_mask=ignore_mask)
         return torch.empty_like(scores)
 
     # (scores, relevance, pos_idx, ignore_idx, ignore_mask) + scalars; relevance gets no gradient
@@ -277,6 +295,7 @@ def rank_sums_packed(
     params: StepParams,
 ) -> Tuple[Tensor, Tensor]:
     """(rank_all, rank_pos), each (Q, P), differentiable w.r.t. scores, on the named backend."""
+    params.check_dtype(scores.dtype)
     return _dispatch("rank-sums", backend, scores, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
@@ -291,6 +310,7 @@ def graded_rank_sums_packed(
 ) -> Tuple[Tensor, Tensor]:
     """Graded (rank_all, rank_pos), each (Q, P) at the ranked items pos_idx, differentiable w.r.t.
     scores (not relevance, a constant of the dtype of scores), on the named backend."""
+    params.check_dtype(scores.dtype)
     return _dispatch("graded rank-sums", backend, scores, relevance, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
@@ -303,4 +323,5 @@ def histograms_packed(
     params: "_hist.HistParams",
 ) -> Tuple[Tensor, Tensor]:
     """(h_all, h_pos), each (Q, bins), differentiable w.r.t. scores, on the named backend."""
+    params.check_dtype(scores.dtype)
     return _dispatch("histogram", backend, scores, pos_idx, ignore_idx, ignore_mask, params=params)

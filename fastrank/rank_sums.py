@@ -38,7 +38,7 @@ def make_params(
     start = V.check_finite_number(fn, "start", start)
     if offset is not None:
         offset = V.check_finite_number(fn, "offset", offset)
-    return StepParams(STEP_IDS[step], tau, rho, delta, start, offset)
+    return StepParams(STEP_IDS[step], tau, rho, delta, start, offset, fn=fn)
 
 
 def prepare(

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validate as V
-from ._step import SIGMOID, StepParams, heaviside, sigmoid_tau, suprank_neg
+from ._step import SIGMOID, StepParams, heaviside, score_diff, sigmoid_tau, suprank_neg
 
 Tensor = torch.Tensor
 
@@ -75,7 +75,7 @@ def naive_rank_sums(
     q, n = scores.shape
     pos = dense_positive_mask(pos_idx, n)
     valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
-    sim_diff = scores.unsqueeze(1) - scores.unsqueeze(2)  # (Q, N, N)
+    sim_diff, _ = score_diff(scores.unsqueeze(1), scores.unsqueeze(2))  # (Q, N, N); equal infinities tie
     not_self = ~torch.eye(n, dtype=torch.bool, device=scores.device)
     if params.step == SIGMOID:
         g = sigmoid_tau(sim_diff, params.tau)
@@ -119,12 +119,12 @@ def _block_terms(scores, pos_idx, valid, pos, q0, q1, p0, p1):
     has = idx >= 0
     cidx = idx.clamp(min=0)
     sj = s.gather(1, cidx)
-    d = s.unsqueeze(1) - sj.unsqueeze(2)  # (Qc, Pc, N): s_ik - s_ij
+    d, tied = score_diff(s.unsqueeze(1), sj.unsqueeze(2))  # (Qc, Pc, N): s_ik - s_ij
     n = s.shape[1]
     not_self = torch.arange(n, device=s.device).view(1, 1, n) != cidx.unsqueeze(2)
     comp_valid = valid[q0:q1].unsqueeze(1) & not_self & has.unsqueeze(2)
     comp_pos = pos[q0:q1].unsqueeze(1) & comp_valid
-    return d, has, cidx, comp_valid, comp_pos
+    return d, tied, has, cidx, comp_valid, comp_pos
 
 
 def torch_rank_sums_forward(
@@ -141,7 +141,7 @@ def torch_rank_sums_forward(
     rank_all = torch.zeros(q, p, dtype=scores.dtype, device=scores.device)
     rank_pos = torch.zeros_like(rank_all)
     for q0, q1, p0, p1 in _blocks(q, p, n):
-        d, has, _, comp_valid, comp_pos = _block_terms(scores, pos_idx, valid, pos, q0, q1, p0, p1)
+        d, _, has, _, comp_valid, comp_pos = _block_terms(scores, pos_idx, valid, pos, q0, q1, p0, p1)
         zero = d.new_zeros(())
         if params.step == SIGMOID:
             g = sigmoid_tau(d, params.tau)
@@ -173,7 +173,9 @@ def torch_rank_sums_backward(
     # spare column n absorbs the scatter of holes
     grad = torch.zeros(q, n + 1, dtype=scores.dtype, device=scores.device)
     for q0, q1, p0, p1 in _blocks(q, p, n):
-        d, has, cidx, comp_valid, comp_pos = _block_terms(scores, pos_idx, valid, pos, q0, q1, p0, p1)
+        d, tied, has, cidx, comp_valid, comp_pos = _block_terms(scores, pos_idx, valid, pos, q0, q1, p0, p1)
+        comp_valid = comp_valid & ~tied  # a tie of two infinities is a constant
+        comp_pos = comp_pos & ~tied
         a = grad_rank_all[q0:q1, p0:p1].unsqueeze(2)
         b = grad_rank_pos[q0:q1, p0:p1].unsqueeze(2)
         x = d / params.tau

@@ -23,6 +23,22 @@ FUZZ_TRITON = settings(max_examples=TRITON_EXAMPLES, deadline=None, derandomize=
 TRITON = [b for b in ("triton",) if fastrank.backends()[b].available]
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 11, 13, 16, 17, 31])
+#: extreme scores: None (plain), "inf" (some +-inf, ties of equal infinities likely), "fp16" (values
+#: rounded to float16, some at +-65504, some overflowed to +-inf), drawn for every op below
+SPECIALS = st.sampled_from([None, None, "inf", "fp16"])
+FP16_MAX = 65504.0
+
+
+def _extreme_scores(scores, special, g):
+    """Scores with some entries at the extremes of `special`, still float64 (the reference's dtype)."""
+    if special is None:
+        return scores
+    pick = torch.rand(scores.shape, generator=g) < 0.2
+    sign = torch.where(torch.rand(scores.shape, generator=g) < 0.5, -1.0, 1.0).to(scores.dtype)
+    if special == "inf":
+        return torch.where(pick, sign * float("inf"), scores)
+    big = torch.where(torch.rand(scores.shape, generator=g) < 0.5, FP16_MAX, 7e4).to(scores.dtype)
+    return torch.where(pick, sign * big, scores).to(torch.float16).to(scores.dtype)
 
 
 @st.composite
@@ -35,6 +51,7 @@ def problems(draw):
     scores = torch.rand(q, n, generator=g, dtype=torch.float64) * 2 - 1
     if grid:
         scores = (scores / grid).round() * grid
+    scores = _extreme_scores(scores, draw(SPECIALS), g)
     glab = torch.randint(classes, (n,), generator=g)
     qlab = torch.randint(classes + 1, (q,), generator=g)
     form = draw(st.sampled_from(["labels", "bool", "graded"]))
@@ -75,11 +92,14 @@ def test_fuzz_backend_matches_naive(backend, op, problem):
     _assert_matches_naive(fn, kw, backend, *problem)
 
 
-def _assert_matches_naive(fn, kw, backend, scores, target, ignore):
+def _assert_matches_naive(fn, kw, backend, scores, target, ignore, grad_scale=1.0, value_scale=1.0):
     v0, g0 = _value_grad(fn, scores, target, ignore, "naive", **kw)
     v1, g1 = _value_grad(fn, scores, target, ignore, backend, **kw)
-    torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9)
+    # value_scale: how much the epilogue amplifies the ranks' rounding (1/temp for recall)
+    torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-11 * value_scale)
+    # grad_scale: the size of the largest gradient (1/tau for a tiny tau), next to which smaller
+    # entries are rounding
+    torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9 * grad_scale)
     assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
 
 
@@ -89,6 +109,45 @@ def _assert_matches_naive(fn, kw, backend, scores, target, ignore):
 @given(problem=problems())
 def test_fuzz_triton_matches_naive(backend, op, problem):
     test_fuzz_backend_matches_naive.hypothesis.inner_test(backend, op, problem)
+
+
+# ---- step parameters at their accepted extremes, with the extreme scores above
+
+
+EXTREME_OPS = {
+    "smooth_ap": lambda tau, rho, delta, temp: (fastrank.smooth_ap, dict(tau=tau)),
+    "sup_ap": lambda tau, rho, delta, temp: (fastrank.sup_ap, dict(tau=tau, rho=rho, delta=delta)),
+    "recall": lambda tau, rho, delta, temp: (fastrank.recall_at_k, dict(ks=(1, 4), tau=tau, temp=temp)),
+}
+#: a quarter of the examples (the ops' arithmetic is the fuzzed ops' above); Triton, ~100x slower
+#: per call under the interpreter, a tenth of its own count
+EXTREME_FUZZ = settings(max_examples=max(1, EXAMPLES // 4), deadline=None, derandomize=True,
+                        suppress_health_check=_HEALTH)
+EXTREME_FUZZ_TRITON = settings(max_examples=max(1, TRITON_EXAMPLES // 10), deadline=None, derandomize=True,
+                               suppress_health_check=_HEALTH)
+EXTREMES = dict(problem=problems(), tau=st.sampled_from([1e-300, 1e-8, 0.05, 1e4, 1e300]),
+                rho=st.sampled_from([0.0, 1e-8, 100.0, 1e8]), delta=st.sampled_from([0.0, 1e-8, 0.05, 10.0]),
+                temp=st.sampled_from([1e-8, 1.0, 1e8]))
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+@pytest.mark.parametrize("op", sorted(EXTREME_OPS))
+@EXTREME_FUZZ
+@given(**EXTREMES)
+def test_fuzz_extreme_parameters_match_naive(backend, op, problem, tau, rho, delta, temp):
+    fn, kw = EXTREME_OPS[op](tau, rho, delta, temp)
+    # sigma'(0) / tau = 1 / (4 tau): the largest gradient a tie can give (rho for the line, 1/temp for recall)
+    grad_scale = max(1.0, 0.25 / tau, rho, 1.0 / temp) * max(1.0, 0.25 / tau)
+    value_scale = 1.0 / temp if op == "recall" else 1.0
+    _assert_matches_naive(fn, kw, backend, *problem, grad_scale=grad_scale, value_scale=value_scale)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("op", sorted(EXTREME_OPS))
+@EXTREME_FUZZ_TRITON
+@given(**EXTREMES)
+def test_fuzz_extreme_parameters_triton_match_naive(backend, op, problem, tau, rho, delta, temp):
+    test_fuzz_extreme_parameters_match_naive.hypothesis.inner_test(backend, op, problem, tau, rho, delta, temp)
 
 
 # ---- graded relevance (issue 9)
@@ -103,6 +162,7 @@ def graded_problems(draw):
     scores = torch.rand(q, n, generator=g, dtype=torch.float64) * 2 - 1
     if grid:
         scores = (scores / grid).round() * grid
+    scores = _extreme_scores(scores, draw(SPECIALS), g)
     levels = draw(st.integers(1, 4))
     rel = torch.randint(0, levels + 1, (q, n), generator=g).to(torch.float64)
     if draw(st.booleans()):  # real-valued grades, some shared

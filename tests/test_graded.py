@@ -390,13 +390,13 @@ def test_cpp_op_checks_relevance():
     pos_idx = torch.tensor([[0, 1], [2, -1]])
     args = (None, None, 1, 0.05, 100.0, 0.05, 0.5, 0.6)
     op = torch.ops.fastrank.graded_rank_sums_fwd
-    with pytest.raises(RuntimeError, match="relevance must be >= 0"):
+    with pytest.raises(ValueError, match="relevance must be >= 0"):
         op(scores, -torch.ones(2, 4, dtype=torch.float64), pos_idx, *args)
-    with pytest.raises(RuntimeError, match="relevance must be finite"):
+    with pytest.raises(ValueError, match="relevance must be finite"):
         op(scores, torch.full((2, 4), float("nan"), dtype=torch.float64), pos_idx, *args)
-    with pytest.raises(RuntimeError, match="relevance must have the dtype of scores"):
+    with pytest.raises(TypeError, match="relevance must have the dtype of scores"):
         op(scores, torch.ones(2, 4), pos_idx, *args)
-    with pytest.raises(RuntimeError, match="relevance must have the shape of scores"):
+    with pytest.raises(ValueError, match="relevance must have the shape of scores"):
         op(scores, torch.ones(2, 3, dtype=torch.float64), pos_idx, *args)
 
 

@@ -45,7 +45,7 @@ def test_op_rejects_bad_index_with_clear_error():
     args = list(_op_args(0, "none"))
     bad = args[1].clone()
     bad[0, 0] = 999
-    with pytest.raises(RuntimeError, match="pos_idx entries must lie in"):
+    with pytest.raises(ValueError, match="pos_idx entries must lie in"):
         torch.ops.fastrank.rank_sums_fwd(args[0], bad, *args[2:])
 
 
@@ -144,3 +144,209 @@ def test_torch_compile_graded(fn):
     l2.backward()
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(e1.grad, e2.grad)
+
+
+# ---- the ops are public surface: a direct call gets the contract the Python layer guarantees
+
+
+_BAD_STEP = [  # (index into the step scalars (step, tau, rho, delta, start, offset), value, message)
+    (1, float("inf"), "tau must lie in"),
+    (1, float("nan"), "tau must lie in"),
+    (1, 1e-40, "tau must lie in"),  # float32: 1/tau overflows
+    (2, float("nan"), "rho must be finite and >= 0"),
+    (2, -1.0, "rho must be finite and >= 0"),
+    (3, float("nan"), "delta must be finite and >= 0"),
+    (4, float("inf"), "start must be finite"),
+    (5, float("nan"), "offset must be finite"),
+    (0, 7, "step must be 0"),
+]
+
+
+@pytest.mark.parametrize("graded", [False, True])
+@pytest.mark.parametrize("slot,value,msg", _BAD_STEP)
+def test_ops_reject_bad_step_parameters(graded, slot, value, msg):
+    _register_cpp_ops()
+    args = list(_graded_op_args(1, "none", torch.float32) if graded else _op_args(1, "none", torch.float32))
+    n_t = 5 if graded else 4
+    args[n_t + slot] = value
+    fwd = torch.ops.fastrank.graded_rank_sums_fwd if graded else torch.ops.fastrank.rank_sums_fwd
+    bwd = torch.ops.fastrank.graded_rank_sums_bwd if graded else torch.ops.fastrank.rank_sums_bwd
+    with pytest.raises(ValueError, match=msg):
+        fwd(*args)
+    p = args[n_t - 3].shape
+    with pytest.raises(ValueError, match=msg):
+        bwd(torch.ones(p), torch.ones(p), *args)
+
+
+def test_float64_op_accepts_what_float64_holds():
+    _register_cpp_ops()
+    args = list(_op_args(0, "none", torch.float64))
+    args[5] = 1e-40  # tau: 1/tau = 1e40 is finite in float64
+    ra, rp = torch.ops.fastrank.rank_sums_fwd(*args)
+    assert torch.isfinite(ra).all() and torch.isfinite(rp).all()
+
+
+def _hist_args(dtype=torch.float32):
+    q, n = 4, 9
+    scores = torch.rand(q, n, dtype=dtype)
+    pb = build_problem(torch.rand(q, n) < 0.4, None, q, n, scores.device)
+    return [scores, pb.pos_idx, None, None, 5, -4.0, 4.0, True]
+
+
+@pytest.mark.parametrize("slot,value", [(5, float("nan")), (5, 0.0), (5, 1e39), (6, float("inf")), (6, -1e39),
+                                        (4, 1)])
+def test_histogram_ops_reject_bad_bin_map(slot, value):
+    _register_cpp_ops()
+    args = _hist_args()
+    args[slot] = value
+    with pytest.raises(ValueError, match="scale must|shift must|bins must"):
+        torch.ops.fastrank.histogram_fwd(*args)
+    good = _hist_args()
+    g = torch.ones(4, 5)
+    args = [g, g] + args
+    with pytest.raises(ValueError, match="scale must|shift must|bins must"):
+        torch.ops.fastrank.histogram_bwd(*args)
+
+
+def _contract_cases():
+    """(name, args of rank_sums_fwd with a broken packed contract, message)."""
+    base = list(_op_args(0, "none"))
+    scores = base[0]
+    q, n = scores.shape
+    out = []
+    dup = base[1].clone()
+    dup[0, 1] = dup[0, 0]
+    out.append(("duplicate", [scores, dup] + base[2:], "holds a column twice"))
+    pos = base[1]
+    ign_idx = torch.full((q,), -1, dtype=torch.int64)
+    ign_idx[2] = pos[2, 0]
+    out.append(("ignored index", [scores, pos, ign_idx, None] + base[4:], "ignore_idx leaves out"))
+    mask = torch.zeros(q, n, dtype=torch.bool)
+    mask[3, pos[3, 1]] = True
+    out.append(("ignored mask", [scores, pos, None, mask] + base[4:], "ignore_mask leaves out"))
+    return out
+
+
+@pytest.mark.parametrize("case", _contract_cases(), ids=lambda c: c[0])
+def test_ops_check_the_packed_contract(case):
+    _register_cpp_ops()
+    _, args, msg = case
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.fastrank.rank_sums_fwd(*args)
+    p = args[1].shape
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.fastrank.rank_sums_bwd(torch.ones(p, dtype=torch.float64), torch.ones(p, dtype=torch.float64), *args)
+    # the histogram op takes the same packed problem
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.fastrank.histogram_fwd(*args[:4], 5, -4.0, 4.0, True)
+
+
+def test_graded_ops_check_ranked_relevance_in_both_passes():
+    _register_cpp_ops()
+    args = list(_graded_op_args(1, "none"))
+    rel, pos = args[1].clone(), args[2]
+    rel[0, pos[0, 0]] = 0.0  # a ranked item of relevance 0
+    args[1] = rel
+    with pytest.raises(ValueError, match="ranks an item of relevance 0"):
+        torch.ops.fastrank.graded_rank_sums_fwd(*args)
+    g = torch.ones(pos.shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ranks an item of relevance 0"):
+        torch.ops.fastrank.graded_rank_sums_bwd(g, g, *args)
+    # the backward checks the values too: a direct call need not pass what its forward checked
+    args = list(_graded_op_args(1, "none"))
+    bad = args[1].clone()
+    bad[1, 0] = -1.0
+    with pytest.raises(ValueError, match="relevance must be >= 0"):
+        torch.ops.fastrank.graded_rank_sums_bwd(g, g, args[0], bad, *args[2:])
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="relevance must be finite"):
+        torch.ops.fastrank.graded_rank_sums_bwd(g, g, args[0], bad, *args[2:])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int64, torch.int32])
+@pytest.mark.parametrize("op", ["rank_sums", "graded", "histogram"])
+def test_backward_ops_reject_non_floating_gradients(op, dtype):
+    _register_cpp_ops()
+    if op == "rank_sums":
+        args, bwd, shape = _op_args(1, "mask"), torch.ops.fastrank.rank_sums_bwd, None
+        shape = args[1].shape
+    elif op == "graded":
+        args, bwd = _graded_op_args(1, "mask"), torch.ops.fastrank.graded_rank_sums_bwd
+        shape = args[2].shape
+    else:
+        args, bwd = _hist_args(torch.float64), torch.ops.fastrank.histogram_bwd
+        shape = (args[0].shape[0], args[4])
+    bad = torch.ones(shape, dtype=dtype)
+    good = torch.ones(shape, dtype=torch.float64)
+    with pytest.raises(TypeError, match="must be a floating tensor"):
+        bwd(bad, good, *args)
+    with pytest.raises(TypeError, match="must be a floating tensor"):
+        bwd(good, bad, *args)
+
+
+def test_meta_tensor_mixed_with_cpu_is_refused():
+    _register_cpp_ops()
+    args = list(_op_args(0, "none"))
+    args[1] = args[1].to("meta")
+    with pytest.raises(ValueError, match="every tensor argument must be on one device"):
+        torch.ops.fastrank.rank_sums_fwd(*args)
+    gargs = list(_graded_op_args(0, "none"))
+    gargs[1] = gargs[1].to("meta")
+    with pytest.raises(ValueError, match="every tensor argument must be on one device"):
+        torch.ops.fastrank.graded_rank_sums_fwd(*gargs)
+    hargs = _hist_args()
+    hargs[0] = hargs[0].to("meta")
+    with pytest.raises(ValueError, match="every tensor argument must be on one device"):
+        torch.ops.fastrank.histogram_fwd(*hargs)
+    # all on meta is the fake kernel's job (shape propagation), still fine
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in _op_args(0, "none")]
+    ra, _ = torch.ops.fastrank.rank_sums_fwd(*meta)
+    assert ra.device.type == "meta"
+
+
+_OOM_CHILD = r"""
+import resource, sys, torch
+import fastrank
+from fastrank._problem import build_problem
+from fastrank.ops import _register_cpp_ops
+_register_cpp_ops()
+op = sys.argv[1]
+n = 1 << 22  # 33 bytes of row scratch per column (rank-sums): 138 MB per thread
+s = torch.rand(2, n)
+t = torch.zeros(2, n, dtype=torch.bool)
+t[:, :3] = True
+pb = build_problem(t, None, 2, n, s.device)
+g = torch.ones(pb.pos_idx.shape)
+rel = t.float()
+calls = {
+    "fwd": lambda: torch.ops.fastrank.rank_sums_fwd(s, pb.pos_idx, None, None, 0, 0.01, 100., 0.05, 0.5, 1.0),
+    "bwd": lambda: torch.ops.fastrank.rank_sums_bwd(g, g, s, pb.pos_idx, None, None, 1, 0.01, 100., 0.05, 0.5, 1.0),
+    "graded": lambda: torch.ops.fastrank.graded_rank_sums_fwd(s, rel, pb.pos_idx, None, None, 1, 0.01, 100., 0.05,
+                                                              0.5, 1.0),
+}
+calls[op]  # everything but the kernel's scratch is allocated before the limit
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (48 << 20), vm + (48 << 20)))
+try:
+    calls[op]()
+except torch.OutOfMemoryError as e:
+    print("raised:", e)
+    sys.exit(0)
+print("no error")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("op", ["fwd", "bwd", "graded"])
+def test_scratch_allocation_failure_raises_instead_of_aborting(op):
+    # the O(N) per-thread row buffers used to be allocated inside the parallel region, where a
+    # std::bad_alloc aborted the process (SIGABRT); now a Python exception naming the size
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", _OOM_CHILD, op], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr[-2000:])
+    assert "cannot allocate the per-thread row scratch" in res.stdout and "bytes" in res.stdout

@@ -211,6 +211,7 @@ def check_step_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params)
         raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
     if not params.tau > 0:
         raise ValueError(f"{fn}: `params.tau` must be > 0, got {params.tau}")
+    params.check_dtype(scores.dtype)  # 1/tau and the parameters finite in the accumulation dtype
 
 
 def check_rank_grad(fn: str, name: str, g, pos_idx: Tensor) -> None:

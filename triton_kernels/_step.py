@@ -7,6 +7,10 @@ float64 for float64 scores); the step parameters arrive as scalars of that dtype
 (loaded from a small device tensor: Triton passes Python floats as float32, which
 would cost float64 inputs their precision).
 
+Equal scores tie, infinities included (fastrank._step.score_diff): a NaN difference d is
+taken as 0 by `step_neg` and `heaviside` and carries no gradient in `step_neg_grad`. inf - inf
+is the only NaN the kernels act on: a NaN score's row is made NaN explicitly by the kernels.
+
 FAST (a constexpr, float32 on a GPU only; never under TRITON_INTERPRET=1, which
 cannot run inline PTX): sigma through one `tanh.approx.f32`, and the reciprocal
 of the derivative through `div.approx.f32`. Max abs error of sigma ~2.5e-4.
@@ -50,7 +54,9 @@ def step_neg(d, inv_tau, rho, delta, start, offset, STEP: tl.constexpr, FAST: tl
             rho * (d - delta) + offset beyond.
     (One flat helper rather than nested ones: every device-function call costs the
     interpreter a re-patch of triton.language, about a millisecond.)
+    A NaN d (two equal infinite scores, the ranked item's own term at +-inf) is a tie: d = 0.
     """
+    d = tl.where(d == d, d, 0.0)
     x = tl.minimum(tl.maximum(d * inv_tau, -CLAMP), CLAMP)
     if FAST:
         # sigma(x) = (1 + tanh(x / 2)) / 2: one special-function op instead of exp + reciprocal
@@ -58,7 +64,9 @@ def step_neg(d, inv_tau, rho, delta, start, offset, STEP: tl.constexpr, FAST: tl
     else:
         sig = 1.0 / (1.0 + tl.exp(-x))
     if STEP == 1:
-        sig = tl.where(d <= 0.0, sig, tl.where(d <= delta, start + sig, rho * (d - delta) + offset))
+        # rho = 0: the constant offset, also at d = +inf (0 * inf is NaN)
+        lin = tl.where(rho == 0.0, 0.0, rho * (d - delta)) + offset
+        sig = tl.where(d <= 0.0, sig, tl.where(d <= delta, start + sig, lin))
     return sig
 
 
@@ -80,7 +88,8 @@ def step_neg_grad(d, inv_tau, rho, delta, STEP: tl.constexpr, FAST: tl.constexpr
     g = tl.where((xr > CLAMP) | (xr < -CLAMP), 0.0, e * r * r * inv_tau)
     if STEP == 1:
         g = tl.where(d > delta, rho, g)
-    return g
+    # a tie of two infinities (d NaN) is a constant
+    return tl.where(d == d, g, 0.0)
 
 
 @triton.jit
@@ -109,5 +118,5 @@ def suprank_neg_grad(d, inv_tau, rho, delta, FAST: tl.constexpr):
 
 @triton.jit
 def heaviside(d):
-    """H(d) with H(0) = 1 (no gradient), in the dtype of d."""
-    return tl.where(d >= 0.0, 1.0, 0.0).to(d.dtype)
+    """H(d) with H(0) = 1 (no gradient), in the dtype of d; a NaN d (equal infinities) ties: 1."""
+    return tl.where((d >= 0.0) | (d != d), 1.0, 0.0).to(d.dtype)

@@ -388,6 +388,7 @@ def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> 
             raise ValueError(f"{fn}: `params.{name}` must be finite, got {val}")
     if float(params.scale) == 0.0:
         raise ValueError(f"{fn}: `params.scale` must be nonzero")
+    params.check_dtype(scores.dtype)  # scale and shift finite in the accumulation dtype
 
 
 def _check_grad(fn: str, name: str, g, shape, device) -> None:

@@ -108,6 +108,9 @@ def _rank_sums_fwd_kernel(
         # sweep: every valid competitor, j itself included, gets g
         acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
         n_nan = tl.zeros((BLOCK_K,), tl.int32)
+        # suprank: H^- = +inf terms (d = +inf, or an overflowing line) are counted apart, so that
+        # the positive sweep can take back a positive's +inf without inf - inf
+        n_inf = tl.zeros((BLOCK_P,), tl.int32)
         for k0 in range(0, N, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
@@ -115,7 +118,12 @@ def _rank_sums_fwd_kernel(
             n_nan += (sk != sk).to(tl.int32)
             d = sk[None, :] - sj[:, None]
             g = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
-            acc += tl.where(valid[None, :], g, 0.0)
+            if STEP == 1:
+                big = valid[None, :] & (g == float("inf"))
+                n_inf += tl.sum(big.to(tl.int32), axis=1)
+                acc += tl.where(valid[None, :] & ~big, g, 0.0)
+            else:
+                acc += tl.where(valid[None, :], g, 0.0)
         rank_all = tl.sum(acc, axis=1)
         # positive sweep through pos_idx (positives are never ignored)
         for t0 in range(0, P, BLOCK_P):
@@ -130,12 +138,15 @@ def _rank_sums_fwd_kernel(
             else:
                 h = heaviside(d)
                 hneg = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+                big = has_t[None, :] & (hneg == float("inf"))
+                n_inf -= tl.sum(big.to(tl.int32), axis=1)
                 rank_pos += tl.sum(tl.where(has_t[None, :], h, 0.0), axis=1)
-                rank_all += tl.sum(tl.where(has_t[None, :], h - hneg, 0.0), axis=1)
+                rank_all += tl.sum(tl.where(has_t[None, :], h - tl.where(big, 0.0, hneg), 0.0), axis=1)
         if STEP == 0:
             # 1 + sum_{k != j} = 1/2 + sum_k, since k = j contributed sigma(0) = 1/2
             rank_all = rank_all + 0.5
             rank_pos = rank_pos + 0.5
+        rank_all = tl.where(n_inf > 0, float("inf"), rank_all)
         row_nan = tl.max(n_nan, axis=0) > 0
         rank_all = tl.where(row_nan, _NAN, rank_all)
         rank_pos = tl.where(row_nan, _NAN, rank_pos)

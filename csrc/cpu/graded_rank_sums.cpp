@@ -53,6 +53,7 @@ struct GradedProblem {
 // gradient accumulators g; order is scratch for the sort.
 template <typename T>
 struct SortedRow {
+  static constexpr int64_t kBytesPerColumn = 3 * sizeof(T) + 2 * sizeof(int64_t) + 1;
   std::vector<T> s, r, g;
   std::vector<int64_t> col, order;
   std::vector<uint8_t> valid;
@@ -105,11 +106,55 @@ struct SortedRow {
   }
 };
 
+// A ranked item at +-inf: one scalar sweep over the sorted row with step_diff, so that every
+// equal score ties (j's own term included); the runs' weights as in the vectorised path.
 template <typename T, int STEP>
-FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, T* rank_all, T* rank_pos, int64_t begin,
-                                         int64_t end) {
+void graded_forward_tied(const SortedRow<T>& row, const StepParams<T>& st, T sj, T rj, int64_t m, T& ra, T& rp) {
+  T all = T(0), pos = T(0);
+  for (int64_t t = 0; t < row.nv; ++t) {
+    const T d = step_diff(row.s[t], sj);
+    if (STEP == kSigmoid) {
+      const T v = sigmoid_tau(d, st.inv_tau);
+      all += v;
+      pos += (t < m ? rj : (t < row.z ? row.r[t] : T(0))) * v;
+    } else if (t < m) {
+      const T h = heaviside(d);
+      all += h;
+      pos += rj * h;
+    } else {
+      all += suprank_neg(d, st);
+      if (t < row.z) pos += row.r[t] * heaviside(d);
+    }
+  }
+  // sigmoid: j's own term is sigma(0) = 1/2 of the "1 +" and half of the "rel_j +"
+  ra = STEP == kSigmoid ? all + T(0.5) : all;
+  rp = STEP == kSigmoid ? pos + rj * T(0.5) : pos;
+}
+
+template <typename T, int STEP>
+T graded_backward_tied(const SortedRow<T>& row, const StepParams<T>& st, T sj, T rj, int64_t m, T a, T b, T* gv) {
+  T tot = T(0);
+  for (int64_t t = STEP == kSigmoid ? 0 : m; t < row.nv; ++t) {
+    const T d = row.s[t] - sj;
+    const T dd = step_diff(row.s[t], sj);
+    T c;
+    if (STEP == kSigmoid) {
+      const T coef = a + b * (t < m ? rj : (t < row.z ? row.r[t] : T(0)));
+      c = coef * tied_grad(d, sigmoid_tau_grad(dd, st.inv_tau));
+    } else {
+      c = a * tied_grad(d, suprank_neg_grad(dd, st));
+    }
+    gv[t] += c;
+    tot += c;
+  }
+  return tot;
+}
+
+template <typename T, int STEP>
+FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<T>* rowp, T* rank_all, T* rank_pos,
+                                         int64_t begin, int64_t end) {
   const GradedProblem<T>& pr = *prp;
-  SortedRow<T> row(pr.N);
+  SortedRow<T>& row = *rowp;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t* pidx = pr.pos_idx + i * pr.P;
     T* ra = rank_all + i * pr.P;
@@ -129,6 +174,10 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, T* rank_al
       }
       const T sj = s[j], rj = rel[j];
       const int64_t m = std::min(row.boundary(rj), row.z);
+      if (std::isinf(sj)) {
+        graded_forward_tied<T, STEP>(row, pr.step, sj, rj, m, ra[p], rp[p]);
+        continue;
+      }
       const T* sv = row.s.data();
       const T* rv = row.r.data();
       T mid = T(0), wmid = T(0);
@@ -152,10 +201,10 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, T* rank_al
 }
 
 template <typename T, int STEP>
-FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, const T* grad_all, const T* grad_pos, T* grad,
-                                          int64_t begin, int64_t end) {
+FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, SortedRow<T>* rowp, const T* grad_all,
+                                          const T* grad_pos, T* grad, int64_t begin, int64_t end) {
   const GradedProblem<T>& pr = *prp;
-  SortedRow<T> row(pr.N);
+  SortedRow<T>& row = *rowp;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t* pidx = pr.pos_idx + i * pr.P;
     const T* ga = grad_all + i * pr.P;
@@ -183,6 +232,10 @@ FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, const T* 
       const int64_t m = std::min(row.boundary(rj), row.z);
       const T a = ga[p];
       T tot = T(0);
+      if (std::isinf(sj)) {
+        g[j] -= graded_backward_tied<T, STEP>(row, pr.step, sj, rj, m, a, gp[p], gv);
+        continue;
+      }
       if (STEP == kSigmoid) {
         // the self term (k = j, in [0, m)) adds c to g[j] and takes it back through tot
         const T b = gp[p], hi_coef = a + b * rj;
@@ -226,18 +279,23 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(const at::Tensor& sc
                                                             double offset) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
   const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
-  check_step(kOp, step, tau);
+  check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_packed_contract(kOp, pp, &rel);
   at::Tensor rank_all = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   at::Tensor rank_pos = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_fwd_cpu", [&] {
     const GradedProblem<scalar_t> pr = make_problem<scalar_t>(pp, rel, tau, rho, delta, start, offset);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    const int64_t grain = rows_per_task(pr.P, pr.N);
+    auto scratch =
+        thread_scratch<SortedRow<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N, SortedRow<scalar_t>::kBytesPerColumn);
+    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
+      SortedRow<scalar_t>* row = &my_scratch(scratch);
       if (step == kSigmoid)
-        graded_forward_rows<scalar_t, kSigmoid>(&pr, ra, rp, b, e);
+        graded_forward_rows<scalar_t, kSigmoid>(&pr, row, ra, rp, b, e);
       else
-        graded_forward_rows<scalar_t, kSupRank>(&pr, ra, rp, b, e);
+        graded_forward_rows<scalar_t, kSupRank>(&pr, row, ra, rp, b, e);
     });
   });
   return {rank_all, rank_pos};
@@ -249,11 +307,10 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                     const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho,
                                     double delta, double start, double offset) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
-  const at::Tensor rel = check_relevance(kOp, relevance, pp.scores, /*values=*/false);
-  check_step(kOp, step, tau);
-  TORCH_CHECK(grad_all_in.sizes() == pos_idx.sizes() && grad_pos_in.sizes() == pos_idx.sizes(), kOp,
-              " backward: gradients must have the shape of pos_idx ", pos_idx.sizes(), ", got ", grad_all_in.sizes(),
-              " and ", grad_pos_in.sizes());
+  const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
+  check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_packed_contract(kOp, pp, &rel);
+  check_output_grads(kOp, "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in, pos_idx.sizes(), pp.scores);
   const at::Tensor grad_all = grad_all_in.to(pp.scores.scalar_type()).contiguous();
   const at::Tensor grad_pos = grad_pos_in.to(pp.scores.scalar_type()).contiguous();
   at::Tensor grad = at::empty(pp.scores.sizes(), pp.scores.options());
@@ -262,11 +319,15 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
     const scalar_t* ga = grad_all.data_ptr<scalar_t>();
     const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    const int64_t grain = rows_per_task(pr.P, pr.N);
+    auto scratch =
+        thread_scratch<SortedRow<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N, SortedRow<scalar_t>::kBytesPerColumn);
+    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
+      SortedRow<scalar_t>* row = &my_scratch(scratch);
       if (step == kSigmoid)
-        graded_backward_rows<scalar_t, kSigmoid>(&pr, ga, gp, g, b, e);
+        graded_backward_rows<scalar_t, kSigmoid>(&pr, row, ga, gp, g, b, e);
       else
-        graded_backward_rows<scalar_t, kSupRank>(&pr, ga, gp, g, b, e);
+        graded_backward_rows<scalar_t, kSupRank>(&pr, row, ga, gp, g, b, e);
     });
   });
   return grad;

@@ -10,10 +10,13 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "histogram.h"
 
 namespace fastrank {
 namespace cpu {
+
+constexpr const char* kOp = "fastrank cpu histogram";
 
 template <typename T>
 struct HistProblem {
@@ -51,9 +54,11 @@ static inline T bin_grad(const T* g, int64_t L, const SoftBin<T>& b) {
   return out;
 }
 
+using ValidFlags = std::vector<uint8_t>;  // per-thread scratch: one byte per column
+
 template <typename T>
-static void hist_forward_rows(const HistProblem<T>& pr, T* h_all, T* h_pos, int64_t begin, int64_t end) {
-  std::vector<uint8_t> valid(pr.N);
+static void hist_forward_rows(const HistProblem<T>& pr, ValidFlags& valid, T* h_all, T* h_pos, int64_t begin,
+                              int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     valid_flags(pr, i, valid);
     const T* s = pr.scores + i * pr.N;
@@ -83,9 +88,8 @@ static void hist_forward_rows(const HistProblem<T>& pr, T* h_all, T* h_pos, int6
 }
 
 template <typename T>
-static void hist_backward_rows(const HistProblem<T>& pr, const T* g_all, const T* g_pos, T* grad, int64_t begin,
-                               int64_t end) {
-  std::vector<uint8_t> valid(pr.N);
+static void hist_backward_rows(const HistProblem<T>& pr, ValidFlags& valid, const T* g_all, const T* g_pos, T* grad,
+                               int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     valid_flags(pr, i, valid);
     const T* s = pr.scores + i * pr.N;
@@ -139,8 +143,9 @@ static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cpu(const at::Tensor& sc
                                                           const std::optional<at::Tensor>& ign_mask_in, int64_t bins,
                                                           double scale, double shift, bool open_ends) {
   const PackedProblem pp =
-      check_problem("fastrank cpu histogram", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  TORCH_CHECK(bins >= 2, "fastrank cpu histogram: bins must be >= 2, got ", bins);
+      check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  check_histogram(kOp, bins, std::numeric_limits<int64_t>::max(), scale, shift, pp.scores.scalar_type());
+  check_packed_contract(kOp, pp);
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
@@ -152,7 +157,9 @@ static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cpu(const at::Tensor& sc
     scalar_t* ha = h_all.data_ptr<scalar_t>();
     scalar_t* hp = h_pos.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pr.N));
-    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) { hist_forward_rows(pr, ha, hp, b, e); });
+    auto scratch = thread_scratch<ValidFlags>(kOp, tasks(pr.Q, grain), pr.N, 1);
+    at::parallel_for(0, pr.Q, grain,
+                     [&](int64_t b, int64_t e) { hist_forward_rows(pr, my_scratch(scratch), ha, hp, b, e); });
   });
   return {h_all, h_pos};
 }
@@ -163,11 +170,11 @@ static at::Tensor histogram_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                    const std::optional<at::Tensor>& ign_mask_in, int64_t bins, double scale,
                                    double shift, bool open_ends) {
   const PackedProblem pp =
-      check_problem("fastrank cpu histogram", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  TORCH_CHECK(bins >= 2, "fastrank cpu histogram: bins must be >= 2, got ", bins);
+      check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  check_histogram(kOp, bins, std::numeric_limits<int64_t>::max(), scale, shift, pp.scores.scalar_type());
+  check_packed_contract(kOp, pp);
   const std::vector<int64_t> hshape = {scores_in.size(0), bins};
-  TORCH_CHECK(grad_all_in.sizes() == hshape && grad_pos_in.sizes() == hshape,
-              "fastrank cpu histogram backward: gradients must be (Q, bins)");
+  check_output_grads(kOp, "grad_h_all", grad_all_in, "grad_h_pos", grad_pos_in, hshape, pp.scores);
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
@@ -181,7 +188,9 @@ static at::Tensor histogram_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
     const scalar_t* gp = g_pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pr.N));
-    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) { hist_backward_rows(pr, ga, gp, g, b, e); });
+    auto scratch = thread_scratch<ValidFlags>(kOp, tasks(pr.Q, grain), pr.N, 1);
+    at::parallel_for(0, pr.Q, grain,
+                     [&](int64_t b, int64_t e) { hist_backward_rows(pr, my_scratch(scratch), ga, gp, g, b, e); });
   });
   return grad;
 }

@@ -99,15 +99,18 @@ FR_AVX512 __m512 sigmoid_grad(__m512 d, __m512 inv_tau) {
 
 struct SupRank16 {
   __m512 inv_tau, rho, delta, start, offset;
+  __mmask16 flat;  // all lanes when rho = 0: the line is the constant offset (0 * inf would be NaN)
   FR_AVX512 explicit SupRank16(const StepParams<float>& p)
       : inv_tau(_mm512_set1_ps(p.inv_tau)), rho(_mm512_set1_ps(p.rho)), delta(_mm512_set1_ps(p.delta)),
-        start(_mm512_set1_ps(p.start)), offset(_mm512_set1_ps(p.offset)) {}
+        start(_mm512_set1_ps(p.start)), offset(_mm512_set1_ps(p.offset)),
+        flat(p.rho == 0.0f ? __mmask16(0xFFFF) : __mmask16(0)) {}
 };
 
 // H^-: sigma for d <= 0, start + sigma on (0, delta], the line beyond (NaN: the line, NaN)
 FR_AVX512 __m512 suprank_neg(__m512 d, const SupRank16& p) {
   const __m512 sig = sigmoid(d, p.inv_tau);
-  const __m512 lin = _mm512_fmadd_ps(p.rho, _mm512_sub_ps(d, p.delta), p.offset);
+  const __m512 lin =
+      _mm512_mask_mov_ps(_mm512_fmadd_ps(p.rho, _mm512_sub_ps(d, p.delta), p.offset), p.flat, p.offset);
   const __m512 mid = _mm512_add_ps(p.start, sig);
   const __mmask16 le0 = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_LE_OQ);
   const __mmask16 le_delta = _mm512_cmp_ps_mask(d, p.delta, _CMP_LE_OQ);
@@ -235,6 +238,31 @@ FR_ENTRY float grad_suprank_neg<float>(float sj, const float* s, float* g, int64
                              : run_grad_suprank_neg(sj, s, g, n, coef, p);
 }
 #endif
+
+// ---- a ranked item at +-inf. Its difference to an equal score (itself included) is NaN in IEEE
+// arithmetic; step_diff makes it the tie it is, tied_grad takes its gradient away. Scalar loops
+// over the same runs as above, used only for such items, so the hot loops carry no extra select.
+
+// sum_k step(step_diff(s[k], sj))
+template <typename T, typename Step>
+FR_ENTRY T tied_sum(T sj, const T* s, int64_t n, const Step& step) {
+  T acc = T(0);
+  for (int64_t k = 0; k < n; ++k) acc += step(step_diff(s[k], sj));
+  return acc;
+}
+
+// c_k = coef * step'(s[k] - sj), 0 for a tie of infinities; g[k] += c_k; returns sum_k c_k
+template <typename T, typename Grad>
+FR_ENTRY T tied_grad_run(T sj, const T* s, T* g, int64_t n, T coef, const Grad& grad) {
+  T tot = T(0);
+  for (int64_t k = 0; k < n; ++k) {
+    const T d = s[k] - sj;
+    const T c = coef * tied_grad(d, grad(step_diff(s[k], sj)));
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
 
 }  // namespace cpu
 }  // namespace fastrank

@@ -2,8 +2,13 @@
 // multiversioning of the hot loops and the size of a parallel task.
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <new>
+#include <vector>
 
 // Build the hot loops for AVX-512, AVX2+FMA and baseline x86-64, picked at load
 // time (glibc ifunc), so a wheel built anywhere runs at full width everywhere.
@@ -21,6 +26,37 @@ namespace cpu {
 inline int64_t rows_per_task(int64_t P, int64_t N) {
   const int64_t work = std::max<int64_t>(1, P * N);
   return std::max<int64_t>(1, (int64_t(1) << 16) / work);
+}
+
+// Tasks of an at::parallel_for over n rows with this grain
+inline int64_t tasks(int64_t n, int64_t grain) { return (n + grain - 1) / std::max<int64_t>(1, grain); }
+
+// One scratch object (O(N) row buffers) per thread of a coming at::parallel_for over `tasks`
+// tasks, allocated here, before the parallel region: a std::bad_alloc thrown inside a worker
+// takes the process down (SIGABRT, "terminate called after throwing std::bad_alloc"); here it
+// becomes torch.OutOfMemoryError (a RuntimeError) naming the size. A task takes its thread's
+// object: scratch[at::get_thread_num()]. Reusing it across tasks also saves an allocation per task.
+template <typename Scratch>
+std::vector<Scratch> thread_scratch(const char* op, int64_t tasks, int64_t n, int64_t bytes_per_item) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  std::vector<Scratch> out;
+  try {
+    out.reserve(static_cast<size_t>(threads));
+    for (int64_t t = 0; t < threads; ++t) out.emplace_back(n);
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, op, ": cannot allocate the per-thread row scratch: ", threads,
+                     " thread(s) x ", bytes_per_item * n, " bytes (", bytes_per_item, " bytes per column, N = ", n,
+                     ")");
+  }
+  return out;
+}
+
+// The scratch of the calling task's thread (at::parallel_for numbers its threads from 0; a call
+// that runs inline, in one thread or nested in a parallel region, gets object 0 ... threads - 1)
+template <typename Scratch>
+Scratch& my_scratch(std::vector<Scratch>& scratch) {
+  const int64_t t = at::get_thread_num();
+  return scratch[static_cast<size_t>(t < static_cast<int64_t>(scratch.size()) ? t : 0)];
 }
 
 }  // namespace cpu

@@ -34,6 +34,7 @@ struct Problem {
 
 template <typename T>
 struct RowBuffers {
+  static constexpr int64_t kBytesPerColumn = 4 * sizeof(T) + 2 * sizeof(int64_t) + 1;
   std::vector<T> spos, sneg, gpos, gneg;
   std::vector<int64_t> pcol, ncol;
   std::vector<uint8_t> flag;
@@ -81,9 +82,10 @@ static bool compact_row(const Problem<T>& pr, int64_t i, RowBuffers<T>& b, int64
 }
 
 template <typename T, int STEP>
-FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, T* rank_all, T* rank_pos, int64_t begin, int64_t end) {
+FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, RowBuffers<T>* bp, T* rank_all, T* rank_pos,
+                                         int64_t begin, int64_t end) {
   const Problem<T>& pr = *prp;
-  RowBuffers<T> b(pr.N);
+  RowBuffers<T>& b = *bp;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t* pidx = pr.pos_idx + i * pr.P;
     T* ra = rank_all + i * pr.P;
@@ -102,6 +104,21 @@ FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, T* rank_all, T* 
         continue;
       }
       const T sj = s[j];
+      if (std::isinf(sj)) {
+        // j and every equal score tie (step_diff): j's own term is still sigma(0) or H(0)
+        const StepParams<T> st = pr.step;
+        if (STEP == kSigmoid) {
+          auto sig = [st](T d) { return sigmoid_tau(d, st.inv_tau); };
+          const T sp = tied_sum(sj, b.spos.data(), np, sig);
+          rp[p] = sp + T(0.5);
+          ra[p] = sp + tied_sum(sj, b.sneg.data(), nn, sig) + T(0.5);
+        } else {
+          const T hp = tied_sum(sj, b.spos.data(), np, [](T d) { return heaviside(d); });
+          rp[p] = hp;
+          ra[p] = hp + tied_sum(sj, b.sneg.data(), nn, [st](T d) { return suprank_neg(d, st); });
+        }
+        continue;
+      }
       if (STEP == kSigmoid) {
         // the runs include j itself, which adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
         const T sp = sum_sigmoid(sj, b.spos.data(), np, pr.step.inv_tau);
@@ -120,10 +137,10 @@ FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, T* rank_all, T* 
 }
 
 template <typename T, int STEP>
-FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_all, const T* grad_pos, T* grad,
-                                          int64_t begin, int64_t end) {
+FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* bp, const T* grad_all,
+                                          const T* grad_pos, T* grad, int64_t begin, int64_t end) {
   const Problem<T>& pr = *prp;
-  RowBuffers<T> b(pr.N);
+  RowBuffers<T>& b = *bp;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t* pidx = pr.pos_idx + i * pr.P;
     const T* ga = grad_all + i * pr.P;
@@ -150,6 +167,20 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_a
       if (j < 0) continue;
       const T sj = s[j];
       T tot = T(0);
+      if (std::isinf(sj)) {
+        // ties of infinities (j's own term included) carry no gradient
+        const StepParams<T> st = pr.step;
+        const T a = ga[p];
+        if (STEP == kSigmoid) {
+          auto dsig = [st](T d) { return sigmoid_tau_grad(d, st.inv_tau); };
+          tot += tied_grad_run(sj, b.spos.data(), b.gpos.data(), np, a + gp[p], dsig);
+          tot += tied_grad_run(sj, b.sneg.data(), b.gneg.data(), nn, a, dsig);
+        } else {
+          tot += tied_grad_run(sj, b.sneg.data(), b.gneg.data(), nn, a, [st](T d) { return suprank_neg_grad(d, st); });
+        }
+        g[j] -= tot;
+        continue;
+      }
       if (STEP == kSigmoid) {
         // self term (k = j) adds c to g[j] and subtracts it again: net zero
         const T a = ga[p], apb = ga[p] + gp[p];
@@ -168,6 +199,8 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, const T* grad_a
 }
 
 // ---------------------------------------------------------------- torch glue
+
+constexpr const char* kOp = "fastrank cpu rank_sums";
 
 template <typename T>
 static Problem<T> make_problem(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
@@ -191,8 +224,9 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& sc
                                                           double tau, double rho, double delta, double start,
                                                           double offset) {
   const PackedProblem pp =
-      check_problem("fastrank cpu rank_sums", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  check_step("fastrank cpu rank_sums", step, tau);
+      check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_packed_contract(kOp, pp);
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
@@ -203,11 +237,15 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& sc
     const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    const int64_t grain = rows_per_task(pr.P, pr.N);
+    auto scratch = thread_scratch<RowBuffers<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N,
+                                                        RowBuffers<scalar_t>::kBytesPerColumn);
+    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
+      RowBuffers<scalar_t>* buf = &my_scratch(scratch);
       if (step == kSigmoid)
-        forward_rows<scalar_t, kSigmoid>(&pr, ra, rp, b, e);
+        forward_rows<scalar_t, kSigmoid>(&pr, buf, ra, rp, b, e);
       else
-        forward_rows<scalar_t, kSupRank>(&pr, ra, rp, b, e);
+        forward_rows<scalar_t, kSupRank>(&pr, buf, ra, rp, b, e);
     });
   });
   return {rank_all, rank_pos};
@@ -218,10 +256,10 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
                                    const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho,
                                    double delta, double start, double offset) {
   const PackedProblem pp =
-      check_problem("fastrank cpu rank_sums", c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  check_step("fastrank cpu rank_sums", step, tau);
-  TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
-              "fastrank cpu rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
+      check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_packed_contract(kOp, pp);
+  check_output_grads(kOp, "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in, pos_idx_in.sizes(), pp.scores);
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
@@ -234,11 +272,15 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
     const scalar_t* ga = grad_all.data_ptr<scalar_t>();
     const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, pr.Q, rows_per_task(pr.P, pr.N), [&](int64_t b, int64_t e) {
+    const int64_t grain = rows_per_task(pr.P, pr.N);
+    auto scratch = thread_scratch<RowBuffers<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N,
+                                                        RowBuffers<scalar_t>::kBytesPerColumn);
+    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
+      RowBuffers<scalar_t>* buf = &my_scratch(scratch);
       if (step == kSigmoid)
-        backward_rows<scalar_t, kSigmoid>(&pr, ga, gp, g, b, e);
+        backward_rows<scalar_t, kSigmoid>(&pr, buf, ga, gp, g, b, e);
       else
-        backward_rows<scalar_t, kSupRank>(&pr, ga, gp, g, b, e);
+        backward_rows<scalar_t, kSupRank>(&pr, buf, ga, gp, g, b, e);
     });
   });
   return grad;

@@ -24,7 +24,9 @@
 // The row kernel runs after the column kernel on the same stream and each ranked
 // column appears once per row, so every grad element it touches has exactly one
 // writer: no (Q, P) workspace or third kernel is needed. The self pair (k = j) enters
-// both sums and cancels to rounding, as in rank_sums.cu.
+// both sums and cancels to rounding, as in rank_sums.cu. Equal infinite scores tie (step.h
+// step_diff, tied_grad; j's own term included), looked for only where a score is infinite,
+// as in rank_sums.cu.
 #include <cuda_runtime.h>
 
 #include "../step.h"
@@ -67,6 +69,7 @@ __global__ void __launch_bounds__(kThreads)
   // holes get rel_j = 0 and a = b = 0: their sums are computed but never stored
   T sj[kTileP], rj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
   bool any = false;
+  bool ties = false;  // a ranked item at +-inf: the same in every thread
 #pragma unroll
   for (int t = 0; t < kTileP; ++t) {
     const int64_t p = p0 + t;
@@ -78,6 +81,7 @@ __global__ void __launch_bounds__(kThreads)
     a[t] = (MODE == 1 && has) ? grad_all[i * P + p] : T(0);
     b[t] = (MODE == 1 && STEP == kSigmoid && has) ? grad_pos[i * P + p] : T(0);
     acc0[t] = acc1[t] = T(0);
+    ties |= isinf(sj[t]);
   }
   // Padded rows (fewer ranked items than P) leave whole tiles empty. `any` is the
   // same in every thread (they all read the same pos_idx entries), so returning
@@ -91,8 +95,9 @@ __global__ void __launch_bounds__(kThreads)
     const T rk = r[k];
 #pragma unroll
     for (int t = 0; t < kTileP; ++t) {
-      const T d = sk - sj[t];
+      const T draw = sk - sj[t];
       if (MODE == 0) {
+        const T d = ties ? step_diff(sk, sj[t]) : draw;
         if (STEP == kSigmoid) {
           const T sig = sigmoid_tau(d, prm.inv_tau);
           acc0[t] += sig;
@@ -103,10 +108,13 @@ __global__ void __launch_bounds__(kThreads)
           acc1[t] += min_rel(rj[t], rk) * h;
         }
       } else {
-        if (STEP == kSigmoid)
-          acc0[t] += (a[t] + b[t] * min_rel(rj[t], rk)) * sigmoid_tau_grad(d, prm.inv_tau);
-        else if (rk < rj[t])
-          acc0[t] += a[t] * suprank_neg_grad(d, prm);
+        if (STEP == kSigmoid) {
+          const T g = sigmoid_tau_grad(draw, prm.inv_tau);
+          acc0[t] += (a[t] + b[t] * min_rel(rj[t], rk)) * (ties ? tied_grad(draw, g) : g);
+        } else if (rk < rj[t]) {
+          const T g = suprank_neg_grad(draw, prm);
+          acc0[t] += a[t] * (ties ? tied_grad(draw, g) : g);
+        }
       }
     }
   }
@@ -149,6 +157,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool active = k < N && is_valid(i, k, N, ign, ign_mask);
   const T sk = k < N ? s[k] : T(0);
   const T rk = k < N ? r[k] : T(0);
+  const bool ties = isinf(sk);  // only an infinite competitor can tie with a ranked item at inf
   T acc = T(0);
   for (int64_t p0 = 0; p0 < P; p0 += kThreads) {
     const int64_t p = p0 + threadIdx.x;
@@ -163,10 +172,13 @@ __global__ void __launch_bounds__(kThreads)
     if (active) {
       for (int64_t t = 0; t < n; ++t) {
         const T d = sk - s_sj[t];
-        if (STEP == kSigmoid)
-          acc += (s_a[t] + s_b[t] * min_rel(s_rj[t], rk)) * sigmoid_tau_grad(d, prm.inv_tau);
-        else if (rk < s_rj[t])
-          acc += s_a[t] * suprank_neg_grad(d, prm);
+        if (STEP == kSigmoid) {
+          const T g = sigmoid_tau_grad(d, prm.inv_tau);
+          acc += (s_a[t] + s_b[t] * min_rel(s_rj[t], rk)) * (ties ? tied_grad(d, g) : g);
+        } else if (rk < s_rj[t]) {
+          const T g = suprank_neg_grad(d, prm);
+          acc += s_a[t] * (ties ? tied_grad(d, g) : g);
+        }
       }
     }
     __syncthreads();

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cuda(const at::Tensor& s
                                                              double start, double offset) {
   const PackedProblem pp =
       check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  check_step(kOp, step, tau);
+  check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
@@ -57,16 +57,14 @@ at::Tensor graded_rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
                                      double rho, double delta, double start, double offset) {
   const PackedProblem pp =
       check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
-  check_step(kOp, step, tau);
-  TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(), kOp,
-              " backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes(), ", got ",
-              grad_all_in.sizes(), " and ", grad_pos_in.sizes());
+  check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_output_grads(kOp, "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in, pos_idx_in.sizes(), pp.scores);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
   const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
   const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores, /*values=*/false);
+  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores);
   const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
   const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
   at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by the column kernel

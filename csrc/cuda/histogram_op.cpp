@@ -16,8 +16,7 @@ static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cuda(const at::Tensor& s
                                                            double scale, double shift, bool open_ends) {
   const PackedProblem pp = check_problem("fastrank cuda histogram", c10::DeviceType::CUDA, scores_in, pos_idx_in,
                                          ign_idx_in, ign_mask_in);
-  TORCH_CHECK(bins >= 2 && bins <= kMaxHistBins, "fastrank cuda histogram: bins must lie in [2, ", kMaxHistBins,
-              "], got ", bins);
+  check_histogram("fastrank cuda histogram", bins, kMaxHistBins, scale, shift, pp.scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
@@ -43,11 +42,9 @@ static at::Tensor histogram_bwd_cuda(const at::Tensor& g_all_in, const at::Tenso
                                     double shift, bool open_ends) {
   const PackedProblem pp = check_problem("fastrank cuda histogram", c10::DeviceType::CUDA, scores_in, pos_idx_in,
                                          ign_idx_in, ign_mask_in);
-  TORCH_CHECK(bins >= 2 && bins <= kMaxHistBins, "fastrank cuda histogram: bins must lie in [2, ", kMaxHistBins,
-              "], got ", bins);
+  check_histogram("fastrank cuda histogram", bins, kMaxHistBins, scale, shift, pp.scores.scalar_type());
   const std::vector<int64_t> hshape = {scores_in.size(0), bins};
-  TORCH_CHECK(g_all_in.sizes() == hshape && g_pos_in.sizes() == hshape,
-              "fastrank cuda histogram backward: gradients must be (Q, bins)");
+  check_output_grads("fastrank cuda histogram", "grad_h_all", g_all_in, "grad_h_pos", g_pos_in, hshape, pp.scores);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;

@@ -50,8 +50,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t* pidx = pos_idx + i * P;
   const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
 
-  T sj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
+  // suprank forward: H^- = +inf terms (d = +inf, or an overflowing line) counted apart in
+  // ninf, so that the correction takes back a positive's +inf without inf - inf
+  T sj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP], ninf[kTileP];
   bool has[kTileP];
+  bool ties = false;
 #pragma unroll
   for (int t = 0; t < kTileP; ++t) {
     const int64_t p = p0 + t;
@@ -60,7 +63,8 @@ __global__ void __launch_bounds__(kThreads)
     sj[t] = has[t] ? s[j] : T(0);
     a[t] = (MODE == 1 && has[t]) ? grad_all[i * P + p] : T(0);
     b[t] = (MODE == 1 && has[t]) ? grad_pos[i * P + p] : T(0);
-    acc0[t] = acc1[t] = T(0);
+    acc0[t] = acc1[t] = ninf[t] = T(0);
+    ties |= isinf(sj[t]);
   }
   // sweep every valid competitor with the negatives' step
   for (int64_t k = threadIdx.x; k < N; k += kThreads) {
@@ -69,10 +73,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < kTileP; ++t) {
       const T d = sk - sj[t];
-      if (MODE == 0)
-        acc0[t] += step_neg<T, STEP>(d, prm);
-      else
-        acc0[t] += a[t] * step_neg_grad<T, STEP>(d, prm);
+      if (MODE == 0) {
+        const T g = step_neg<T, STEP>(ties ? step_diff(sk, sj[t]) : d, prm);
+        if (STEP == kSupRank && isinf(g))
+          ninf[t] += T(1);
+        else
+          acc0[t] += g;
+      } else {
+        const T g = step_neg_grad<T, STEP>(d, prm);
+        acc0[t] += a[t] * (ties ? tied_grad(d, g) : g);
+      }
     }
   }
   // correction over the positives (all valid by construction)
@@ -82,20 +92,29 @@ __global__ void __launch_bounds__(kThreads)
     const T sk = s[k];
 #pragma unroll
     for (int t = 0; t < kTileP; ++t) {
-      const T d = sk - sj[t];
+      const T draw = sk - sj[t];
       if (MODE == 0) {
+        const T d = ties ? step_diff(sk, sj[t]) : draw;
         if (STEP == kSigmoid) {
           acc1[t] += sigmoid_tau(d, prm.inv_tau);
         } else {
           const T h = heaviside(d);
+          const T hneg = suprank_neg(d, prm);
           acc1[t] += h;
-          acc0[t] += h - suprank_neg(d, prm);
+          if (isinf(hneg)) {
+            ninf[t] -= T(1);
+            acc0[t] += h;
+          } else {
+            acc0[t] += h - hneg;
+          }
         }
       } else {
+        const T g = STEP == kSigmoid ? sigmoid_tau_grad(draw, prm.inv_tau) : suprank_neg_grad(draw, prm);
+        const T gt = ties ? tied_grad(draw, g) : g;
         if (STEP == kSigmoid)
-          acc0[t] += b[t] * sigmoid_tau_grad(d, prm.inv_tau);
+          acc0[t] += b[t] * gt;
         else
-          acc0[t] -= a[t] * suprank_neg_grad(d, prm);
+          acc0[t] -= a[t] * gt;
       }
     }
   }
@@ -103,11 +122,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = 0; t < kTileP; ++t) {
     const T r0 = block_sum<kThreads>(acc0[t], smem);
     const T r1 = MODE == 0 ? block_sum<kThreads>(acc1[t], smem) : T(0);
+    const T n_inf = MODE == 0 && STEP == kSupRank ? block_sum<kThreads>(ninf[t], smem) : T(0);
     if (threadIdx.x == 0 && has[t]) {
       const int64_t o = i * P + p0 + t;
       if (MODE == 0) {
         const T self = STEP == kSigmoid ? T(0.5) : T(0);
-        out0[o] = r0 + self;
+        out0[o] = n_inf > T(0) ? T(INFINITY) : r0 + self;
         out1[o] = r1 + self;
       } else {
         out0[o] = r0;
@@ -132,6 +152,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
   const bool active = k < N && is_valid(i, k, N, ign, ign_mask);
   const T sk = k < N ? s[k] : T(0);
+  const bool ties = isinf(sk);  // only an infinite competitor can tie with a ranked item at inf
   T acc = T(0);
   for (int64_t p0 = 0; p0 < P; p0 += kThreads) {
     const int64_t p = p0 + threadIdx.x;
@@ -141,7 +162,11 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const int64_t n = P - p0 < kThreads ? P - p0 : kThreads;
     if (active) {
-      for (int64_t t = 0; t < n; ++t) acc += s_a[t] * step_neg_grad<T, STEP>(sk - s_sj[t], prm);
+      for (int64_t t = 0; t < n; ++t) {
+        const T d = sk - s_sj[t];
+        const T g = step_neg_grad<T, STEP>(d, prm);
+        acc += s_a[t] * (ties ? tied_grad(d, g) : g);
+      }
     }
     __syncthreads();
   }
@@ -163,15 +188,18 @@ __global__ void __launch_bounds__(kThreads)
   if (k < 0) return;
   const T* s = scores + i * N;
   const T sk = s[k];
+  const bool ties = isinf(sk);
   T acc = T(0);
   for (int64_t p = 0; p < P; ++p) {
     const int64_t j = pidx[p];
     if (j < 0) continue;
     const T d = sk - s[j];
+    const T g = STEP == kSigmoid ? sigmoid_tau_grad(d, prm.inv_tau) : suprank_neg_grad(d, prm);
+    const T gt = ties ? tied_grad(d, g) : g;
     if (STEP == kSigmoid)
-      acc += grad_pos[i * P + p] * sigmoid_tau_grad(d, prm.inv_tau);
+      acc += grad_pos[i * P + p] * gt;
     else
-      acc -= grad_all[i * P + p] * suprank_neg_grad(d, prm);
+      acc -= grad_all[i * P + p] * gt;
   }
   grad[i * N + k] += acc - tot[i * P + q];
 }

@@ -20,7 +20,7 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cuda(const at::Tensor& s
                                                            double offset) {
   const PackedProblem pp = check_problem("fastrank cuda rank_sums", c10::DeviceType::CUDA, scores_in, pos_idx_in,
                                          ign_idx_in, ign_mask_in);
-  check_step("fastrank cuda rank_sums", step, tau);
+  check_step("fastrank cuda rank_sums", step, tau, rho, delta, start, offset, pp.scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
@@ -49,9 +49,9 @@ static at::Tensor rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
                                     double delta, double start, double offset) {
   const PackedProblem pp = check_problem("fastrank cuda rank_sums", c10::DeviceType::CUDA, scores_in, pos_idx_in,
                                          ign_idx_in, ign_mask_in);
-  check_step("fastrank cuda rank_sums", step, tau);
-  TORCH_CHECK(grad_all_in.sizes() == pos_idx_in.sizes() && grad_pos_in.sizes() == pos_idx_in.sizes(),
-              "fastrank cuda rank_sums backward: gradients must have the shape of pos_idx ", pos_idx_in.sizes());
+  check_step("fastrank cuda rank_sums", step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_output_grads("fastrank cuda rank_sums", "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in,
+                     pos_idx_in.sizes(), pp.scores);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor& scores = pp.scores;
   const at::Tensor& pos_idx = pp.pos_idx;
