@@ -53,7 +53,7 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: build
 	FASTRANK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
 
-# Benchmarks (bench/, SPEC §4). BENCH_ARGS / GPU_BENCH_ARGS pass options to bench/run.py
+# Benchmarks (bench/, docs/design.md §4). BENCH_ARGS / GPU_BENCH_ARGS pass options to bench/run.py
 # (e.g. BENCH_ARGS="--ops supap --workloads dense --modes forward,backward"; see --help).
 #   make bench        default CPU sweep (batch workload, fwd+bwd, 5 ops x naive/torch/cpp), <= ~7.5 min on 2 cores
 #   make bench-full   every workload x mode x op with larger sizes (hours on 2 cores)

@@ -1,4 +1,4 @@
-"""fastrank benchmarks (SPEC §4, issue 3).
+"""fastrank benchmarks (docs/design.md §4, issue 3).
 
 Run ``python bench/run.py`` (``make bench``) for the default CPU sweep, ``--full``
 (``make bench-full``) for every workload x mode, ``--device cuda`` (``make gpu-bench``)

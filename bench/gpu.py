@@ -1,4 +1,4 @@
-"""GPU facts for the benchmark: the special-function-unit ceiling of SPEC §4, and device/version strings.
+"""GPU facts for the benchmark: the special-function-unit ceiling of docs/design.md §4, and device/version strings.
 
 The ceiling is a paper figure, not a measurement: a fused rank kernel evaluates one
 sigma per pair (per pass), and on Hopper the special-function unit (SFU, the MUFU
@@ -21,7 +21,7 @@ Sources:
     against the datasheets' FP32 peaks: FP32 TFLOPS = SMs * 128 FMA * 2 * clock
     (H100/H200 SXM 66.9-67 TFLOPS -> 1.98 GHz; PCIe 51 -> 1.755 GHz; NVL 60 -> 1.785 GHz).
 
-SPEC §4 quotes ~3.9e12/s for an H100: 16 * 132 SMs * 1.83 GHz (the clock NVIDIA quotes
+docs/design.md §4 quotes ~3.9e12/s for an H100: 16 * 132 SMs * 1.83 GHz (the clock NVIDIA quotes
 for sustained tensor-core load). This table uses the max boost clock (1.98 GHz on
 SXM, 4.18e12/s), the figure an SFU-bound kernel can reach, so % of ceiling is the
 conservative number. The SM count is taken from the device itself when known (a MIG
@@ -75,7 +75,7 @@ class GpuCeiling:
 
 
 def sfu_ceiling(name: str, sm_count: Optional[int] = None) -> GpuCeiling:
-    """SPEC §4's GPU ceiling for a device name: 16 SFU results / SM / clock at the max boost clock.
+    """docs/design.md §4's GPU ceiling for a device name: 16 SFU results / SM / clock at the max boost clock.
 
     `sm_count` (from torch.cuda.get_device_properties().multi_processor_count) overrides
     the table's SM count, e.g. for a MIG slice; the clock always comes from the table.

@@ -392,7 +392,7 @@ def run_point(spec: PointSpec) -> PointResult:
 
 @dataclass
 class Ceiling:
-    """`torch.sigmoid` throughput on an in-cache buffer (SPEC §4's CPU ceiling)."""
+    """`torch.sigmoid` throughput on an in-cache buffer (docs/design.md §4's CPU ceiling)."""
 
     numel: int
     per_call_rate: float  # elements/s of one call (median call time)

@@ -1,6 +1,6 @@
 """Peak extra host memory of a piece of code, read from /proc (Linux only).
 
-tracemalloc does not see torch's allocations (SPEC §4), so we measure the
+tracemalloc does not see torch's allocations (docs/design.md §4), so we measure the
 process's resident set instead: writing "5" to /proc/self/clear_refs resets the
 high-water mark VmHWM to the current RSS, and after the code runs
 ``VmHWM - VmRSS(before)`` is the peak extra memory it needed.

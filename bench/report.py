@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .measure import OP_DEFS, PointResult, passes
 from .workloads import X_LABEL
 
-# CSV columns: SPEC §4's / issue 3's fields first, in the agreed order; the extras after them
+# CSV columns: docs/design.md §4's / issue 3's fields first, in the agreed order; the extras after them
 CSV_COLUMNS = [
     "op", "backend", "mode", "workload", "x", "p20_ms", "p50_ms", "p80_ms", "peak_extra_bytes",
     "pairs", "pairs_per_s", "pct_ceiling", "status", "device", "torch_version", "triton_version",
@@ -189,7 +189,7 @@ def _num(v: float) -> str:
 
 
 def write_csv(path: str, d: Derived, info: RunInfo) -> None:
-    """One row per point (long format), SPEC §4's columns first."""
+    """One row per point (long format), docs/design.md §4's columns first."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()

@@ -1,4 +1,4 @@
-"""fastrank benchmark (SPEC §4, issue 3): ``python bench/run.py`` (``make bench``).
+"""fastrank benchmark (docs/design.md §4, issue 3): ``python bench/run.py`` (``make bench``).
 
 Every point is one (op, backend, workload, x, mode): ``1 - op(scores, target)`` on a
 seeded workload (bench/workloads.py), timed in `forward`, `backward` or `full`

@@ -1,4 +1,4 @@
-"""Benchmark workloads (SPEC §4): seeded random embeddings with class structure, dim 512.
+"""Benchmark workloads (docs/design.md §4): seeded random embeddings with class structure, dim 512.
 
     batch  Q = N = B, 4 samples per class, the query inside its gallery (x = B)
     xbm    Q = 256 queries against a cross-batch memory of N items, ~5 per class; every
@@ -115,7 +115,7 @@ def make_dense(
     """The `dense` workload: Q = N = B, ``classes`` classes (|P| = B / classes), query in its gallery.
 
     Same embeddings as `make_batch` (seeded), labels ``arange(B) % classes``: with
-    |P| = B/8 the rank ops do B^3/8 pair evaluations, the compute-bound end of SPEC §4.
+    |P| = B/8 the rank ops do B^3/8 pair evaluations, the compute-bound end of docs/design.md §4.
     """
     _check("make_dense", B=B, dim=dim, classes=classes)
     emb = _embeddings(B, dim, torch.Generator().manual_seed(seed))

@@ -1,4 +1,4 @@
-// Soft-histogram arithmetic of histogram AP (SPEC §1.3), host/device, no torch headers.
+// Soft-histogram arithmetic of histogram AP (docs/design.md §1.3), host/device, no torch headers.
 //
 // A score s maps to the bin coordinate v = scale * s + shift; bin l of L gets the
 // triangular weight [1 - |v - l|]_+, so a score touches bins lo = floor(v) and lo + 1.

@@ -1,4 +1,4 @@
-// Step functions of the rank-sums primitive (SPEC §1.1) and their derivatives.
+// Step functions of the rank-sums primitive (docs/design.md §1.1) and their derivatives.
 //
 // One header for the CPU kernel and the CUDA kernels: everything here is plain
 // arithmetic on scalars, marked host+device, and free of torch headers so that

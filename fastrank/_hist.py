@@ -1,4 +1,4 @@
-"""Soft histograms (SPEC §1.3) in PyTorch: the `naive` and `torch` backends of histogram AP.
+"""Soft histograms (docs/design.md §1.3) in PyTorch: the `naive` and `torch` backends of histogram AP.
 
 A score s maps to a bin coordinate v = scale * s + shift; bin l (l = 0..L-1) receives
 the triangular weight [1 - |v - l|]_+, so every score touches at most two adjacent

@@ -1,4 +1,4 @@
-"""Step functions of SPEC §1.1 in PyTorch, shared by the `naive` and `torch` backends.
+"""Step functions of docs/design.md §1.1 in PyTorch, shared by the `naive` and `torch` backends.
 
 The formulas follow the published code (Smooth-AP's `sigmoid`, ROADMAP's
 `tau_sigmoid` / `step_rank`) so that the `naive` backend reproduces their numbers.

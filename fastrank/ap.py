@@ -1,4 +1,4 @@
-"""Average-precision losses on the rank-sums primitive (SPEC §1.2): Smooth-AP, SupAP, calibration.
+"""Average-precision losses on the rank-sums primitive (docs/design.md §1.2): Smooth-AP, SupAP, calibration.
 
 Each is an epilogue on (Q, P) packed ranks: AP_i = (1/|P_i|) sum_{j in P_i} rank_pos / rank_all.
 """
@@ -47,7 +47,7 @@ def nan_poison(scores: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Option
 
 
 def reduce_per_query(values: Tensor, scores: Tensor, pb: RankProblem, reduction: str) -> Tensor:
-    """Queries without positives count 0 in 'none' and are left out of 'mean' (SPEC §1.4);
+    """Queries without positives count 0 in 'none' and are left out of 'mean' (docs/design.md §1.4);
     a query with a NaN score among its valid items is NaN (and so are 'mean' and 'sum').
 
     When no query has a positive, 'mean' is 0 and still connected to the graph.

@@ -1,4 +1,4 @@
-"""Graded relevance on the rank-sums primitive (SPEC §1.1-1.2, issue 9): H-AP and NDCG.
+"""Graded relevance on the rank-sums primitive (docs/design.md §1.1-1.2, issue 9): H-AP and NDCG.
 
 Every backend of the binary primitive has a graded twin with the same packed
 contract (fastrank.ops.graded_rank_sums_packed): outputs (Q, P) at the ranked items
@@ -17,7 +17,7 @@ with d = s_ik - s_ij and k running over the valid (not ignored) items, k != j:
     rank_pos[i,j] = rel_j + sum_k  min(rel_j, rel_k) * h(d)
 
 * step="suprank": h = H (exact step, H(0) = 1, no gradient); g = H when
-  rel_k >= rel_j, else the upper bound H^- of SPEC §1.1.
+  rel_k >= rel_j, else the upper bound H^- of docs/design.md §1.1.
 * step="sigmoid": g = h = sigma_tau for every competitor (as Smooth-AP).
 
 With relevance in {0, 1} this is exactly :func:`fastrank.rank_sums`. Relevance is
@@ -269,7 +269,7 @@ def torch_graded_packed_backward(
     grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params
 ) -> Tensor:
     """d L / d scores (Q, N) given the packed gradients of rank_all and rank_pos (None = zeros),
-    recomputing the step per block (SPEC §1.1 backward)."""
+    recomputing the step per block (docs/design.md §1.1 backward)."""
     q, n = scores.shape
     scores = scores.detach()
     valid = dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)

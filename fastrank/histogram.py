@@ -1,4 +1,4 @@
-"""Histogram AP (SPEC §1.3): FastAP (Cakir et al., CVPR 2019) and listwise SoftBin AP
+"""Histogram AP (docs/design.md §1.3): FastAP (Cakir et al., CVPR 2019) and listwise SoftBin AP
 (Revaud et al., ICCV 2019), as epilogues on fused soft histograms.
 
 Each score touches at most two adjacent bins, so the fused op costs O(Q*N) time and

@@ -1,4 +1,4 @@
-"""The shared primitive: smoothed rank sums of every ranked positive (SPEC §1.1)."""
+"""The shared primitive: smoothed rank sums of every ranked positive (docs/design.md §1.1)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple

@@ -1,4 +1,4 @@
-"""Recall@k surrogates on the rank-sums primitive (SPEC §1.2): SupRank's and Patel et al.'s.
+"""Recall@k surrogates on the rank-sums primitive (docs/design.md §1.2): SupRank's and Patel et al.'s.
 
 Both are epilogues on rank_all of the ranked positives; no new kernel.
 """

@@ -1,4 +1,4 @@
-"""Reference implementations of the rank-sums primitive (SPEC §1.1).
+"""Reference implementations of the rank-sums primitive (docs/design.md §1.1).
 
 * `naive_rank_sums` builds the Q x N x N tensor of score differences, the way
   the published Smooth-AP and ROADMAP code does, and is differentiated by

@@ -267,7 +267,7 @@ def test_gpu_table_lookup(name, key, sms, mhz):
 
 def test_gpu_ceiling_values():
     h100 = G.sfu_ceiling("NVIDIA H100 80GB HBM3")
-    assert 3.9e12 <= h100.rate <= 4.3e12  # SPEC §4: ~3.9e12 at 1.83 GHz; 4.18e12 at the 1.98 GHz boost
+    assert 3.9e12 <= h100.rate <= 4.3e12  # docs/design.md §4: ~3.9e12 at 1.83 GHz; 4.18e12 at the 1.98 GHz boost
     assert "H100 SXM" in h100.text and "Programming Guide" in h100.text
     mig = G.sfu_ceiling("NVIDIA H100 80GB HBM3", sm_count=66)  # a MIG slice: the device's own SM count
     assert mig.rate == pytest.approx(h100.rate / 2) and "66 SMs" in mig.text

@@ -36,3 +36,20 @@ def test_every_subpackage_is_listed_for_the_wheel():
              for d, _, files in os.walk(os.path.join(ROOT, "fastrank")) if "__init__.py" in files}
     found = {"fastrank" if f == "fastrank.." else f for f in found} | {"fastrank.triton_kernels"}
     assert found - {"fastrank.triton_kernels"} <= listed and "fastrank.triton_kernels" in listed, found - listed
+
+
+def test_the_repository_refers_to_nothing_outside_itself():
+    # the design lives in docs/design.md; comments once cited a specification kept elsewhere
+    bad = []
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("build", "results", "__pycache__")]
+        for name in files:
+            if name.endswith((".py", ".h", ".cpp", ".cu", ".cuh", ".md", ".sh", ".toml", ".txt")) or name == "Makefile":
+                path = os.path.join(d, name)
+                with open(path, errors="replace") as f:
+                    text = f.read()
+                for needle in ("SPEC" + " §", "SPEC" + ".md", "../" + "shared"):
+                    if needle in text:
+                        bad.append(f"{os.path.relpath(path, ROOT)}: {needle}")
+    assert not bad, bad
+    assert os.path.exists(os.path.join(ROOT, "docs", "design.md"))

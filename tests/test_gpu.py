@@ -1,4 +1,4 @@
-"""GPU tier (SPEC §3, tier 5): skipped without CUDA. Run on a GPU machine with `make test`."""
+"""GPU tier (docs/design.md §3, tier 5): skipped without CUDA. Run on a GPU machine with `make test`."""
 import pytest
 import torch
 
@@ -45,7 +45,7 @@ def test_gpu_fp64_matches_naive(backend, fn, ignore_kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
 def test_gpu_low_precision_error_within_2x_of_naive(backend, dtype, fn):
-    # SPEC §3: error vs the fp64 reference at most 2x the error of naive PyTorch in the same dtype
+    # docs/design.md §3: error vs the fp64 reference at most 2x the error of naive PyTorch in the same dtype
     case = make_case(64, 257, 8, "labels", "self", seed=5)
     s64, t, ig = _to(case, "cuda")
     s_lp = s64.to(dtype)

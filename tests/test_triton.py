@@ -1,4 +1,4 @@
-"""Triton rank-sums kernels (SPEC §3 tier 3 and 5) against the fp64 naive cube.
+"""Triton rank-sums kernels (docs/design.md §3 tier 3 and 5) against the fp64 naive cube.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports the
 kernels, and they run in Triton's interpreter on CPU tensors (small shapes: it is
@@ -133,7 +133,7 @@ def test_labels_and_dense_target_agree(step):
 
 @pytest.mark.parametrize("step", STEPS)
 def test_fp32_close_to_fp64_reference(step):
-    # the rule of SPEC §3: error vs the fp64 reference at most 2x the naive fp32 error
+    # the rule of docs/design.md §3: error vs the fp64 reference at most 2x the naive fp32 error
     case = make_case(24, 70, 5, "labels", "self", seed=11)
     ra64, rp64, g64 = _run(_to(case), "naive", step)
     c32 = _to(case, dtype=torch.float32)
@@ -429,7 +429,7 @@ def _max_err(x, ref):
 @pytest.mark.parametrize("step", [SIGMOID, SUPRANK])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_kernels_vs_fp64(step, dtype):
-    # SPEC §3: error vs the fp64 reference at most 2x the error of naive PyTorch in the same dtype.
+    # docs/design.md §3: error vs the fp64 reference at most 2x the error of naive PyTorch in the same dtype.
     # The kernel is called directly so that it reads the half-precision scores itself.
     case = _to(make_case(48, 300, 6, "labels", "self", seed=12))
     pb = _problem(case)

@@ -1,4 +1,4 @@
-"""Triton soft-histogram kernels (histogram AP, SPEC §1.3) against the fp64 naive (Q, N, L) tensor.
+"""Triton soft-histogram kernels (histogram AP, docs/design.md §1.3) against the fp64 naive (Q, N, L) tensor.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports the
 kernels, and they run in Triton's interpreter on CPU tensors (small shapes: it is slow).

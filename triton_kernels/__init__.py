@@ -1,6 +1,6 @@
 """Triton kernels of fastrank, installed as `fastrank.triton_kernels`.
 
-rank_sums.py   fused forward/backward of the rank-sums primitive (SPEC §1.1)
+rank_sums.py   fused forward/backward of the rank-sums primitive (docs/design.md §1.1)
 graded.py      fused forward/backward of the graded rank sums (H-AP, NDCG)
 histogram.py   fused soft histograms of histogram AP (FastAP, SoftBin)
 _step.py       the step functions as @triton.jit helpers

@@ -1,4 +1,4 @@
-"""Step functions of SPEC §1.1 as Triton device helpers (the Triton twin of csrc/step.h).
+"""Step functions of docs/design.md §1.1 as Triton device helpers (the Triton twin of csrc/step.h).
 
 Conventions, as in csrc/step.h: d = s_ik - s_ij (competitor minus ranked item),
 x = d / tau clamped to [-CLAMP, CLAMP] before exp, as the references do.

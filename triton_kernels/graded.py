@@ -1,4 +1,4 @@
-"""Triton kernels of the GRADED rank-sums primitive (SPEC §1.1-1.2, issue 9): forward and
+"""Triton kernels of the GRADED rank-sums primitive (docs/design.md §1.1-1.2, issue 9): forward and
 deterministic backward.
 
 Same contract as `fastrank.graded.torch_graded_forward/backward`, in the packed layout of

@@ -1,4 +1,4 @@
-"""Triton kernels of the soft histograms of histogram AP (SPEC §1.3): forward and deterministic backward.
+"""Triton kernels of the soft histograms of histogram AP (docs/design.md §1.3): forward and deterministic backward.
 
 Same contract as `fastrank._hist.naive_histograms` / `torch_histograms_forward/backward` and
 the C++ kernel (csrc/histogram.h, csrc/cpu/histogram.cpp); `fastrank.ops._TritonHistograms`

@@ -1,4 +1,4 @@
-"""Triton kernels of the rank-sums primitive (SPEC §1.1): forward and deterministic backward.
+"""Triton kernels of the rank-sums primitive (docs/design.md §1.1): forward and deterministic backward.
 
 Same contract as `fastrank.reference.torch_rank_sums_forward/backward` and the C++
 kernel (csrc/cpu/rank_sums.cpp); `fastrank.ops._TritonRankSums` calls the two

@@ -1,4 +1,4 @@
-// Fused CPU forward/backward of the graded rank-sums primitive (issue 9, SPEC §1.1
+// Fused CPU forward/backward of the graded rank-sums primitive (issue 9, docs/design.md §1.1
 // with graded relevance): H-AP and NDCG surrogates.
 //
 // For ranked item j of query i (rel_j > 0) and every valid competitor k != j:

@@ -1,4 +1,4 @@
-// Fused CPU forward/backward of the rank-sums primitive (SPEC §1.1).
+// Fused CPU forward/backward of the rank-sums primitive (docs/design.md §1.1).
 //
 // One query row per task (at::parallel_for over queries): every row's output and
 // gradient is written by exactly one thread in a fixed order, so results do not

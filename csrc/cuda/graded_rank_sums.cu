@@ -1,4 +1,4 @@
-// CUDA kernels of the graded rank-sums primitive (SPEC §1.1, issue 9). No torch
+// CUDA kernels of the graded rank-sums primitive (docs/design.md §1.1, issue 9). No torch
 // headers: the glue lives in graded_rank_sums_op.cpp. Step arithmetic comes from
 // ../step.h, shared with the CPU kernels; the loop structure below is GPU-only and
 // follows rank_sums.cu.

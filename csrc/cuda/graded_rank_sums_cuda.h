@@ -1,4 +1,4 @@
-// Launchers of the CUDA graded rank-sums kernels (SPEC §1.1, issue 9): raw
+// Launchers of the CUDA graded rank-sums kernels (docs/design.md §1.1, issue 9): raw
 // pointers, sizes and a stream, no torch types, so that graded_rank_sums.cu
 // compiles with a plain `nvcc -c`.
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA kernels of the rank-sums primitive (SPEC §1.1). No torch headers: the
+// CUDA kernels of the rank-sums primitive (docs/design.md §1.1). No torch headers: the
 // glue lives in rank_sums_op.cpp. Step arithmetic comes from ../step.h, shared with
 // the CPU kernel (the CPU tests exercise it); the loop structure below is GPU-only.
 //
