@@ -27,6 +27,7 @@ from ._step import StepParams
 
 Tensor = torch.Tensor
 
+
 def _naive_hint(what: str, backend: str, missing: str, entry_points: str) -> str:
     return (
         f"fastrank: {what} on backend {backend!r} has no {missing} ({entry_points}): its gradient is a "
@@ -76,7 +77,10 @@ _is_grad_tracking = getattr(getattr(torch._C, "_functorch", None), "is_gradtrack
 def _refuse_transforms(what: str, backend: str, scores: Tensor) -> None:
     """Forward-mode AD would run the op below autograd and give a zero tangent, and torch.func's
     differentiating transforms would fail on the autograd.Function with an unrelated message:
-    refuse both, naming the way out. Outside a dual level unpack_dual returns at once (no op)."""
+    refuse both, naming the way out. Outside a dual level unpack_dual returns at once (no op).
+    Skipped while torch.compile traces (dynamo cannot trace the functorch query: a graph break)."""
+    if torch.compiler.is_compiling():
+        return
     if fwAD.unpack_dual(scores).tangent is not None or _is_grad_tracking(scores):
         raise RuntimeError(
             _naive_hint(
@@ -159,7 +163,9 @@ def _register_cpp_ops_once() -> None:
     _setup_context = _setup_context_with(4)
 
     torch.library.register_autograd(
-        "fastrank::rank_sums_fwd", _backward_with(torch.ops.fastrank.rank_sums_bwd, "fastrank::rank_sums_fwd"), setup_context=_setup_context
+        "fastrank::rank_sums_fwd",
+        _backward_with(torch.ops.fastrank.rank_sums_bwd, "fastrank::rank_sums_fwd"),
+        setup_context=_setup_context,
     )
 
     @torch.library.register_fake("fastrank::histogram_fwd")
@@ -175,7 +181,9 @@ def _register_cpp_ops_once() -> None:
         return torch.empty_like(scores)
 
     torch.library.register_autograd(
-        "fastrank::histogram_fwd", _backward_with(torch.ops.fastrank.histogram_bwd, "fastrank::histogram_fwd"), setup_context=_setup_context
+        "fastrank::histogram_fwd",
+        _backward_with(torch.ops.fastrank.histogram_bwd, "fastrank::histogram_fwd"),
+        setup_context=_setup_context,
     )
 
     @torch.library.register_fake("fastrank::graded_rank_sums_fwd")
