@@ -115,6 +115,19 @@ def test_no_positive_queries_are_left_out():
     torch.testing.assert_close(loss, 1 - per_query[:2].mean())
 
 
+@pytest.mark.parametrize("cls", [P.SmoothAPLoss, P.SupAPLoss, P.FastAPLoss, P.RecallAtKLoss, P.SoftBinAPLoss])
+def test_nan_query_without_positives_gives_nan(cls):
+    # NaN in -> NaN out: a query whose row holds a NaN is kept even when it has no positive
+    emb, labels = _batch(3, 4, seed=5)
+    ref, ref_labels = _batch(3, 6, seed=6)
+    labels = labels.clone()
+    labels[0] = 99  # no positive in the gallery
+    assert torch.isfinite(cls()(emb, labels, ref_emb=ref, ref_labels=ref_labels))  # query 0 is left out
+    emb = emb.clone()
+    emb[0, 0] = float("nan")  # only query 0's row is NaN
+    assert torch.isnan(cls()(emb, labels, ref_emb=ref, ref_labels=ref_labels))
+
+
 def test_patch_round_trip():
     original_smooth, original_fast, original_cbm = L.SmoothAPLoss, L.FastAPLoss, L.CrossBatchMemory
     assert not hasattr(L, "SupAPLoss")

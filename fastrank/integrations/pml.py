@@ -86,7 +86,8 @@ class _FusedPMLLoss(BaseMetricLossFunction):
             n_pos = n_pos - 1
         score = self.per_query_score(scores, (labels, ref_labels), ignore)
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=score.dtype, using_ref=not self_gallery)
-        keep = torch.nonzero(n_pos > 0).squeeze(1)
+        # a NaN query stays in even without positives: NaN in, NaN out (its score is NaN, not 0)
+        keep = torch.nonzero((n_pos > 0) | torch.isnan(score)).squeeze(1)
         if keep.numel() == 0:
             return self.zero_losses()
         losses = ((1 - score) * weights)[keep]
