@@ -36,12 +36,8 @@ def nan_poison(scores: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Option
         if ignore_idx is None and ignore_mask is None:
             bad = torch.isnan(scores.amax(1))  # amax propagates NaN: one reduction, no (Q, N) temporary
         else:
-            nan = torch.isnan(scores)
-            if ignore_mask is not None:
-                nan &= ~ignore_mask
-            if ignore_idx is not None:
-                col = ignore_idx.clamp(min=0).unsqueeze(1)
-                nan.scatter_(1, col, nan.gather(1, col) & (ignore_idx < 0).unsqueeze(1))
+            q, n = scores.shape
+            nan = torch.isnan(scores) & dense_valid_mask(q, n, ignore_idx, ignore_mask, scores.device)
             bad = nan.view(torch.uint8).amax(1) > 0  # on the CPU twice as fast as any(1)
         return torch.where(bad, torch.nan, 0.0).to(scores.dtype)
 
