@@ -14,9 +14,8 @@ from typing import Tuple
 
 import torch
 
-from . import _validate as V
 from ._step import compute_dtype
-from .reference import dense_positive_mask, dense_valid_mask
+from .reference import _chunk_elements, dense_positive_mask, dense_valid_mask
 
 Tensor = torch.Tensor
 
@@ -69,7 +68,7 @@ def naive_histograms(scores, pos_idx, ignore_idx, ignore_mask, p: HistParams) ->
 
 
 def _rows_per_chunk(n: int, bins: int) -> int:
-    budget = V.env_positive_int("FASTRANK_TORCH_CHUNK", 1 << 22)
+    budget = _chunk_elements()
     return max(1, budget // max(1, n * bins))
 
 
