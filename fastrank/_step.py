@@ -63,15 +63,11 @@ class StepParams:
                 f"{self.fn}: `tau` must lie in [{1.0 / big:.3g}, {big:.3g}] for {dtype} scores "
                 f"(1/tau and tau finite in {ct}), got {self.tau!r}"
             )
-        for name in ("rho", "delta", "start"):
-            v = getattr(self, name)
+        for name, v in (("rho", self.rho), ("delta", self.delta), ("start", self.start),
+                        ("offset", self.resolved_offset)):
             if not abs(v) <= big:
                 raise ValueError(f"{self.fn}: `{name}` must be finite in {ct} (|{name}| <= {big:.3g}) for "
                                  f"{dtype} scores, got {v!r}")
-        off = self.resolved_offset
-        if not abs(off) <= big:
-            raise ValueError(f"{self.fn}: `offset` must be finite in {ct} (|offset| <= {big:.3g}) for {dtype} "
-                             f"scores, got {off!r}")
 
 
 def score_diff(s_k: torch.Tensor, s_j: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
