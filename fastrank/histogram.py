@@ -35,16 +35,6 @@ def _check_bins(fn: str, bins, kind: str) -> int:
     return int(bins)
 
 
-def _check_range(fn: str, value_range) -> Tuple[float, float]:
-    if not isinstance(value_range, (tuple, list)) or len(value_range) != 2:
-        raise TypeError(f"{fn}: `range` must be a pair (min, max), got {value_range!r}")
-    lo = V.check_finite_number(fn, "range[0]", value_range[0])
-    hi = V.check_finite_number(fn, "range[1]", value_range[1])
-    if not lo < hi:
-        raise ValueError(f"{fn}: `range` must satisfy min < max, got {tuple(value_range)!r}")
-    return lo, hi
-
-
 def histogram_params(kind: str, bins: int, value_range: Tuple[float, float]) -> HistParams:
     """Bin coordinates of each kind. FastAP: squared distance x = 2 - 2s on bins+1 centres
     linspace(0, 4), closed ends. SoftBin: `bins` centres from max (bin 0) down to min, open ends."""
@@ -114,7 +104,7 @@ def histogram_ap(
     fn = "fastrank.histogram_ap"
     V.check_choice(fn, "kind", kind, KINDS)
     nbins = _check_bins(fn, bins, kind)
-    value_range = _check_range(fn, range)
+    value_range = V.check_range(fn, "range", range)
     V.check_reduction(fn, reduction)
     params = histogram_params(kind, nbins, value_range)
     if not all(math.isfinite(v) for v in (params.scale, params.shift)):
