@@ -20,7 +20,7 @@ if _os.path.isfile(_os.path.join(_repo, "triton_kernels", "__init__.py")) and \
         _os.path.isfile(_os.path.join(_repo, "setup.py")):
     __path__.append(_repo)  # noqa: F821  (a package's own __path__)
 
-from ._backend import BACKENDS, BackendInfo, backends  # noqa: E402
+from .core.backend import BACKENDS, BackendInfo, backends  # noqa: E402
 from .ap import calibration_loss, smooth_ap, sup_ap  # noqa: E402
 from . import distributed, losses, memory, metrics  # noqa: E402
 from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy  # noqa: E402

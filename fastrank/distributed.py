@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _validate as V
+from .core import validate as V
 
 Tensor = torch.Tensor
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _validate as V
+from .core import validate as V
 from .ap import calibration_loss, smooth_ap, sup_ap
+from .graded import h_ap, ndcg
 from .histogram import histogram_ap
 from .recall import recall_at_k
 
@@ -339,8 +340,6 @@ class HAPLoss(_GradedLoss):
     """
 
     def score(self, scores, relevance, ignore):
-        from .graded import h_ap
-
         return h_ap(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
 
 
@@ -348,8 +347,6 @@ class NDCGLoss(_GradedLoss):
     """1 - smooth NDCG on the rank-sums primitive. See :func:`fastrank.ndcg`."""
 
     def score(self, scores, relevance, ignore):
-        from .graded import ndcg
-
         return ndcg(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
 
 

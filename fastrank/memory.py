@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _validate as V
+from .core import validate as V
 
 Tensor = torch.Tensor
 

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _validate as V
+from .core import validate as V
 
 Tensor = torch.Tensor
 ArrayLike = Union[Tensor, np.ndarray]

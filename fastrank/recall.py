@@ -9,11 +9,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _validate as V
-from ._problem import Target
-from .ap import reduce_per_query
-from .ops import rank_sums_packed
-from .rank_sums import make_params, prepare
+from .core import validate as V
+from .core.epilogue import reduce_per_query
+from .core.params import make_params
+from .core.problem import Target, prepare
+from .rank_sums import rank_sums_packed
 
 Tensor = torch.Tensor
 

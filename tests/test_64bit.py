@@ -6,9 +6,9 @@ read row 1 from the wrong place (or crash); the histograms of row 1 are known ex
 import pytest
 import torch
 
-from fastrank._problem import build_problem
+from fastrank.core.problem import build_problem
 from fastrank.histogram import histogram_params
-from fastrank.ops import _register_cpp_ops
+from fastrank.core.registry import register_cpp_ops
 
 from .conftest import requires
 
@@ -25,7 +25,7 @@ def test_histogram_kernel_offsets_beyond_2_pow_31():
     scores[1, -3:] = 0.0  # x = 2: the middle bin, at offsets just below 2^31 + 16
     assert scores.numel() > 2**31
     pos_idx = torch.tensor([[0, -1], [n - 1, n - 2]])  # positives: one in row 0, two at the far end of row 1
-    _register_cpp_ops()
+    register_cpp_ops()
     p = histogram_params("fastap", 10, (0.0, 1.0))
     h_all, h_pos = torch.ops.fastrank.histogram_fwd(scores, pos_idx, None, None, *p.as_op_args())
     assert h_all[0, 0].item() == 3 and h_all[0].sum().item() == 3

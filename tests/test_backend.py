@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastrank
-from fastrank import _backend
+from fastrank.core import backend as _backend
 
 S = torch.rand(4, 6, dtype=torch.float64)
 LAB = (torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1, 2, 2]))

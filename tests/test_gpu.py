@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import fastrank
-from fastrank._problem import build_problem
-from fastrank._step import StepParams
-from fastrank.ops import _register_cpp_ops
+from fastrank.core.problem import build_problem
+from fastrank.core.params import StepParams
+from fastrank.core.registry import register_cpp_ops
 
 from .cases import make_case
 
@@ -89,7 +89,7 @@ def test_gpu_memory_ceiling_b8192(backend):
 @pytest.mark.skipif(not fastrank.backends()["cuda"].available, reason="CUDA kernels not built")
 @pytest.mark.parametrize("step", [0, 1])
 def test_opcheck_cuda_op(step):
-    _register_cpp_ops()
+    register_cpp_ops()
     q, n = 6, 11
     scores = torch.rand(q, n, dtype=torch.float64, device="cuda", requires_grad=True)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 3], device="cuda")
@@ -171,7 +171,7 @@ def test_gpu_graded_backward_bitwise_deterministic(backend):
 @pytest.mark.skipif(not fastrank.backends()["cuda"].available, reason="CUDA kernels not built")
 @pytest.mark.parametrize("step", [0, 1])
 def test_opcheck_cuda_graded_op(step):
-    _register_cpp_ops()
+    register_cpp_ops()
     scores, rel = _graded_case(6, 11, seed=14)
     q, n = scores.shape
     pb = build_problem(rel, torch.arange(q, device="cuda"), q, n, scores.device)

@@ -129,7 +129,7 @@ def test_torch_column_blocks_match_naive(step, chunk, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     ranked = rel > 0
     if ignore is not None:
-        ranked &= fastrank.reference.dense_valid_mask(q, n, ignore if ignore.dtype != torch.bool else None,
+        ranked &= fastrank.core.problem.dense_valid_mask(q, n, ignore if ignore.dtype != torch.bool else None,
                                                      ignore if ignore.dtype == torch.bool else None, "cpu")
     assert torch.equal(out["naive"][0] > 0, ranked)
 
@@ -383,9 +383,9 @@ def test_relevance_validation(fn):
 @pytest.mark.skipif("cpp" not in AVAILABLE, reason="needs the C++ extension")
 def test_cpp_op_checks_relevance():
     """A direct torch.ops call, bypassing the Python validation, still refuses bad relevance."""
-    from fastrank.ops import _register_cpp_ops
+    from fastrank.core.registry import register_cpp_ops
 
-    _register_cpp_ops()
+    register_cpp_ops()
     scores = torch.randn(2, 4, dtype=torch.float64)
     pos_idx = torch.tensor([[0, 1], [2, -1]])
     args = (None, None, 1, 0.05, 100.0, 0.05, 0.5, 0.6)

@@ -117,11 +117,11 @@ def test_histogram_argument_errors():
 @requires("cpp")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_histogram_ops(dtype):
-    from fastrank._problem import build_problem
+    from fastrank.core.problem import build_problem
     from fastrank.histogram import histogram_params
-    from fastrank.ops import _register_cpp_ops
+    from fastrank.core.registry import register_cpp_ops
 
-    _register_cpp_ops()
+    register_cpp_ops()
     s = torch.rand(5, 9, dtype=dtype, requires_grad=True)
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 2])
     pb = build_problem((labels[:5], labels), torch.arange(5), 5, 9, s.device)

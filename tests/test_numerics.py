@@ -194,7 +194,7 @@ def test_infinite_ranked_items_match_reference(backend, name):
 
 @pytest.mark.parametrize("name", ["smooth_ap", "sup_ap", "recall", "h_ap", "h_ap_sigmoid"])
 def test_equal_infinities_are_ties(name):
-    # the definition every backend shares (fastrank._step.score_diff): scores that compare equal
+    # the definition every backend shares (fastrank.core.step.score_diff): scores that compare equal
     # tie, infinities included, so items at +inf rank like items tied above every finite score
     s, rel = _inf_problem()
     t = _target(name, rel)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import fastrank
-from fastrank._problem import build_problem
-from fastrank._step import StepParams
-from fastrank.ops import _register_cpp_ops
+from fastrank.core.problem import build_problem
+from fastrank.core.params import StepParams
+from fastrank.core.registry import register_cpp_ops
 
 from .conftest import requires
 
@@ -25,7 +25,7 @@ def _op_args(step, ignore_kind, dtype=torch.float64):
 @pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_forward(step, ignore_kind, dtype):
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_op_args(step, ignore_kind, dtype))
     args[0] = args[0].requires_grad_()
     torch.library.opcheck(torch.ops.fastrank.rank_sums_fwd.default, tuple(args))
@@ -33,7 +33,7 @@ def test_opcheck_forward(step, ignore_kind, dtype):
 
 @pytest.mark.parametrize("step", [0, 1])
 def test_opcheck_backward(step):
-    _register_cpp_ops()
+    register_cpp_ops()
     fwd = _op_args(step, "mask")
     p = fwd[1].shape
     args = (torch.randn(p, dtype=torch.float64), torch.randn(p, dtype=torch.float64)) + fwd
@@ -41,7 +41,7 @@ def test_opcheck_backward(step):
 
 
 def test_op_rejects_bad_index_with_clear_error():
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_op_args(0, "none"))
     bad = args[1].clone()
     bad[0, 0] = 999
@@ -111,7 +111,7 @@ def _graded_op_args(step, ignore_kind, dtype=torch.float64):
 @pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_graded_forward(step, ignore_kind, dtype):
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_graded_op_args(step, ignore_kind, dtype))
     args[0] = args[0].requires_grad_()
     torch.library.opcheck(torch.ops.fastrank.graded_rank_sums_fwd.default, tuple(args))
@@ -119,7 +119,7 @@ def test_opcheck_graded_forward(step, ignore_kind, dtype):
 
 @pytest.mark.parametrize("step", [0, 1])
 def test_opcheck_graded_backward(step):
-    _register_cpp_ops()
+    register_cpp_ops()
     fwd = _graded_op_args(step, "mask")
     p = fwd[2].shape
     args = (torch.randn(p, dtype=torch.float64), torch.randn(p, dtype=torch.float64)) + fwd
@@ -165,7 +165,7 @@ _BAD_STEP = [  # (index into the step scalars (step, tau, rho, delta, start, off
 @pytest.mark.parametrize("graded", [False, True])
 @pytest.mark.parametrize("slot,value,msg", _BAD_STEP)
 def test_ops_reject_bad_step_parameters(graded, slot, value, msg):
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_graded_op_args(1, "none", torch.float32) if graded else _op_args(1, "none", torch.float32))
     n_t = 5 if graded else 4
     args[n_t + slot] = value
@@ -179,7 +179,7 @@ def test_ops_reject_bad_step_parameters(graded, slot, value, msg):
 
 
 def test_float64_op_accepts_what_float64_holds():
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_op_args(0, "none", torch.float64))
     args[5] = 1e-40  # tau: 1/tau = 1e40 is finite in float64
     ra, rp = torch.ops.fastrank.rank_sums_fwd(*args)
@@ -196,7 +196,7 @@ def _hist_args(dtype=torch.float32):
 @pytest.mark.parametrize("slot,value", [(5, float("nan")), (5, 0.0), (5, 1e39), (6, float("inf")), (6, -1e39),
                                         (4, 1)])
 def test_histogram_ops_reject_bad_bin_map(slot, value):
-    _register_cpp_ops()
+    register_cpp_ops()
     args = _hist_args()
     args[slot] = value
     with pytest.raises(ValueError, match="scale must|shift must|bins must"):
@@ -229,7 +229,7 @@ def _contract_cases():
 
 @pytest.mark.parametrize("case", _contract_cases(), ids=lambda c: c[0])
 def test_ops_check_the_packed_contract(case):
-    _register_cpp_ops()
+    register_cpp_ops()
     _, args, msg = case
     with pytest.raises(ValueError, match=msg):
         torch.ops.fastrank.rank_sums_fwd(*args)
@@ -242,7 +242,7 @@ def test_ops_check_the_packed_contract(case):
 
 
 def test_graded_ops_check_ranked_relevance_in_both_passes():
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_graded_op_args(1, "none"))
     rel, pos = args[1].clone(), args[2]
     rel[0, pos[0, 0]] = 0.0  # a ranked item of relevance 0
@@ -266,7 +266,7 @@ def test_graded_ops_check_ranked_relevance_in_both_passes():
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int64, torch.int32])
 @pytest.mark.parametrize("op", ["rank_sums", "graded", "histogram"])
 def test_backward_ops_reject_non_floating_gradients(op, dtype):
-    _register_cpp_ops()
+    register_cpp_ops()
     if op == "rank_sums":
         args, bwd, shape = _op_args(1, "mask"), torch.ops.fastrank.rank_sums_bwd, None
         shape = args[1].shape
@@ -285,7 +285,7 @@ def test_backward_ops_reject_non_floating_gradients(op, dtype):
 
 
 def test_meta_tensor_mixed_with_cpu_is_refused():
-    _register_cpp_ops()
+    register_cpp_ops()
     args = list(_op_args(0, "none"))
     args[1] = args[1].to("meta")
     with pytest.raises(ValueError, match="every tensor argument must be on one device"):
@@ -307,9 +307,9 @@ def test_meta_tensor_mixed_with_cpu_is_refused():
 _OOM_CHILD = r"""
 import resource, sys, torch
 import fastrank
-from fastrank._problem import build_problem
-from fastrank.ops import _register_cpp_ops
-_register_cpp_ops()
+from fastrank.core.problem import build_problem
+from fastrank.core.registry import register_cpp_ops
+register_cpp_ops()
 op = sys.argv[1]
 n = 1 << 22  # 33 bytes of row scratch per column (rank-sums): 138 MB per thread
 s = torch.rand(2, n)

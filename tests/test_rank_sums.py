@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastrank
-from fastrank.reference import naive_rank_sums  # noqa: F401  (the oracle the backends are compared with)
+from fastrank.rank_sums import naive  # noqa: F401  (the oracle the backends are compared with)
 
 from .cases import all_cases, make_case
 from .conftest import FUSED_CPU

@@ -81,7 +81,7 @@ def test_simultaneous_first_calls_all_get_correct_gradients(backend):
 SCRIPT_LOAD = r"""
 import json, threading
 import torch
-from fastrank._backend import _load_extension
+from fastrank.core.backend import _load_extension
 
 n_threads = 16
 barrier = threading.Barrier(n_threads)

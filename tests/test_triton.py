@@ -12,9 +12,10 @@ pytest.importorskip("triton", reason="Triton is not importable: the Triton backe
 import torch  # noqa: E402
 
 import fastrank  # noqa: E402
-from fastrank._problem import build_problem  # noqa: E402
-from fastrank._step import SIGMOID, SUPRANK, StepParams  # noqa: E402
-from fastrank.reference import naive_rank_sums, torch_rank_sums_backward  # noqa: E402
+from fastrank.core.problem import build_problem  # noqa: E402
+from fastrank.core.params import SIGMOID, SUPRANK, StepParams  # noqa: E402
+from fastrank.rank_sums.chunked import backward as torch_rank_sums_backward  # noqa: E402
+from fastrank.rank_sums.naive import forward as naive_rank_sums  # noqa: E402
 
 from .cases import Case, all_cases, make_case  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
@@ -258,7 +259,7 @@ def test_nan_rows(step, ignore_kind):
     has = r.index >= 0
     assert torch.isnan(r.rank_all[0][has[0]]).all() and torch.isnan(r.rank_pos[0][has[0]]).all()
     assert (r.rank_all[0][~has[0]] == 0).all()
-    from fastrank.reference import dense_valid_mask
+    from fastrank.core.problem import dense_valid_mask
 
     pb = build_problem(case.target, case.ignore, 6, 15, DEVICE)
     valid = dense_valid_mask(6, 15, pb.ignore_idx, pb.ignore_mask, DEVICE)

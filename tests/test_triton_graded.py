@@ -1,5 +1,5 @@
 """Triton kernels of the GRADED rank-sums primitive (triton_kernels/graded.py) against the fp64
-PyTorch reference (fastrank.graded.torch_graded_forward/backward).
+PyTorch reference (fastrank.graded.chunked.dense_forward/dense_backward).
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports the kernels,
 and they run in Triton's interpreter on CPU tensors (small shapes: it is slow). With a GPU the
@@ -13,11 +13,12 @@ pytest.importorskip("triton", reason="Triton is not importable: the Triton backe
 
 import torch  # noqa: E402
 
-from fastrank._problem import RankProblem, build_problem  # noqa: E402
-from fastrank._step import StepParams  # noqa: E402
-from fastrank.graded import torch_graded_backward, torch_graded_forward  # noqa: E402
-from fastrank.rank_sums import make_params  # noqa: E402
-from fastrank.reference import dense_valid_mask, gather_packed, scatter_packed  # noqa: E402
+from fastrank.core.problem import RankProblem, build_problem  # noqa: E402
+from fastrank.core.params import StepParams  # noqa: E402
+from fastrank.graded.chunked import dense_backward as torch_graded_backward  # noqa: E402
+from fastrank.graded.chunked import dense_forward as torch_graded_forward  # noqa: E402
+from fastrank.core.params import make_params  # noqa: E402
+from fastrank.core.problem import dense_valid_mask, gather_packed, scatter_packed  # noqa: E402
 
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402

@@ -17,10 +17,12 @@ pytest.importorskip("triton", reason="Triton is not importable: the Triton backe
 import torch  # noqa: E402
 
 import fastrank  # noqa: E402
-from fastrank._hist import HistParams, naive_histograms, torch_histograms_backward  # noqa: E402
-from fastrank._problem import build_problem  # noqa: E402
+from fastrank.core.params import HistParams  # noqa: E402
+from fastrank.histogram.chunked import backward as torch_histograms_backward  # noqa: E402
+from fastrank.histogram.naive import forward as naive_histograms  # noqa: E402
+from fastrank.core.problem import build_problem  # noqa: E402
 from fastrank.histogram import histogram_params  # noqa: E402
-from fastrank.reference import dense_valid_mask  # noqa: E402
+from fastrank.core.problem import dense_valid_mask  # noqa: E402
 
 from .cases import Case, all_cases, make_case  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank._step import SIGMOID, SUPRANK, StepParams
+from fastrank.core.params import SIGMOID, SUPRANK, StepParams
 
 Tensor = torch.Tensor
 

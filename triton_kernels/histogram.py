@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank._hist import HistParams
+from fastrank.core.params import HistParams
 
 from ._common import (
     INTERPRETED, acc_dtype, capped_pow2, check_packed_inputs, check_tensor, column_block, ignore_args, next_pow2,

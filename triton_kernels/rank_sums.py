@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank._step import StepParams
+from fastrank.core.params import StepParams
 
 from ._step import heaviside, load_step_params, step_neg, step_neg_grad
 

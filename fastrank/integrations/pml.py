@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised only without PML
         f"({e})"
     ) from e
 
-from .. import _validate as V
+from ..core import validate as V
 from .. import ap as _ap
 from ..histogram import histogram_ap
 from ..recall import recall_at_k

@@ -205,6 +205,52 @@ def check_target(fn: str, target: Any, scores: torch.Tensor) -> None:
         raise ValueError(f"{fn}: `target` contains NaN; relevance must be a number (> 0 = positive)")
 
 
+def check_relevance(fn: str, relevance: Any, scores: torch.Tensor) -> torch.Tensor:
+    """(Q, N) graded relevance: floating, integer or bool, finite, >= 0, on the device of scores.
+
+    Returns it detached in the dtype the ranks are computed in (that of scores, float32 for
+    half scores), where it is checked as well: a value that does not survive the cast (float64
+    1e-50 becomes 0 in float32 and 1e39 inf; a subnormal is flushed on GPUs) is rejected."""
+    q, n = scores.shape
+    if not isinstance(relevance, torch.Tensor):
+        raise TypeError(f"{fn}: `relevance` must be a (Q, N) tensor of graded relevance, got {_describe(relevance)}")
+    if tuple(relevance.shape) != (q, n):
+        raise ValueError(f"{fn}: `relevance` must have the shape of scores {(q, n)}, got {tuple(relevance.shape)}")
+    if relevance.device != scores.device:
+        raise ValueError(f"{fn}: `relevance` is on {relevance.device} but `scores` is on {scores.device}")
+    if relevance.dtype.is_complex or not (
+        relevance.dtype.is_floating_point or relevance.dtype in INT_DTYPES or relevance.dtype == torch.bool
+    ):
+        raise TypeError(f"{fn}: `relevance` must be a floating or integer tensor, got {relevance.dtype}")
+    dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    rel = relevance.detach().to(dtype).contiguous()
+    if relevance.dtype == torch.bool or relevance.numel() == 0:
+        return rel
+    # one reduction pass (aminmax propagates NaN); isfinite + any would take three
+    stats = list(torch.aminmax(relevance))
+    if relevance.dtype.is_floating_point:  # integers cannot underflow
+        stats.append(torch.where(relevance > 0, relevance, torch.inf).amin())
+    lo, hi, *smallest = torch.stack(stats).double().tolist()  # one host sync
+    if math.isnan(lo) or math.isinf(hi) or math.isinf(lo):
+        raise ValueError(f"{fn}: `relevance` must be finite, got NaN or inf values")
+    if lo < 0:
+        raise ValueError(f"{fn}: `relevance` must be >= 0 (0 = irrelevant), got a minimum of {lo!r}")
+    info = torch.finfo(dtype)
+    # the cast is monotone: its extremes are the casts of the extremes
+    if math.isinf(torch.tensor(hi, dtype=torch.float64).to(dtype).item()):
+        raise ValueError(
+            f"{fn}: `relevance` has values up to {hi:g}, beyond the largest {dtype} ({info.max:g}), the dtype "
+            "the ranks are computed in; rescale the relevance or pass float64 scores"
+        )
+    if smallest and math.isfinite(smallest[0]) and torch.tensor(smallest[0], dtype=torch.float64).to(dtype) < info.tiny:
+        raise ValueError(
+            f"{fn}: `relevance` has positive values down to {smallest[0]:g}, below the smallest normal {dtype} "
+            f"({info.tiny:g}), the dtype the ranks are computed in (they become 0 or lose their precision); "
+            "rescale the relevance or pass float64 scores"
+        )
+    return rel
+
+
 def check_ignore(fn: str, ignore: Any, scores: torch.Tensor) -> None:
     """None, a (Q,) integer index of one item per query (-1 = none), or a (Q, N) bool mask (True = ignored)."""
     if ignore is None:

@@ -1,6 +1,10 @@
 """Histogram AP (docs/design.md §1.3): FastAP (Cakir et al., CVPR 2019) and listwise SoftBin AP
 (Revaud et al., ICCV 2019), as epilogues on fused soft histograms.
 
+The family's anatomy (docs/design.md §4): the public function and the op here; naive.py (the
+(Q, N, L) weights, the oracle); chunked.py (the `torch` backend); triton_kernels/histogram.py;
+csrc/cpu/histogram.cpp and csrc/cuda/histogram.cu (torch.ops.fastrank.histogram_fwd / _bwd).
+
 Each score touches at most two adjacent bins, so the fused op costs O(Q*N) time and
 O(Q*bins) extra memory; only the `naive` backend builds the (Q, N, bins) tensor.
 """
@@ -12,17 +16,28 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _validate as V
-from ._hist import HistParams
-from ._problem import Target
-from .ap import reduce_per_query, safe_div
-from .ops import histograms_packed
-from .rank_sums import prepare
+from ..core import validate as V
+from ..core.epilogue import reduce_per_query, safe_div
+from ..core.params import HistParams
+from ..core.problem import Target, prepare
+from ..core.registry import run
 
 Tensor = torch.Tensor
 
 KINDS = ("fastap", "softbin")
 _DEFAULT_BINS = {"fastap": 10, "softbin": 25}
+
+
+def histograms_packed(
+    backend: str,
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: HistParams,
+) -> Tuple[Tensor, Tensor]:
+    """The op: (h_all, h_pos), each (Q, bins), differentiable w.r.t. scores, on the named backend."""
+    return run("histogram", backend, scores, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
 def _check_bins(fn: str, bins, kind: str) -> int:

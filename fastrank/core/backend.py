@@ -36,7 +36,8 @@ def _load_extension() -> Optional[str]:
     with _EXT_LOCK:
         if not _EXT_LOADED:
             try:
-                from . import _C  # noqa: F401  (registers torch.ops.fastrank.*)
+                # the extension, not a module of the layers: importing it registers torch.ops.fastrank.*
+                from .. import _C  # noqa: F401
             except ImportError as e:  # pragma: no cover - depends on the build
                 _EXT_ERROR = (
                     f"the C++ extension fastrank._C is not built or failed to load ({e}); "
@@ -59,7 +60,7 @@ class BackendInfo:
 
 
 GPU_BACKENDS = ("cuda", "triton")
-_EVIDENCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_evidence.json")
+_EVIDENCE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu_evidence.json")
 
 
 def gpu_evidence() -> Dict[str, Optional[str]]:
@@ -114,7 +115,8 @@ def _triton_info() -> BackendInfo:
     try:
         import triton  # noqa: F401
 
-        from .triton_kernels import rank_sums  # noqa: F401
+        # an availability probe of the optional Triton backend (heavy, imported only when asked)
+        from ..triton_kernels import rank_sums  # noqa: F401
     except ImportError as e:
         return BackendInfo(False, f"Triton is not importable ({e}); `pip install triton` on a CUDA machine")
     if triton_interpreted():

@@ -1,16 +1,20 @@
-"""The shared primitive: smoothed rank sums of every ranked positive (docs/design.md §1.1)."""
+"""The shared primitive: smoothed rank sums of every ranked positive (docs/design.md §1.1).
+
+The family's anatomy (docs/design.md §4): the public function and the packed op here,
+naive.py (the cube, the oracle), chunked.py (the `torch` backend), Triton in
+triton_kernels/rank_sums.py, C++ in csrc/cpu/rank_sums.cpp and csrc/cuda/rank_sums.cu
+(torch.ops.fastrank.rank_sums_fwd / _bwd). Its losses: fastrank.ap, fastrank.recall.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _validate as V
-from ._backend import CHOICES, resolve
-from ._problem import RankProblem, Target, build_problem
-from ._step import STEP_IDS, StepParams
-from .ops import rank_sums_packed
-from .reference import scatter_packed
+from ..core import validate as V
+from ..core.params import StepParams, make_params
+from ..core.problem import Target, prepare, scatter_packed
+from ..core.registry import run
 
 Tensor = torch.Tensor
 
@@ -28,34 +32,16 @@ class RankSums(NamedTuple):
     index: Optional[Tensor]
 
 
-def make_params(
-    fn: str, step: str, tau: float, rho: float, delta: float, start: float, offset: Optional[float]
-) -> StepParams:
-    V.check_choice(fn, "step", step, tuple(STEP_IDS))
-    tau = V.check_positive_number(fn, "tau", tau)
-    rho = V.check_positive_number(fn, "rho", rho, allow_zero=True)
-    delta = V.check_positive_number(fn, "delta", delta, allow_zero=True)
-    start = V.check_finite_number(fn, "start", start)
-    if offset is not None:
-        offset = V.check_finite_number(fn, "offset", offset)
-    return StepParams(STEP_IDS[step], tau, rho, delta, start, offset, fn=fn)
-
-
-def prepare(
-    fn: str, scores: Tensor, target: Target, ignore: Optional[Tensor], backend: Optional[str]
-) -> Tuple[Tensor, RankProblem, str]:
-    """Validates the common arguments; returns (scores in a kernel dtype, packed problem, backend name)."""
-    V.check_scores(fn, scores)
-    V.check_target(fn, target, scores)
-    V.check_ignore(fn, ignore, scores)
-    V.check_backend(fn, backend, CHOICES)
-    name = resolve(fn, backend, scores.device)
-    q, n = scores.shape
-    problem = build_problem(target, ignore, q, n, scores.device)
-    # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()
-    return scores, problem, name
+def rank_sums_packed(
+    backend: str,
+    scores: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: StepParams,
+) -> Tuple[Tensor, Tensor]:
+    """The op: (rank_all, rank_pos), each (Q, P), differentiable w.r.t. scores, on the named backend."""
+    return run("rank_sums", backend, scores, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
 def rank_sums(

@@ -1,4 +1,5 @@
-"""From user inputs (dense relevance or labels, ignore) to the packed problem the kernels take.
+"""From user inputs (dense relevance or labels, ignore) to the packed problem the kernels take
+(docs/design.md §3), and the conversions between the packed and the dense layout.
 
 Kernels never see labels or a dense relevance: they get `pos_idx` (Q, P), the
 columns of each query's ranked positives (-1 = hole, P = the largest count), and
@@ -8,9 +9,12 @@ once, so no (Q, N) mask is ever formed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from . import validate as V
+from .backend import CHOICES, resolve
 
 Tensor = torch.Tensor
 Target = Union[Tensor, Sequence[Tensor]]
@@ -22,6 +26,8 @@ class RankProblem:
     n_pos: Tensor  # (Q,) int64 number of ranked positives per query
     ignore_idx: Optional[Tensor]  # (Q,) int64 or None
     ignore_mask: Optional[Tensor]  # (Q, N) bool or None
+    #: graded family: (Q, N) relevance in the compute dtype (validate.check_relevance); else None
+    relevance: Optional[Tensor] = None
 
 
 def _pack_rows(rows: Tensor, cols: Tensor, counts: Tensor, q: int, device) -> Tensor:
@@ -103,3 +109,69 @@ def dense_relevance(target: Target, q: int, n: int) -> Tensor:
         # as int64: torch has no type promotion for uint16/32/64, even against each other
         return target[0].to(torch.int64).unsqueeze(1) == target[1].to(torch.int64).unsqueeze(0)
     return target if target.dtype == torch.bool else target > 0
+
+
+def prepare(
+    fn: str,
+    scores: Tensor,
+    target: Target,
+    ignore: Optional[Tensor],
+    backend: Optional[str],
+    *,
+    graded: bool = False,
+) -> Tuple[Tensor, RankProblem, str]:
+    """Validates the arguments every op shares; returns (scores in a kernel dtype, packed problem,
+    backend name).
+
+    graded=True: `target` is a graded (Q, N) relevance, checked as such and kept in
+    `problem.relevance`; its ranked items (> 0, not ignored) are packed into pos_idx exactly as
+    the positives of a binary target are, so both families share one layout."""
+    V.check_scores(fn, scores)
+    rel = V.check_relevance(fn, target, scores) if graded else V.check_target(fn, target, scores)
+    V.check_ignore(fn, ignore, scores)
+    V.check_backend(fn, backend, CHOICES)
+    name = resolve(fn, backend, scores.device)
+    q, n = scores.shape
+    problem = build_problem(target, ignore, q, n, scores.device)
+    if graded:
+        problem.relevance = rel
+    # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    return scores, problem, name
+
+
+# --------------------------------------------------------------------------- layout conversions
+
+
+def dense_positive_mask(pos_idx: Tensor, n: int) -> Tensor:
+    """(Q, N) bool mask of ranked positives, from the packed index (holes dropped)."""
+    q = pos_idx.shape[0]
+    mask = torch.zeros(q, n + 1, dtype=torch.bool, device=pos_idx.device)
+    # holes go to the spare column n, so no two writes ever target the same cell
+    mask.scatter_(1, torch.where(pos_idx >= 0, pos_idx, n), True)
+    return mask[:, :n]
+
+
+def dense_valid_mask(q: int, n: int, ignore_idx: Optional[Tensor], ignore_mask: Optional[Tensor], device) -> Tensor:
+    """(Q, N) bool mask of items that take part in the ranking (not ignored)."""
+    valid = torch.ones(q, n + 1, dtype=torch.bool, device=device)
+    if ignore_idx is not None:
+        valid.scatter_(1, torch.where(ignore_idx >= 0, ignore_idx, n).unsqueeze(1), False)
+    valid = valid[:, :n]
+    if ignore_mask is not None:
+        valid = valid & ~ignore_mask
+    return valid
+
+
+def gather_packed(full: Tensor, pos_idx: Tensor) -> Tensor:
+    """(Q, P) packed values full[i, pos_idx[i, p]] of a (Q, N) tensor, 0 at holes."""
+    has = pos_idx >= 0
+    return torch.where(has, full.gather(1, pos_idx.clamp(min=0)), torch.zeros((), dtype=full.dtype, device=full.device))
+
+
+def scatter_packed(packed: Tensor, pos_idx: Tensor, n: int) -> Tensor:
+    """The inverse of gather_packed: (Q, N) with packed[i, p] at column pos_idx[i, p], 0 elsewhere
+    (differentiable w.r.t. packed). Holes go to a spare column n, dropped afterwards."""
+    cols = torch.where(pos_idx >= 0, pos_idx, n)
+    return packed.new_zeros(packed.shape[0], n + 1).scatter(1, cols, packed)[:, :n]

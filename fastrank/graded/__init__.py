@@ -1,0 +1,287 @@
+"""Graded relevance on the rank-sums primitive (docs/design.md §1.1-1.2): H-AP and NDCG.
+
+Every backend of the binary primitive has a graded twin with the same packed
+contract (graded_rank_sums_packed, the op): outputs (Q, P) at the ranked items
+pos_idx, relevance (Q, N) passed next to the packed problem. The family's anatomy
+(docs/design.md §4): the public functions and the op here; naive.py (the cube, the
+tests' oracle); chunked.py (the `torch` backend); triton_kernels/graded.py;
+csrc/cpu/graded_rank_sums.cpp and csrc/cuda/graded_rank_sums.cu
+(torch.ops.fastrank.graded_rank_sums_fwd / _bwd).
+
+Graded primitive, for query i and every *ranked* item j (rel_ij > 0, not ignored),
+with d = s_ik - s_ij and k running over the valid (not ignored) items, k != j:
+
+    rank_all[i,j] = 1     + sum_k  g(d; k vs j)
+    rank_pos[i,j] = rel_j + sum_k  min(rel_j, rel_k) * h(d)
+
+* step="suprank": h = H (exact step, H(0) = 1, no gradient); g = H when
+  rel_k >= rel_j, else the upper bound H^- of docs/design.md §1.1.
+* step="sigmoid": g = h = sigma_tau for every competitor (as Smooth-AP).
+
+With relevance in {0, 1} this is exactly :func:`fastrank.rank_sums`. Relevance is
+a constant: no gradient flows to it. Outputs are dense (Q, N), 0 at items that
+are not ranked (rel = 0 or ignored).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..core import validate as V
+from ..core.epilogue import reduce_per_query, safe_div
+from ..core.params import StepParams, make_params
+from ..core.problem import RankProblem, gather_packed, prepare, scatter_packed
+from ..core.registry import run
+
+Tensor = torch.Tensor
+
+HIERARCHY_MODES = ("shared_prefix", "shared_levels")
+
+
+# --------------------------------------------------------------------------- relevance helper
+
+
+def relevance_from_hierarchy(
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    mode: str = "shared_prefix",
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(Q, N) graded relevance from hierarchical integer labels.
+
+    Args:
+        query_labels: (Q, L) integer labels, column 0 the coarsest level (e.g. family),
+            column L-1 the finest (e.g. species).
+        gallery_labels: (N, L) integer labels, same levels.
+        mode: how levels are counted.
+
+            * ``"shared_prefix"`` (default; the form of HAPPIER / SupRank for hierarchical
+              labels): the number of leading levels, from the coarsest, on which query and
+              item agree, stopping at the first disagreement. Two items of the same species
+              get L, same genus but another species L-1, ..., another family 0.
+            * ``"shared_levels"``: the number of levels on which they agree, anywhere
+              (for label matrices whose columns are independent attributes rather than a tree).
+
+        dtype: floating dtype of the result.
+
+    Returns:
+        (Q, N) relevance in {0, ..., L}, 0 = irrelevant.
+
+    Example:
+        >>> q = torch.tensor([[0, 0, 0]]); g = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+        >>> relevance_from_hierarchy(q, g)
+        tensor([[3., 2., 1., 0.]])
+        >>> relevance_from_hierarchy(q, g, "shared_levels")
+        tensor([[3., 2., 2., 2.]])
+    """
+    fn = "fastrank.relevance_from_hierarchy"
+    for name, lab in (("query_labels", query_labels), ("gallery_labels", gallery_labels)):
+        if not isinstance(lab, torch.Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a 2-D integer tensor (rows x levels), got {V._describe(lab)}")
+        if lab.dtype not in V.INT_DTYPES:
+            raise TypeError(f"{fn}: `{name}` must be an integer tensor, got {lab.dtype}")
+        if lab.dim() != 2:
+            raise ValueError(
+                f"{fn}: `{name}` must be 2-D (rows x levels, column 0 = coarsest), got shape {tuple(lab.shape)}; "
+                "for a single level use labels.unsqueeze(1)"
+            )
+    if query_labels.shape[1] != gallery_labels.shape[1]:
+        raise ValueError(
+            f"{fn}: `query_labels` and `gallery_labels` must have the same number of levels, "
+            f"got {query_labels.shape[1]} and {gallery_labels.shape[1]}"
+        )
+    if query_labels.shape[1] == 0:
+        raise ValueError(f"{fn}: the label matrices need at least one level, got shape {tuple(query_labels.shape)}")
+    if query_labels.device != gallery_labels.device:
+        raise ValueError(
+            f"{fn}: `query_labels` is on {query_labels.device} but `gallery_labels` is on {gallery_labels.device}"
+        )
+    V.check_choice(fn, "mode", mode, HIERARCHY_MODES)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{fn}: `dtype` must be a floating torch.dtype, got {dtype!r}")
+    qlab = query_labels.to(torch.int64)
+    glab = gallery_labels.to(torch.int64)
+    q, n = qlab.shape[0], glab.shape[0]
+    rel = torch.zeros(q, n, dtype=dtype, device=qlab.device)
+    alive = torch.ones(q, n, dtype=torch.bool, device=qlab.device)
+    # one level at a time: memory O(Q*N), never (Q, N, L)
+    for level in range(qlab.shape[1]):
+        eq = qlab[:, level].unsqueeze(1) == glab[:, level].unsqueeze(0)
+        if mode == "shared_prefix":
+            alive = alive & eq
+            rel += alive
+        else:
+            rel += eq
+    return rel
+
+
+# --------------------------------------------------------------------------- the op
+
+
+def graded_rank_sums_packed(
+    backend: str,
+    scores: Tensor,
+    relevance: Tensor,
+    pos_idx: Tensor,
+    ignore_idx: Optional[Tensor],
+    ignore_mask: Optional[Tensor],
+    params: StepParams,
+) -> Tuple[Tensor, Tensor]:
+    """The op: graded (rank_all, rank_pos), each (Q, P) at the ranked items pos_idx, differentiable
+    w.r.t. scores (not relevance, a constant of the dtype of scores), on the named backend."""
+    return run("graded_rank_sums", backend, scores, relevance, pos_idx, ignore_idx, ignore_mask, params=params)
+
+
+def _packed(fn, scores, relevance, ignore, backend, params) -> Tuple[Tensor, Tensor, RankProblem]:
+    """(rank_all, rank_pos) packed (Q, P) and the problem (its relevance in the kernel dtype)."""
+    scores, pb, name = prepare(fn, scores, relevance, ignore, backend, graded=True)
+    ra, rp = graded_rank_sums_packed(name, scores, pb.relevance, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    return ra, rp, pb
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def graded_rank_sums(
+    scores: Tensor,
+    relevance: Tensor,
+    *,
+    step: str = "suprank",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""Graded rank sums (rank_all, rank_pos), dense (Q, N), defined where relevance > 0.
+
+    .. math::
+        \mathrm{rank\_all}[i,j] = 1 + \sum_{k \ne j\ \mathrm{valid}} g(s_{ik} - s_{ij}), \qquad
+        \mathrm{rank\_pos}[i,j] = r_{ij} + \sum_{k \ne j\ \mathrm{valid}} \min(r_{ij}, r_{ik})\, h(s_{ik} - s_{ij})
+
+    step="suprank": h = H (H(0) = 1, no gradient), g = H if r_ik >= r_ij else H^-.
+    step="sigmoid": g = h = sigma_tau. Relevance in {0, 1} gives exactly
+    :func:`fastrank.rank_sums`. Items with relevance 0 or left out by `ignore` get 0.
+
+    Args:
+        scores: (Q, N) similarities, floating (float16/bfloat16 computed in float32).
+        relevance: (Q, N) graded relevance >= 0 (floating, integer or bool), finite; no gradient.
+        ignore: None, (Q,) index of one item per query (-1 = none), or (Q, N) bool mask.
+        backend: "naive" (cube + autograd), "torch" (chunked), "cpp", "triton", "cuda", or
+            None (FASTRANK_BACKEND, else auto: cpp on CPU, cuda/triton on GPU, as for rank_sums).
+    """
+    fn = "fastrank.graded_rank_sums"
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    ra, rp, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    n = scores.shape[1]
+    return scatter_packed(ra, pb.pos_idx, n), scatter_packed(rp, pb.pos_idx, n)
+
+
+def h_ap(
+    scores: Tensor,
+    relevance: Tensor,
+    *,
+    step: str = "suprank",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""H-AP (HAPPIER, Ramzi et al., ECCV 2022): AP for graded relevance.
+
+    .. math:: \mathrm{H\text{-}AP}_i = \frac{\sum_{j: r_{ij} > 0} \mathrm{rank\_pos}[i,j] / \mathrm{rank\_all}[i,j]}
+                                          {\sum_j r_{ij}}
+
+    with the ranks of :func:`graded_rank_sums` (sums over items not left out by
+    `ignore`). Binary relevance gives :func:`fastrank.sup_ap` (step="suprank") or
+    :func:`fastrank.smooth_ap` (step="sigmoid"). Returns the metric (higher is
+    better): use ``1 - h_ap(...)`` as a loss.
+
+    reduction: "mean" over queries with a relevant item (0 if none has one), "sum",
+    or "none" (0 for queries without a relevant item).
+    """
+    fn = "fastrank.h_ap"
+    V.check_reduction(fn, reduction)
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    rank_all, rank_pos, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    rel = pb.relevance
+    # packed (Q, P) sums in column order, as fastrank.ap does (the binary case is bit-exact)
+    has = pb.pos_idx >= 0
+    ratio = safe_div(rank_pos, rank_all, has)
+    total = gather_packed(rel, pb.pos_idx).sum(1)
+    ap = safe_div(ratio.sum(1), total, pb.n_pos > 0)
+    return reduce_per_query(ap, scores, pb, reduction)
+
+
+def _check_gain_range(fn: str, rel: Tensor) -> None:
+    """The gain 2^rel - 1 must be finite in the computation dtype (fp32: rel < 128)."""
+    if rel.numel() == 0:
+        return
+    top = float(rel.max())
+    limit = math.log2(torch.finfo(rel.dtype).max)
+    if top >= limit:
+        raise ValueError(
+            f"{fn}: `relevance` up to {top:g} overflows the gain 2^rel - 1 in {rel.dtype} (needs rel < {limit:.0f}); "
+            "rescale the relevance or pass float64 scores"
+        )
+
+
+def ndcg(
+    scores: Tensor,
+    relevance: Tensor,
+    *,
+    step: str = "suprank",
+    tau: float = 0.01,
+    rho: float = 100.0,
+    delta: float = 0.05,
+    start: float = 0.5,
+    offset: Optional[float] = None,
+    ignore: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Smoothed NDCG on the graded rank sums (SupRank).
+
+    .. math:: \mathrm{DCG}_i = \sum_{j: r_{ij} > 0} \frac{2^{r_{ij}} - 1}{\log_2(1 + \mathrm{rank\_all}[i,j])},
+              \qquad \mathrm{NDCG}_i = \mathrm{DCG}_i / \mathrm{IDCG}_i
+
+    IDCG_i is the DCG of the exact ordering: the relevances of the items not left
+    out, sorted descending, at ranks 1, 2, .... Only rank_all is used. Returns the
+    metric (higher is better). reduction as in :func:`h_ap`.
+    """
+    fn = "fastrank.ndcg"
+    V.check_reduction(fn, reduction)
+    params = make_params(fn, step, tau, rho, delta, start, offset)
+    rank_all, _, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    rel = pb.relevance
+    _check_gain_range(fn, rel)
+    # the ranked items (relevance > 0, not ignored) are exactly the packed ones
+    has = pb.pos_idx >= 0
+    zero = rel.new_zeros(())
+    r = gather_packed(rel, pb.pos_idx)
+    # 2^r - 1 rounds to 0 for r below ~1e-7 in float32: expm1 keeps small gains; exp2 keeps the
+    # large ones exact up to the limit _check_gain_range allows
+    gain = torch.where(has, torch.where(r < 1, torch.expm1(r * math.log(2)), torch.exp2(r) - 1), zero)
+    # NDCG is a ratio of sums of gains: scaling a row by its largest gain changes nothing but
+    # keeps those sums finite where several gains near the dtype's largest value would overflow
+    if gain.shape[1]:  # P = 0 when nothing is ranked anywhere
+        top = gain.amax(1, keepdim=True)
+        gain = gain / torch.where(top > 0, top, torch.ones_like(top))
+    # rank_all >= 1 where ranked; log2(2) = 1 at holes keeps the masked terms finite
+    disc = torch.log2(1 + torch.where(has, rank_all, torch.ones_like(rank_all)))
+    dcg = torch.where(has, gain / disc, zero).sum(1)
+    ideal_gain = gain.sort(dim=1, descending=True).values
+    ideal_disc = torch.log2(torch.arange(2, gain.shape[1] + 2, dtype=rel.dtype, device=rel.device))
+    idcg = (ideal_gain / ideal_disc).sum(1)
+    has = pb.n_pos > 0
+    value = safe_div(dcg, idcg, has & (idcg > 0))
+    return reduce_per_query(value, scores, pb, reduction)
