@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import validate as V
+from .core.backend import CHOICES
 from .ap import calibration_loss, smooth_ap, sup_ap
 from .graded import h_ap, ndcg
 from .histogram import histogram_ap
@@ -115,7 +116,7 @@ class _RankingLoss(nn.Module):
             V.check_choice(name, "similarity", similarity, ("cosine", "dot"))
         if include_self is None:
             include_self = self._self_default
-        V.check_backend(name, backend, ("naive", "torch", "cpp", "triton", "cuda", "auto"))
+        V.check_backend(name, backend, CHOICES)
         self.similarity = similarity
         self.include_self = V.check_self_mode(name, include_self)
         self.backend = backend

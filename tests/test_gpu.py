@@ -199,7 +199,7 @@ def _batch(b=512, seed=0, device="cuda"):
     return emb, (labels, labels)
 
 
-@pytest.mark.xfail(reason="host syncs remain in packing (_problem.py), validation (_validate.py) and the CUDA "
+@pytest.mark.xfail(reason="host syncs remain in packing (core/problem.py), validation (core/validate.py) and the CUDA "
                           "glue (csrc/checks.h) until the sync-free fused kernels land; tools/gpu_parity.py "
                           "reports the count per call", raises=RuntimeError, strict=False)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

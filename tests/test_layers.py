@@ -1,4 +1,4 @@
-"""Imports point one way (docs/design.md §4): core <- backends <- public modules.
+"""Imports point one way (docs/design.md §2.1): core <- backends <- public modules.
 
 Read from the source with `ast`, not by importing: importing any submodule runs
 fastrank/__init__.py, which imports everything, so an import-time check could not see

@@ -23,7 +23,7 @@ Everything lands in bench/results/gpu_<device>_<date>/ (the build log, each step
 PNGs, JUnit XML) with summary.md, which is printed last. When every parity row and GPU test
 of a backend passed, fastrank/gpu_evidence.json records the summary as that backend's evidence
 (and, once both GPU backends have it, which one the benchmark found faster): `auto` on CUDA
-reads it (fastrank/_backend.py). Commit the folder and the JSON.
+reads it (fastrank/core/backend.py). Commit the folder and the JSON.
 
 Budget (GPU_CHECK_BUDGET_S, default 450 s; quick 180 s): a step that cannot start with at
 least its minimum time left is recorded as skipped. Needs no network: nothing is installed

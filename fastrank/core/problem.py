@@ -77,7 +77,7 @@ def _drop_ignored(pos_idx: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Op
 
 
 def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, device) -> RankProblem:
-    """Packs positives and ignore; arguments must already be validated (fastrank._validate)."""
+    """Packs positives and ignore; arguments must already be validated (fastrank.core.validate)."""
     ignore_idx = ignore_mask = None
     if ignore is not None:
         if ignore.dtype == torch.bool:

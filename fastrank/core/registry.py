@@ -110,7 +110,7 @@ def _bins_shape(tensors: Tuple[Any, ...], pos: int, args: Tuple[Any, ...]) -> Tu
 
 @dataclass(frozen=True)
 class OpFamily:
-    """One op family: the same anatomy for each (docs/design.md §4).
+    """One op family: the same anatomy for each (docs/design.md §2.1).
 
     `name` is also the C++ op prefix (torch.ops.fastrank.<name>_fwd / _bwd) and the Triton
     module (fastrank.triton_kernels.<name>); `package` holds the public functions, naive.py

@@ -3,7 +3,7 @@
 Every backend of the binary primitive has a graded twin with the same packed
 contract (graded_rank_sums_packed, the op): outputs (Q, P) at the ranked items
 pos_idx, relevance (Q, N) passed next to the packed problem. The family's anatomy
-(docs/design.md §4): the public functions and the op here; naive.py (the cube, the
+(docs/design.md §2.1): the public functions and the op here; naive.py (the cube, the
 tests' oracle); chunked.py (the `torch` backend); triton_kernels/graded.py;
 csrc/cpu/graded_rank_sums.cpp and csrc/cuda/graded_rank_sums.cu
 (torch.ops.fastrank.graded_rank_sums_fwd / _bwd).

@@ -1,7 +1,7 @@
 """Histogram AP (docs/design.md §1.3): FastAP (Cakir et al., CVPR 2019) and listwise SoftBin AP
 (Revaud et al., ICCV 2019), as epilogues on fused soft histograms.
 
-The family's anatomy (docs/design.md §4): the public function and the op here; naive.py (the
+The family's anatomy (docs/design.md §2.1): the public function and the op here; naive.py (the
 (Q, N, L) weights, the oracle); chunked.py (the `torch` backend); triton_kernels/histogram.py;
 csrc/cpu/histogram.cpp and csrc/cuda/histogram.cu (torch.ops.fastrank.histogram_fwd / _bwd).
 

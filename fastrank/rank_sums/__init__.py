@@ -1,6 +1,6 @@
 """The shared primitive: smoothed rank sums of every ranked positive (docs/design.md §1.1).
 
-The family's anatomy (docs/design.md §4): the public function and the packed op here,
+The family's anatomy (docs/design.md §2.1): the public function and the packed op here,
 naive.py (the cube, the oracle), chunked.py (the `torch` backend), Triton in
 triton_kernels/rank_sums.py, C++ in csrc/cpu/rank_sums.cpp and csrc/cuda/rank_sums.cu
 (torch.ops.fastrank.rank_sums_fwd / _bwd). Its losses: fastrank.ap, fastrank.recall.
