@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import fastrank
 
 from .cases import make_case
-from .conftest import CPU_BACKENDS, FUSED_CPU, requires
+from .conftest import CPU_BACKENDS, FUSED_CPU
 from .nan_rows import NAN_BACKENDS, check_nan_rows
 from .published import published_fastap, published_softbin_ap
 
@@ -112,25 +112,6 @@ def test_histogram_argument_errors():
         fastrank.histogram_ap(s, t, kind="softbin", range=(0.0, float("inf")))
     with pytest.raises(TypeError, match="`range` must be a pair"):
         fastrank.histogram_ap(s, t, kind="softbin", range=0.5)
-
-
-@requires("cpp")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_histogram_ops(dtype):
-    from fastrank.core.problem import build_problem
-    from fastrank.histogram import histogram_params
-    from fastrank.core.registry import register_cpp_ops
-
-    register_cpp_ops()
-    s = torch.rand(5, 9, dtype=dtype, requires_grad=True)
-    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 2])
-    pb = build_problem((labels[:5], labels), torch.arange(5), 5, 9, s.device)
-    for kind in ("fastap", "softbin"):
-        p = histogram_params(kind, 6, (0.0, 1.0))
-        args = (s, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + p.as_op_args()
-        torch.library.opcheck(torch.ops.fastrank.histogram_fwd.default, args)
-        g = torch.randn(5, p.bins, dtype=dtype)
-        torch.library.opcheck(torch.ops.fastrank.histogram_bwd.default, (g, g.clone(), s.detach()) + args[1:])
 
 
 # --------------------------------------------------------------------------- NaN in -> NaN out

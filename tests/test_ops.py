@@ -5,7 +5,8 @@ import torch
 import fastrank
 from fastrank.core.problem import build_problem
 from fastrank.core.params import StepParams
-from fastrank.core.registry import register_cpp_ops
+from fastrank.core.registry import FAMILIES, register_cpp_ops
+from fastrank.histogram import histogram_params
 
 from .conftest import requires
 
@@ -19,25 +20,6 @@ def _op_args(step, ignore_kind, dtype=torch.float64):
     ignore = {"none": None, "index": torch.arange(q), "mask": torch.rand(q, n) < 0.3}[ignore_kind]
     pb = build_problem((labels[:q], labels), ignore, q, n, scores.device)
     return (scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
-
-
-@pytest.mark.parametrize("step", [0, 1])
-@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_forward(step, ignore_kind, dtype):
-    register_cpp_ops()
-    args = list(_op_args(step, ignore_kind, dtype))
-    args[0] = args[0].requires_grad_()
-    torch.library.opcheck(torch.ops.fastrank.rank_sums_fwd.default, tuple(args))
-
-
-@pytest.mark.parametrize("step", [0, 1])
-def test_opcheck_backward(step):
-    register_cpp_ops()
-    fwd = _op_args(step, "mask")
-    p = fwd[1].shape
-    args = (torch.randn(p, dtype=torch.float64), torch.randn(p, dtype=torch.float64)) + fwd
-    torch.library.opcheck(torch.ops.fastrank.rank_sums_bwd.default, args)
 
 
 def test_op_rejects_bad_index_with_clear_error():
@@ -85,7 +67,8 @@ def test_compiled_training_step_keeps_the_fused_op_in_the_graph():
     assert any("rank_sums_fwd" in str(t) for t in ops), ops
     for reason in explained.break_reasons:
         frames = [f.filename for f in reason.user_stack]
-        assert not any(f.endswith(("fastrank/ops.py", "fastrank/reference.py")) for f in frames), reason.reason
+        assert not any(f.endswith(("fastrank/core/registry.py", "fastrank/rank_sums/chunked.py")) for f in frames), \
+            reason.reason
     compiled = torch.compile(step)
     loss = compiled(x, labels)
     loss.backward()
@@ -107,23 +90,47 @@ def _graded_op_args(step, ignore_kind, dtype=torch.float64):
     return (scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
 
 
-@pytest.mark.parametrize("step", [0, 1])
+def _histogram_op_args(kind, ignore_kind, dtype=torch.float64):
+    q, n = 5, 9
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(q, n, generator=g, dtype=dtype)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 2])
+    ignore = {"none": None, "index": torch.arange(q), "mask": torch.rand(q, n, generator=g) < 0.3}[ignore_kind]
+    pb = build_problem((labels[:q], labels), ignore, q, n, scores.device)
+    return (scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + histogram_params(kind, 6, (0.0, 1.0)).as_op_args()
+
+
+# ---- opcheck of every op family of the registry (schema, fake kernel, autograd registration)
+
+# per family: its forward arguments for a variant (step id or histogram kind) and an ignore form
+_OP_ARGS = {"rank_sums": _op_args, "graded_rank_sums": _graded_op_args, "histogram": _histogram_op_args}
+_VARIANTS = {"rank_sums": [0, 1], "graded_rank_sums": [0, 1], "histogram": ["fastap", "softbin"]}
+_OPCHECK = [(f, v) for f in FAMILIES for v in _VARIANTS[f]]
+
+
+def test_every_family_has_an_opcheck():
+    assert set(_OP_ARGS) == set(_VARIANTS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family,variant", _OPCHECK)
 @pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_graded_forward(step, ignore_kind, dtype):
+def test_opcheck_forward(family, variant, ignore_kind, dtype):
     register_cpp_ops()
-    args = list(_graded_op_args(step, ignore_kind, dtype))
+    args = list(_OP_ARGS[family](variant, ignore_kind, dtype))
     args[0] = args[0].requires_grad_()
-    torch.library.opcheck(torch.ops.fastrank.graded_rank_sums_fwd.default, tuple(args))
+    torch.library.opcheck(getattr(torch.ops.fastrank, FAMILIES[family].cpp_fwd).default, tuple(args))
 
 
-@pytest.mark.parametrize("step", [0, 1])
-def test_opcheck_graded_backward(step):
+@pytest.mark.parametrize("family,variant", _OPCHECK)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_backward(family, variant, dtype):
     register_cpp_ops()
-    fwd = _graded_op_args(step, "mask")
-    p = fwd[2].shape
-    args = (torch.randn(p, dtype=torch.float64), torch.randn(p, dtype=torch.float64)) + fwd
-    torch.library.opcheck(torch.ops.fastrank.graded_rank_sums_bwd.default, args)
+    f = FAMILIES[family]
+    fwd = _OP_ARGS[family](variant, "mask", dtype)
+    shape = f.out_shape(fwd, f.pos_idx_at, fwd[len(f.tensors):])
+    args = (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) + fwd
+    torch.library.opcheck(getattr(torch.ops.fastrank, f.cpp_bwd).default, args)
 
 
 @pytest.mark.parametrize("fn", [fastrank.h_ap, fastrank.ndcg])
