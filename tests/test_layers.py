@@ -20,7 +20,7 @@ FAMILIES = ("rank_sums", "graded", "histogram")
 # function-level imports that are not part of the layering: probes of optional pieces (the
 # compiled extension, the Triton backend) that must not be imported before they are asked for
 ALLOWED_DEFERRED = {
-    ("fastrank.core.backend", "fastrank._C"),
+    ("fastrank.core.extension", "fastrank._C"),
     ("fastrank.core.backend", "fastrank.triton_kernels.rank_sums"),
 }
 

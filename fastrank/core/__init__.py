@@ -8,6 +8,7 @@ It imports nothing from the rest of fastrank (tests/test_layers.py checks it):
 * problem    user inputs (relevance or labels, ignore) to the packed problem, and back
 * chunks     the block sizes of the chunked PyTorch backends
 * epilogue   what the losses share after the op: safe division, NaN per query, reduction
+* extension  loads the compiled fastrank._C once, with the reason when it cannot
 * backend    which backend runs a call (the one reader of TRITON_INTERPRET)
 * registry   the table of op families and the autograd glue of every backend
 """

@@ -11,41 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
+from .extension import load_extension as _load_extension
+from .registry import FAMILIES
+
 BACKENDS = ("naive", "torch", "cpp", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
-
-_EXT_ERROR: Optional[str] = None
-_EXT_LOADED = False
-_EXT_LOCK = threading.Lock()
-
-
-def _load_extension() -> Optional[str]:
-    """Imports fastrank._C once; returns None on success or the reason it failed.
-
-    Thread-safe: the flag is set only after the import has finished, under a lock, so a
-    thread never sees "loaded" while another is still registering torch.ops.fastrank.*."""
-    global _EXT_ERROR, _EXT_LOADED
-    if _EXT_LOADED:
-        return _EXT_ERROR
-    with _EXT_LOCK:
-        if not _EXT_LOADED:
-            try:
-                # the extension, not a module of the layers: importing it registers torch.ops.fastrank.*
-                from .. import _C  # noqa: F401
-            except ImportError as e:  # pragma: no cover - depends on the build
-                _EXT_ERROR = (
-                    f"the C++ extension fastrank._C is not built or failed to load ({e}); "
-                    "build it with `pip install --no-build-isolation -e .` (or `make test`)"
-                )
-            _EXT_LOADED = True
-    return _EXT_ERROR
-
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -89,14 +64,12 @@ def cuda_preference() -> List[str]:
     return [first] + [b for b in GPU_BACKENDS if b != first]
 
 
-# every op family's forward op: a build has CUDA kernels only if all of them have one
-_CUDA_OPS = ("fastrank::rank_sums_fwd", "fastrank::graded_rank_sums_fwd", "fastrank::histogram_fwd")
-
-
 def _has_cuda_kernel() -> bool:
+    """A build has CUDA kernels only if every op family's forward and backward op has one."""
     if _load_extension() is not None:
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in _CUDA_OPS)
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrank::{op}", "CUDA")
+               for f in FAMILIES.values() for op in (f.cpp_fwd, f.cpp_bwd))
 
 
 def _verified_note(backend: str, evidence: Optional[str]) -> str:

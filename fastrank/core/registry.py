@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .backend import _load_extension
+from .extension import load_extension
 
 Tensor = torch.Tensor
 
@@ -177,7 +177,7 @@ def register_cpp_ops() -> None:
     if _REGISTERED:
         return
     with _REGISTER_LOCK:
-        if not _REGISTERED and _load_extension() is None:
+        if not _REGISTERED and load_extension() is None:
             for family in FAMILIES.values():
                 _register_family(family)
             _REGISTERED = True
