@@ -228,14 +228,14 @@ cudaError_t graded_rank_sums_backward(const T* grad_all, const T* grad_pos, cons
   return cudaGetLastError();
 }
 
-#define FR_INSTANTIATE(T)                                                                                           \
-  template cudaError_t graded_rank_sums_forward<T>(const ProblemView<T>&, const T*, int, StepParams<T>, T*, T*,      \
-                                                   cudaStream_t);                                                    \
-  template cudaError_t graded_rank_sums_backward<T>(const T*, const T*, const ProblemView<T>&, const T*, int,        \
-                                                    StepParams<T>, T*, cudaStream_t);
-FR_INSTANTIATE(float)
-FR_INSTANTIATE(double)
-#undef FR_INSTANTIATE
+template cudaError_t graded_rank_sums_forward<float>(const ProblemView<float>&, const float*, int, StepParams<float>,
+                                                     float*, float*, cudaStream_t);
+template cudaError_t graded_rank_sums_forward<double>(const ProblemView<double>&, const double*, int,
+                                                      StepParams<double>, double*, double*, cudaStream_t);
+template cudaError_t graded_rank_sums_backward<float>(const float*, const float*, const ProblemView<float>&,
+                                                      const float*, int, StepParams<float>, float*, cudaStream_t);
+template cudaError_t graded_rank_sums_backward<double>(const double*, const double*, const ProblemView<double>&,
+                                                       const double*, int, StepParams<double>, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastrank

@@ -242,13 +242,14 @@ cudaError_t rank_sums_backward(const T* grad_all, const T* grad_pos, const Probl
   return cudaGetLastError();
 }
 
-#define FR_INSTANTIATE(T)                                                                                          \
-  template cudaError_t rank_sums_forward<T>(const ProblemView<T>&, int, StepParams<T>, T*, T*, cudaStream_t);       \
-  template cudaError_t rank_sums_backward<T>(const T*, const T*, const ProblemView<T>&, int, StepParams<T>, T*, T*, \
-                                             cudaStream_t);
-FR_INSTANTIATE(float)
-FR_INSTANTIATE(double)
-#undef FR_INSTANTIATE
+template cudaError_t rank_sums_forward<float>(const ProblemView<float>&, int, StepParams<float>, float*, float*,
+                                              cudaStream_t);
+template cudaError_t rank_sums_forward<double>(const ProblemView<double>&, int, StepParams<double>, double*, double*,
+                                               cudaStream_t);
+template cudaError_t rank_sums_backward<float>(const float*, const float*, const ProblemView<float>&, int,
+                                               StepParams<float>, float*, float*, cudaStream_t);
+template cudaError_t rank_sums_backward<double>(const double*, const double*, const ProblemView<double>&, int,
+                                                StepParams<double>, double*, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastrank
