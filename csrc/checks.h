@@ -11,7 +11,9 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <vector>
 
+#include "problem.h"
 #include "step.h"
 
 namespace fastrank {
@@ -23,6 +25,18 @@ struct PackedProblem {
   std::optional<at::Tensor> ign_idx;  // (Q,) int64 in [-1, N)
   std::optional<at::Tensor> ign_mask; // (Q, N) bool
 };
+
+// The kernels' view of a checked problem (its tensors contiguous, as check_problem returns them).
+template <typename T>
+ProblemView<T> problem_view(const PackedProblem& pp) {
+  return ProblemView<T>{pp.scores.data_ptr<T>(),
+                        pp.pos_idx.data_ptr<int64_t>(),
+                        pp.ign_idx.has_value() ? pp.ign_idx->data_ptr<int64_t>() : nullptr,
+                        pp.ign_mask.has_value() ? pp.ign_mask->data_ptr<bool>() : nullptr,
+                        pp.scores.size(0),
+                        pp.scores.size(1),
+                        pp.pos_idx.size(1)};
+}
 
 inline void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t n) {
   if (t.numel() == 0) return;
@@ -99,8 +113,14 @@ inline void check_histogram(const char* op, int64_t bins, int64_t max_bins, doub
 
 // The incoming gradients of a backward op: floating (they are cast to the dtype of scores; a
 // complex, bool or integer gradient would be cast silently), the given shape, on the device of scores.
-inline void check_output_grads(const char* op, const char* name_all, const at::Tensor& g_all, const char* name_pos,
-                               const at::Tensor& g_pos, at::IntArrayRef shape, const at::Tensor& scores) {
+// Returns them cast to the dtype of scores, contiguous.
+struct OutputGrads {
+  at::Tensor all, pos;
+};
+
+inline OutputGrads check_output_grads(const char* op, const char* name_all, const at::Tensor& g_all,
+                                      const char* name_pos, const at::Tensor& g_pos, at::IntArrayRef shape,
+                                      const at::Tensor& scores) {
   auto check = [&](const char* name, const at::Tensor& g) {
     TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
                      g.scalar_type());
@@ -110,6 +130,20 @@ inline void check_output_grads(const char* op, const char* name_all, const at::T
   };
   check(name_all, g_all);
   check(name_pos, g_pos);
+  return {g_all.to(scores.scalar_type()).contiguous(), g_pos.to(scores.scalar_type()).contiguous()};
+}
+
+// ... of the rank-sums ops (binary and graded): grad_rank_all, grad_rank_pos of the shape of pos_idx
+inline OutputGrads check_rank_sums_grads(const char* op, const at::Tensor& g_all, const at::Tensor& g_pos,
+                                         const PackedProblem& pp) {
+  return check_output_grads(op, "grad_rank_all", g_all, "grad_rank_pos", g_pos, pp.pos_idx.sizes(), pp.scores);
+}
+
+// ... of the histogram ops: grad_h_all, grad_h_pos of shape (Q, bins)
+inline OutputGrads check_histogram_grads(const char* op, const at::Tensor& g_all, const at::Tensor& g_pos,
+                                         const PackedProblem& pp, int64_t bins) {
+  const std::vector<int64_t> shape = {pp.scores.size(0), bins};
+  return check_output_grads(op, "grad_h_all", g_all, "grad_h_pos", g_pos, shape, pp.scores);
 }
 
 // The packed contract fastrank/_problem.py guarantees, for direct calls: within a row each ranked

@@ -54,4 +54,20 @@ FR_HD SoftBin<T> soft_bin(T v, int64_t L, bool open_ends) {
   return b;
 }
 
+// h[l] += the weights of b, for the bins l of b inside [0, L)
+template <typename T>
+FR_HD void add_bin(T* h, int64_t L, const SoftBin<T>& b) {
+  if (b.lo >= 0 && b.lo < L) h[b.lo] += b.w_lo;
+  if (b.lo + 1 >= 0 && b.lo + 1 < L) h[b.lo + 1] += b.w_hi;
+}
+
+// d/dv of sum_l g[l] h[l] for the score whose bins are b (the chain rule's scale is the caller's)
+template <typename T>
+FR_HD T bin_grad(const T* g, int64_t L, const SoftBin<T>& b) {
+  T out = T(0);
+  if (b.lo >= 0 && b.lo < L) out += g[b.lo] * b.d_lo;
+  if (b.lo + 1 >= 0 && b.lo + 1 < L) out += g[b.lo + 1] * b.d_hi;
+  return out;
+}
+
 }  // namespace fastrank

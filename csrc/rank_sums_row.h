@@ -19,57 +19,55 @@
 
 namespace fastrank {
 
-// sum_k sigma_tau(s[k] - sj)
-template <typename T>
-FR_HD T run_sum_sigmoid(T sj, const T* __restrict__ s, int64_t n, T inv_tau) {
+// sum_k step(s[k] - sj), step a function object (the steps of step.h below)
+template <typename T, typename Step>
+FR_HD T run_sum_step(T sj, const T* __restrict__ s, int64_t n, Step step) {
   T acc = T(0);
   FR_SIMD_SUM(acc)
-  for (int64_t k = 0; k < n; ++k) acc += sigmoid_tau(s[k] - sj, inv_tau);
+  for (int64_t k = 0; k < n; ++k) acc += step(s[k] - sj);
   return acc;
+}
+
+// Backward of one run: c_k = coef * grad(s[k] - sj), grad a step's derivative; g[k] += c_k;
+// returns sum_k c_k (which the caller subtracts from the ranked item's gradient).
+template <typename T, typename Grad>
+FR_HD T run_grad_step(T sj, const T* __restrict__ s, T* __restrict__ g, int64_t n, T coef, Grad grad) {
+  T tot = T(0);
+  FR_SIMD_SUM(tot)
+  for (int64_t k = 0; k < n; ++k) {
+    const T c = coef * grad(s[k] - sj);
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
+
+// sum_k sigma_tau(s[k] - sj)
+template <typename T>
+FR_HD T run_sum_sigmoid(T sj, const T* s, int64_t n, T inv_tau) {
+  return run_sum_step(sj, s, n, [inv_tau](T d) { return sigmoid_tau(d, inv_tau); });
 }
 
 // sum_k H^-(s[k] - sj)
 template <typename T>
-FR_HD T run_sum_suprank_neg(T sj, const T* __restrict__ s, int64_t n, StepParams<T> p) {
-  T acc = T(0);
-  FR_SIMD_SUM(acc)
-  for (int64_t k = 0; k < n; ++k) acc += suprank_neg(s[k] - sj, p);
-  return acc;
+FR_HD T run_sum_suprank_neg(T sj, const T* s, int64_t n, StepParams<T> p) {
+  return run_sum_step(sj, s, n, [p](T d) { return suprank_neg(d, p); });
 }
 
 // sum_k H(s[k] - sj): competitors at least as relevant as j, ties counted.
 template <typename T>
-FR_HD T run_sum_heaviside(T sj, const T* __restrict__ s, int64_t n) {
-  T acc = T(0);
-  FR_SIMD_SUM(acc)
-  for (int64_t k = 0; k < n; ++k) acc += heaviside(s[k] - sj);
-  return acc;
-}
-
-// Backward of one run: c_k = coef * step'(s[k] - sj); g[k] += c_k; returns sum_k c_k
-// (which the caller subtracts from the ranked item's gradient).
-template <typename T>
-FR_HD T run_grad_sigmoid(T sj, const T* __restrict__ s, T* __restrict__ g, int64_t n, T coef, T inv_tau) {
-  T tot = T(0);
-  FR_SIMD_SUM(tot)
-  for (int64_t k = 0; k < n; ++k) {
-    const T c = coef * sigmoid_tau_grad(s[k] - sj, inv_tau);
-    g[k] += c;
-    tot += c;
-  }
-  return tot;
+FR_HD T run_sum_heaviside(T sj, const T* s, int64_t n) {
+  return run_sum_step(sj, s, n, [](T d) { return heaviside(d); });
 }
 
 template <typename T>
-FR_HD T run_grad_suprank_neg(T sj, const T* __restrict__ s, T* __restrict__ g, int64_t n, T coef, StepParams<T> p) {
-  T tot = T(0);
-  FR_SIMD_SUM(tot)
-  for (int64_t k = 0; k < n; ++k) {
-    const T c = coef * suprank_neg_grad(s[k] - sj, p);
-    g[k] += c;
-    tot += c;
-  }
-  return tot;
+FR_HD T run_grad_sigmoid(T sj, const T* s, T* g, int64_t n, T coef, T inv_tau) {
+  return run_grad_step(sj, s, g, n, coef, [inv_tau](T d) { return sigmoid_tau_grad(d, inv_tau); });
+}
+
+template <typename T>
+FR_HD T run_grad_suprank_neg(T sj, const T* s, T* g, int64_t n, T coef, StepParams<T> p) {
+  return run_grad_step(sj, s, g, n, coef, [p](T d) { return suprank_neg_grad(d, p); });
 }
 
 // ---- graded relevance: runs whose competitors carry their own weight r[k] (rel_k)

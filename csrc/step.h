@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FR_HD __host__ __device__ __forceinline__
@@ -21,6 +22,18 @@ namespace fastrank {
 // Step kinds, as passed through the op schema (an int, not a string, so the
 // kernel picks its specialisation once per call).
 enum StepKind : int64_t { kSigmoid = 0, kSupRank = 1 };
+
+// The one place that turns the step argument of an op into a kernel specialisation: calls
+// f(std::integral_constant<int, kSigmoid or kSupRank>), so f reads the kind at compile time
+// (decltype(tag)::value). Every value but kSigmoid takes the SupRank branch: check_step has
+// rejected the others before any kernel runs. Host code only (the CUDA launchers call it).
+template <typename F>
+inline void dispatch_step(int64_t step, F&& f) {
+  if (step == kSigmoid)
+    f(std::integral_constant<int, kSigmoid>{});
+  else
+    f(std::integral_constant<int, kSupRank>{});
+}
 
 // The references clamp -d/tau to [-50, 50] before exp; we do the same so that
 // values agree with them to rounding, and so exp never overflows.

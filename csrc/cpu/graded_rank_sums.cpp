@@ -39,13 +39,8 @@ namespace cpu {
 namespace {
 
 template <typename T>
-struct GradedProblem {
-  const T* scores;         // (Q, N) contiguous
-  const T* rel;            // (Q, N) contiguous, >= 0
-  const int64_t* pos_idx;  // (Q, P) contiguous, ranked columns, -1 = hole
-  const int64_t* ign_idx;  // (Q,) or nullptr
-  const bool* ign_mask;    // (Q, N) or nullptr
-  int64_t Q, N, P;
+struct GradedProblem : ProblemView<T> {
+  const T* rel;  // (Q, N) contiguous, >= 0
   StepParams<T> step;
 };
 
@@ -66,13 +61,7 @@ struct SortedRow {
     const int64_t N = pr.N;
     const T* srow = pr.scores + i * N;
     const T* rrow = pr.rel + i * N;
-    if (pr.ign_mask) {
-      const bool* m = pr.ign_mask + i * N;
-      for (int64_t k = 0; k < N; ++k) valid[k] = !m[k];
-    } else {
-      std::fill(valid.begin(), valid.end(), uint8_t(1));
-    }
-    if (pr.ign_idx && pr.ign_idx[i] >= 0) valid[pr.ign_idx[i]] = 0;
+    mark_valid_columns(pr, i, valid.data());
     // Only the relevant items need sorting (usually few next to N): they go first, in
     // decreasing relevance, then the irrelevant ones in column order.
     z = 0;
@@ -159,9 +148,7 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<
     const int64_t* pidx = pr.pos_idx + i * pr.P;
     T* ra = rank_all + i * pr.P;
     T* rp = rank_pos + i * pr.P;
-    bool any = false;
-    for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
-    if (!any) continue;  // outputs are zero-initialised
+    if (!row_has_ranked(pr, i)) continue;  // outputs are zero-initialised
     const bool nan_row = row.load(pr, i);
     const T* s = pr.scores + i * pr.N;
     const T* rel = pr.rel + i * pr.N;
@@ -211,9 +198,7 @@ FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, SortedRow
     const T* gp = grad_pos + i * pr.P;
     T* g = grad + i * pr.N;
     std::fill(g, g + pr.N, T(0));  // first touch by the owning thread
-    bool any = false;
-    for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
-    if (!any) continue;
+    if (!row_has_ranked(pr, i)) continue;
     const bool nan_row = row.load(pr, i);
     if (nan_row) {
       for (int64_t t = 0; t < row.nv; ++t) g[row.col[t]] = std::numeric_limits<T>::quiet_NaN();
@@ -256,17 +241,7 @@ FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, SortedRow
 template <typename T>
 GradedProblem<T> make_problem(const PackedProblem& pp, const at::Tensor& rel, double tau, double rho, double delta,
                               double start, double offset) {
-  GradedProblem<T> pr;
-  pr.scores = pp.scores.data_ptr<T>();
-  pr.rel = rel.data_ptr<T>();
-  pr.pos_idx = pp.pos_idx.data_ptr<int64_t>();
-  pr.ign_idx = pp.ign_idx.has_value() ? pp.ign_idx->data_ptr<int64_t>() : nullptr;
-  pr.ign_mask = pp.ign_mask.has_value() ? pp.ign_mask->data_ptr<bool>() : nullptr;
-  pr.Q = pp.scores.size(0);
-  pr.N = pp.scores.size(1);
-  pr.P = pp.pos_idx.size(1);
-  pr.step = make_step_params<T>(tau, rho, delta, start, offset);
-  return pr;
+  return GradedProblem<T>{problem_view<T>(pp), rel.data_ptr<T>(), make_step_params<T>(tau, rho, delta, start, offset)};
 }
 
 constexpr const char* kOp = "fastrank cpu graded_rank_sums";
@@ -287,15 +262,8 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(const at::Tensor& sc
     const GradedProblem<scalar_t> pr = make_problem<scalar_t>(pp, rel, tau, rho, delta, start, offset);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
-    const int64_t grain = rows_per_task(pr.P, pr.N);
-    auto scratch =
-        thread_scratch<SortedRow<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N, SortedRow<scalar_t>::kBytesPerColumn);
-    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
-      SortedRow<scalar_t>* row = &my_scratch(scratch);
-      if (step == kSigmoid)
-        graded_forward_rows<scalar_t, kSigmoid>(&pr, row, ra, rp, b, e);
-      else
-        graded_forward_rows<scalar_t, kSupRank>(&pr, row, ra, rp, b, e);
+    parallel_step_rows<SortedRow<scalar_t>>(kOp, step, pr, [&](auto kind, auto& row, int64_t b, int64_t e) {
+      graded_forward_rows<scalar_t, decltype(kind)::value>(&pr, &row, ra, rp, b, e);
     });
   });
   return {rank_all, rank_pos};
@@ -310,24 +278,15 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
   const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
   check_packed_contract(kOp, pp, &rel);
-  check_output_grads(kOp, "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in, pos_idx.sizes(), pp.scores);
-  const at::Tensor grad_all = grad_all_in.to(pp.scores.scalar_type()).contiguous();
-  const at::Tensor grad_pos = grad_pos_in.to(pp.scores.scalar_type()).contiguous();
+  const OutputGrads og = check_rank_sums_grads(kOp, grad_all_in, grad_pos_in, pp);
   at::Tensor grad = at::empty(pp.scores.sizes(), pp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_bwd_cpu", [&] {
     const GradedProblem<scalar_t> pr = make_problem<scalar_t>(pp, rel, tau, rho, delta, start, offset);
-    const scalar_t* ga = grad_all.data_ptr<scalar_t>();
-    const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
+    const scalar_t* ga = og.all.data_ptr<scalar_t>();
+    const scalar_t* gp = og.pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    const int64_t grain = rows_per_task(pr.P, pr.N);
-    auto scratch =
-        thread_scratch<SortedRow<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N, SortedRow<scalar_t>::kBytesPerColumn);
-    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
-      SortedRow<scalar_t>* row = &my_scratch(scratch);
-      if (step == kSigmoid)
-        graded_backward_rows<scalar_t, kSigmoid>(&pr, row, ga, gp, g, b, e);
-      else
-        graded_backward_rows<scalar_t, kSupRank>(&pr, row, ga, gp, g, b, e);
+    parallel_step_rows<SortedRow<scalar_t>>(kOp, step, pr, [&](auto kind, auto& row, int64_t b, int64_t e) {
+      graded_backward_rows<scalar_t, decltype(kind)::value>(&pr, &row, ga, gp, g, b, e);
     });
   });
   return grad;

@@ -19,40 +19,11 @@ namespace cpu {
 constexpr const char* kOp = "fastrank cpu histogram";
 
 template <typename T>
-struct HistProblem {
-  const T* scores;
-  const int64_t* pos_idx;
-  const int64_t* ign_idx;
-  const bool* ign_mask;
-  int64_t Q, N, P, L;
+struct HistProblem : ProblemView<T> {
+  int64_t L;  // bins
   T scale, shift;
   bool open_ends;
 };
-
-template <typename T>
-static void valid_flags(const HistProblem<T>& pr, int64_t i, std::vector<uint8_t>& valid) {
-  if (pr.ign_mask) {
-    const bool* m = pr.ign_mask + i * pr.N;
-    for (int64_t k = 0; k < pr.N; ++k) valid[k] = !m[k];
-  } else {
-    std::fill(valid.begin(), valid.end(), uint8_t(1));
-  }
-  if (pr.ign_idx && pr.ign_idx[i] >= 0) valid[pr.ign_idx[i]] = 0;
-}
-
-template <typename T>
-static inline void add_bin(T* h, int64_t L, const SoftBin<T>& b) {
-  if (b.lo >= 0 && b.lo < L) h[b.lo] += b.w_lo;
-  if (b.lo + 1 >= 0 && b.lo + 1 < L) h[b.lo + 1] += b.w_hi;
-}
-
-template <typename T>
-static inline T bin_grad(const T* g, int64_t L, const SoftBin<T>& b) {
-  T out = T(0);
-  if (b.lo >= 0 && b.lo < L) out += g[b.lo] * b.d_lo;
-  if (b.lo + 1 >= 0 && b.lo + 1 < L) out += g[b.lo + 1] * b.d_hi;
-  return out;
-}
 
 using ValidFlags = std::vector<uint8_t>;  // per-thread scratch: one byte per column
 
@@ -60,7 +31,7 @@ template <typename T>
 static void hist_forward_rows(const HistProblem<T>& pr, ValidFlags& valid, T* h_all, T* h_pos, int64_t begin,
                               int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    valid_flags(pr, i, valid);
+    mark_valid_columns(pr, i, valid.data());
     const T* s = pr.scores + i * pr.N;
     T* ha = h_all + i * pr.L;
     T* hp = h_pos + i * pr.L;
@@ -91,7 +62,7 @@ template <typename T>
 static void hist_backward_rows(const HistProblem<T>& pr, ValidFlags& valid, const T* g_all, const T* g_pos, T* grad,
                                int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    valid_flags(pr, i, valid);
+    mark_valid_columns(pr, i, valid.data());
     const T* s = pr.scores + i * pr.N;
     const T* ga = g_all + i * pr.L;
     const T* gp = g_pos + i * pr.L;
@@ -121,21 +92,14 @@ static void hist_backward_rows(const HistProblem<T>& pr, ValidFlags& valid, cons
 }
 
 template <typename T>
-static HistProblem<T> make_hist_problem(const at::Tensor& scores, const at::Tensor& pos_idx,
-                                        const std::optional<at::Tensor>& ign_idx,
-                                        const std::optional<at::Tensor>& ign_mask, int64_t bins, double scale,
-                                        double shift, bool open_ends) {
-  return HistProblem<T>{scores.data_ptr<T>(),
-                        pos_idx.data_ptr<int64_t>(),
-                        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
-                        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr,
-                        scores.size(0),
-                        scores.size(1),
-                        pos_idx.size(1),
-                        bins,
-                        T(scale),
-                        T(shift),
-                        open_ends};
+static HistProblem<T> make_hist_problem(const PackedProblem& pp, int64_t bins, double scale, double shift,
+                                        bool open_ends) {
+  return HistProblem<T>{problem_view<T>(pp), bins, T(scale), T(shift), open_ends};
+}
+
+// Query rows per at::parallel_for task: about 2^14 scores binned per task, at least one row.
+static int64_t hist_rows_per_task(int64_t N) {
+  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N));
 }
 
 static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cpu(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
@@ -146,20 +110,15 @@ static std::tuple<at::Tensor, at::Tensor> histogram_fwd_cpu(const at::Tensor& sc
       check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   check_histogram(kOp, bins, std::numeric_limits<int64_t>::max(), scale, shift, pp.scores.scalar_type());
   check_packed_contract(kOp, pp);
-  const at::Tensor& scores = pp.scores;
-  const at::Tensor& pos_idx = pp.pos_idx;
-  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
-  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  at::Tensor h_all = at::zeros({scores.size(0), bins}, scores.options());
-  at::Tensor h_pos = at::zeros({scores.size(0), bins}, scores.options());
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_histogram_fwd_cpu", [&] {
-    const auto pr = make_hist_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, bins, scale, shift, open_ends);
+  at::Tensor h_all = at::zeros({pp.scores.size(0), bins}, pp.scores.options());
+  at::Tensor h_pos = at::zeros({pp.scores.size(0), bins}, pp.scores.options());
+  AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_histogram_fwd_cpu", [&] {
+    const auto pr = make_hist_problem<scalar_t>(pp, bins, scale, shift, open_ends);
     scalar_t* ha = h_all.data_ptr<scalar_t>();
     scalar_t* hp = h_pos.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pr.N));
-    auto scratch = thread_scratch<ValidFlags>(kOp, tasks(pr.Q, grain), pr.N, 1);
-    at::parallel_for(0, pr.Q, grain,
-                     [&](int64_t b, int64_t e) { hist_forward_rows(pr, my_scratch(scratch), ha, hp, b, e); });
+    parallel_rows<ValidFlags>(kOp, pr.Q, hist_rows_per_task(pr.N), pr.N, 1, [&](auto& valid, int64_t b, int64_t e) {
+      hist_forward_rows(pr, valid, ha, hp, b, e);
+    });
   });
   return {h_all, h_pos};
 }
@@ -173,24 +132,16 @@ static at::Tensor histogram_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
       check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   check_histogram(kOp, bins, std::numeric_limits<int64_t>::max(), scale, shift, pp.scores.scalar_type());
   check_packed_contract(kOp, pp);
-  const std::vector<int64_t> hshape = {scores_in.size(0), bins};
-  check_output_grads(kOp, "grad_h_all", grad_all_in, "grad_h_pos", grad_pos_in, hshape, pp.scores);
-  const at::Tensor& scores = pp.scores;
-  const at::Tensor& pos_idx = pp.pos_idx;
-  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
-  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  const at::Tensor g_all = grad_all_in.to(scores.scalar_type()).contiguous();
-  const at::Tensor g_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
-  at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by its row's task
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_histogram_bwd_cpu", [&] {
-    const auto pr = make_hist_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, bins, scale, shift, open_ends);
-    const scalar_t* ga = g_all.data_ptr<scalar_t>();
-    const scalar_t* gp = g_pos.data_ptr<scalar_t>();
+  const OutputGrads og = check_histogram_grads(kOp, grad_all_in, grad_pos_in, pp, bins);
+  at::Tensor grad = at::empty(pp.scores.sizes(), pp.scores.options());  // every element written by its row's task
+  AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_histogram_bwd_cpu", [&] {
+    const auto pr = make_hist_problem<scalar_t>(pp, bins, scale, shift, open_ends);
+    const scalar_t* ga = og.all.data_ptr<scalar_t>();
+    const scalar_t* gp = og.pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pr.N));
-    auto scratch = thread_scratch<ValidFlags>(kOp, tasks(pr.Q, grain), pr.N, 1);
-    at::parallel_for(0, pr.Q, grain,
-                     [&](int64_t b, int64_t e) { hist_backward_rows(pr, my_scratch(scratch), ga, gp, g, b, e); });
+    parallel_rows<ValidFlags>(kOp, pr.Q, hist_rows_per_task(pr.N), pr.N, 1, [&](auto& valid, int64_t b, int64_t e) {
+      hist_backward_rows(pr, valid, ga, gp, g, b, e);
+    });
   });
   return grad;
 }

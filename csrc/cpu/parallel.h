@@ -10,6 +10,9 @@
 #include <new>
 #include <vector>
 
+#include "problem.h"
+#include "step.h"
+
 // Build the hot loops for AVX-512, AVX2+FMA and baseline x86-64, picked at load
 // time (glibc ifunc), so a wheel built anywhere runs at full width everywhere.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -57,6 +60,24 @@ template <typename Scratch>
 Scratch& my_scratch(std::vector<Scratch>& scratch) {
   const int64_t t = at::get_thread_num();
   return scratch[static_cast<size_t>(t < static_cast<int64_t>(scratch.size()) ? t : 0)];
+}
+
+// at::parallel_for over the rows [0, Q) in tasks of `grain` rows, each task given its thread's
+// scratch (thread_scratch, allocated before the parallel region): f(Scratch&, begin, end).
+template <typename Scratch, typename F>
+void parallel_rows(const char* op, int64_t Q, int64_t grain, int64_t n, int64_t bytes_per_item, const F& f) {
+  std::vector<Scratch> scratch = thread_scratch<Scratch>(op, tasks(Q, grain), n, bytes_per_item);
+  at::parallel_for(0, Q, grain, [&](int64_t b, int64_t e) { f(my_scratch(scratch), b, e); });
+}
+
+// The rank-sums kernels' loop (binary and graded): parallel_rows over the rows of pr in tasks of
+// rows_per_task, the step kind a compile-time constant (dispatch_step): f(kind, Scratch&, begin, end).
+template <typename Scratch, typename T, typename F>
+void parallel_step_rows(const char* op, int64_t step, const ProblemView<T>& pr, const F& f) {
+  dispatch_step(step, [&](auto kind) {
+    parallel_rows<Scratch>(op, pr.Q, rows_per_task(pr.P, pr.N), pr.N, Scratch::kBytesPerColumn,
+                           [&](Scratch& scratch, int64_t b, int64_t e) { f(kind, scratch, b, e); });
+  });
 }
 
 }  // namespace cpu

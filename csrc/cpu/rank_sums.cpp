@@ -23,12 +23,7 @@ namespace fastrank {
 namespace cpu {
 
 template <typename T>
-struct Problem {
-  const T* scores;          // (Q, N) contiguous
-  const int64_t* pos_idx;   // (Q, P) contiguous, column of each ranked positive, -1 = hole
-  const int64_t* ign_idx;   // (Q,) or nullptr: one ignored column per query, -1 = none
-  const bool* ign_mask;     // (Q, N) or nullptr: true = ignored
-  int64_t Q, N, P;
+struct Problem : ProblemView<T> {
   StepParams<T> step;
 };
 
@@ -49,16 +44,7 @@ static bool compact_row(const Problem<T>& pr, int64_t i, RowBuffers<T>& b, int64
   const int64_t N = pr.N;
   const T* s = pr.scores + i * N;
   uint8_t* flag = b.flag.data();
-  if (pr.ign_mask) {
-    const bool* m = pr.ign_mask + i * N;
-    for (int64_t k = 0; k < N; ++k) flag[k] = m[k] ? 0 : 1;
-  } else {
-    for (int64_t k = 0; k < N; ++k) flag[k] = 1;
-  }
-  if (pr.ign_idx) {
-    const int64_t c = pr.ign_idx[i];
-    if (c >= 0) flag[c] = 0;
-  }
+  mark_valid_columns(pr, i, flag);
   const int64_t* pidx = pr.pos_idx + i * pr.P;
   for (int64_t p = 0; p < pr.P; ++p) {
     if (pidx[p] >= 0) flag[pidx[p]] = 2;
@@ -90,9 +76,7 @@ FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, RowBuffers<T>* b
     const int64_t* pidx = pr.pos_idx + i * pr.P;
     T* ra = rank_all + i * pr.P;
     T* rp = rank_pos + i * pr.P;
-    bool any = false;
-    for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
-    if (!any) continue;  // outputs are zero-initialised
+    if (!row_has_ranked(pr, i)) continue;  // outputs are zero-initialised
     int64_t np, nn;
     const bool nan_row = compact_row(pr, i, b, np, nn);
     const T* s = pr.scores + i * pr.N;
@@ -149,9 +133,7 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
     // the gradient is allocated uninitialised: each row is zeroed by the thread that
     // owns it, which also spreads the first-touch page faults of a large output
     std::fill(g, g + pr.N, T(0));
-    bool any = false;
-    for (int64_t p = 0; p < pr.P; ++p) any |= pidx[p] >= 0;
-    if (!any) continue;
+    if (!row_has_ranked(pr, i)) continue;
     int64_t np, nn;
     const bool nan_row = compact_row(pr, i, b, np, nn);
     if (nan_row) {
@@ -203,19 +185,9 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
 constexpr const char* kOp = "fastrank cpu rank_sums";
 
 template <typename T>
-static Problem<T> make_problem(const at::Tensor& scores, const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
-                               const std::optional<at::Tensor>& ign_mask, double tau, double rho, double delta,
-                               double start, double offset) {
-  Problem<T> pr;
-  pr.scores = scores.data_ptr<T>();
-  pr.pos_idx = pos_idx.data_ptr<int64_t>();
-  pr.ign_idx = ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr;
-  pr.ign_mask = ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr;
-  pr.Q = scores.size(0);
-  pr.N = scores.size(1);
-  pr.P = pos_idx.size(1);
-  pr.step = make_step_params<T>(tau, rho, delta, start, offset);
-  return pr;
+static Problem<T> make_problem(const PackedProblem& pp, double tau, double rho, double delta, double start,
+                               double offset) {
+  return Problem<T>{problem_view<T>(pp), make_step_params<T>(tau, rho, delta, start, offset)};
 }
 
 static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& scores_in, const at::Tensor& pos_idx_in,
@@ -227,25 +199,14 @@ static std::tuple<at::Tensor, at::Tensor> rank_sums_fwd_cpu(const at::Tensor& sc
       check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
   check_packed_contract(kOp, pp);
-  const at::Tensor& scores = pp.scores;
-  const at::Tensor& pos_idx = pp.pos_idx;
-  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
-  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
-  at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_fwd_cpu", [&] {
-    const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
+  at::Tensor rank_all = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
+  at::Tensor rank_pos = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
+  AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_rank_sums_fwd_cpu", [&] {
+    const Problem<scalar_t> pr = make_problem<scalar_t>(pp, tau, rho, delta, start, offset);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
-    const int64_t grain = rows_per_task(pr.P, pr.N);
-    auto scratch = thread_scratch<RowBuffers<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N,
-                                                        RowBuffers<scalar_t>::kBytesPerColumn);
-    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
-      RowBuffers<scalar_t>* buf = &my_scratch(scratch);
-      if (step == kSigmoid)
-        forward_rows<scalar_t, kSigmoid>(&pr, buf, ra, rp, b, e);
-      else
-        forward_rows<scalar_t, kSupRank>(&pr, buf, ra, rp, b, e);
+    parallel_step_rows<RowBuffers<scalar_t>>(kOp, step, pr, [&](auto kind, auto& buf, int64_t b, int64_t e) {
+      forward_rows<scalar_t, decltype(kind)::value>(&pr, &buf, ra, rp, b, e);
     });
   });
   return {rank_all, rank_pos};
@@ -259,28 +220,15 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
       check_problem(kOp, c10::DeviceType::CPU, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
   check_packed_contract(kOp, pp);
-  check_output_grads(kOp, "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in, pos_idx_in.sizes(), pp.scores);
-  const at::Tensor& scores = pp.scores;
-  const at::Tensor& pos_idx = pp.pos_idx;
-  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
-  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
-  const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
-  at::Tensor grad = at::empty(scores.sizes(), scores.options());
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_rank_sums_bwd_cpu", [&] {
-    const Problem<scalar_t> pr = make_problem<scalar_t>(scores, pos_idx, ign_idx, ign_mask, tau, rho, delta, start, offset);
-    const scalar_t* ga = grad_all.data_ptr<scalar_t>();
-    const scalar_t* gp = grad_pos.data_ptr<scalar_t>();
+  const OutputGrads og = check_rank_sums_grads(kOp, grad_all_in, grad_pos_in, pp);
+  at::Tensor grad = at::empty(pp.scores.sizes(), pp.scores.options());
+  AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_rank_sums_bwd_cpu", [&] {
+    const Problem<scalar_t> pr = make_problem<scalar_t>(pp, tau, rho, delta, start, offset);
+    const scalar_t* ga = og.all.data_ptr<scalar_t>();
+    const scalar_t* gp = og.pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    const int64_t grain = rows_per_task(pr.P, pr.N);
-    auto scratch = thread_scratch<RowBuffers<scalar_t>>(kOp, tasks(pr.Q, grain), pr.N,
-                                                        RowBuffers<scalar_t>::kBytesPerColumn);
-    at::parallel_for(0, pr.Q, grain, [&](int64_t b, int64_t e) {
-      RowBuffers<scalar_t>* buf = &my_scratch(scratch);
-      if (step == kSigmoid)
-        backward_rows<scalar_t, kSigmoid>(&pr, buf, ga, gp, g, b, e);
-      else
-        backward_rows<scalar_t, kSupRank>(&pr, buf, ga, gp, g, b, e);
+    parallel_step_rows<RowBuffers<scalar_t>>(kOp, step, pr, [&](auto kind, auto& buf, int64_t b, int64_t e) {
+      backward_rows<scalar_t, decltype(kind)::value>(&pr, &buf, ga, gp, g, b, e);
     });
   });
   return grad;

@@ -14,6 +14,9 @@ __device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_
   return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
 }
 
+// Blocks of `per` threads (or tiles) that cover n: a grid dimension of the launchers.
+inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
 // Sum of v over a block of THREADS threads, in a fixed order (warp shuffles, then the
 // warps' partial sums in warp order): deterministic. The result is valid in thread 0.
 // smem holds THREADS / 32 values; every thread of the block must call it.

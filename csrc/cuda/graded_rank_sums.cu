@@ -186,79 +186,56 @@ __global__ void __launch_bounds__(kThreads)
   if (k < N) grad[i * N + k] = active ? acc : T(0);
 }
 
-static inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
-
-template <typename T, int STEP>
-static void launch_forward(const T* scores, const T* rel, const int64_t* pos_idx, const int64_t* ign_idx,
-                           const bool* ign_mask, int64_t Q, int64_t N, int64_t P, StepParams<T> prm, T* rank_all,
-                           T* rank_pos, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(Q), blocks_for(P, kTileP));
-  row_kernel<T, STEP, 0><<<grid, kThreads, 0, stream>>>(scores, rel, pos_idx, ign_idx, ign_mask, nullptr, nullptr, N,
-                                                          P, prm, rank_all, rank_pos);
-}
-
-template <typename T, int STEP>
-static void launch_backward(const T* grad_all, const T* grad_pos, const T* scores, const T* rel,
-                            const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N,
-                            int64_t P, StepParams<T> prm, T* grad, cudaStream_t stream) {
-  const dim3 gcol(static_cast<unsigned>(Q), blocks_for(N, kThreads));
-  column_kernel<T, STEP><<<gcol, kThreads, 0, stream>>>(scores, rel, pos_idx, ign_idx, ign_mask, grad_all, grad_pos,
-                                                         N, P, prm, grad);
-  if (P == 0) return;
-  // must follow the column kernel (same stream): it subtracts from what that kernel wrote
-  const dim3 grow(static_cast<unsigned>(Q), blocks_for(P, kTileP));
-  row_kernel<T, STEP, 1><<<grow, kThreads, 0, stream>>>(scores, rel, pos_idx, ign_idx, ign_mask, grad_all, grad_pos,
-                                                          N, P, prm, grad, nullptr);
-}
-
 }  // namespace graded
 
 template <typename T>
-cudaError_t graded_rank_sums_forward(const T* scores, const T* relevance, const int64_t* pos_idx,
-                                     const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N, int64_t P,
-                                     int step, StepParams<T> prm, T* rank_all, T* rank_pos, cudaStream_t stream) {
-  using graded::blocks_for;
+cudaError_t graded_rank_sums_forward(const ProblemView<T>& pr, const T* relevance, int step, StepParams<T> prm,
+                                     T* rank_all, T* rank_pos, cudaStream_t stream) {
+  using graded::kThreads;
+  using graded::kTileP;
+  const int64_t Q = pr.Q, N = pr.N, P = pr.P;
   if (Q == 0 || P == 0) return cudaSuccess;
-  if (Q > 2147483647LL || blocks_for(P, graded::kTileP) > 65535u) return cudaErrorInvalidConfiguration;
-  if (step == kSigmoid)
-    graded::launch_forward<T, kSigmoid>(scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P, prm, rank_all,
-                                        rank_pos, stream);
-  else
-    graded::launch_forward<T, kSupRank>(scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P, prm, rank_all,
-                                        rank_pos, stream);
+  if (Q > 2147483647LL || blocks_for(P, kTileP) > 65535u) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(Q), blocks_for(P, kTileP));
+  dispatch_step(step, [&](auto kind) {
+    graded::row_kernel<T, decltype(kind)::value, 0><<<grid, kThreads, 0, stream>>>(
+        pr.scores, relevance, pr.pos_idx, pr.ign_idx, pr.ign_mask, nullptr, nullptr, N, P, prm, rank_all, rank_pos);
+  });
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t graded_rank_sums_backward(const T* grad_all, const T* grad_pos, const T* scores, const T* relevance,
-                                      const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask, int64_t Q,
-                                      int64_t N, int64_t P, int step, StepParams<T> prm, T* grad,
-                                      cudaStream_t stream) {
-  using graded::blocks_for;
+cudaError_t graded_rank_sums_backward(const T* grad_all, const T* grad_pos, const ProblemView<T>& pr,
+                                      const T* relevance, int step, StepParams<T> prm, T* grad, cudaStream_t stream) {
+  using graded::kThreads;
+  using graded::kTileP;
+  const int64_t Q = pr.Q, N = pr.N, P = pr.P;
   if (Q == 0 || N == 0) return cudaSuccess;
-  if (Q > 2147483647LL || blocks_for(N, graded::kThreads) > 65535u || blocks_for(P, graded::kTileP) > 65535u)
+  if (Q > 2147483647LL || blocks_for(N, kThreads) > 65535u || blocks_for(P, kTileP) > 65535u)
     return cudaErrorInvalidConfiguration;
-  if (step == kSigmoid)
-    graded::launch_backward<T, kSigmoid>(grad_all, grad_pos, scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P,
-                                         prm, grad, stream);
-  else
-    graded::launch_backward<T, kSupRank>(grad_all, grad_pos, scores, relevance, pos_idx, ign_idx, ign_mask, Q, N, P,
-                                         prm, grad, stream);
+  const dim3 gcol(static_cast<unsigned>(Q), blocks_for(N, kThreads));
+  const dim3 grow(static_cast<unsigned>(Q), blocks_for(P, kTileP));
+  dispatch_step(step, [&](auto kind) {
+    constexpr int STEP = decltype(kind)::value;
+    graded::column_kernel<T, STEP><<<gcol, kThreads, 0, stream>>>(pr.scores, relevance, pr.pos_idx, pr.ign_idx,
+                                                                   pr.ign_mask, grad_all, grad_pos, N, P, prm, grad);
+    if (P == 0) return;
+    // must follow the column kernel (same stream): it subtracts from what that kernel wrote
+    graded::row_kernel<T, STEP, 1><<<grow, kThreads, 0, stream>>>(pr.scores, relevance, pr.pos_idx, pr.ign_idx,
+                                                                   pr.ign_mask, grad_all, grad_pos, N, P, prm, grad,
+                                                                   nullptr);
+  });
   return cudaGetLastError();
 }
 
-template cudaError_t graded_rank_sums_forward<float>(const float*, const float*, const int64_t*, const int64_t*,
-                                                     const bool*, int64_t, int64_t, int64_t, int, StepParams<float>,
+template cudaError_t graded_rank_sums_forward<float>(const ProblemView<float>&, const float*, int, StepParams<float>,
                                                      float*, float*, cudaStream_t);
-template cudaError_t graded_rank_sums_forward<double>(const double*, const double*, const int64_t*, const int64_t*,
-                                                      const bool*, int64_t, int64_t, int64_t, int,
+template cudaError_t graded_rank_sums_forward<double>(const ProblemView<double>&, const double*, int,
                                                       StepParams<double>, double*, double*, cudaStream_t);
-template cudaError_t graded_rank_sums_backward<float>(const float*, const float*, const float*, const float*,
-                                                      const int64_t*, const int64_t*, const bool*, int64_t, int64_t,
-                                                      int64_t, int, StepParams<float>, float*, cudaStream_t);
-template cudaError_t graded_rank_sums_backward<double>(const double*, const double*, const double*, const double*,
-                                                       const int64_t*, const int64_t*, const bool*, int64_t, int64_t,
-                                                       int64_t, int, StepParams<double>, double*, cudaStream_t);
+template cudaError_t graded_rank_sums_backward<float>(const float*, const float*, const ProblemView<float>&,
+                                                      const float*, int, StepParams<float>, float*, cudaStream_t);
+template cudaError_t graded_rank_sums_backward<double>(const double*, const double*, const ProblemView<double>&,
+                                                       const double*, int, StepParams<double>, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastrank

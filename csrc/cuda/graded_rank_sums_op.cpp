@@ -24,25 +24,18 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cuda(const at::Tensor& s
                                                              const std::optional<at::Tensor>& ign_mask_in,
                                                              int64_t step, double tau, double rho, double delta,
                                                              double start, double offset) {
-  const PackedProblem pp =
-      check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  const PackedProblem pp = check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const at::Tensor& scores = pp.scores;
-  const at::Tensor& pos_idx = pp.pos_idx;
-  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
-  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores);
+  const at::Tensor relevance = check_relevance(kOp, relevance_in, pp.scores);
   // zeros: the kernel writes only the ranked (non-hole) entries
-  at::Tensor rank_all = at::zeros(pos_idx.sizes(), scores.options());
-  at::Tensor rank_pos = at::zeros(pos_idx.sizes(), scores.options());
+  at::Tensor rank_all = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
+  at::Tensor rank_pos = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_graded_rank_sums_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_fwd_cuda", [&] {
     const cudaError_t err = graded_rank_sums_forward<scalar_t>(
-        scores.data_ptr<scalar_t>(), relevance.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
-        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
-        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
-        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
+        problem_view<scalar_t>(pp), relevance.data_ptr<scalar_t>(), static_cast<int>(step),
+        make_step_params<scalar_t>(tau, rho, delta, start, offset), rank_all.data_ptr<scalar_t>(),
         rank_pos.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, kOp, " forward: ", cudaGetErrorString(err));
   });
@@ -55,28 +48,18 @@ at::Tensor graded_rank_sums_bwd_cuda(const at::Tensor& grad_all_in, const at::Te
                                      const at::Tensor& pos_idx_in, const std::optional<at::Tensor>& ign_idx_in,
                                      const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau,
                                      double rho, double delta, double start, double offset) {
-  const PackedProblem pp =
-      check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
+  const PackedProblem pp = check_problem(kOp, c10::DeviceType::CUDA, scores_in, pos_idx_in, ign_idx_in, ign_mask_in);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
-  check_output_grads(kOp, "grad_rank_all", grad_all_in, "grad_rank_pos", grad_pos_in, pos_idx_in.sizes(), pp.scores);
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const at::Tensor& scores = pp.scores;
-  const at::Tensor& pos_idx = pp.pos_idx;
-  const std::optional<at::Tensor>& ign_idx = pp.ign_idx;
-  const std::optional<at::Tensor>& ign_mask = pp.ign_mask;
-  const at::Tensor relevance = check_relevance(kOp, relevance_in, scores);
-  const at::Tensor grad_all = grad_all_in.to(scores.scalar_type()).contiguous();
-  const at::Tensor grad_pos = grad_pos_in.to(scores.scalar_type()).contiguous();
-  at::Tensor grad = at::empty(scores.sizes(), scores.options());  // every element written by the column kernel
+  const OutputGrads og = check_rank_sums_grads(kOp, grad_all_in, grad_pos_in, pp);
+  const at::Tensor relevance = check_relevance(kOp, relevance_in, pp.scores);
+  at::Tensor grad = at::empty(pp.scores.sizes(), pp.scores.options());  // every element written by the column kernel
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_graded_rank_sums_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_bwd_cuda", [&] {
     const cudaError_t err = graded_rank_sums_backward<scalar_t>(
-        grad_all.data_ptr<scalar_t>(), grad_pos.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>(),
-        relevance.data_ptr<scalar_t>(), pos_idx.data_ptr<int64_t>(),
-        ign_idx.has_value() ? ign_idx->data_ptr<int64_t>() : nullptr,
-        ign_mask.has_value() ? ign_mask->data_ptr<bool>() : nullptr, scores.size(0), scores.size(1), pos_idx.size(1),
-        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(),
-        stream);
+        og.all.data_ptr<scalar_t>(), og.pos.data_ptr<scalar_t>(), problem_view<scalar_t>(pp),
+        relevance.data_ptr<scalar_t>(), static_cast<int>(step),
+        make_step_params<scalar_t>(tau, rho, delta, start, offset), grad.data_ptr<scalar_t>(), stream);
     TORCH_CHECK(err == cudaSuccess, kOp, " backward: ", cudaGetErrorString(err));
   });
   fill_nan_rows_backward(pp, grad);

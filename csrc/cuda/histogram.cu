@@ -15,13 +15,7 @@ namespace cuda {
 
 constexpr int kHistThreads = 128;
 
-// The private histogram lives in local memory (dynamically indexed), which is cached in L1.
-template <typename T>
-__device__ __forceinline__ void add_bin(T* h, int64_t L, const SoftBin<T>& b) {
-  if (b.lo >= 0 && b.lo < L) h[b.lo] += b.w_lo;
-  if (b.lo + 1 >= 0 && b.lo + 1 < L) h[b.lo + 1] += b.w_hi;
-}
-
+// The private histograms ha, hp live in local memory (dynamically indexed), which is cached in L1.
 template <typename T>
 __global__ void __launch_bounds__(kHistThreads)
     histogram_forward_kernel(const T* __restrict__ scores, const int64_t* __restrict__ pos_idx,
@@ -71,14 +65,6 @@ __global__ void __launch_bounds__(kHistThreads)
 }
 
 template <typename T>
-__device__ __forceinline__ T bin_grad(const T* g, int64_t L, const SoftBin<T>& b) {
-  T out = T(0);
-  if (b.lo >= 0 && b.lo < L) out += g[b.lo] * b.d_lo;
-  if (b.lo + 1 >= 0 && b.lo + 1 < L) out += g[b.lo + 1] * b.d_hi;
-  return out;
-}
-
-template <typename T>
 __global__ void histogram_backward_items(const T* __restrict__ g_all, const T* __restrict__ scores,
                                          const int64_t* __restrict__ ign_idx, const bool* __restrict__ ign_mask,
                                          int64_t N, int64_t L, T scale, T shift, bool open_ends, T* __restrict__ grad) {
@@ -109,38 +95,37 @@ __global__ void histogram_backward_positives(const T* __restrict__ g_pos, const 
 }
 
 template <typename T>
-cudaError_t histogram_forward(const T* scores, const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask,
-                              int64_t Q, int64_t N, int64_t P, int64_t L, T scale, T shift, bool open_ends, T* h_all,
+cudaError_t histogram_forward(const ProblemView<T>& pr, int64_t L, T scale, T shift, bool open_ends, T* h_all,
                               T* h_pos, cudaStream_t stream) {
+  const int64_t Q = pr.Q;
   if (Q == 0) return cudaSuccess;
   if (L > kMaxHistBins || Q > 2147483647LL) return cudaErrorInvalidValue;
   histogram_forward_kernel<T><<<static_cast<unsigned>(Q), kHistThreads, 0, stream>>>(
-      scores, pos_idx, ign_idx, ign_mask, N, P, L, scale, shift, open_ends, h_all, h_pos);
+      pr.scores, pr.pos_idx, pr.ign_idx, pr.ign_mask, pr.N, pr.P, L, scale, shift, open_ends, h_all, h_pos);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t histogram_backward(const T* g_all, const T* g_pos, const T* scores, const int64_t* pos_idx,
-                               const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N, int64_t P,
-                               int64_t L, T scale, T shift, bool open_ends, T* grad, cudaStream_t stream) {
+cudaError_t histogram_backward(const T* g_all, const T* g_pos, const ProblemView<T>& pr, int64_t L, T scale,
+                               T shift, bool open_ends, T* grad, cudaStream_t stream) {
+  const T* scores = pr.scores;
+  const int64_t Q = pr.Q, N = pr.N, P = pr.P;
   if (Q == 0 || N == 0) return cudaSuccess;
   const int64_t per = 256;
   const int64_t nb = (N + per - 1) / per, pb = (P + per - 1) / per;
   if (Q > 2147483647LL || nb > 65535 || pb > 65535) return cudaErrorInvalidConfiguration;
   histogram_backward_items<T><<<dim3(static_cast<unsigned>(Q), static_cast<unsigned>(nb)), per, 0, stream>>>(
-      g_all, scores, ign_idx, ign_mask, N, L, scale, shift, open_ends, grad);
+      g_all, scores, pr.ign_idx, pr.ign_mask, N, L, scale, shift, open_ends, grad);
   if (P > 0) {
     histogram_backward_positives<T><<<dim3(static_cast<unsigned>(Q), static_cast<unsigned>(pb)), per, 0, stream>>>(
-        g_pos, scores, pos_idx, N, P, L, scale, shift, open_ends, grad);
+        g_pos, scores, pr.pos_idx, N, P, L, scale, shift, open_ends, grad);
   }
   return cudaGetLastError();
 }
 
-#define FR_INSTANTIATE(T)                                                                                          \
-  template cudaError_t histogram_forward<T>(const T*, const int64_t*, const int64_t*, const bool*, int64_t, int64_t, \
-                                            int64_t, int64_t, T, T, bool, T*, T*, cudaStream_t);                    \
-  template cudaError_t histogram_backward<T>(const T*, const T*, const T*, const int64_t*, const int64_t*,          \
-                                             const bool*, int64_t, int64_t, int64_t, int64_t, T, T, bool, T*,      \
+#define FR_INSTANTIATE(T)                                                                                      \
+  template cudaError_t histogram_forward<T>(const ProblemView<T>&, int64_t, T, T, bool, T*, T*, cudaStream_t);  \
+  template cudaError_t histogram_backward<T>(const T*, const T*, const ProblemView<T>&, int64_t, T, T, bool, T*, \
                                              cudaStream_t);
 FR_INSTANTIATE(float)
 FR_INSTANTIATE(double)

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../problem.h"
+
 namespace fastrank {
 namespace cuda {
 
@@ -14,15 +16,13 @@ constexpr int64_t kMaxHistBins = 128;
 
 // h_all / h_pos: (Q, L). Rows with a NaN valid score become NaN.
 template <typename T>
-cudaError_t histogram_forward(const T* scores, const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask,
-                              int64_t Q, int64_t N, int64_t P, int64_t L, T scale, T shift, bool open_ends, T* h_all,
+cudaError_t histogram_forward(const ProblemView<T>& pr, int64_t L, T scale, T shift, bool open_ends, T* h_all,
                               T* h_pos, cudaStream_t stream);
 
 // grad: (Q, N), every element written. Deterministic: each element has one writer per kernel.
 template <typename T>
-cudaError_t histogram_backward(const T* g_all, const T* g_pos, const T* scores, const int64_t* pos_idx,
-                               const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N, int64_t P,
-                               int64_t L, T scale, T shift, bool open_ends, T* grad, cudaStream_t stream);
+cudaError_t histogram_backward(const T* g_all, const T* g_pos, const ProblemView<T>& pr, int64_t L, T scale,
+                               T shift, bool open_ends, T* grad, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastrank

@@ -204,66 +204,51 @@ __global__ void __launch_bounds__(kThreads)
   grad[i * N + k] += acc - tot[i * P + q];
 }
 
-static inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
-
 template <typename T>
-cudaError_t rank_sums_forward(const T* scores, const int64_t* pos_idx, const int64_t* ign_idx, const bool* ign_mask,
-                              int64_t Q, int64_t N, int64_t P, int step, StepParams<T> prm, T* rank_all, T* rank_pos,
+cudaError_t rank_sums_forward(const ProblemView<T>& pr, int step, StepParams<T> prm, T* rank_all, T* rank_pos,
                               cudaStream_t stream) {
+  const int64_t Q = pr.Q, N = pr.N, P = pr.P;
   if (Q == 0 || P == 0) return cudaSuccess;
   if (Q > 2147483647LL || blocks_for(P, kTileP) > 65535u) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(Q), blocks_for(P, kTileP));
-  if (step == kSigmoid)
-    row_kernel<T, kSigmoid, 0><<<grid, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, nullptr, nullptr,
-                                                               N, P, prm, rank_all, rank_pos);
-  else
-    row_kernel<T, kSupRank, 0><<<grid, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, nullptr, nullptr,
-                                                               N, P, prm, rank_all, rank_pos);
+  dispatch_step(step, [&](auto kind) {
+    row_kernel<T, decltype(kind)::value, 0><<<grid, kThreads, 0, stream>>>(
+        pr.scores, pr.pos_idx, pr.ign_idx, pr.ign_mask, nullptr, nullptr, N, P, prm, rank_all, rank_pos);
+  });
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t rank_sums_backward(const T* grad_all, const T* grad_pos, const T* scores, const int64_t* pos_idx,
-                               const int64_t* ign_idx, const bool* ign_mask, int64_t Q, int64_t N, int64_t P, int step,
+cudaError_t rank_sums_backward(const T* grad_all, const T* grad_pos, const ProblemView<T>& pr, int step,
                                StepParams<T> prm, T* grad, T* work, cudaStream_t stream) {
+  const int64_t Q = pr.Q, N = pr.N, P = pr.P;
   if (Q == 0 || N == 0) return cudaSuccess;
   if (Q > 2147483647LL || blocks_for(N, kThreads) > 65535u || blocks_for(P, kTileP) > 65535u)
     return cudaErrorInvalidConfiguration;
   const dim3 gcol(static_cast<unsigned>(Q), blocks_for(N, kThreads));
   const dim3 grow(static_cast<unsigned>(Q), blocks_for(P > 0 ? P : 1, kTileP));
   const dim3 gpos(static_cast<unsigned>(Q), blocks_for(P > 0 ? P : 1, kThreads));
-  if (step == kSigmoid) {
-    column_kernel<T, kSigmoid><<<gcol, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all, N, P, prm,
-                                                               grad);
+  dispatch_step(step, [&](auto kind) {
+    constexpr int STEP = decltype(kind)::value;
+    column_kernel<T, STEP><<<gcol, kThreads, 0, stream>>>(pr.scores, pr.pos_idx, pr.ign_idx, pr.ign_mask, grad_all, N,
+                                                           P, prm, grad);
     if (P > 0) {
-      row_kernel<T, kSigmoid, 1><<<grow, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all,
-                                                                 grad_pos, N, P, prm, work, nullptr);
-      positive_kernel<T, kSigmoid><<<gpos, kThreads, 0, stream>>>(scores, pos_idx, grad_all, grad_pos, work, N, P,
-                                                                   prm, grad);
+      row_kernel<T, STEP, 1><<<grow, kThreads, 0, stream>>>(pr.scores, pr.pos_idx, pr.ign_idx, pr.ign_mask, grad_all,
+                                                             grad_pos, N, P, prm, work, nullptr);
+      positive_kernel<T, STEP><<<gpos, kThreads, 0, stream>>>(pr.scores, pr.pos_idx, grad_all, grad_pos, work, N, P,
+                                                               prm, grad);
     }
-  } else {
-    column_kernel<T, kSupRank><<<gcol, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all, N, P, prm,
-                                                               grad);
-    if (P > 0) {
-      row_kernel<T, kSupRank, 1><<<grow, kThreads, 0, stream>>>(scores, pos_idx, ign_idx, ign_mask, grad_all,
-                                                                 grad_pos, N, P, prm, work, nullptr);
-      positive_kernel<T, kSupRank><<<gpos, kThreads, 0, stream>>>(scores, pos_idx, grad_all, grad_pos, work, N, P,
-                                                                   prm, grad);
-    }
-  }
+  });
   return cudaGetLastError();
 }
 
-template cudaError_t rank_sums_forward<float>(const float*, const int64_t*, const int64_t*, const bool*, int64_t,
-                                              int64_t, int64_t, int, StepParams<float>, float*, float*, cudaStream_t);
-template cudaError_t rank_sums_forward<double>(const double*, const int64_t*, const int64_t*, const bool*, int64_t,
-                                               int64_t, int64_t, int, StepParams<double>, double*, double*,
+template cudaError_t rank_sums_forward<float>(const ProblemView<float>&, int, StepParams<float>, float*, float*,
+                                              cudaStream_t);
+template cudaError_t rank_sums_forward<double>(const ProblemView<double>&, int, StepParams<double>, double*, double*,
                                                cudaStream_t);
-template cudaError_t rank_sums_backward<float>(const float*, const float*, const float*, const int64_t*,
-                                               const int64_t*, const bool*, int64_t, int64_t, int64_t, int,
+template cudaError_t rank_sums_backward<float>(const float*, const float*, const ProblemView<float>&, int,
                                                StepParams<float>, float*, float*, cudaStream_t);
-template cudaError_t rank_sums_backward<double>(const double*, const double*, const double*, const int64_t*,
-                                                const int64_t*, const bool*, int64_t, int64_t, int64_t, int,
+template cudaError_t rank_sums_backward<double>(const double*, const double*, const ProblemView<double>&, int,
                                                 StepParams<double>, double*, double*, cudaStream_t);
 
 }  // namespace cuda
