@@ -54,8 +54,9 @@ fuzz: build
 	FASTRANK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
 
 # Benchmarks (bench/, docs/design.md §4). BENCH_ARGS / GPU_BENCH_ARGS pass options to bench/run.py
-# (e.g. BENCH_ARGS="--ops supap --workloads dense --modes forward,backward"; see --help).
-#   make bench        default CPU sweep (batch workload, fwd+bwd, 5 ops x naive/torch/cpp), <= ~7.5 min on 2 cores
+# (e.g. BENCH_ARGS="--ops sup_ap,histogram_ap:fastap --workloads dense --modes forward,backward"; op keys are
+# the public function names, histogram_ap by kind; see --help).
+#   make bench        default CPU sweep (batch workload, fwd+bwd, 7 ops x naive/torch/cpp), <= ~7.5 min on 2 cores
 #   make bench-full   every workload x mode x op with larger sizes (hours on 2 cores)
 #   make gpu-bench    builds the CUDA kernels, runs the GPU sweep; CSV/PNG named by device in bench/results/
 #   make bench-micro  pytest-benchmark micro-benchmarks (bench/test_micro.py; not collected by `make test`)

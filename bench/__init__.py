@@ -8,6 +8,7 @@ on a GPU; see ``python bench/run.py --help``. Modules:
     memory      peak-RSS measurement through /proc (VmHWM reset via clear_refs)
     measure     the ops as benchmarked, one point (CPU: in a fresh process; GPU: in-process
                 with CUDA events and max_memory_allocated), the sigmoid ceiling
+    op_keys     the op keys older CSVs were written with, mapped to today's (the public function names)
     gpu         the GPU special-function-unit ceiling table (H100 / H200) and device names
     report      markdown tables, the long-format CSV and the plots
     run         the command-line driver: sweeps, guard (memory, time, budget), output files

@@ -36,19 +36,19 @@ STATUSES = ("ok", "oom", "timeout", "error", "unsupported", "skipped")
 # ----------------------------------------------------------------------------- ops
 
 
-def _supap(scores, w: W.Workload, backend: str):
+def _sup_ap(scores, w: W.Workload, backend: str):
     import fastrank
 
     return fastrank.sup_ap(scores, w.target, backend=backend)
 
 
-def _smoothap(scores, w: W.Workload, backend: str):
+def _smooth_ap(scores, w: W.Workload, backend: str):
     import fastrank
 
     return fastrank.smooth_ap(scores, w.target, backend=backend)
 
 
-def _recall(scores, w: W.Workload, backend: str):
+def _recall_at_k(scores, w: W.Workload, backend: str):
     import fastrank
 
     return fastrank.recall_at_k(scores, w.target, backend=backend)  # variant="suprank", ks=(1, 2, 4, 8, 16)
@@ -74,7 +74,7 @@ def _graded_relevance(scores, w: W.Workload):
     return fastrank.relevance_from_hierarchy(*w.hierarchy, dtype=scores.dtype)
 
 
-def _hap(scores, w: W.Workload, backend: str):
+def _h_ap(scores, w: W.Workload, backend: str):
     import fastrank
 
     return fastrank.h_ap(scores, _graded_relevance(scores, w), backend=backend)
@@ -110,15 +110,18 @@ class Op:
         return "graded" if self.graded else self.family
 
 
+# keyed by the public function each op calls; histogram_ap's two kinds as "histogram_ap:<kind>"
 OP_DEFS: Dict[str, Op] = {
-    "supap": Op("supap", "rank", _supap, text="fastrank.sup_ap (ROADMAP defaults)"),
-    "smoothap": Op("smoothap", "rank", _smoothap, text="fastrank.smooth_ap (tau = 0.01)"),
-    "recall": Op("recall", "rank", _recall, text="fastrank.recall_at_k (suprank, ks = 1, 2, 4, 8, 16)"),
-    "fastap": Op("fastap", "hist", _fastap, bins=11, ignores_self=True,
-                 text="fastrank.histogram_ap(kind='fastap', 10 bins, ignore = the query itself)"),
-    "softbin": Op("softbin", "hist", _softbin, bins=25, text="fastrank.histogram_ap(kind='softbin', 25 bins)"),
-    "hap": Op("hap", "rank", _hap, graded=True,
-              text="fastrank.h_ap (suprank) on relevance_from_hierarchy((class // 4, class)): 2/1/0"),
+    "sup_ap": Op("sup_ap", "rank", _sup_ap, text="fastrank.sup_ap (ROADMAP defaults)"),
+    "smooth_ap": Op("smooth_ap", "rank", _smooth_ap, text="fastrank.smooth_ap (tau = 0.01)"),
+    "recall_at_k": Op("recall_at_k", "rank", _recall_at_k,
+                      text="fastrank.recall_at_k (suprank, ks = 1, 2, 4, 8, 16)"),
+    "histogram_ap:fastap": Op("histogram_ap:fastap", "hist", _fastap, bins=11, ignores_self=True,
+                              text="fastrank.histogram_ap(kind='fastap', 10 bins, ignore = the query itself)"),
+    "histogram_ap:softbin": Op("histogram_ap:softbin", "hist", _softbin, bins=25,
+                               text="fastrank.histogram_ap(kind='softbin', 25 bins)"),
+    "h_ap": Op("h_ap", "rank", _h_ap, graded=True,
+               text="fastrank.h_ap (suprank) on relevance_from_hierarchy((class // 4, class)): 2/1/0"),
     "ndcg": Op("ndcg", "rank", _ndcg, graded=True,
                text="fastrank.ndcg (suprank) on the same two-level relevance"),
 }

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .measure import OP_DEFS, PointResult, passes
+from .op_keys import current_op_key
 from .workloads import X_LABEL
 
 # CSV columns: docs/design.md §4's / issue 3's fields first, in the agreed order; the extras after them
@@ -26,8 +27,9 @@ FUSED = ("cpp", "torch", "triton", "cuda")  # backends whose rank-op rate is com
 _BACKEND_ORDER = ("naive", "torch", "cpp", "triton", "cuda")  # row order in the tables
 
 LEGEND = (
-    "pairs: rank ops (supap, smoothap, recall) = Σ_i |P_i|·N per pass; graded ops (hap, ndcg) = Σ_i |ranked_i|·N, "
-    "the ranked items being the query's super-class (4 classes); histogram ops (fastap, softbin) = "
+    "pairs: rank ops (sup_ap, smooth_ap, recall_at_k) = Σ_i |P_i|·N per pass; graded ops (h_ap, ndcg) = "
+    "Σ_i |ranked_i|·N, the ranked items being the query's super-class (4 classes); histogram ops "
+    "(histogram_ap:fastap, histogram_ap:softbin) = "
     "scored items Q·N per pass (column `unit`). Throughput: rank ops in pair evaluations/s (pe/s) = "
     "passes·pairs / p50, with 2 passes in `full` mode (the backward visits every pair again) and 1 in "
     "`forward`/`backward`; histogram ops in items/s (it/s) = items / p50 of the call, whatever the mode. "
@@ -216,7 +218,11 @@ def read_csv(path: str) -> List[Dict[str, str]]:
 
 
 def load_csv(path: str) -> Tuple[List[PointResult], RunInfo]:
-    """Results and run facts back from a CSV this module wrote (to re-plot without re-running)."""
+    """Results and run facts back from a CSV this module wrote (to re-plot without re-running).
+
+    Op keys of CSVs written before the rename to the public function names are mapped to
+    today's (bench/op_keys.py), so an old CSV's rows sort, plot and compare as new ones.
+    """
     from .measure import PointSpec
 
     rows = read_csv(path)
@@ -228,7 +234,8 @@ def load_csv(path: str) -> Tuple[List[PointResult], RunInfo]:
 
     results = [
         PointResult(
-            spec=PointSpec(op=r["op"], backend=r["backend"], x=int(r["x"]), workload=r["workload"], mode=r["mode"]),
+            spec=PointSpec(op=current_op_key(r["op"]), backend=r["backend"], x=int(r["x"]), workload=r["workload"],
+                           mode=r["mode"]),
             status=r["status"], note=r.get("note", ""), p20_ms=num(r, "p20_ms"), p50_ms=num(r, "p50_ms"),
             p80_ms=num(r, "p80_ms"), reps=int(r.get("reps") or 0), peak_extra_bytes=num(r, "peak_extra_bytes"),
             pairs=int(r["pairs"]), unit=r.get("unit", "pair"), q=int(r.get("q") or 0), n=int(r.get("n") or 0),

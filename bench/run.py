@@ -21,7 +21,7 @@ where <device> is `cpu` or `gpu_<device name>`, <sweep> `default`, `full`, `quic
 Sweeps (sizes per workload, op family and backend in SWEEPS below):
   CPU default (``make bench``, hard budget 8 min): workload batch, mode full, all
       seven ops; naive to B = 512, torch to 2048 (rank ops) / 512 (histogram ops), cpp
-      to 16384; the graded ops (hap, ndcg: ~4x the pairs) naive to 256, torch to 512,
+      to 16384; the graded ops (h_ap, ndcg: ~4x the pairs) naive to 256, torch to 512,
       cpp to 4096.
   CPU --full (``make bench-full``, a few hours): every workload x mode x op, larger caps.
   CPU --quick: a ~1 min smoke test.
@@ -56,6 +56,7 @@ from bench.measure import (  # noqa: E402
     MODES, OP_DEFS, OPS, PointResult, PointSpec, blank_result, choose_reps, cost_units, naive_bytes_estimate,
     run_point,
 )
+from bench.op_keys import RENAMED_OP_KEYS  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 
 RESULTS_DIR = os.path.join(_HERE, "results")
@@ -435,7 +436,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--full", action="store_true", help="every workload, mode and op, larger sizes (hours on CPU)")
     g.add_argument("--quick", action="store_true", help="smoke test: batch, full mode, small sizes (~1 min)")
-    p.add_argument("--ops", default=None, help="comma list of: " + ", ".join(OPS) + " (default: the sweep's)")
+    p.add_argument("--ops", default=None, help="comma list of: " + ", ".join(OPS)
+                   + " (the public functions; histogram_ap by kind; default: the sweep's)")
     p.add_argument("--backends", default=None, help="comma list (unavailable ones are skipped; default: the sweep's)")
     p.add_argument("--workloads", default=None, help="comma list of: " + ", ".join(WORKLOADS))
     p.add_argument("--modes", default=None, help="comma list of: " + ", ".join(MODES))
@@ -459,13 +461,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _select(name: str, given: Optional[str], default: Sequence[str], valid: Sequence[str]) -> Tuple[str, ...]:
+def _select(name: str, given: Optional[str], default: Sequence[str], valid: Sequence[str],
+            renamed: Optional[Dict[str, str]] = None) -> Tuple[str, ...]:
+    """The comma list `given` (or `default`); an unknown entry stops the run naming the valid ones
+    (and, for a name in `renamed`, the name it has now)."""
     if given is None:
         return tuple(default)
     out = _csv_list(given)
     unknown = [v for v in out if v not in valid]
     if unknown or not out:
-        raise SystemExit(f"unknown --{name} {unknown or given!r}; choose from {', '.join(valid)}")
+        hints = [f"{v} is now {renamed[v]}" for v in unknown if renamed and v in renamed]
+        raise SystemExit(f"unknown --{name} {unknown or given!r}" + (f" ({'; '.join(hints)})" if hints else "")
+                         + f"; choose from {', '.join(valid)}")
     return tuple(out)
 
 
@@ -509,7 +516,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep = Sweep(
         workloads=_select("workloads", args.workloads, base.workloads, WORKLOADS),
         modes=_select("modes", args.modes, base.modes, MODES),
-        ops=_select("ops", args.ops, base.ops, OPS),
+        ops=_select("ops", args.ops, base.ops, OPS, RENAMED_OP_KEYS),
         backends=(),
         sizes=base.sizes, min_time_s=base.min_time_s if args.min_time is None else args.min_time,
         max_reps=base.max_reps, warmup_s=base.warmup_s,
@@ -603,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    "point" + (" (here: in-process)" if in_process else "")))
     if sweep_name == "default" and args.device == "cpu" and not custom:
         print("default sweep: batch workload, full mode; naive to B = 512, torch to 2048 (rank ops) / 512 "
-              "(histogram ops), cpp to 16384; graded ops (hap, ndcg) naive to 256, torch to 512, cpp to 4096; "
+              "(histogram ops), cpp to 16384; graded ops (h_ap, ndcg) naive to 256, torch to 512, cpp to 4096; "
               "to stay within ~8 minutes. `make bench-full` runs every "
               "workload x mode with larger sizes.")
     if sweep.budget_min > 0:

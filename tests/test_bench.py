@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from bench import measure as M
 from bench import run as R
 from bench import workloads as W
 from bench.memory import PeakMemory
-from bench.report import CSV_COLUMNS, Derived, markdown_table
+from bench.op_keys import RENAMED_OP_KEYS
+from bench.report import CSV_COLUMNS, Derived, RunInfo, load_csv, markdown_table, write_csv
 
 from .conftest import AVAILABLE
 
@@ -53,7 +55,7 @@ def test_dense_workload():
     assert w.shape == (128, 128) and torch.equal(w.self_index, torch.arange(128))
     assert (W.positives_per_query(w.qlab, w.glab) == 128 // 8).all()  # |P| = B / 8
     assert W.label_pairs(w.qlab, w.glab) == 128 * 16 * 128
-    assert M.work("supap", "dense", 128) == 128**3 // 8
+    assert M.work("sup_ap", "dense", 128) == 128**3 // 8
 
 
 def test_xbm_workload():
@@ -71,11 +73,11 @@ def test_xbm_workload():
 
 
 def test_work_units():
-    assert M.unit_of("supap") == "pair" and M.unit_of("softbin") == "item"
-    assert M.work("smoothap", "batch", 32) == 4 * 32 * 32
-    assert M.work("softbin", "batch", 32) == 32 * 32
-    assert M.work("fastap", "batch", 32) == 32 * 32 - 32  # the query left out of its gallery
-    assert M.work("fastap", "xbm", 1000) == 256 * 1000  # no self column in the memory
+    assert M.unit_of("sup_ap") == "pair" and M.unit_of("histogram_ap:softbin") == "item"
+    assert M.work("smooth_ap", "batch", 32) == 4 * 32 * 32
+    assert M.work("histogram_ap:softbin", "batch", 32) == 32 * 32
+    assert M.work("histogram_ap:fastap", "batch", 32) == 32 * 32 - 32  # the query left out of its gallery
+    assert M.work("histogram_ap:fastap", "xbm", 1000) == 256 * 1000  # no self column in the memory
     with pytest.raises(ValueError):
         W.build("nope", 8)
 
@@ -97,7 +99,7 @@ def test_peak_memory_sees_a_known_allocation():
 
 
 @pytest.mark.parametrize("mode", M.MODES)
-@pytest.mark.parametrize("op", ["supap", "fastap"])
+@pytest.mark.parametrize("op", ["sup_ap", "histogram_ap:fastap"])
 def test_run_point_modes(op, mode):
     res = M.run_point(_fast(M.PointSpec(op=op, backend=FUSED, x=64, mode=mode)))
     assert res.status == "ok", res.note
@@ -125,14 +127,14 @@ def test_failures_become_statuses(monkeypatch, exc, status):
     def fail(scores, w, backend):
         raise exc
 
-    monkeypatch.setitem(M.OP_DEFS, "supap", M.Op("supap", "rank", fail))
-    res = M.run_point(_fast(M.PointSpec(op="supap", backend="torch", x=32)))
+    monkeypatch.setitem(M.OP_DEFS, "sup_ap", M.Op("sup_ap", "rank", fail))
+    res = M.run_point(_fast(M.PointSpec(op="sup_ap", backend="torch", x=32)))
     assert res.status == status and type(exc).__name__ in res.note
     assert math.isnan(res.p50_ms) and res.pairs == 4 * 32 * 32  # the row still says what it was
 
 
 def test_subprocess_point_and_timeout():
-    spec = _fast(M.PointSpec(op="smoothap", backend=FUSED, x=64))
+    spec = _fast(M.PointSpec(op="smooth_ap", backend=FUSED, x=64))
     res = R.run_in_subprocess(spec, timeout_s=120)
     assert res.status == "ok", res.note
     assert res.memory_exact and res.peak_extra_bytes > 0
@@ -146,24 +148,24 @@ def test_subprocess_point_and_timeout():
 
 def test_guard_memory_estimate_failure_chain_and_budget():
     guard = R.Guard(mem_limit_bytes=1e6, timeout_s=10.0, budget_s=60.0, overhead_s=1.0)
-    naive = M.PointSpec(op="supap", backend="naive", x=128)
+    naive = M.PointSpec(op="sup_ap", backend="naive", x=128)
     skipped = guard.check(naive)
     assert skipped.status == "oom" and "estimated" in skipped.note
     guard.record(skipped)
     # a larger point of the same (op, backend, workload, mode) is not tried
-    assert guard.check(M.PointSpec(op="supap", backend="naive", x=256)).status == "oom"
+    assert guard.check(M.PointSpec(op="sup_ap", backend="naive", x=256)).status == "oom"
     # ... but another mode is
-    assert guard.check(M.PointSpec(op="fastap", backend="naive", x=16, mode="forward")) is None
+    assert guard.check(M.PointSpec(op="histogram_ap:fastap", backend="naive", x=16, mode="forward")) is None
     # predicted time: 1 s at x = 128 -> 16 s at 512 (pairs ~ x^2), x3 > 10 s timeout
-    ok = M.PointResult(spec=M.PointSpec(op="supap", backend="cpp", x=128), p50_ms=1000.0, reps=3)
+    ok = M.PointResult(spec=M.PointSpec(op="sup_ap", backend="cpp", x=128), p50_ms=1000.0, reps=3)
     guard.record(ok)
-    big = guard.check(M.PointSpec(op="supap", backend="cpp", x=512))
+    big = guard.check(M.PointSpec(op="sup_ap", backend="cpp", x=512))
     assert big.status == "timeout" and "predicted" in big.note
     # budget: a point that would end after it is skipped, and that does not poison larger ones
-    late = guard.check(M.PointSpec(op="smoothap", backend="cpp", x=128), elapsed_s=59.5)
+    late = guard.check(M.PointSpec(op="smooth_ap", backend="cpp", x=128), elapsed_s=59.5)
     assert late.status == "skipped" and "budget" in late.note
     guard.record(late)
-    assert guard.check(M.PointSpec(op="smoothap", backend="cpp", x=256), elapsed_s=0.0) is None
+    assert guard.check(M.PointSpec(op="smooth_ap", backend="cpp", x=256), elapsed_s=0.0) is None
 
 
 def test_default_sweep_plan():
@@ -195,12 +197,12 @@ def test_every_sweep_has_sizes_for_its_workloads():
 
 
 def test_csv_schema_end_to_end(tmp_path, capsys):
-    args = ["--in-process", "--sizes", "32,64", "--ops", "supap,fastap", "--backends", f"naive,{FUSED}",
+    args = ["--in-process", "--sizes", "32,64", "--ops", "sup_ap,histogram_ap:fastap", "--backends", f"naive,{FUSED}",
             "--modes", "forward,full", "--min-time", "0.01", "--mem-limit-gb", "1e-6", "--budget-min", "0",
             "--out-dir", str(tmp_path), "--tag", "t"]
     assert R.main(args) == 0
     out = capsys.readouterr().out
-    assert "### workload `batch`" in out and "mode `forward`" in out and "| supap | naive | 32 | OOM |" in out
+    assert "### workload `batch`" in out and "mode `forward`" in out and "| sup_ap | naive | 32 | OOM |" in out
     latest = tmp_path / "cpu_t_latest.csv"
     with open(latest, newline="") as f:
         reader = csv.DictReader(f)
@@ -218,9 +220,9 @@ def test_csv_schema_end_to_end(tmp_path, capsys):
             assert r["status"] == "ok", r["note"]
             assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
             assert float(r["pairs_per_s"]) > 0 and int(r["peak_extra_bytes"]) >= 0
-            assert r["unit"] == ("pair" if r["op"] == "supap" else "item")
+            assert r["unit"] == ("pair" if r["op"] == "sup_ap" else "item")
             # % of the sigma ceiling for the rank op on a fused backend only
-            assert (r["pct_ceiling"] != "") == (r["op"] == "supap")
+            assert (r["pct_ceiling"] != "") == (r["op"] == "sup_ap")
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     # without matplotlib (optional) the run still writes the table and CSV, and no PNG
     has_mpl = __import__("importlib").util.find_spec("matplotlib") is not None
@@ -235,16 +237,101 @@ def test_csv_schema_end_to_end(tmp_path, capsys):
 
 
 def test_table_and_speedups():
-    mk = lambda b, p50: M.PointResult(spec=M.PointSpec(op="supap", backend=b, x=64), p50_ms=p50, p20_ms=p50,  # noqa: E731
+    mk = lambda b, p50: M.PointResult(spec=M.PointSpec(op="sup_ap", backend=b, x=64), p50_ms=p50, p20_ms=p50,  # noqa: E731
                                       p80_ms=p50, reps=3, pairs=4 * 64 * 64)
     rows = [mk("naive", 100.0), mk("torch", 10.0), mk("cpp", 1.0),
-            M.blank_result(M.PointSpec(op="supap", backend="naive", x=128), "timeout", "killed")]
+            M.blank_result(M.PointSpec(op="sup_ap", backend="naive", x=128), "timeout", "killed")]
     d = Derived(rows, ceiling_rate=1e9)
     assert d.speedup(rows[2], "naive") == pytest.approx(100.0) and d.speedup(rows[2], "torch") == pytest.approx(10.0)
     assert math.isnan(d.speedup(rows[0], "torch"))
     assert d.pair_evals_per_s(rows[2]) == pytest.approx(2 * 4 * 64 * 64 / 1e-3)
     table = markdown_table(d)
     assert "TIMEOUT" in table and "killed" in table
+
+
+# ----------------------------------------------------------------------------- op keys
+
+
+def test_ops_cli_names_the_valid_keys(tmp_path):
+    # small enough to finish quickly should the selection wrongly go through
+    rest = ["--in-process", "--sizes", "32", "--backends", "naive", "--min-time", "0.01", "--no-plot",
+            "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        R.main(["--ops", "sup_ap,nope"] + rest)
+    msg = str(e.value)
+    assert "unknown --ops ['nope']" in msg and all(op in msg for op in M.OPS)
+    with pytest.raises(SystemExit) as e:  # a key from before the rename says what it is called now
+        R.main(["--ops", "supap,fastap"] + rest)
+    assert "supap is now sup_ap" in str(e.value) and "fastap is now histogram_ap:fastap" in str(e.value)
+
+
+def test_renamed_op_keys_lead_to_current_ops():
+    assert set(RENAMED_OP_KEYS.values()) <= set(M.OPS) and not set(RENAMED_OP_KEYS) & set(M.OPS)
+    # every committed CSV (written with the old keys) reads back with today's keys
+    committed = sorted((Path(ROOT) / "bench" / "results").glob("*.csv"))
+    assert committed
+    for path in committed:
+        results, _ = load_csv(str(path))
+        assert {r.spec.op for r in results} <= set(M.OPS), path.name
+
+
+def _measured(op: str, backend: str, x: int, p50: float) -> M.PointResult:
+    """An ok point of the batch workload with a given p50, as the driver would have recorded it."""
+    return M.PointResult(spec=M.PointSpec(op=op, backend=backend, x=x), p50_ms=p50, p20_ms=p50, p80_ms=p50, reps=3,
+                         pairs=M.work(op, "batch", x), unit=M.unit_of(op))
+
+
+def _run_info(device: str, ceiling_rate: float) -> RunInfo:
+    return RunInfo(device=device, torch_version=torch.__version__, git_sha="abc", timestamp="2026-01-01T00:00:00",
+                   threads=2, ceiling_rate=ceiling_rate, ceiling_text="")
+
+
+def _with_old_keys(path: Path) -> None:
+    """Rewrites a CSV's op column with the keys it had before the rename, as the committed CSVs have."""
+    old = {new: o for o, new in RENAMED_OP_KEYS.items()}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows({**r, "op": old.get(r["op"], r["op"])} for r in rows)
+
+
+def test_old_key_csv_still_reads(tmp_path):
+    rows = [_measured("sup_ap", "naive", 64, 100.0), _measured("sup_ap", "cpp", 64, 1.0),
+            _measured("histogram_ap:fastap", "naive", 64, 8.0), _measured("histogram_ap:fastap", "cpp", 64, 2.0),
+            _measured("ndcg", "cpp", 64, 3.0)]
+    path = tmp_path / "cpu_old_latest.csv"
+    write_csv(str(path), Derived(rows, 1e9), _run_info("cpu", 1e9))
+    _with_old_keys(path)
+    with open(path, newline="") as f:
+        assert {r["op"] for r in csv.DictReader(f)} == {"supap", "fastap", "ndcg"}
+    results, _ = load_csv(str(path))
+    assert [r.spec.op for r in results] == [r.spec.op for r in rows]
+    d = Derived(results, 1e9)
+    assert d.speedup(results[1], "naive") == pytest.approx(100.0)
+    assert d.speedup(results[3], "naive") == pytest.approx(4.0)
+    assert not math.isnan(d.pct_ceiling(results[1]))  # the op's family is known again
+    table = markdown_table(d)
+    assert "| sup_ap | cpp | 64 |" in table and "| histogram_ap:fastap | cpp | 64 |" in table
+
+
+def test_gpu_check_pairs_old_and_new_key_csvs(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    info = _run_info("gpu", math.nan)
+    old, new = tmp_path / "gpu_old_latest.csv", tmp_path / "gpu_new_latest.csv"
+    triton = [_measured("sup_ap", "triton", 256, 2.0), _measured("smooth_ap", "triton", 256, 8.0)]
+    write_csv(str(old), Derived(triton, math.nan), info)
+    _with_old_keys(old)
+    cuda = [_measured("sup_ap", "cuda", 256, 1.0), _measured("smooth_ap", "cuda", 256, 4.0)]
+    write_csv(str(new), Derived(cuda, math.nan), info)
+    who, why = gpu_check.preferred_backend([str(old), str(new)])
+    # each old-key triton row paired with its new-key cuda row: unpaired, there would be no ratio at all
+    assert who == "cuda" and "mean 2.00 over 2 points" in why, why
 
 
 # ----------------------------------------------------------------------------- GPU ceiling table
@@ -298,7 +385,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("mode", M.MODES)
 def test_gpu_point(mode):
     backend = "cuda" if "cuda" in AVAILABLE else "torch"
-    res = R.run_in_process(_fast(M.PointSpec(op="supap", backend=backend, x=256, mode=mode, device="cuda")))
+    res = R.run_in_process(_fast(M.PointSpec(op="sup_ap", backend=backend, x=256, mode=mode, device="cuda")))
     assert res.status == "ok", res.note
     assert 0 < res.p20_ms <= res.p50_ms <= res.p80_ms and res.peak_extra_bytes >= 0
 
@@ -319,7 +406,7 @@ def test_gpu_real_oom_is_recorded():
     free, _ = torch.cuda.mem_get_info()
     # naive rank op: ~10 float32 (B, B, B) cubes; pick B so that even one cube does not fit
     B = int((free / 4) ** (1 / 3)) + 64
-    res = R.run_in_process(_fast(M.PointSpec(op="smoothap", backend="naive", x=B, device="cuda")))
+    res = R.run_in_process(_fast(M.PointSpec(op="smooth_ap", backend="naive", x=B, device="cuda")))
     assert res.status == "oom", res.note
     # and the device is usable again afterwards
-    assert R.run_in_process(_fast(M.PointSpec(op="smoothap", backend="torch", x=64, device="cuda"))).status == "ok"
+    assert R.run_in_process(_fast(M.PointSpec(op="smooth_ap", backend="torch", x=64, device="cuda"))).status == "ok"

@@ -39,7 +39,8 @@ def test_parity_sweep_runs_on_cpu_backends(tmp_path):
               "--out", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     rows = out.read_text().splitlines()
-    ops = {"supap", "smoothap", "recall", "recall_patel", "fastap", "softbin", "hap", "hap_sigmoid", "ndcg"}
+    ops = {"sup_ap", "smooth_ap", "recall_at_k:suprank", "recall_at_k:patel", "histogram_ap:fastap",
+           "histogram_ap:softbin", "h_ap:suprank", "h_ap:sigmoid", "ndcg"}
     assert rows[0].startswith("op,backend,case,status")
     body = [r.split(",") for r in rows[1:]]
     assert {r[0] for r in body} == ops and {r[1] for r in body} == {"cpp", "torch"}
@@ -66,7 +67,7 @@ def test_parity_sweep_reports_a_wrong_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(fastrank, "sup_ap", off)
     rows = gpu_parity.run(["torch"], torch.device("cpu"), quick=True)
     status = {r["op"]: r["status"] for r in rows}
-    assert status["supap"] == "fail" and status["smoothap"] == "pass"
+    assert status["sup_ap"] == "fail" and status["smooth_ap"] == "pass"
 
 
 def test_opcheck_tests_skip_when_opcheck_is_unavailable(tmp_path):

@@ -47,6 +47,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python tools/gpu_check.py` puts tools/, not the repository, on sys.path
+    sys.path.insert(0, ROOT)
+
+from bench.op_keys import current_op_key  # noqa: E402 - torch-free: this process never imports torch
+
 PY = os.environ.get("PY", sys.executable)
 QUICK = os.environ.get("GPU_CHECK_QUICK", "0") == "1"
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "180" if QUICK else "450"))
@@ -252,14 +257,17 @@ def backend_verdicts(parity: List[Dict[str, str]], failures: List[Tuple[str, str
 
 
 def preferred_backend(bench_csvs: List[str]) -> Tuple[Optional[str], str]:
-    """Geometric mean over the bench points both GPU backends ran of t_triton / t_cuda."""
+    """Geometric mean over the bench points both GPU backends ran of t_triton / t_cuda.
+
+    Op keys go through bench/op_keys.py, so a CSV from before the rename pairs with a new one.
+    """
     import math
 
     times: Dict[Tuple[str, ...], Dict[str, float]] = {}
     for path in bench_csvs:
         for r in read_rows(path):
             if r.get("status") == "ok" and r.get("backend") in GPU_BACKENDS and r.get("p50_ms"):
-                key = (r["op"], r["workload"], r["mode"], r["x"])
+                key = (current_op_key(r["op"]), r["workload"], r["mode"], r["x"])
                 times.setdefault(key, {})[r["backend"]] = float(r["p50_ms"])
     ratios = [t["triton"] / t["cuda"] for t in times.values() if len(t) == 2 and t["cuda"] > 0]
     if not ratios:

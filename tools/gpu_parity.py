@@ -74,17 +74,24 @@ def make_cases(device: torch.device, quick: bool) -> List[Case]:
 
 
 def _ops() -> Dict[str, Callable]:
-    """op key (as in bench/) -> f(scores, case, backend) returning a scalar to differentiate."""
+    """op -> f(scores, case, backend) returning a scalar to differentiate.
+
+    The op is the public function's name, as bench/ keys its ops; a function checked in
+    several forms gets a row per form, "<function>:<variant / kind / step>".
+    """
     F = fastrank
     return {
-        "supap": lambda s, c, b: F.sup_ap(s, c.labels, ignore=c.ignore, backend=b),
-        "smoothap": lambda s, c, b: F.smooth_ap(s, c.labels, ignore=c.ignore, backend=b),
-        "recall": lambda s, c, b: F.recall_at_k(s, c.labels, ignore=c.ignore, backend=b),
-        "recall_patel": lambda s, c, b: F.recall_at_k(s, c.labels, ignore=c.ignore, variant="patel", backend=b),
-        "fastap": lambda s, c, b: F.histogram_ap(s, c.labels, kind="fastap", ignore=c.ignore, backend=b),
-        "softbin": lambda s, c, b: F.histogram_ap(s, c.labels, kind="softbin", ignore=c.ignore, backend=b),
-        "hap": lambda s, c, b: F.h_ap(s, c.relevance, ignore=c.ignore, backend=b),
-        "hap_sigmoid": lambda s, c, b: F.h_ap(s, c.relevance, step="sigmoid", ignore=c.ignore, backend=b),
+        "sup_ap": lambda s, c, b: F.sup_ap(s, c.labels, ignore=c.ignore, backend=b),
+        "smooth_ap": lambda s, c, b: F.smooth_ap(s, c.labels, ignore=c.ignore, backend=b),
+        "recall_at_k:suprank": lambda s, c, b: F.recall_at_k(s, c.labels, ignore=c.ignore, backend=b),
+        "recall_at_k:patel": lambda s, c, b: F.recall_at_k(s, c.labels, ignore=c.ignore, variant="patel",
+                                                           backend=b),
+        "histogram_ap:fastap": lambda s, c, b: F.histogram_ap(s, c.labels, kind="fastap", ignore=c.ignore,
+                                                              backend=b),
+        "histogram_ap:softbin": lambda s, c, b: F.histogram_ap(s, c.labels, kind="softbin", ignore=c.ignore,
+                                                               backend=b),
+        "h_ap:suprank": lambda s, c, b: F.h_ap(s, c.relevance, ignore=c.ignore, backend=b),
+        "h_ap:sigmoid": lambda s, c, b: F.h_ap(s, c.relevance, step="sigmoid", ignore=c.ignore, backend=b),
         "ndcg": lambda s, c, b: F.ndcg(s, c.relevance, ignore=c.ignore, backend=b),
     }
 
@@ -165,7 +172,7 @@ def run(backends: List[str], device: torch.device, quick: bool) -> List[dict]:
                 except Exception as e:  # noqa: BLE001
                     row.update(status="error", note=_first_line(e))
                 rows.append(row)
-                print(f"[parity] {op:13s} {b:7s} {case.name:18s} {row['status']:5s} "
+                print(f"[parity] {op:20s} {b:7s} {case.name:18s} {row['status']:5s} "
                       f"value {row.get('value_err', '-'):>9s} grad {row.get('grad_err', '-'):>9s} "
                       f"syncs {row.get('syncs', '-')} launches {row.get('launches', '-')} {row.get('note', '')}",
                       flush=True)
