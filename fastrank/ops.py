@@ -247,19 +247,19 @@ _TorchRankSums = _python_backend(
     "_TorchRankSums", "torch", ".reference", "torch_rank_sums_forward", "torch_rank_sums_backward"
 )
 _TritonRankSums = _python_backend(
-    "_TritonRankSums", "triton", ".triton_kernels.rank_sums", "rank_sums_forward", "rank_sums_backward"
+    "_TritonRankSums", "triton", ".triton_kernels.rank_sums", "forward", "backward"
 )
 _TorchGraded = _python_backend(
     "_TorchGraded", "torch", ".graded", "torch_graded_packed_forward", "torch_graded_packed_backward"
 )
 _TritonGraded = _python_backend(
-    "_TritonGraded", "triton", ".triton_kernels.graded", "graded_rank_sums_forward", "graded_rank_sums_backward"
+    "_TritonGraded", "triton", ".triton_kernels.graded", "forward", "backward"
 )
 _TorchHistograms = _python_backend(
     "_TorchHistograms", "torch", "._hist", "torch_histograms_forward", "torch_histograms_backward"
 )
 _TritonHistograms = _python_backend(
-    "_TritonHistograms", "triton", ".triton_kernels.histogram", "histograms_forward", "histograms_backward"
+    "_TritonHistograms", "triton", ".triton_kernels.histogram", "forward", "backward"
 )
 
 
