@@ -313,20 +313,20 @@ def test_kernel_api_strides_and_gradient_forms(step):
     prm = StepParams(step)
     s_t = case.scores.t().contiguous().t()  # column-major storage
     assert not s_t.is_contiguous()
-    ra, rp = tk.rank_sums_forward(s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    ra, rp = tk.forward(s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     ra0, rp0 = naive_rank_sums(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     torch.testing.assert_close(ra, ra0, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(rp, rp0, rtol=1e-10, atol=1e-9)
     # a stride-0 (expanded) incoming gradient, as autograd hands out for sums
     ga = torch.randn(9, 1, dtype=torch.float64, device=DEVICE).expand(pb.pos_idx.shape)
     gp = torch.randn(pb.pos_idx.shape, dtype=torch.float64, device=DEVICE)
-    g = tk.rank_sums_backward(ga, gp, s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    g = tk.backward(ga, gp, s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     g0 = torch_rank_sums_backward(ga, gp, case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-8)
     assert g.is_contiguous() and g.dtype == torch.float64
     # None stands for a zero gradient
-    g_none = tk.rank_sums_backward(None, gp, s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
-    g_zero = tk.rank_sums_backward(torch.zeros_like(gp), gp, s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    g_none = tk.backward(None, gp, s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    g_zero = tk.backward(torch.zeros_like(gp), gp, s_t, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     assert torch.equal(g_none, g_zero)
 
 
@@ -339,12 +339,12 @@ def test_kernel_api_index_and_mask_together(step):
     keep = pos_idx != ign_idx.unsqueeze(1)
     pos_idx = torch.where(keep, pos_idx, -1)  # a hole in the middle of a row
     prm = StepParams(step)
-    got = tk.rank_sums_forward(case.scores, pos_idx, ign_idx, case.ignore, prm)
+    got = tk.forward(case.scores, pos_idx, ign_idx, case.ignore, prm)
     ref = naive_rank_sums(case.scores, pos_idx, ign_idx, case.ignore, prm)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
     ga, gp = torch.randn_like(got[0]), torch.randn_like(got[1])
-    g = tk.rank_sums_backward(ga, gp, case.scores, pos_idx, ign_idx, case.ignore, prm)
+    g = tk.backward(ga, gp, case.scores, pos_idx, ign_idx, case.ignore, prm)
     g0 = torch_rank_sums_backward(ga, gp, case.scores, pos_idx, ign_idx, case.ignore, prm)
     torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-8)
 
@@ -353,17 +353,17 @@ def test_kernel_api_empty_shapes():
     prm = StepParams(SIGMOID)
     s = torch.rand(3, 5, dtype=torch.float64, device=DEVICE)
     no_pos = torch.empty(3, 0, dtype=torch.int64, device=DEVICE)
-    ra, rp = tk.rank_sums_forward(s, no_pos, None, None, prm)
+    ra, rp = tk.forward(s, no_pos, None, None, prm)
     assert ra.shape == rp.shape == (3, 0)
-    g = tk.rank_sums_backward(ra, rp, s, no_pos, None, None, prm)
+    g = tk.backward(ra, rp, s, no_pos, None, None, prm)
     assert g.shape == (3, 5) and not g.any()
     all_holes = torch.full((3, 2), -1, dtype=torch.int64, device=DEVICE)
-    ra, rp = tk.rank_sums_forward(s, all_holes, None, None, prm)
+    ra, rp = tk.forward(s, all_holes, None, None, prm)
     assert not ra.any() and not rp.any()
-    g = tk.rank_sums_backward(torch.ones_like(ra), torch.ones_like(rp), s, all_holes, None, None, prm)
+    g = tk.backward(torch.ones_like(ra), torch.ones_like(rp), s, all_holes, None, None, prm)
     assert not g.any()
     s0 = torch.rand(0, 5, dtype=torch.float64, device=DEVICE)
-    ra, _ = tk.rank_sums_forward(s0, torch.empty(0, 2, dtype=torch.int64, device=DEVICE), None, None, prm)
+    ra, _ = tk.forward(s0, torch.empty(0, 2, dtype=torch.int64, device=DEVICE), None, None, prm)
     assert ra.shape == (0, 2)
 
 
@@ -382,36 +382,36 @@ def test_kernel_api_validation():
     s = torch.rand(3, 5, device=DEVICE)
     pos = torch.tensor([[0, 1], [2, -1], [-1, -1]], device=DEVICE)
     with pytest.raises(TypeError, match="scores"):
-        tk.rank_sums_forward(s.to(torch.int32), pos, None, None, prm)
+        tk.forward(s.to(torch.int32), pos, None, None, prm)
     with pytest.raises(ValueError, match="scores"):
-        tk.rank_sums_forward(s[0], pos, None, None, prm)
+        tk.forward(s[0], pos, None, None, prm)
     with pytest.raises(TypeError, match="pos_idx"):
-        tk.rank_sums_forward(s, pos.to(torch.int32), None, None, prm)
+        tk.forward(s, pos.to(torch.int32), None, None, prm)
     with pytest.raises(ValueError, match="pos_idx"):
-        tk.rank_sums_forward(s, pos[:2], None, None, prm)
+        tk.forward(s, pos[:2], None, None, prm)
     with pytest.raises(ValueError, match="pos_idx"):
-        tk.rank_sums_forward(s, pos.to("meta"), None, None, prm)
+        tk.forward(s, pos.to("meta"), None, None, prm)
     with pytest.raises(ValueError, match="ignore_idx"):
-        tk.rank_sums_forward(s, pos, torch.zeros(4, dtype=torch.int64, device=DEVICE), None, prm)
+        tk.forward(s, pos, torch.zeros(4, dtype=torch.int64, device=DEVICE), None, prm)
     with pytest.raises(TypeError, match="ignore_mask"):
-        tk.rank_sums_forward(s, pos, None, torch.zeros(3, 5, device=DEVICE), prm)
+        tk.forward(s, pos, None, torch.zeros(3, 5, device=DEVICE), prm)
     with pytest.raises(ValueError, match="ignore_mask"):
-        tk.rank_sums_forward(s, pos, None, torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), prm)
+        tk.forward(s, pos, None, torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), prm)
     with pytest.raises(TypeError, match="params"):
-        tk.rank_sums_forward(s, pos, None, None, "sigmoid")
+        tk.forward(s, pos, None, None, "sigmoid")
     z32, z33, z22 = (torch.zeros(shape, device=DEVICE) for shape in ((3, 2), (3, 3), (2, 2)))
     with pytest.raises(ValueError, match="grad_rank_all"):
-        tk.rank_sums_backward(z33, z32, s, pos, None, None, prm)
+        tk.backward(z33, z32, s, pos, None, None, prm)
     with pytest.raises(ValueError, match="grad_rank_pos"):
-        tk.rank_sums_backward(z32, z22, s, pos, None, None, prm)
+        tk.backward(z32, z22, s, pos, None, None, prm)
 
 
 # --------------------------------------------------------------------------- GPU only
 
 
 def _direct(scores, pos_idx, ignore_idx, ignore_mask, prm, wa, wp, fast=None):
-    ra, rp = tk.rank_sums_forward(scores, pos_idx, ignore_idx, ignore_mask, prm, fast=fast)
-    g = tk.rank_sums_backward(wa, wp, scores, pos_idx, ignore_idx, ignore_mask, prm, fast=fast)
+    ra, rp = tk.forward(scores, pos_idx, ignore_idx, ignore_mask, prm, fast=fast)
+    g = tk.backward(wa, wp, scores, pos_idx, ignore_idx, ignore_mask, prm, fast=fast)
     return ra, rp, g
 
 

@@ -111,8 +111,8 @@ def _triton(pr: Problem, params, ga, gp, rel=None):
     pb = pr.pb
     if rel is None:  # relevance in the scores' dtype (float32 for half scores)
         rel = pr.rel.to(pr.scores.dtype if pr.scores.dtype in (torch.float32, torch.float64) else torch.float32)
-    ra, rp = gk.graded_rank_sums_forward(pr.scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
-    grad = gk.graded_rank_sums_backward(ga, gp, pr.scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    ra, rp = gk.forward(pr.scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    grad = gk.backward(ga, gp, pr.scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     return ra, rp, grad
 
 
@@ -184,7 +184,7 @@ def test_hand_computed_example():
     s = torch.tensor([[0.3, 0.2, 0.1]], dtype=torch.float64, device=DEVICE)
     rel = torch.tensor([[2.0, 0.0, 1.0]], dtype=torch.float64, device=DEVICE)
     pos_idx = torch.tensor([[0, 2]], device=DEVICE)
-    ra, rp = gk.graded_rank_sums_forward(s, rel, pos_idx, None, None, _params("suprank"))
+    ra, rp = gk.forward(s, rel, pos_idx, None, None, _params("suprank"))
     sig = lambda x: float(torch.sigmoid(torch.tensor(x, dtype=torch.float64)))  # noqa: E731
     expect_all = torch.tensor([[1 + sig(-10.0) + sig(-20.0), 2 + 5.0 + sig(5.0) + 0.5]], dtype=torch.float64)
     torch.testing.assert_close(ra.cpu(), expect_all, rtol=1e-12, atol=1e-12)
@@ -242,9 +242,9 @@ def test_strided_inputs_float32_relevance_and_none_grads(step):
     pb = pr.pb
     args = (pr.scores, pr.rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     zero = torch.zeros_like(ga)
-    assert torch.equal(gk.graded_rank_sums_backward(ga, None, *args), gk.graded_rank_sums_backward(ga, zero, *args))
-    assert torch.equal(gk.graded_rank_sums_backward(None, gp, *args), gk.graded_rank_sums_backward(zero, gp, *args))
-    assert torch.equal(gk.graded_rank_sums_backward(None, None, *args), torch.zeros_like(pr.scores))
+    assert torch.equal(gk.backward(ga, None, *args), gk.backward(ga, zero, *args))
+    assert torch.equal(gk.backward(None, gp, *args), gk.backward(zero, gp, *args))
+    assert torch.equal(gk.backward(None, None, *args), torch.zeros_like(pr.scores))
 
 
 # --------------------------------------------------------------------------- binary relevance = rank_sums
@@ -258,8 +258,8 @@ def test_binary_relevance_equals_rank_sums(step, ignore_kind):
     pb = pr.pb
     ga, gp = _packed_grads(pb)
     ra, rp, grad = _triton(pr, params, ga, gp)
-    ra0, rp0 = tk.rank_sums_forward(pr.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
-    grad0 = tk.rank_sums_backward(ga, gp, pr.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    ra0, rp0 = tk.forward(pr.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    grad0 = tk.backward(ga, gp, pr.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     torch.testing.assert_close(ra, ra0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rp, rp0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, grad0, rtol=1e-12, atol=1e-12 * max(1.0, float(grad0.abs().max())))
@@ -282,9 +282,9 @@ def test_queries_without_ranked_items(step):
     s = pr.scores
     rel = torch.zeros_like(s)
     pb = build_problem(rel, None, *s.shape, DEVICE)
-    ra, rp = gk.graded_rank_sums_forward(s, rel, pb.pos_idx, None, None, params)
+    ra, rp = gk.forward(s, rel, pb.pos_idx, None, None, params)
     assert ra.shape == (3, 0) and rp.shape == (3, 0)
-    grad = gk.graded_rank_sums_backward(None, None, s, rel, pb.pos_idx, None, None, params)
+    grad = gk.backward(None, None, s, rel, pb.pos_idx, None, None, params)
     assert grad.shape == s.shape and not grad.any()
 
 
@@ -295,9 +295,9 @@ def test_single_item(step):
     rel = torch.tensor([[2.5]], dtype=torch.float64, device=DEVICE)
     pos_idx = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
     params = _params(step)
-    ra, rp = gk.graded_rank_sums_forward(s, rel, pos_idx, None, None, params)
+    ra, rp = gk.forward(s, rel, pos_idx, None, None, params)
     assert ra.item() == 1.0 and rp.item() == 2.5
-    grad = gk.graded_rank_sums_backward(torch.ones_like(ra), torch.ones_like(rp), s, rel, pos_idx, None, None, params)
+    grad = gk.backward(torch.ones_like(ra), torch.ones_like(rp), s, rel, pos_idx, None, None, params)
     assert grad.item() == 0.0
 
 
@@ -351,8 +351,8 @@ def test_backward_deterministic(small_blocks, step):
     ga, gp = _packed_grads(pr.pb)
     pb = pr.pb
     args = (pr.scores, pr.rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
-    g1 = gk.graded_rank_sums_backward(ga, gp, *args)
-    g2 = gk.graded_rank_sums_backward(ga, gp, *args)
+    g1 = gk.backward(ga, gp, *args)
+    g2 = gk.backward(ga, gp, *args)
     assert torch.equal(g1, g2)
     assert torch.equal(g1.view(torch.int64), g2.view(torch.int64))  # bitwise, signed zeros included
 
@@ -365,13 +365,13 @@ class _GradedFn(torch.autograd.Function):
     def forward(ctx, scores, rel, pos_idx, ignore_idx, ignore_mask, params):
         ctx.save_for_backward(scores, rel, pos_idx)
         ctx.extra = (ignore_idx, ignore_mask, params)
-        return gk.graded_rank_sums_forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params)
+        return gk.forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params)
 
     @staticmethod
     def backward(ctx, grad_all, grad_pos):
         scores, rel, pos_idx = ctx.saved_tensors
         ignore_idx, ignore_mask, params = ctx.extra
-        grad = gk.graded_rank_sums_backward(grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params)
+        grad = gk.backward(grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params)
         return grad, None, None, None, None, None
 
 
@@ -404,8 +404,8 @@ def test_input_validation():
     pb = pr.pb
     s, rel, pos_idx = pr.scores, pr.rel, pb.pos_idx
     params = _params("suprank")
-    fwd = gk.graded_rank_sums_forward
-    bwd = gk.graded_rank_sums_backward
+    fwd = gk.forward
+    bwd = gk.backward
     with pytest.raises(TypeError, match="relevance"):
         fwd(s, rel.tolist(), pos_idx, None, None, params)
     with pytest.raises(TypeError, match="relevance"):

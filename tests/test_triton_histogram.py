@@ -86,14 +86,14 @@ def _assert_kernels_match_torch(case: Case, prm: HistParams, seed: int = 0):
     """Both histograms against the naive tensor; the backward with random incoming gradients
     (h_all and h_pos separately weighted) against the pure-torch backward."""
     pb = _problem(case)
-    h_all, h_pos = tk.histograms_forward(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    h_all, h_pos = tk.forward(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     r_all, r_pos = naive_histograms(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     torch.testing.assert_close(h_all, r_all, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h_pos, r_pos, rtol=1e-12, atol=1e-12)
     g = torch.Generator().manual_seed(seed)
     ga = torch.randn(h_all.shape, generator=g, dtype=torch.float64).to(DEVICE)
     gp = torch.randn(h_pos.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    got = tk.histograms_backward(ga, gp, case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    got = tk.backward(ga, gp, case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     ref = torch_histograms_backward(ga, gp, case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
@@ -243,12 +243,12 @@ def test_nan_rows(ignore_kind):
     valid = dense_valid_mask(5, 13, pb.ignore_idx, pb.ignore_mask, DEVICE)
     for config in ("fastap", "softbin"):
         prm = _params(config)
-        h_all, h_pos = tk.histograms_forward(s, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+        h_all, h_pos = tk.forward(s, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
         assert torch.isnan(h_all[0]).all() and torch.isnan(h_pos[0]).all()
         assert torch.isfinite(h_all[1:]).all() and torch.isfinite(h_pos[1:]).all()
         ga = torch.rand_like(h_all)
         gp = torch.rand_like(h_pos)
-        grad = tk.histograms_backward(ga, gp, s, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+        grad = tk.backward(ga, gp, s, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
         assert torch.isnan(grad[0][valid[0]]).all() and (grad[0][~valid[0]] == 0).all()
         assert torch.isfinite(grad[1:]).all()
         # the other rows: exactly what they give without the poisoned row
@@ -302,44 +302,44 @@ def test_kernel_api_strides_gradient_forms_and_holes():
     prm = _params("softbin")
     s_t = case.scores.t().contiguous().t()  # column-major storage
     assert not s_t.is_contiguous()
-    h_all, h_pos = tk.histograms_forward(s_t, pos_idx, ign_idx, case.ignore, prm)
+    h_all, h_pos = tk.forward(s_t, pos_idx, ign_idx, case.ignore, prm)
     r_all, r_pos = naive_histograms(case.scores, pos_idx, ign_idx, case.ignore, prm)
     torch.testing.assert_close(h_all, r_all, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h_pos, r_pos, rtol=1e-12, atol=1e-12)
     # a stride-0 (expanded) incoming gradient, as autograd hands out for sums, and a transposed one
     ga = torch.randn(q, 1, dtype=torch.float64, device=DEVICE).expand(h_all.shape)
     gp = torch.randn(prm.bins, q, dtype=torch.float64, device=DEVICE).t()
-    g = tk.histograms_backward(ga, gp, s_t, pos_idx, ign_idx, case.ignore, prm)
+    g = tk.backward(ga, gp, s_t, pos_idx, ign_idx, case.ignore, prm)
     g0 = torch_histograms_backward(ga, gp, case.scores, pos_idx, ign_idx, case.ignore, prm)
     torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
     assert g.is_contiguous() and g.dtype == torch.float64
     # None stands for a zero gradient
-    g_none = tk.histograms_backward(None, gp, s_t, pos_idx, ign_idx, case.ignore, prm)
-    g_zero = tk.histograms_backward(torch.zeros_like(ga), gp, s_t, pos_idx, ign_idx, case.ignore, prm)
+    g_none = tk.backward(None, gp, s_t, pos_idx, ign_idx, case.ignore, prm)
+    g_zero = tk.backward(torch.zeros_like(ga), gp, s_t, pos_idx, ign_idx, case.ignore, prm)
     assert torch.equal(g_none, g_zero)
-    assert not tk.histograms_backward(None, None, s_t, pos_idx, ign_idx, case.ignore, prm).any()
+    assert not tk.backward(None, None, s_t, pos_idx, ign_idx, case.ignore, prm).any()
 
 
 def test_kernel_api_empty_shapes():
     prm = _params("fastap")
     s = torch.rand(3, 5, dtype=torch.float64, device=DEVICE)
     no_pos = torch.empty(3, 0, dtype=torch.int64, device=DEVICE)
-    h_all, h_pos = tk.histograms_forward(s, no_pos, None, None, prm)
+    h_all, h_pos = tk.forward(s, no_pos, None, None, prm)
     assert h_all.shape == h_pos.shape == (3, prm.bins) and not h_pos.any()
     torch.testing.assert_close(h_all, naive_histograms(s, no_pos, None, None, prm)[0], rtol=1e-12, atol=1e-12)
-    g = tk.histograms_backward(torch.zeros_like(h_all), torch.ones_like(h_pos), s, no_pos, None, None, prm)
+    g = tk.backward(torch.zeros_like(h_all), torch.ones_like(h_pos), s, no_pos, None, None, prm)
     assert g.shape == (3, 5) and not g.any()
     all_holes = torch.full((3, 2), -1, dtype=torch.int64, device=DEVICE)
-    _, h_pos = tk.histograms_forward(s, all_holes, None, None, prm)
+    _, h_pos = tk.forward(s, all_holes, None, None, prm)
     assert not h_pos.any()
-    g = tk.histograms_backward(torch.zeros_like(h_all), torch.ones_like(h_pos), s, all_holes, None, None, prm)
+    g = tk.backward(torch.zeros_like(h_all), torch.ones_like(h_pos), s, all_holes, None, None, prm)
     assert not g.any()
     for shape in ((0, 5), (3, 0)):
         s0 = torch.rand(shape, dtype=torch.float64, device=DEVICE)
         pos = torch.full((shape[0], 1), -1, dtype=torch.int64, device=DEVICE)
-        h_all, _ = tk.histograms_forward(s0, pos, None, None, prm)
+        h_all, _ = tk.forward(s0, pos, None, None, prm)
         assert h_all.shape == (shape[0], prm.bins) and not h_all.any()
-        assert tk.histograms_backward(None, None, s0, pos, None, None, prm).shape == shape
+        assert tk.backward(None, None, s0, pos, None, None, prm).shape == shape
 
 
 def test_half_inputs_are_binned_in_fp32():
@@ -349,7 +349,7 @@ def test_half_inputs_are_binned_in_fp32():
     prm = _params("softbin")
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         s = case.scores.to(DEVICE, dt)
-        h_all, h_pos = tk.histograms_forward(s, pb.pos_idx, pb.ignore_idx, None, prm)
+        h_all, h_pos = tk.forward(s, pb.pos_idx, pb.ignore_idx, None, prm)
         r_all, r_pos = naive_histograms(s.double(), pb.pos_idx, pb.ignore_idx, None, prm)
         assert h_all.dtype == h_pos.dtype == dt
         # float32 sums rounded once to the dtype
@@ -357,7 +357,7 @@ def test_half_inputs_are_binned_in_fp32():
         torch.testing.assert_close(h_all.double(), r_all, **tol)
         torch.testing.assert_close(h_pos.double(), r_pos, **tol)
         ga, gp = torch.randn_like(r_all), torch.randn_like(r_pos)
-        g = tk.histograms_backward(ga.to(dt), gp.to(dt), s, pb.pos_idx, pb.ignore_idx, None, prm)
+        g = tk.backward(ga.to(dt), gp.to(dt), s, pb.pos_idx, pb.ignore_idx, None, prm)
         g0 = torch_histograms_backward(ga.to(dt).double(), gp.to(dt).double(), s.double(), pb.pos_idx,
                                        pb.ignore_idx, None, prm)
         assert g.dtype == dt
@@ -370,35 +370,35 @@ def test_kernel_api_validation():
     s = torch.rand(3, 5, device=DEVICE)
     pos = torch.tensor([[0, 1], [2, -1], [-1, -1]], device=DEVICE)
     with pytest.raises(TypeError, match="scores"):
-        tk.histograms_forward(s.to(torch.int32), pos, None, None, prm)
+        tk.forward(s.to(torch.int32), pos, None, None, prm)
     with pytest.raises(ValueError, match="scores"):
-        tk.histograms_forward(s[0], pos, None, None, prm)
+        tk.forward(s[0], pos, None, None, prm)
     with pytest.raises(TypeError, match="pos_idx"):
-        tk.histograms_forward(s, pos.to(torch.int32), None, None, prm)
+        tk.forward(s, pos.to(torch.int32), None, None, prm)
     with pytest.raises(ValueError, match="pos_idx"):
-        tk.histograms_forward(s, pos[:2], None, None, prm)
+        tk.forward(s, pos[:2], None, None, prm)
     with pytest.raises(ValueError, match="pos_idx"):
-        tk.histograms_forward(s, pos.to("meta"), None, None, prm)
+        tk.forward(s, pos.to("meta"), None, None, prm)
     with pytest.raises(ValueError, match="ignore_idx"):
-        tk.histograms_forward(s, pos, torch.zeros(4, dtype=torch.int64, device=DEVICE), None, prm)
+        tk.forward(s, pos, torch.zeros(4, dtype=torch.int64, device=DEVICE), None, prm)
     with pytest.raises(TypeError, match="ignore_mask"):
-        tk.histograms_forward(s, pos, None, torch.zeros(3, 5, device=DEVICE), prm)
+        tk.forward(s, pos, None, torch.zeros(3, 5, device=DEVICE), prm)
     with pytest.raises(ValueError, match="ignore_mask"):
-        tk.histograms_forward(s, pos, None, torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), prm)
+        tk.forward(s, pos, None, torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), prm)
     with pytest.raises(TypeError, match="params"):
-        tk.histograms_forward(s, pos, None, None, (11, -5.0, 5.0, False))
+        tk.forward(s, pos, None, None, (11, -5.0, 5.0, False))
     with pytest.raises(ValueError, match="bins"):
-        tk.histograms_forward(s, pos, None, None, HistParams(1, 1.0, 0.0, True))
+        tk.forward(s, pos, None, None, HistParams(1, 1.0, 0.0, True))
     with pytest.raises(ValueError, match="scale"):
-        tk.histograms_forward(s, pos, None, None, HistParams(4, float("inf"), 0.0, True))
+        tk.forward(s, pos, None, None, HistParams(4, float("inf"), 0.0, True))
     z = torch.zeros(3, prm.bins, device=DEVICE)
     with pytest.raises(ValueError, match="grad_h_all"):
-        tk.histograms_backward(z[:, :-1], z, s, pos, None, None, prm)
+        tk.backward(z[:, :-1], z, s, pos, None, None, prm)
     with pytest.raises(TypeError, match="grad_h_pos"):
-        tk.histograms_backward(z, z.to(torch.int64), s, pos, None, None, prm)
+        tk.backward(z, z.to(torch.int64), s, pos, None, None, prm)
     if not ON_GPU:
         with pytest.raises(ValueError, match="CPU tensor"):
-            tk.histograms_forward(s.to("meta"), pos, None, None, prm)
+            tk.forward(s.to("meta"), pos, None, None, prm)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -418,14 +418,14 @@ def test_fp32_against_fp64(config, shape):
     pb = _problem(case)
     prm = _params(config)
     s64 = case.scores.double()
-    h_all, h_pos = tk.histograms_forward(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    h_all, h_pos = tk.forward(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     r_all, r_pos = naive_histograms(s64, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     # per item the weights are off by ~ulp(v) in float32, and bins hold up to ~n/4 of mass
     torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-7 * n)
     torch.testing.assert_close(h_pos.double(), r_pos, rtol=1e-5, atol=1e-7 * n)
     ga = torch.randn(r_all.shape, device=DEVICE)
     gp = torch.randn(r_pos.shape, device=DEVICE)
-    g = tk.histograms_backward(ga, gp, case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    g = tk.backward(ga, gp, case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     g0 = torch_histograms_backward(ga.double(), gp.double(), s64, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     # slopes are 0 or +-1, so the gradients agree except where float32 moves v across a bin centre
     bad = (g.double() - g0).abs() > 1e-5 * (1 + g0.abs())
@@ -437,7 +437,7 @@ def test_fp32_against_fp64(config, shape):
         a64 = fastrank.histogram_ap(s64, case.target, kind=kind, ignore=case.ignore, backend="triton")
         assert abs(a32.item() - a64.item()) < 1e-4
     # and the split forward reproduces itself bitwise
-    again = tk.histograms_forward(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    again = tk.forward(case.scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     assert torch.equal(again[0], h_all) and torch.equal(again[1], h_pos)
 
 
@@ -448,7 +448,7 @@ def test_half_precision_gpu(dtype):
     pb = _problem(case)
     prm = _params("softbin")
     s_lo = case.scores.to(dtype)
-    h_all, h_pos = tk.histograms_forward(s_lo, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
+    h_all, h_pos = tk.forward(s_lo, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     # binned in float32 from the rounded scores, then rounded once to the dtype
     r_all, r_pos = naive_histograms(s_lo.double(), pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     eps = torch.finfo(dtype).eps

@@ -17,23 +17,26 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrank.core.backend import triton_interpreted
 from fastrank.core.params import SIGMOID, SUPRANK, StepParams
+from fastrank.core.validate import FLOAT_DTYPES
 
 Tensor = torch.Tensor
 
 #: kernels run in Triton's CPU interpreter (CI); read once, at import, as Triton does
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = triton_interpreted()
 #: FASTRANK_TRITON_AUTOTUNE=0: one config per kernel (the one whose tile is nearest the per-thread
 #: budget) instead of benchmarking every candidate for each new shape key; test runs on a GPU use it
 #: (gpu-check), since tuning each test's shape would take most of their time
 AUTOTUNE = os.environ.get("FASTRANK_TRITON_AUTOTUNE", "1") != "0"
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 # IGNORE constexpr of every kernel: a bit set
 IGNORE_NONE = 0
 IGNORE_INDEX = 1
 IGNORE_MASK = 2
+
+#: what a NaN row's outputs are set to (a constexpr, so that the kernels can use it)
+NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 
 def next_pow2(x: int) -> int:
@@ -84,10 +87,8 @@ def column_block(
     of them take part (`valid_cols`), the query's score row and the columns' scores in ACC
     (0 where not valid); 64-bit offsets."""
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ign = -1  # the ignored column, read only when IGNORE has the index bit
-    if IGNORE & 1:
-        ign = tl.load(ign_idx_ptr + i * stride_iq)
-    valid = valid_cols(offs_k, N, ign, ign_mask_ptr + i * stride_mq, stride_mn, IGNORE)
+    ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
+    valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
     s_row = scores_ptr + i * stride_sq
     sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
     return offs_k, valid, s_row, sk
@@ -105,6 +106,27 @@ def valid_cols(offs_k, N, ign, mask_row_ptr, stride_mn, IGNORE: tl.constexpr):
     return valid
 
 
+@triton.jit
+def store_ranks(rank_all_ptr, rank_pos_ptr, rank_all, rank_pos, i, P, offs_p, in_p, has):
+    """A rank-sums forward's outputs: rank_all, rank_pos (BLOCK_P,) of query i at slots offs_p of
+    the contiguous (Q, P) outputs, in their dtype, 0 at holes (~has)."""
+    out_ty = rank_all_ptr.dtype.element_ty
+    out_off = i * P + offs_p
+    tl.store(rank_all_ptr + out_off, tl.where(has, rank_all, 0.0).to(out_ty), mask=in_p)
+    tl.store(rank_pos_ptr + out_off, tl.where(has, rank_pos, 0.0).to(out_ty), mask=in_p)
+
+
+@triton.jit
+def store_column_grad(acc, nan_flag_ptr, grad_ptr, i, N, offs_k, valid):
+    """A rank-sums columns kernel's output: acc (BLOCK_P, BLOCK_K) summed over the ranked items
+    into grad[i, offs_k] (contiguous (Q, N)); NaN at the valid columns of a row the rows kernel
+    flagged in nan_flag_ptr, 0 at ignored ones."""
+    g = tl.sum(acc, axis=0)
+    row_nan = tl.load(nan_flag_ptr + i) != 0
+    g = tl.where(row_nan, NAN, g)
+    tl.store(grad_ptr + i * N + offs_k, tl.where(valid, g, 0.0), mask=offs_k < N)
+
+
 # --------------------------------------------------------------------------- host side: checks, arguments
 
 
@@ -113,6 +135,19 @@ def check_tensor(fn: str, name: str, t, dims: int) -> None:
         raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dims:
         raise ValueError(f"{fn}: `{name}` must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def check_operand(fn: str, name: str, t, dims: int, dtypes, dtype_text: str, shape, shape_text: str, device) -> None:
+    """A `dims`-D tensor `name` with a dtype in `dtypes` (None: any floating dtype), the sizes of
+    `shape` (None: any) and on `device` (that of `scores`); the messages say `dtype_text` and
+    `shape_text` for what was expected."""
+    check_tensor(fn, name, t, dims)
+    if not (t.dtype.is_floating_point if dtypes is None else t.dtype in dtypes):
+        raise TypeError(f"{fn}: `{name}` must be {dtype_text}, got {t.dtype}")
+    if any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        raise ValueError(f"{fn}: `{name}` must have {shape_text}, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{fn}: `{name}` is on {t.device} but `scores` is on {device}")
 
 
 def check_packed_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask) -> None:
@@ -127,32 +162,36 @@ def check_packed_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask) -> No
     elif dev.type != "cuda":
         raise ValueError(f"{fn}: `scores` must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {dev}")
     q, _ = scores.shape
-    check_tensor(fn, "pos_idx", pos_idx, 2)
-    if pos_idx.dtype != torch.int64:
-        raise TypeError(f"{fn}: `pos_idx` must be int64, got {pos_idx.dtype}")
-    if pos_idx.shape[0] != q:
-        raise ValueError(f"{fn}: `pos_idx` must be (Q, P) with Q = {q}, got shape {tuple(pos_idx.shape)}")
-    if pos_idx.device != dev:
-        raise ValueError(f"{fn}: `pos_idx` is on {pos_idx.device} but `scores` is on {dev}")
+    int64 = (torch.int64,)
+    check_operand(fn, "pos_idx", pos_idx, 2, int64, "int64", (q, None), f"shape (Q, P) with Q = {q}", dev)
     if ignore_idx is not None:
-        check_tensor(fn, "ignore_idx", ignore_idx, 1)
-        if ignore_idx.dtype != torch.int64:
-            raise TypeError(f"{fn}: `ignore_idx` must be int64, got {ignore_idx.dtype}")
-        if ignore_idx.shape[0] != q:
-            raise ValueError(f"{fn}: `ignore_idx` must have shape ({q},), got {tuple(ignore_idx.shape)}")
-        if ignore_idx.device != dev:
-            raise ValueError(f"{fn}: `ignore_idx` is on {ignore_idx.device} but `scores` is on {dev}")
+        check_operand(fn, "ignore_idx", ignore_idx, 1, int64, "int64", (q,), f"shape ({q},)", dev)
     if ignore_mask is not None:
-        check_tensor(fn, "ignore_mask", ignore_mask, 2)
-        if ignore_mask.dtype != torch.bool:
-            raise TypeError(f"{fn}: `ignore_mask` must be bool, got {ignore_mask.dtype}")
-        if ignore_mask.shape != scores.shape:
-            raise ValueError(
-                f"{fn}: `ignore_mask` must have the shape of `scores` {tuple(scores.shape)}, "
-                f"got {tuple(ignore_mask.shape)}"
-            )
-        if ignore_mask.device != dev:
-            raise ValueError(f"{fn}: `ignore_mask` is on {ignore_mask.device} but `scores` is on {dev}")
+        check_operand(
+            fn, "ignore_mask", ignore_mask, 2, (torch.bool,), "bool",
+            scores.shape, f"the shape of `scores` {tuple(scores.shape)}", dev,
+        )
+
+
+def check_dense_operand(fn: str, name: str, t, scores) -> None:
+    """A (Q, N) floating tensor beside `scores` (the graded relevance)."""
+    check_operand(
+        fn, name, t, 2, FLOAT_DTYPES, "float16, bfloat16, float32 or float64",
+        scores.shape, f"the shape of `scores` {tuple(scores.shape)}", scores.device,
+    )
+
+
+def grads_or_zeros(fn: str, names, grads, shape, shape_text: str, scores):
+    """Incoming gradients of a backward, None replaced by zeros of `shape` in the accumulation
+    dtype, each checked: floating, of that shape (`shape_text` says which), on the device of `scores`."""
+    acc = acc_dtype(scores.dtype)
+    out = []
+    for name, g in zip(names, grads):
+        if g is None:
+            g = torch.zeros(shape, dtype=acc, device=scores.device)
+        check_operand(fn, name, g, 2, None, "floating point", shape, shape_text, scores.device)
+        out.append(g)
+    return out
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,17 +205,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 PER_THREAD_MIN, PER_THREAD_MAX = 8, 32
 
 
+def fit_row(configs, named_args, n_floor: int):
+    """The configs whose BLOCK_K is not much wider than the row (at least `n_floor`): wider
+    blocks only add masked lanes. The first config if none fits."""
+    n_cap = max(n_floor, next_pow2(int(named_args.get("N", 1 << 30))))
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+
+
 def prune_tile_configs(configs, named_args, rows: int, n_floor: int):
     """Autotune pruning shared by the kernels: keep configs whose (rows, BLOCK_K) tile fits the
     per-thread budget and whose BLOCK_K is not much wider than the row (at least `n_floor`)."""
-    n_cap = max(n_floor, next_pow2(int(named_args.get("N", 1 << 30))))
     prm = named_args.get("params_ptr")
     wide = 2 if prm is not None and prm.dtype == torch.float64 else 1
 
     def per_thread(c):
         return rows * c.kwargs["BLOCK_K"] * wide / (32 * c.num_warps)
 
-    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+    fit = fit_row(configs, named_args, n_floor)
     good = [c for c in fit if PER_THREAD_MIN <= per_thread(c) <= PER_THREAD_MAX]
     if good and AUTOTUNE:
         return good
@@ -188,11 +233,17 @@ def prune_tile_configs(configs, named_args, rows: int, n_floor: int):
 # (rank_sums.py and graded.py share their step, checks, launch configuration and launches)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
+def device_constants(vals: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A kernel's parameters as a small tensor on the device in the accumulation dtype (cached,
+    read-only): Triton passes Python floats as float32, which would cost float64 inputs their precision."""
+    return torch.tensor(list(vals), dtype=dtype, device=device)
+
+
 def step_params_tensor(params: StepParams, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(1/tau, rho, delta, start, offset) on the device in the accumulation dtype (cached, read-only)."""
-    vals = [1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset]
-    return torch.tensor(vals, dtype=dtype, device=device)
+    """(1/tau, rho, delta, start, offset), as `load_step_params` (_step.py) reads them."""
+    vals = (1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset)
+    return device_constants(vals, dtype, device)
 
 
 def use_fast(fast: Optional[bool], acc: torch.dtype) -> bool:
@@ -206,7 +257,7 @@ def check_step_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params)
     """`check_packed_inputs` and the step parameters (a sigmoid or suprank StepParams, tau > 0)."""
     check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
     if not isinstance(params, StepParams):
-        raise TypeError(f"{fn}: `params` must be a fastrank._step.StepParams, got {type(params).__name__}")
+        raise TypeError(f"{fn}: `params` must be a fastrank.core.params.StepParams, got {type(params).__name__}")
     if params.step not in (SIGMOID, SUPRANK):
         raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
     if not params.tau > 0:
@@ -214,29 +265,15 @@ def check_step_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params)
     params.check_dtype(scores.dtype)  # 1/tau and the parameters finite in the accumulation dtype
 
 
-def check_rank_grad(fn: str, name: str, g, pos_idx: Tensor) -> None:
-    """An incoming gradient of rank_all or rank_pos: floating, the shape and device of `pos_idx`."""
-    check_tensor(fn, name, g, 2)
-    if not g.dtype.is_floating_point:
-        raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
-    if g.shape != pos_idx.shape:
-        raise ValueError(
-            f"{fn}: `{name}` must have the shape of `pos_idx` {tuple(pos_idx.shape)}, got {tuple(g.shape)}"
-        )
-    if g.device != pos_idx.device:
-        raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {pos_idx.device}")
-
-
 def rank_grads(fn: str, names, grad_all, grad_pos, scores: Tensor, pos_idx: Tensor):
-    """(grad_all, grad_pos), None replaced by zeros (Q, P) in the accumulation dtype, both checked."""
-    acc = acc_dtype(scores.dtype)
-    if grad_all is None:
-        grad_all = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
-    if grad_pos is None:
-        grad_pos = torch.zeros(pos_idx.shape, dtype=acc, device=scores.device)
-    check_rank_grad(fn, names[0], grad_all, pos_idx)
-    check_rank_grad(fn, names[1], grad_pos, pos_idx)
-    return grad_all, grad_pos
+    """(grad_all, grad_pos) of rank_all and rank_pos: `grads_or_zeros` with the shape of `pos_idx`."""
+    shape = tuple(pos_idx.shape)
+    return grads_or_zeros(fn, names, (grad_all, grad_pos), shape, f"the shape of `pos_idx` {shape}", scores)
+
+
+def rank_block_p(p: int, interpreter_cap: int) -> int:
+    """Ranked items per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
+    return capped_pow2(p, interpreter_cap if INTERPRETED else 64)
 
 
 def ignore_args(pos_idx, ignore_idx, ignore_mask):
@@ -266,28 +303,31 @@ def packed_args(scores, pos_idx, ignore_idx, ignore_mask, extra=()):
     return ptrs, strides, mode
 
 
+def configure_kernel(kernel, interpreter_block_k, block_ks, warps, key, prune):
+    """GPU: autotune over (BLOCK_K in `block_ks`) x (num_warps in `warps`), keyed on the
+    arguments named in `key`, the candidates pruned by `prune`; interpreter: one config with
+    large blocks, BLOCK_K = interpreter_block_k(args)."""
+    if INTERPRETED:
+        return triton.heuristics({"BLOCK_K": interpreter_block_k})(kernel)
+    configs = [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk in block_ks for w in warps]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
 def configure_rank_kernel(kernel, interpreter_block_k, tiles: int = 1):
-    """GPU: autotune (BLOCK_K, num_warps) keyed on (N_KEY, BLOCK_P, STEP, IGNORE); interpreter:
-    one config with large blocks, BLOCK_K = interpreter_block_k(args).
+    """`configure_kernel` for the rank-sums kernels, keyed on (N_KEY, BLOCK_P, STEP, IGNORE).
 
     `tiles` is the number of live (BLOCK_P, BLOCK_K) accumulators of the kernel, which the
     pruning rule counts against the per-thread register budget.
     """
-    if INTERPRETED:
-        return triton.heuristics({"BLOCK_K": interpreter_block_k})(kernel)
 
     def prune(configs, named_args, **kwargs):
         bp = kwargs.get("BLOCK_P", named_args.get("BLOCK_P", 16))
         return prune_tile_configs(configs, named_args, rows=tiles * bp, n_floor=32)
 
-    configs = [
-        triton.Config({"BLOCK_K": bk}, num_warps=w)
-        for bk in (32, 64, 128, 256, 512, 1024, 2048, 4096)
-        for w in (4, 8)
-    ]
-    return triton.autotune(
-        configs, key=["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune_configs_by={"early_config_prune": prune}
-    )(kernel)
+    return configure_kernel(
+        kernel, interpreter_block_k, (32, 64, 128, 256, 512, 1024, 2048, 4096), (4, 8),
+        ["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune,
+    )
 
 
 def launch_rank_forward(
@@ -323,10 +363,12 @@ def launch_rank_backward(
     rows: (*ptrs, params, grad_all, grad_pos, out, nan_flag, N, P, N_KEY, *strides, grad_all's
     and grad_pos' strides); cols: (*ptrs, params, grad_all, [grad_pos,] nan_flag, grad, N, P,
     N_KEY, *strides, grad_all's [and grad_pos'] strides), grad_pos if `cols_grad_pos`. Both get
-    STEP, IGNORE, FAST, BLOCK_P = bp. Inputs checked, Q, P, N > 0.
+    STEP, IGNORE, FAST, BLOCK_P = bp. Inputs checked; zeros (contiguous) without work.
     """
     q, n = scores.shape
     p = pos_idx.shape[1]
+    if q == 0 or p == 0 or n == 0:
+        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
     acc = acc_dtype(scores.dtype)
     ptrs, strides, mode = packed_args(scores, pos_idx, ignore_idx, ignore_mask, extra)
     prm = step_params_tensor(params, acc, scores.device)

@@ -7,7 +7,7 @@ float64 for float64 scores); the step parameters arrive as scalars of that dtype
 (loaded from a small device tensor: Triton passes Python floats as float32, which
 would cost float64 inputs their precision).
 
-Equal scores tie, infinities included (fastrank._step.score_diff): a NaN difference d is
+Equal scores tie, infinities included (fastrank.core.step.score_diff): a NaN difference d is
 taken as 0 by `step_neg` and `heaviside` and carries no gradient in `step_neg_grad`. inf - inf
 is the only NaN the kernels act on: a NaN score's row is made NaN explicitly by the kernels.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: the references clamp -d/tau to [-50, 50] before exp (fastrank._step.CLAMP, csrc/step.h kClamp)
+#: the references clamp -d/tau to [-50, 50] before exp (fastrank.core.params.CLAMP, csrc/step.h kClamp)
 CLAMP: tl.constexpr = tl.constexpr(50.0)
 
 

@@ -1,7 +1,7 @@
 """Triton kernels of the GRADED rank-sums primitive (docs/design.md §1.1-1.2, issue 9): forward and
 deterministic backward.
 
-Same contract as `fastrank.graded.torch_graded_forward/backward`, in the packed layout of
+Same contract as `fastrank.graded.chunked.dense_forward/dense_backward`, in the packed layout of
 `triton_kernels/rank_sums.py`: each query i has the packed list of its ranked items
 `pos_idx[i]` (-1 = hole; relevance > 0, never ignored), validity (ignore) is one column per
 query or a (Q, N) mask, and the graded relevance is a dense (Q, N) floating tensor. Per
@@ -56,14 +56,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    FLOAT_DTYPES, INTERPRETED, capped_pow2, check_step_inputs, check_tensor, column_block, configure_rank_kernel,
-    launch_rank_backward, launch_rank_forward, rank_grads, ranked_block, row_ignore, valid_cols,
+    NAN, capped_pow2, check_dense_operand, check_step_inputs, column_block, configure_rank_kernel,
+    launch_rank_backward, launch_rank_forward, rank_block_p, rank_grads, ranked_block, row_ignore,
+    store_column_grad, store_ranks, valid_cols,
 )
 from ._step import heaviside, load_step_params, step_neg, step_neg_grad
 
 Tensor = torch.Tensor
-
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -140,13 +139,10 @@ def _graded_fwd_kernel(
             rank_all = rank_all + 0.5
             rank_pos = rank_pos + 0.5 * rj
         row_nan = tl.max(n_nan, axis=0) > 0
-        rank_all = tl.where(row_nan, _NAN, rank_all)
-        rank_pos = tl.where(row_nan, _NAN, rank_pos)
+        rank_all = tl.where(row_nan, NAN, rank_all)
+        rank_pos = tl.where(row_nan, NAN, rank_pos)
 
-    out_ty = rank_all_ptr.dtype.element_ty
-    out_off = i * P + offs_p
-    tl.store(rank_all_ptr + out_off, tl.where(has, rank_all, 0.0).to(out_ty), mask=in_p)
-    tl.store(rank_pos_ptr + out_off, tl.where(has, rank_pos, 0.0).to(out_ty), mask=in_p)
+    store_ranks(rank_all_ptr, rank_pos_ptr, rank_all, rank_pos, i, P, offs_p, in_p, has)
 
 
 @triton.jit(do_not_specialize=["N_KEY"])
@@ -221,7 +217,7 @@ def _graded_bwd_rows_kernel(
                 acc += tl.where(keep, a[:, None] * gp, 0.0)
         out = -tl.sum(acc, axis=1)
         row_nan = tl.max(n_nan, axis=0) > 0
-        out = tl.where(row_nan, _NAN, out)
+        out = tl.where(row_nan, NAN, out)
         tl.store(nan_flag_ptr + i, 1, mask=row_nan)
 
     tl.store(out_ptr + i * P + offs_p, tl.where(has, out, 0.0), mask=in_p)
@@ -294,10 +290,7 @@ def _graded_bwd_cols_kernel(
                 # holes and k = j fail rel_k < rel_j
                 keep = has[:, None] & (rk[None, :] < rj[:, None])
                 acc += tl.where(keep, a[:, None] * gp, 0.0)
-    g = tl.sum(acc, axis=0)
-    row_nan = tl.load(nan_flag_ptr + i) != 0
-    g = tl.where(row_nan, _NAN, g)
-    tl.store(grad_ptr + i * N + offs_k, tl.where(valid, g, 0.0), mask=offs_k < N)
+    store_column_grad(acc, nan_flag_ptr, grad_ptr, i, N, offs_k, valid)
 
 
 # --------------------------------------------------------------------------- launch configuration
@@ -307,11 +300,6 @@ def _graded_bwd_cols_kernel(
 #: tests lower them to drive the multi-tile loops with small shapes
 INTERPRETER_MAX_BLOCK_P = 128
 INTERPRETER_MAX_BLOCK_K = 1024
-
-
-def _block_p(p: int) -> int:
-    """Ranked items per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
-    return capped_pow2(p, INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64)
 
 
 def _interpreter_block_k(args) -> int:
@@ -327,22 +315,7 @@ _bwd_cols = configure_rank_kernel(_graded_bwd_cols_kernel, _interpreter_block_k,
 # --------------------------------------------------------------------------- host side
 
 
-def _check_relevance(fn: str, relevance, scores: Tensor) -> None:
-    """(Q, N) floating relevance on the device of `scores` (values are the caller's to validate)."""
-    check_tensor(fn, "relevance", relevance, 2)
-    if relevance.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{fn}: `relevance` must be float16, bfloat16, float32 or float64, got {relevance.dtype}"
-        )
-    if relevance.shape != scores.shape:
-        raise ValueError(
-            f"{fn}: `relevance` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(relevance.shape)}"
-        )
-    if relevance.device != scores.device:
-        raise ValueError(f"{fn}: `relevance` is on {relevance.device} but `scores` is on {scores.device}")
-
-
-def graded_rank_sums_forward(
+def forward(
     scores: Tensor,
     relevance: Tensor,
     pos_idx: Tensor,
@@ -359,23 +332,23 @@ def graded_rank_sums_forward(
         relevance: (Q, N) floating graded relevance (>= 0, finite; not checked here), any
             strides, on the device of `scores`; read in the accumulation dtype.
         pos_idx: (Q, P) int64 columns of the ranked items (-1 = hole, unique per row, relevance
-            > 0, never ignored), e.g. `fastrank._problem.build_problem(relevance, ...)`.
+            > 0, never ignored), e.g. `fastrank.core.problem.build_problem(relevance, ...)`.
         ignore_idx: (Q,) int64 column to leave out per query (-1 = none), or None.
         ignore_mask: (Q, N) bool, True = left out, or None.
-        params: the step (fastrank._step.StepParams).
+        params: the step (fastrank.core.params.StepParams).
         fast: sigma through tanh.approx.f32 (GPU, float32 math only); None reads
             FASTRANK_TRITON_FAST (default off).
     """
-    fn = "fastrank.triton_kernels.graded_rank_sums_forward"
+    fn = "fastrank.triton_kernels.graded.forward"
     check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
-    _check_relevance(fn, relevance, scores)
+    # (Q, N) floating on the device of `scores`; its values are the caller's to validate
+    check_dense_operand(fn, "relevance", relevance, scores)
+    bp = rank_block_p(pos_idx.shape[1], INTERPRETER_MAX_BLOCK_P)
     # relevance: the pointer after the common four, its strides the last
-    return launch_rank_forward(
-        _fwd, _block_p(pos_idx.shape[1]), scores, pos_idx, ignore_idx, ignore_mask, params, fast, extra=(relevance,)
-    )
+    return launch_rank_forward(_fwd, bp, scores, pos_idx, ignore_idx, ignore_mask, params, fast, extra=(relevance,))
 
 
-def graded_rank_sums_backward(
+def backward(
     grad_all: Optional[Tensor],
     grad_pos: Optional[Tensor],
     scores: Tensor,
@@ -389,19 +362,16 @@ def graded_rank_sums_backward(
 ) -> Tensor:
     """dL/dscores (Q, N), dtype of `scores`, from dL/drank_all and dL/drank_pos (each (Q, P) or None = zeros).
 
-    Arguments as in :func:`graded_rank_sums_forward`. No gradient flows to `relevance`.
+    Arguments as in :func:`forward`. No gradient flows to `relevance`.
     Deterministic: no floating-point atomics; every output is summed in a fixed order.
     """
-    fn = "fastrank.triton_kernels.graded_rank_sums_backward"
+    fn = "fastrank.triton_kernels.graded.backward"
     check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
-    _check_relevance(fn, relevance, scores)
+    check_dense_operand(fn, "relevance", relevance, scores)
     grad_all, grad_pos = rank_grads(fn, ("grad_all", "grad_pos"), grad_all, grad_pos, scores, pos_idx)
-    q, n = scores.shape
-    p = pos_idx.shape[1]
-    if q == 0 or p == 0 or n == 0:
-        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    bp = rank_block_p(pos_idx.shape[1], INTERPRETER_MAX_BLOCK_P)
     # both backward kernels read grad_pos (the sigmoid's min(rel_j, rel_k) weight)
     return launch_rank_backward(
-        _bwd_rows, _bwd_cols, _block_p(p), grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, params, fast,
+        _bwd_rows, _bwd_cols, bp, grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, params, fast,
         extra=(relevance,), cols_grad_pos=True,
     )

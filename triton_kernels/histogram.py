@@ -1,7 +1,7 @@
 """Triton kernels of the soft histograms of histogram AP (docs/design.md §1.3): forward and deterministic backward.
 
-Same contract as `fastrank._hist.naive_histograms` / `torch_histograms_forward/backward` and
-the C++ kernel (csrc/histogram.h, csrc/cpu/histogram.cpp); `fastrank.ops._TritonHistograms`
+Same contract as `fastrank.histogram.naive.forward` / `fastrank.histogram.chunked.forward/backward` and
+the C++ kernel (csrc/histogram.h, csrc/cpu/histogram.cpp); the op-family table (fastrank/core/registry.py)
 calls the two public functions below.
 
 A score s maps to the bin coordinate v = scale * s + shift; bin l (0 <= l < L) receives the
@@ -59,17 +59,25 @@ import triton.language as tl
 from fastrank.core.params import HistParams
 
 from ._common import (
-    INTERPRETED, acc_dtype, capped_pow2, check_packed_inputs, check_tensor, column_block, ignore_args, next_pow2,
-    prune_tile_configs, ranked_block, row_ignore, valid_cols,
+    INTERPRETED, NAN, acc_dtype, capped_pow2, check_packed_inputs, column_block, configure_kernel, device_constants,
+    fit_row, grads_or_zeros, ignore_args, next_pow2, prune_tile_configs, ranked_block, row_ignore, valid_cols,
 )
 
 Tensor = torch.Tensor
 
 
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
-
-
 # --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _load_hist_params(params_ptr):
+    """(scale, shift, top = L - 1) from the (3,) params tensor (`_params_tensor`), as scalars of
+    the accumulation dtype. Once per program (a device-function call costs the interpreter
+    about a millisecond)."""
+    scale = tl.load(params_ptr + 0)
+    shift = tl.load(params_ptr + 1)
+    top = tl.load(params_ptr + 2)
+    return scale, shift, top
 
 
 @triton.jit
@@ -140,9 +148,7 @@ def _hist_fwd_kernel(
     i = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     pid_s = tl.program_id(2)
-    scale = tl.load(params_ptr + 0)
-    shift = tl.load(params_ptr + 1)
-    top = tl.load(params_ptr + 2)
+    scale, shift, top = _load_hist_params(params_ptr)
     ACC = params_ptr.dtype.element_ty
 
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -175,8 +181,8 @@ def _hist_fwd_kernel(
 
     # a NaN score poisons its whole query, as in the references (and the C++ kernel)
     row_nan = tl.max(n_nan, axis=0) > 0
-    h_all = tl.where(row_nan, _NAN, h_all)
-    h_pos = tl.where(row_nan, _NAN, h_pos)
+    h_all = tl.where(row_nan, NAN, h_all)
+    h_pos = tl.where(row_nan, NAN, h_pos)
     out_ty = h_all_ptr.dtype.element_ty
     out_off = pid_s.to(tl.int64) * stride_hs + i * L + offs_l
     in_l = offs_l < L
@@ -210,9 +216,7 @@ def _hist_bwd_cols_kernel(
         BLOCK_K  columns per program
     """
     i = tl.program_id(0).to(tl.int64)
-    scale = tl.load(params_ptr + 0)
-    shift = tl.load(params_ptr + 1)
-    top = tl.load(params_ptr + 2)
+    scale, shift, top = _load_hist_params(params_ptr)
     ACC = params_ptr.dtype.element_ty
 
     offs_k, valid, _, s = column_block(
@@ -269,12 +273,10 @@ def _hist_bwd_pos_kernel(
             for k0 in range(0, N, BLOCK_N):
                 offs_k = k0 + tl.arange(0, BLOCK_N)
                 valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
-                nan = tl.full((BLOCK_N,), _NAN, grad_ptr.dtype.element_ty)
+                nan = tl.full((BLOCK_N,), NAN, grad_ptr.dtype.element_ty)
                 tl.store(g_row + offs_k, nan, mask=valid)
     else:
-        scale = tl.load(params_ptr + 0)
-        shift = tl.load(params_ptr + 1)
-        top = tl.load(params_ptr + 2)
+        scale, shift, top = _load_hist_params(params_ptr)
         ACC = params_ptr.dtype.element_ty
         _, _, j, has, _, s = ranked_block(
             scores_ptr, pos_idx_ptr, i, pid_p, P, stride_sq, stride_sn, stride_pq, stride_pp, BLOCK_P, ACC
@@ -318,34 +320,17 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _prune_cols(configs, named_args, **kwargs):
-    """Drop blocks much wider than the row (they only add masked lanes)."""
-    n_cap = max(128, next_pow2(int(named_args.get("N", 1 << 30))))
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= n_cap] or configs[:1]
+    return fit_row(configs, named_args, n_floor=128)
 
 
-def _configure_fwd(kernel):
-    if INTERPRETED:
-        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
-    configs = [
-        triton.Config({"BLOCK_K": bk}, num_warps=w) for bk in (16, 32, 64, 128, 256, 512, 1024) for w in (2, 4, 8)
-    ]
-    return triton.autotune(
-        configs, key=["N_KEY", "BLOCK_L", "OPEN", "IGNORE", "SPLIT"],
-        prune_configs_by={"early_config_prune": _prune_fwd},
-    )(kernel)
-
-
-def _configure_cols(kernel):
-    if INTERPRETED:
-        return triton.heuristics({"BLOCK_K": _interpreter_block_k})(kernel)
-    configs = [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk in (128, 256, 512, 1024, 2048) for w in (2, 4, 8)]
-    return triton.autotune(
-        configs, key=["N_KEY", "OPEN", "IGNORE"], prune_configs_by={"early_config_prune": _prune_cols}
-    )(kernel)
-
-
-_fwd = _configure_fwd(_hist_fwd_kernel)
-_bwd_cols = _configure_cols(_hist_bwd_cols_kernel)
+_fwd = configure_kernel(
+    _hist_fwd_kernel, _interpreter_block_k, (16, 32, 64, 128, 256, 512, 1024), (2, 4, 8),
+    ["N_KEY", "BLOCK_L", "OPEN", "IGNORE", "SPLIT"], _prune_fwd,
+)
+_bwd_cols = configure_kernel(
+    _hist_bwd_cols_kernel, _interpreter_block_k, (128, 256, 512, 1024, 2048), (2, 4, 8),
+    ["N_KEY", "OPEN", "IGNORE"], _prune_cols,
+)
 _bwd_pos = _hist_bwd_pos_kernel  # read-modify-write: never autotuned
 
 
@@ -369,17 +354,15 @@ def _num_splits(q: int, n_lblocks: int, n: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------- host side
 
 
-@functools.lru_cache(maxsize=64)
 def _params_tensor(params: HistParams, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(scale, shift, L - 1) on the device in the accumulation dtype (cached, read-only): Triton
-    passes Python floats as float32, which would cost float64 inputs their precision."""
-    return torch.tensor([params.scale, params.shift, params.bins - 1], dtype=dtype, device=device)
+    """(scale, shift, L - 1), as `_load_hist_params` reads them."""
+    return device_constants((params.scale, params.shift, params.bins - 1), dtype, device)
 
 
 def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
     check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
     if not isinstance(params, HistParams):
-        raise TypeError(f"{fn}: `params` must be a fastrank._hist.HistParams, got {type(params).__name__}")
+        raise TypeError(f"{fn}: `params` must be a fastrank.core.params.HistParams, got {type(params).__name__}")
     if isinstance(params.bins, bool) or not isinstance(params.bins, int) or params.bins < 2:
         raise ValueError(f"{fn}: `params.bins` must be an integer >= 2, got {params.bins!r}")
     for name in ("scale", "shift"):
@@ -391,17 +374,7 @@ def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> 
     params.check_dtype(scores.dtype)  # scale and shift finite in the accumulation dtype
 
 
-def _check_grad(fn: str, name: str, g, shape, device) -> None:
-    check_tensor(fn, name, g, 2)
-    if not g.dtype.is_floating_point:
-        raise TypeError(f"{fn}: `{name}` must be floating point, got {g.dtype}")
-    if tuple(g.shape) != tuple(shape):
-        raise ValueError(f"{fn}: `{name}` must have shape (Q, bins) = {tuple(shape)}, got {tuple(g.shape)}")
-    if g.device != device:
-        raise ValueError(f"{fn}: `{name}` is on {g.device} but `scores` is on {device}")
-
-
-def histograms_forward(
+def forward(
     scores: Tensor,
     pos_idx: Tensor,
     ignore_idx: Optional[Tensor],
@@ -417,9 +390,9 @@ def histograms_forward(
             ignored; entries in [-1, N), not checked: that would synchronise).
         ignore_idx: (Q,) int64 column to leave out of h_all per query (-1 = none), or None.
         ignore_mask: (Q, N) bool, True = left out of h_all, or None.
-        params: fastrank._hist.HistParams(bins, scale, shift, open_ends).
+        params: fastrank.core.params.HistParams(bins, scale, shift, open_ends).
     """
-    fn = "fastrank.triton_kernels.histograms_forward"
+    fn = "fastrank.triton_kernels.histogram.forward"
     _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
     q, n = scores.shape
     p = pos_idx.shape[1]
@@ -448,7 +421,7 @@ def histograms_forward(
     return h_all.sum(0).to(scores.dtype), h_pos.sum(0).to(scores.dtype)
 
 
-def histograms_backward(
+def backward(
     grad_h_all: Optional[Tensor],
     grad_h_pos: Optional[Tensor],
     scores: Tensor,
@@ -462,18 +435,15 @@ def histograms_backward(
 
     Deterministic: no floating-point atomics; every output cell has one writer per kernel.
     """
-    fn = "fastrank.triton_kernels.histograms_backward"
+    fn = "fastrank.triton_kernels.histogram.backward"
     _check_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
     q, n = scores.shape
     p = pos_idx.shape[1]
     bins = int(params.bins)
     acc = acc_dtype(scores.dtype)
-    if grad_h_all is None:
-        grad_h_all = torch.zeros((q, bins), dtype=acc, device=scores.device)
-    if grad_h_pos is None:
-        grad_h_pos = torch.zeros((q, bins), dtype=acc, device=scores.device)
-    _check_grad(fn, "grad_h_all", grad_h_all, (q, bins), scores.device)
-    _check_grad(fn, "grad_h_pos", grad_h_pos, (q, bins), scores.device)
+    grad_h_all, grad_h_pos = grads_or_zeros(
+        fn, ("grad_h_all", "grad_h_pos"), (grad_h_all, grad_h_pos), (q, bins), f"shape (Q, bins) = {(q, bins)}", scores
+    )
     if q == 0 or n == 0:
         return torch.zeros_like(scores, memory_format=torch.contiguous_format)
     ign_idx, ign_mask, ign_strides, mode = ignore_args(pos_idx, ignore_idx, ignore_mask)
@@ -489,14 +459,12 @@ def histograms_backward(
     if INTERPRETED:
         bp = capped_pow2(p, INTERPRETER_MAX_BLOCK_P)
         bn = capped_pow2(n, INTERPRETER_MAX_BLOCK_K)
-        warps = 4
     else:
         bp, bn = max(16, min(next_pow2(p), _BLOCK_P)), _BLOCK_N
-        warps = 4
     _bwd_pos[(q, max(1, triton.cdiv(p, bp)))](
         scores, pos_idx, ign_idx, ign_mask, prm, grad_h_pos, nan_flag, grad,
         n, p, bins,
         *scores.stride(), *pos_idx.stride(), *ign_strides, *grad_h_pos.stride(),
-        OPEN=bool(params.open_ends), IGNORE=mode, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+        OPEN=bool(params.open_ends), IGNORE=mode, BLOCK_P=bp, BLOCK_N=bn, num_warps=4,
     )
     return grad if grad.dtype == scores.dtype else grad.to(scores.dtype)

@@ -1,7 +1,7 @@
 """Triton kernels of the rank-sums primitive (docs/design.md §1.1): forward and deterministic backward.
 
-Same contract as `fastrank.reference.torch_rank_sums_forward/backward` and the C++
-kernel (csrc/cpu/rank_sums.cpp); `fastrank.ops._TritonRankSums` calls the two
+Same contract as `fastrank.rank_sums.chunked.forward/backward` and the C++
+kernel (csrc/cpu/rank_sums.cpp); the op-family table (fastrank/core/registry.py) calls the two
 public functions below.
 
 The kernels never see labels or a dense positive mask: each query i has the packed
@@ -55,14 +55,53 @@ from fastrank.core.params import StepParams
 from ._step import heaviside, load_step_params, step_neg, step_neg_grad
 
 from ._common import (
-    INTERPRETED, capped_pow2, check_step_inputs, column_block, configure_rank_kernel, launch_rank_backward,
-    launch_rank_forward, rank_grads, ranked_block, row_ignore, valid_cols,
+    NAN, capped_pow2, check_step_inputs, column_block, configure_rank_kernel, launch_rank_backward,
+    launch_rank_forward, rank_block_p, rank_grads, ranked_block, row_ignore, store_column_grad, store_ranks,
+    valid_cols,
 )
 
 Tensor = torch.Tensor
 
 
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _sweep(
+    s_row, sj, N, ign, mask_row, stride_sn, stride_mn, inv_tau, rho, delta, start, offset,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    """(total, n_inf, n_nan) of the sweep over every valid competitor k of the row, the ranked
+    items sj (BLOCK_P, in ACC) themselves included, in tiles of BLOCK_K columns.
+
+    total_j = sum_k g(s_k - s_j), or sum_k g'(s_k - s_j) if GRAD. n_nan (BLOCK_K,) int32 counts
+    the NaNs among the row's valid scores per lane (tl.max(n_nan) > 0: a NaN row; the callers
+    reduce it where they use it). Suprank's forward counts its H^- = +inf terms in n_inf (int32,
+    per ranked item) and leaves them out of total, so that the positive sweep can take back a
+    positive's +inf without inf - inf; n_inf is 0 otherwise. Constexprs STEP, IGNORE, FAST as
+    in the kernels; GRAD: the derivative (backward) instead of the step. One call per program,
+    the loop inside: a device-function call costs the interpreter about a millisecond."""
+    acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
+    n_nan = tl.zeros((BLOCK_K,), tl.int32)
+    n_inf = tl.zeros((BLOCK_P,), tl.int32)
+    for k0 in range(0, N, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
+        sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
+        n_nan += (sk != sk).to(tl.int32)
+        d = sk[None, :] - sj[:, None]
+        if GRAD:
+            acc += tl.where(valid[None, :], step_neg_grad(d, inv_tau, rho, delta, STEP, FAST), 0.0)
+        else:
+            g = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
+            if STEP == 1:
+                big = valid[None, :] & (g == float("inf"))
+                n_inf += tl.sum(big.to(tl.int32), axis=1)
+                acc += tl.where(valid[None, :] & ~big, g, 0.0)
+            else:
+                acc += tl.where(valid[None, :], g, 0.0)
+    return tl.sum(acc, axis=1), n_inf, n_nan
 
 
 # --------------------------------------------------------------------------- kernels
@@ -105,26 +144,12 @@ def _rank_sums_fwd_kernel(
     rank_pos = tl.zeros((BLOCK_P,), ACC)
     if tl.max(has.to(tl.int32), axis=0) > 0:
         ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
-        # sweep: every valid competitor, j itself included, gets g
-        acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
-        n_nan = tl.zeros((BLOCK_K,), tl.int32)
-        # suprank: H^- = +inf terms (d = +inf, or an overflowing line) are counted apart, so that
-        # the positive sweep can take back a positive's +inf without inf - inf
-        n_inf = tl.zeros((BLOCK_P,), tl.int32)
-        for k0 in range(0, N, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
-            sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
-            n_nan += (sk != sk).to(tl.int32)
-            d = sk[None, :] - sj[:, None]
-            g = step_neg(d, inv_tau, rho, delta, start, offset, STEP, FAST)
-            if STEP == 1:
-                big = valid[None, :] & (g == float("inf"))
-                n_inf += tl.sum(big.to(tl.int32), axis=1)
-                acc += tl.where(valid[None, :] & ~big, g, 0.0)
-            else:
-                acc += tl.where(valid[None, :], g, 0.0)
-        rank_all = tl.sum(acc, axis=1)
+        # sweep: every valid competitor, j itself included, gets g; suprank's H^- = +inf terms
+        # (d = +inf, or an overflowing line) are counted apart in n_inf
+        rank_all, n_inf, n_nan = _sweep(
+            s_row, sj, N, ign, mask_row, stride_sn, stride_mn, inv_tau, rho, delta, start, offset,
+            STEP, IGNORE, FAST, False, BLOCK_P, BLOCK_K, ACC,
+        )
         # positive sweep through pos_idx (positives are never ignored)
         for t0 in range(0, P, BLOCK_P):
             offs_t = t0 + tl.arange(0, BLOCK_P)
@@ -148,13 +173,10 @@ def _rank_sums_fwd_kernel(
             rank_pos = rank_pos + 0.5
         rank_all = tl.where(n_inf > 0, float("inf"), rank_all)
         row_nan = tl.max(n_nan, axis=0) > 0
-        rank_all = tl.where(row_nan, _NAN, rank_all)
-        rank_pos = tl.where(row_nan, _NAN, rank_pos)
+        rank_all = tl.where(row_nan, NAN, rank_all)
+        rank_pos = tl.where(row_nan, NAN, rank_pos)
 
-    out_ty = rank_all_ptr.dtype.element_ty
-    out_off = i * P + offs_p
-    tl.store(rank_all_ptr + out_off, tl.where(has, rank_all, 0.0).to(out_ty), mask=in_p)
-    tl.store(rank_pos_ptr + out_off, tl.where(has, rank_pos, 0.0).to(out_ty), mask=in_p)
+    store_ranks(rank_all_ptr, rank_pos_ptr, rank_all, rank_pos, i, P, offs_p, in_p, has)
 
 
 @triton.jit(do_not_specialize=["N_KEY"])
@@ -203,16 +225,10 @@ def _rank_sums_bwd_rows_kernel(
     if tl.max(has.to(tl.int32), axis=0) > 0:
         a = tl.load(grad_all_ptr + i * stride_aq + offs_p.to(tl.int64) * stride_ap, mask=has, other=0.0).to(ACC)
         ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
-        acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
-        n_nan = tl.zeros((BLOCK_K,), tl.int32)
-        for k0 in range(0, N, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            valid = valid_cols(offs_k, N, ign, mask_row, stride_mn, IGNORE)
-            sk = tl.load(s_row + offs_k.to(tl.int64) * stride_sn, mask=valid, other=0.0).to(ACC)
-            n_nan += (sk != sk).to(tl.int32)
-            d = sk[None, :] - sj[:, None]
-            acc += tl.where(valid[None, :], step_neg_grad(d, inv_tau, rho, delta, STEP, FAST), 0.0)
-        sum_all = tl.sum(acc, axis=1)
+        sum_all, _no_inf, n_nan = _sweep(  # (n_inf is the forward's; a fresh name: `_` holds a scalar)
+            s_row, sj, N, ign, mask_row, stride_sn, stride_mn, inv_tau, rho, delta, 0.0, 0.0,  # g': no start/offset
+            STEP, IGNORE, FAST, True, BLOCK_P, BLOCK_K, ACC,
+        )
         sum_pos = tl.zeros((BLOCK_P,), ACC)
         corr = tl.zeros((BLOCK_P,), ACC)
         for t0 in range(0, P, BLOCK_P):
@@ -243,7 +259,7 @@ def _rank_sums_bwd_rows_kernel(
             tot = a * (sum_all - sum_pos)
         out = corr - tot
         row_nan = tl.max(n_nan, axis=0) > 0
-        out = tl.where(row_nan, _NAN, out)
+        out = tl.where(row_nan, NAN, out)
         tl.store(nan_flag_ptr + i, 1, mask=row_nan)
 
     tl.store(out_ptr + i * P + offs_p, tl.where(has, out, 0.0), mask=in_p)
@@ -302,10 +318,7 @@ def _rank_sums_bwd_cols_kernel(
             d = sk[None, :] - sj[:, None]
             # holes have a = 0 and g' is always finite, so they add exact zeros
             acc += a.to(ACC)[:, None] * step_neg_grad(d, inv_tau, rho, delta, STEP, FAST)
-    g = tl.sum(acc, axis=0)
-    row_nan = tl.load(nan_flag_ptr + i) != 0
-    g = tl.where(row_nan, _NAN, g)
-    tl.store(grad_ptr + i * N + offs_k, tl.where(valid, g, 0.0), mask=offs_k < N)
+    store_column_grad(acc, nan_flag_ptr, grad_ptr, i, N, offs_k, valid)
 
 
 # --------------------------------------------------------------------------- launch configuration
@@ -315,11 +328,6 @@ def _rank_sums_bwd_cols_kernel(
 #: tests lower them to drive the multi-tile loops with small shapes
 INTERPRETER_MAX_BLOCK_P = 128
 INTERPRETER_MAX_BLOCK_K = 1024
-
-
-def _block_p(p: int) -> int:
-    """Ranked positives per program: P rounded up to a power of two, in [2, 64] (interpreter: its cap)."""
-    return capped_pow2(p, INTERPRETER_MAX_BLOCK_P if INTERPRETED else 64)
 
 
 def _interpreter_block_k(args) -> int:
@@ -334,7 +342,7 @@ _bwd_cols = configure_rank_kernel(_rank_sums_bwd_cols_kernel, _interpreter_block
 # --------------------------------------------------------------------------- host side
 
 
-def rank_sums_forward(
+def forward(
     scores: Tensor,
     pos_idx: Tensor,
     ignore_idx: Optional[Tensor],
@@ -351,18 +359,17 @@ def rank_sums_forward(
             never ignored).
         ignore_idx: (Q,) int64 column to leave out per query (-1 = none), or None.
         ignore_mask: (Q, N) bool, True = left out, or None.
-        params: the step (fastrank._step.StepParams).
+        params: the step (fastrank.core.params.StepParams).
         fast: sigma through tanh.approx.f32 (GPU, float32 math only); None reads
             FASTRANK_TRITON_FAST (default off).
     """
-    fn = "fastrank.triton_kernels.rank_sums_forward"
+    fn = "fastrank.triton_kernels.rank_sums.forward"
     check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
-    return launch_rank_forward(
-        _fwd, _block_p(pos_idx.shape[1]), scores, pos_idx, ignore_idx, ignore_mask, params, fast
-    )
+    bp = rank_block_p(pos_idx.shape[1], INTERPRETER_MAX_BLOCK_P)
+    return launch_rank_forward(_fwd, bp, scores, pos_idx, ignore_idx, ignore_mask, params, fast)
 
 
-def rank_sums_backward(
+def backward(
     grad_rank_all: Optional[Tensor],
     grad_rank_pos: Optional[Tensor],
     scores: Tensor,
@@ -377,16 +384,12 @@ def rank_sums_backward(
 
     Deterministic: no floating-point atomics; every output is summed in a fixed order.
     """
-    fn = "fastrank.triton_kernels.rank_sums_backward"
+    fn = "fastrank.triton_kernels.rank_sums.backward"
     check_step_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask, params)
     grad_rank_all, grad_rank_pos = rank_grads(
         fn, ("grad_rank_all", "grad_rank_pos"), grad_rank_all, grad_rank_pos, scores, pos_idx
     )
-    q, n = scores.shape
-    p = pos_idx.shape[1]
-    if q == 0 or p == 0 or n == 0:
-        return torch.zeros_like(scores)
+    bp = rank_block_p(pos_idx.shape[1], INTERPRETER_MAX_BLOCK_P)
     return launch_rank_backward(
-        _bwd_rows, _bwd_cols, _block_p(p), grad_rank_all, grad_rank_pos,
-        scores, pos_idx, ignore_idx, ignore_mask, params, fast,
+        _bwd_rows, _bwd_cols, bp, grad_rank_all, grad_rank_pos, scores, pos_idx, ignore_idx, ignore_mask, params, fast,
     )
