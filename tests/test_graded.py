@@ -1,5 +1,6 @@
-"""Graded relevance (issue 9): every backend vs the fp64 naive cube, binary reduction, H-AP / NDCG,
-validation. Triton runs in the interpreter on CPU (conftest sets TRITON_INTERPRET=1)."""
+"""The graded family (issue 9: graded_rank_sums, h_ap, ndcg): every backend vs the fp64 naive cube,
+binary reduction, H-AP / NDCG, validation. Triton runs in the interpreter on CPU tensors without a GPU
+(tests/conftest.py); its kernel API (blocks, strides, dtypes, argument checks): tests/test_triton_graded.py."""
 import math
 
 import pytest
@@ -8,74 +9,60 @@ import torch
 import fastrank
 from fastrank.graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy
 
+from .cases import (
+    assert_all_close,
+    backend_device,
+    backend_params,
+    graded_ignore,
+    outputs_and_grad,
+    over_backends,
+    spread_scores,
+    tied_relevance_problem,
+)
 from .conftest import AVAILABLE
 from .nan_rows import NAN_BACKENDS, check_nan_rows, nan_relevance
 
-#: the fused backends that run on this machine's CPU tensors (cuda: tests/test_gpu.py)
-FUSED = [b for b in ("torch", "cpp", "triton") if b in AVAILABLE]
+#: every fused backend, each on its device (the family tests against the naive cube)
+BACKENDS = backend_params()
+#: the fused backends that run on CPU tensors here (Triton: in the interpreter)
+FUSED = [b for b in NAN_BACKENDS if b != "naive"]
 
 STEPS = ["sigmoid", "suprank"]
 IGNORE_KINDS = ["none", "index", "mask"]
 
 
-def _ignore(kind, q, n, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "none":
-        return None
-    if kind == "index":
-        return torch.randint(-1, n, (q,), generator=g)
-    return torch.rand(q, n, generator=g) < 0.2
+def _on(device, *tensors):
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
-def _tied_problem(q=5, n=11, seed=0):
-    """Scores on a 0.025 grid (ties at d = 0 and d = delta = 0.05), relevance in {0..3} with ties."""
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.randint(-8, 9, (q, n), generator=g).to(torch.float64) * 0.025
-    rel = torch.randint(0, 4, (q, n), generator=g).to(torch.float64)
-    rel[0] = torch.tensor([3.0, 0, 1, 1, 2, 2, 0, 1, 3, 0, 2])[:n]
-    return scores, rel
-
-
-def _spread_scores(q, n, seed):
-    # distinct scores on a 0.013 grid: no difference within gradcheck's step of the kinks 0 and delta
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randperm(q * n, generator=g).to(torch.float64) * 0.013 - 0.5).view(q, n)
-
-
-# --------------------------------------------------------------------------- fused backends vs naive
+# --------------------------------------------------------------------------- every backend vs naive
 
 
 def _rank_sums_and_grad(backend, scores, rel, step, ignore, tau=0.05, seed=1):
     """(rank_all, rank_pos, d/dscores of a random weighting of both), dense (Q, N)."""
-    g = torch.Generator().manual_seed(seed)
-    wa = torch.randn(scores.shape, generator=g, dtype=torch.float64).to(scores.dtype)
-    wp = torch.randn(scores.shape, generator=g, dtype=torch.float64).to(scores.dtype)
-    s = scores.clone().requires_grad_()
-    ra, rp = graded_rank_sums(s, rel, step=step, tau=tau, ignore=ignore, backend=backend)
-    ((ra * wa).sum() + (rp * wp).sum()).backward()
-    return ra.detach(), rp.detach(), s.grad
+    return outputs_and_grad(lambda s: graded_rank_sums(s, rel, step=step, tau=tau, ignore=ignore, backend=backend),
+                            scores, seed)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
 def test_fused_matches_naive(backend, step, ignore_kind):
-    scores, rel = _tied_problem()
-    ignore = _ignore(ignore_kind, *scores.shape)
+    scores, rel = tied_relevance_problem()
+    scores, rel, ignore = _on(backend_device(backend), scores, rel, graded_ignore(ignore_kind, *scores.shape))
     ref = _rank_sums_and_grad("naive", scores, rel, step, ignore)
-    out = _rank_sums_and_grad(backend, scores, rel, step, ignore)
-    for a, b in zip(ref, out):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert_all_close(_rank_sums_and_grad(backend, scores, rel, step, ignore), ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+_SIZES = [(1, 1), (3, 1), (2, 2), (4, 37), (3, 100)]
+
+
 @pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("q,n", [(1, 1), (3, 1), (2, 2), (4, 37), (3, 100)])
+# interpreter: the small sizes cover the Triton tails
+@pytest.mark.parametrize("backend,q,n", over_backends(_SIZES, interpreted=_SIZES[:4]))
 def test_fused_odd_sizes_and_real_valued_relevance(backend, step, q, n):
     """N = 1 (no competitor), N not a multiple of any vector width or block, relevance with
     non-integer values, ties in relevance and in scores, zeros, and a query without relevant items."""
-    if backend == "triton" and n > 40:
-        pytest.skip("interpreter: the small sizes cover the Triton tails")
     g = torch.Generator().manual_seed(q * 1000 + n)
     scores = torch.randn(q, n, generator=g, dtype=torch.float64) * 0.1
     scores[:, n // 2:] = scores[:, : n - n // 2].flip(1)  # score ties
@@ -83,13 +70,12 @@ def test_fused_odd_sizes_and_real_valued_relevance(backend, step, q, n):
     rel[rel < 0.8] = 0
     if q > 1:
         rel[-1] = 0
+    scores, rel = _on(backend_device(backend), scores, rel)
     ref = _rank_sums_and_grad("naive", scores, rel, step, None)
-    out = _rank_sums_and_grad(backend, scores, rel, step, None)
-    for a, b in zip(ref, out):
-        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+    assert_all_close(_rank_sums_and_grad(backend, scores, rel, step, None), ref, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("backend", [b for b in FUSED if b != "torch"])
+@pytest.mark.parametrize("backend", backend_params(("cpp", "triton", "cuda")))
 @pytest.mark.parametrize("step", STEPS)
 def test_fused_float32_within_float32_error_of_torch(backend, step):
     """float32 kernels: error vs the fp64 naive no larger than a few times the error of the torch
@@ -100,7 +86,8 @@ def test_fused_float32_within_float32_error_of_torch(backend, step):
     rel = torch.randint(0, 4, (q, n), generator=g).to(torch.float64)
     ref = _rank_sums_and_grad("naive", scores, rel, step, None)
     tor = _rank_sums_and_grad("torch", scores.float(), rel.float(), step, None)
-    out = _rank_sums_and_grad(backend, scores.float(), rel.float(), step, None)
+    s32, r32 = _on(backend_device(backend), scores.float(), rel.float())
+    out = tuple(t.cpu() for t in _rank_sums_and_grad(backend, s32, r32, step, None))
     for r, t, o in zip(ref, tor, out):
         assert o.dtype == torch.float32
         err_t = (t.double() - r).abs().max().item()
@@ -114,19 +101,11 @@ def test_fused_float32_within_float32_error_of_torch(backend, step):
 def test_torch_column_blocks_match_naive(step, chunk, monkeypatch):
     # chunks smaller than one row of pairs exercise the torch backend's column blocks
     monkeypatch.setenv("FASTRANK_TORCH_CHUNK", chunk)
-    scores, rel = _tied_problem()
+    scores, rel = tied_relevance_problem()
     q, n = scores.shape
-    ignore = _ignore("index", q, n)
-    wa = torch.randn(q, n, dtype=torch.float64)
-    wp = torch.randn(q, n, dtype=torch.float64)
-    out = {}
-    for backend in ("naive", "torch"):
-        s = scores.clone().requires_grad_()
-        ra, rp = graded_rank_sums(s, rel, step=step, tau=0.05, ignore=ignore, backend=backend)
-        ((ra * wa).sum() + (rp * wp).sum()).backward()
-        out[backend] = (ra.detach(), rp.detach(), s.grad)
-    for a, b in zip(out["naive"], out["torch"]):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    ignore = graded_ignore("index", q, n)
+    out = {backend: _rank_sums_and_grad(backend, scores, rel, step, ignore) for backend in ("naive", "torch")}
+    assert_all_close(out["torch"], out["naive"], rtol=1e-12, atol=1e-12)
     ranked = rel > 0
     if ignore is not None:
         ranked &= fastrank.core.problem.dense_valid_mask(q, n, ignore if ignore.dtype != torch.bool else None,
@@ -134,24 +113,21 @@ def test_torch_column_blocks_match_naive(step, chunk, monkeypatch):
     assert torch.equal(out["naive"][0] > 0, ranked)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fn", [h_ap, ndcg])
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
 def test_losses_fused_match_naive(backend, fn, step, ignore_kind):
-    scores, rel = _tied_problem(seed=3)
+    scores, rel = tied_relevance_problem(seed=3)
     rel[1] = 0  # a query without relevant items
-    ignore = _ignore(ignore_kind, *scores.shape)
+    scores, rel, ignore = _on(backend_device(backend), scores, rel, graded_ignore(ignore_kind, *scores.shape))
     res = {}
-    for backend in ("naive", backend):
-        s = scores.clone().requires_grad_()
-        v = fn(s, rel, step=step, tau=0.05, ignore=ignore, reduction="none", backend=backend)
-        v.sum().backward()
-        res[backend] = (v.detach(), s.grad)
-        assert torch.isfinite(s.grad).all()
-        assert v[1] == 0
-    torch.testing.assert_close(res[backend][0], res["naive"][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(res[backend][1], res["naive"][1], rtol=1e-12, atol=1e-12)
+    for b in ("naive", backend):
+        res[b] = outputs_and_grad(
+            lambda s: fn(s, rel, step=step, tau=0.05, ignore=ignore, reduction="none", backend=b), scores, seed=None)
+        assert torch.isfinite(res[b][1]).all()
+        assert res[b][0][1] == 0
+    assert_all_close(res[backend], res["naive"], rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- binary reduction
@@ -160,9 +136,9 @@ def test_losses_fused_match_naive(backend, fn, step, ignore_kind):
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
 def test_binary_reduces_to_rank_sums(step, ignore_kind):
-    scores, rel = _tied_problem(seed=7)
+    scores, rel = tied_relevance_problem(seed=7)
     binary = (rel > 1).to(torch.float64)
-    ignore = _ignore(ignore_kind, *scores.shape)
+    ignore = graded_ignore(ignore_kind, *scores.shape)
     ra, rp = graded_rank_sums(scores, binary, step=step, ignore=ignore, backend="naive")
     ref = fastrank.rank_sums(scores, binary, step=step, ignore=ignore, backend="naive")
     assert torch.equal(ra, ref.rank_all)
@@ -200,7 +176,7 @@ def test_cpp_binary_is_bit_identical_to_binary_kernel(step, dtype):
 
 
 def test_binary_rank_pos_counts_positives():
-    scores, rel = _tied_problem(seed=8)
+    scores, rel = tied_relevance_problem(seed=8)
     binary = (rel > 0).to(torch.float64)
     _, rp = graded_rank_sums(scores, binary, step="suprank", backend="torch")
     d = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
@@ -213,10 +189,10 @@ def test_binary_rank_pos_counts_positives():
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
 @pytest.mark.parametrize("step,ref_fn", [("suprank", fastrank.sup_ap), ("sigmoid", fastrank.smooth_ap)])
 def test_binary_h_ap_equals_ap(step, ref_fn, ignore_kind):
-    scores, rel = _tied_problem(seed=9)
+    scores, rel = tied_relevance_problem(seed=9)
     binary = (rel >= 2).to(torch.float64)
     binary[2] = 0
-    ignore = _ignore(ignore_kind, *scores.shape)
+    ignore = graded_ignore(ignore_kind, *scores.shape)
     kw = dict(tau=0.05, ignore=ignore, backend="naive")
     for reduction in ("none", "mean", "sum"):
         s1 = scores.clone().requires_grad_()
@@ -239,11 +215,11 @@ def test_binary_h_ap_equals_ap(step, ref_fn, ignore_kind):
 @pytest.mark.parametrize("ignore_kind", IGNORE_KINDS)
 def test_gradcheck_fused_rank_sums(backend, step, ignore_kind):
     q, n = 4, 7
-    scores = _spread_scores(q, n, seed=1)
+    scores = spread_scores(q, n, seed=1)
     rel = torch.tensor(
         [[2.0, 0, 1, 3, 1, 0, 2], [0, 1, 1, 1, 0, 2, 0], [3, 3, 0, 2, 1, 0, 0], [0.5, 0, 2.5, 0, 1, 1, 0]]
     )
-    ignore = _ignore(ignore_kind, q, n)
+    ignore = graded_ignore(ignore_kind, q, n)
 
     def f(s):
         return graded_rank_sums(s, rel, step=step, tau=0.05, ignore=ignore, backend=backend)
@@ -255,7 +231,7 @@ def test_gradcheck_fused_rank_sums(backend, step, ignore_kind):
 @pytest.mark.parametrize("fn", [h_ap, ndcg])
 @pytest.mark.parametrize("step", STEPS)
 def test_gradcheck_fused_losses(backend, fn, step):
-    scores = _spread_scores(5, 9, seed=2)
+    scores = spread_scores(5, 9, seed=2)
     rel = torch.randint(0, 4, (5, 9), generator=torch.Generator().manual_seed(4)).to(torch.float64)
     rel[3] = 0
 
@@ -330,7 +306,7 @@ def test_no_relevant_item_anywhere_is_zero_and_differentiable():
 
 
 def test_mean_leaves_out_queries_without_relevant_items():
-    scores, rel = _tied_problem(seed=11)
+    scores, rel = tied_relevance_problem(seed=11)
     rel[2] = 0
     for fn in (h_ap, ndcg):
         per = fn(scores, rel, reduction="none")
@@ -340,7 +316,7 @@ def test_mean_leaves_out_queries_without_relevant_items():
 
 
 def test_half_scores_computed_in_float32():
-    scores, rel = _tied_problem(seed=12)
+    scores, rel = tied_relevance_problem(seed=12)
     ra, _ = graded_rank_sums(scores.half(), rel, backend="torch")
     assert ra.dtype == torch.float32
 
@@ -452,7 +428,7 @@ def test_nan_score_gives_nan_for_its_query_only(backend, step):
     """A NaN score among a query's valid items makes its rank_all NaN at every ranked item, and
     its H-AP / NDCG and their gradient NaN; the other queries are untouched. (rank_pos may stay
     finite on the reference backends: an irrelevant NaN competitor enters it with weight 0.)"""
-    scores, rel = _tied_problem(seed=14)
+    scores, rel = tied_relevance_problem(seed=14)
     rel[0, :3] = torch.tensor([2.0, 1.0, 0.0])
     scores[0, 2] = float("nan")  # an irrelevant but valid competitor
     ra, _ = graded_rank_sums(scores, rel, step=step, backend=backend)

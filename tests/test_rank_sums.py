@@ -1,51 +1,196 @@
-"""The rank-sums primitive: every backend against the fp64 naive cube, values and gradients."""
+"""The rank-sums family (fastrank.rank_sums, sup_ap, smooth_ap): every backend against the fp64
+naive cube, values and gradients. Triton runs in the interpreter on CPU tensors without a GPU
+(tests/conftest.py); its kernel API (blocks, launches, argument checks): tests/test_triton.py."""
 import pytest
 import torch
 
 import fastrank
-from fastrank.rank_sums import naive  # noqa: F401  (the oracle the backends are compared with)
+from fastrank.core.params import StepParams
+from fastrank.core.problem import build_problem, dense_valid_mask
+from fastrank.rank_sums.naive import forward as naive_rank_sums
 
-from .cases import all_cases, make_case
-from .conftest import FUSED_CPU
+from .cases import (
+    NON_DEFAULT_STEP_IDS,
+    NON_DEFAULT_STEPS,
+    all_cases,
+    assert_all_close,
+    assert_rank_sums_close,
+    assert_within_naive_error,
+    backend_device,
+    backend_params,
+    make_case,
+    outputs_and_grad,
+    over_backends,
+    rank_sums_and_grad,
+    to_device,
+)
+from .conftest import AVAILABLE, FUSED_CPU
 
 CASES = all_cases()
 STEPS = ["sigmoid", "suprank"]
+BACKENDS = backend_params()
 
 
-def _run(case, backend, step, **kw):
-    s = case.scores.clone().requires_grad_()
-    out = fastrank.rank_sums(s, case.target, step=step, ignore=case.ignore, backend=backend, **kw)
-    g = torch.Generator().manual_seed(123)
-    wa = torch.randn(out.rank_all.shape, generator=g, dtype=s.dtype)
-    wp = torch.randn(out.rank_pos.shape, generator=g, dtype=s.dtype)
-    (grad,) = torch.autograd.grad((out.rank_all * wa).sum() + (out.rank_pos * wp).sum(), s)
-    return out.rank_all.detach(), out.rank_pos.detach(), grad
+# --------------------------------------------------------------------------- every backend vs naive
 
 
-@pytest.mark.parametrize("backend", FUSED_CPU)
 @pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_matches_naive_fp64(case, step, backend):
-    ra0, rp0, g0 = _run(case, "naive", step)
-    ra, rp, g = _run(case, backend, step)
-    torch.testing.assert_close(ra, ra0, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(rp, rp0, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-8)
+@pytest.mark.parametrize("backend,case", over_backends(CASES))
+def test_matches_naive_fp64(backend, case, step):
+    case = to_device(case, backend_device(backend))
+    assert_rank_sums_close(rank_sums_and_grad(case, backend, step), rank_sums_and_grad(case, "naive", step))
 
 
-@pytest.mark.parametrize("backend", ["naive"] + FUSED_CPU)
+@pytest.mark.parametrize("kw", NON_DEFAULT_STEPS, ids=NON_DEFAULT_STEP_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_default_step_parameters(backend, kw):
+    case = to_device(make_case(10, 25, 3, "bool", "none", seed=8), backend_device(backend))
+    assert_rank_sums_close(rank_sums_and_grad(case, backend, **kw), rank_sums_and_grad(case, "naive", **kw))
+
+
+#: unequal classes with every ignore form (all backends but the interpreter), and eight of the
+#: shared cases (every target form, Q > N, N = 1)
+AP_CASES = [make_case(23, 37, 4, "labels", ik, ties=seed % 2 == 0, seed=seed)
+            for seed, ik in enumerate(["none", "index", "self", "mask"])] + CASES[12:20]
+
+
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap], ids=["smooth_ap", "sup_ap"])
+@pytest.mark.parametrize("backend,case", over_backends(AP_CASES, interpreted=CASES[12:20]))
+def test_ap_matches_naive(backend, case, fn):
+    case = to_device(case, backend_device(backend))
+
+    def ap(b):
+        return outputs_and_grad(lambda s: fn(s, case.target, ignore=case.ignore, backend=b, reduction="none"),
+                                case.scores)
+
+    assert_all_close(ap(backend), ap("naive"), rtol=1e-10, atol=1e-12, grad_rtol=1e-9, grad_atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["naive"] + BACKENDS)
 def test_hand_computed_example(backend):
     # one query, items a (pos), b (neg), c (pos) with s = 0.3, 0.2, 0.1, suprank step:
     # rank_all[a] = 1 + H^-(-0.1) + H(-0.2) = 1 + sigma(-10)
     # rank_all[c] = 1 + H(0.2) + H^-(0.1) = 2 + 100 * (0.1 - 0.05) + sigma(5) + 0.5
-    s = torch.tensor([[0.3, 0.2, 0.1]], dtype=torch.float64)
-    t = torch.tensor([[1, 0, 1]])
+    device = backend_device(backend)
+    s = torch.tensor([[0.3, 0.2, 0.1]], dtype=torch.float64, device=device)
+    t = torch.tensor([[1, 0, 1]], device=device)
     r = fastrank.rank_sums(s, t, step="suprank", backend=backend)
     sig = lambda x: 1 / (1 + torch.exp(torch.tensor(-x, dtype=torch.float64)))  # noqa: E731
     expect_all = torch.tensor([[1 + sig(-10.0), 0.0, 2 + 5.0 + sig(5.0) + 0.5]], dtype=torch.float64)
     expect_pos = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64)
-    torch.testing.assert_close(r.rank_all, expect_all)
-    torch.testing.assert_close(r.rank_pos, expect_pos)
+    torch.testing.assert_close(r.rank_all.cpu(), expect_all)
+    torch.testing.assert_close(r.rank_pos.cpu(), expect_pos)
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_and_dense_target_agree(backend, step):
+    case = to_device(make_case(12, 30, 4, "labels", "index", seed=3), backend_device(backend))
+    qlab, glab = case.target
+    dense = qlab.unsqueeze(1) == glab.unsqueeze(0)
+    a = fastrank.rank_sums(case.scores, case.target, step=step, ignore=case.ignore, backend=backend)
+    b = fastrank.rank_sums(case.scores, dense, step=step, ignore=case.ignore, backend=backend)
+    assert torch.equal(a.rank_all, b.rank_all) and torch.equal(a.rank_pos, b.rank_pos)
+
+
+#: the C++ kernel's float32 suprank sums: rank_all ~2.7x and the gradient ~4.5x the naive float32
+#: error on this case (sigmoid is within the rule)
+_CPP_FP32_SUPRANK = pytest.mark.xfail(reason="C++ float32 suprank error above 2x naive's (rank_all, gradient)",
+                                      strict=True, raises=AssertionError)
+
+
+@pytest.mark.parametrize("backend,step", [
+    pytest.param(*p.values, marks=[*p.marks, *([_CPP_FP32_SUPRANK] if p.values == ("cpp", "suprank") else [])], id=p.id)
+    for p in over_backends(STEPS)])
+def test_fp32_close_to_fp64_reference(backend, step):
+    # the rule of docs/design.md §3: error vs the fp64 reference at most 2x the naive fp32 error
+    case = to_device(make_case(24, 70, 5, "labels", "self", seed=11), backend_device(backend))
+    ref = rank_sums_and_grad(case, "naive", step)
+    c32 = to_device(case, case.scores.device, dtype=torch.float32)
+    naive = rank_sums_and_grad(c32, "naive", step)
+    got = rank_sums_and_grad(c32, backend, step)
+    assert all(t.dtype == torch.float32 for t in got)
+    for x, nv, r, slack in zip(got, naive, ref, (1e-5, 1e-5, 1e-4)):
+        assert_within_naive_error(x, nv, r, slack)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_inputs_are_ranked_in_fp32(backend):
+    case = to_device(make_case(8, 40, 3, "labels", "none", seed=2, dtype=torch.float32), backend_device(backend))
+    for dt in (torch.float16, torch.bfloat16):
+        s = case.scores.to(dt)
+        r = fastrank.rank_sums(s, case.target, backend=backend)
+        ref = fastrank.rank_sums(s.float(), case.target, backend="naive")
+        assert r.rank_all.dtype == torch.float32
+        torch.testing.assert_close(r.rank_all, ref.rank_all, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- NaN
+
+
+@pytest.mark.parametrize("backend", ["naive"] + FUSED_CPU)
+def test_nan_scores_give_nan_ranks(backend):
+    case = make_case(6, 15, 2, "bool", "none", seed=4)
+    s = case.scores.clone()
+    s[2, 5] = float("nan")
+    r = fastrank.rank_sums(s, case.target, backend=backend, packed=True)
+    has = r.index >= 0
+    assert torch.isnan(r.rank_all[2][has[2]]).all()
+    others = torch.cat([r.rank_all[:2][has[:2]], r.rank_all[3:][has[3:]]])
+    assert torch.isfinite(others).all()
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("ignore_kind", ["none", "mask", "index"])
+# the fused kernels' convention, to the entry: a valid NaN makes its whole packed row NaN (the torch
+# backend's ranks are NaN only where the NaN enters a sum; every loss on top is NaN per query all
+# the same, tests/nan_rows.py)
+@pytest.mark.parametrize("backend", backend_params(("cpp", "triton", "cuda")))
+def test_nan_poisons_its_row_only(backend, ignore_kind, step):
+    device = backend_device(backend)
+    case = to_device(make_case(6, 15, 2, "bool", ignore_kind, seed=4), device)
+    case.target[0, :3] = True  # rows 0 (NaN, positives) and 1 (ignored NaN) both rank something
+    case.target[1, :3] = True
+    s = case.scores.clone()
+    s[0, 5] = float("nan")  # a valid NaN: row 0 is poisoned
+    s[1, 3] = float("nan")  # an ignored NaN: row 1 is unaffected
+    if ignore_kind == "mask":
+        case.ignore[1, 3] = True
+        case.ignore[0, 5] = False
+    elif ignore_kind == "index":
+        case.ignore[1] = 3
+        case.ignore[0] = -1
+    else:
+        s[1, 3] = 0.25
+    x = s.clone().requires_grad_()
+    r = fastrank.rank_sums(x, case.target, step=step, ignore=case.ignore, backend=backend, packed=True)
+    (r.rank_all.sum() + r.rank_pos.sum()).backward()
+    has = r.index >= 0
+    assert torch.isnan(r.rank_all[0][has[0]]).all() and torch.isnan(r.rank_pos[0][has[0]]).all()
+    assert (r.rank_all[0][~has[0]] == 0).all()
+    pb = build_problem(case.target, case.ignore, 6, 15, device)
+    valid = dense_valid_mask(6, 15, pb.ignore_idx, pb.ignore_mask, device)
+    assert torch.isnan(x.grad[0][valid[0]]).all()
+    assert (x.grad[0][~valid[0]] == 0).all()
+    # every other row matches the naive computation on the same scores without the NaN rows
+    clean = s.clone()
+    clean[0] = 0.0
+    if ignore_kind != "none":
+        clean[1, 3] = 0.0  # ignored: its value does not matter
+    ra0, rp0 = naive_rank_sums(clean, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, StepParams(STEPS.index(step)))
+    torch.testing.assert_close(r.rank_all[1:], ra0[1:], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(r.rank_pos[1:], rp0[1:], rtol=1e-10, atol=1e-9)
+    assert torch.isfinite(x.grad[1:]).all()
+    if backend != "cpp" and "cpp" in AVAILABLE:  # the C++ kernel's NaN convention, to the entry
+        y = s.detach().cpu().clone().requires_grad_()
+        ign_cpu = None if case.ignore is None else case.ignore.cpu()
+        rc = fastrank.rank_sums(y, case.target.cpu(), step=step, ignore=ign_cpu, backend="cpp", packed=True)
+        (rc.rank_all.sum() + rc.rank_pos.sum()).backward()
+        torch.testing.assert_close(r.rank_all.cpu(), rc.rank_all, equal_nan=True)
+        torch.testing.assert_close(x.grad.cpu(), y.grad, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- layouts, targets, chunks
 
 
 @pytest.mark.parametrize("backend", ["naive"] + FUSED_CPU)
@@ -64,72 +209,10 @@ def test_packed_layout_agrees_with_dense(backend, step):
     assert not (case.ignore[rows, cols]).any()
 
 
-@pytest.mark.parametrize("backend", FUSED_CPU)
-def test_labels_and_dense_target_agree(backend):
-    case = make_case(12, 30, 4, "labels", "index", seed=3)
-    qlab, glab = case.target
-    dense = qlab.unsqueeze(1) == glab.unsqueeze(0)
-    a = fastrank.rank_sums(case.scores, case.target, step="suprank", ignore=case.ignore, backend=backend)
-    b = fastrank.rank_sums(case.scores, dense, step="suprank", ignore=case.ignore, backend=backend)
-    torch.testing.assert_close(a.rank_all, b.rank_all, rtol=0, atol=0)
-    torch.testing.assert_close(a.rank_pos, b.rank_pos, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("backend", FUSED_CPU)
-def test_non_default_step_parameters(backend):
-    case = make_case(10, 25, 3, "bool", "none", seed=8)
-    kw = dict(step="suprank", tau=0.05, rho=7.0, delta=0.2, start=0.25, offset=1.5)
-    ra0, rp0, g0 = _run(case, "naive", **kw)
-    ra, rp, g = _run(case, backend, **kw)
-    torch.testing.assert_close(ra, ra0, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-8)
-
-
-@pytest.mark.parametrize("backend", FUSED_CPU)
-def test_fp32_close_to_fp64_reference(backend):
-    # fp32 error judged against what the naive fp32 computation itself achieves
-    case = make_case(24, 70, 5, "labels", "self", seed=11)
-    ra64, _, g64 = _run(case, "naive", "sigmoid")
-    c32 = make_case(24, 70, 5, "labels", "self", seed=11, dtype=torch.float32)
-    ra_n, _, g_n = _run(c32, "naive", "sigmoid")
-    ra_f, _, g_f = _run(c32, backend, "sigmoid")
-    err_naive = (ra_n.double() - ra64).abs().max().item()
-    err_fused = (ra_f.double() - ra64).abs().max().item()
-    assert err_fused <= 2 * err_naive + 1e-5, (err_fused, err_naive)
-    gerr_naive = (g_n.double() - g64).abs().max().item()
-    gerr_fused = (g_f.double() - g64).abs().max().item()
-    assert gerr_fused <= 2 * gerr_naive + 1e-4, (gerr_fused, gerr_naive)
-
-
-@pytest.mark.parametrize("backend", FUSED_CPU)
-def test_half_inputs_are_ranked_in_fp32(backend):
-    case = make_case(8, 40, 3, "labels", "none", seed=2, dtype=torch.float32)
-    for dt in (torch.float16, torch.bfloat16):
-        s = case.scores.to(dt)
-        r = fastrank.rank_sums(s, case.target, backend=backend)
-        ref = fastrank.rank_sums(s.float(), case.target, backend="naive")
-        assert r.rank_all.dtype == torch.float32
-        torch.testing.assert_close(r.rank_all, ref.rank_all, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("backend", ["naive"] + FUSED_CPU)
-def test_nan_scores_give_nan_ranks(backend):
-    case = make_case(6, 15, 2, "bool", "none", seed=4)
-    s = case.scores.clone()
-    s[2, 5] = float("nan")
-    r = fastrank.rank_sums(s, case.target, backend=backend, packed=True)
-    has = r.index >= 0
-    assert torch.isnan(r.rank_all[2][has[2]]).all()
-    others = torch.cat([r.rank_all[:2][has[:2]], r.rank_all[3:][has[3:]]])
-    assert torch.isfinite(others).all()
-
-
 def test_torch_backend_chunking_is_exact(monkeypatch):
     # tiny chunks force both the row-block and the split-row paths
     case = make_case(9, 40, 2, "labels", "mask", seed=6)
-    ref = _run(case, "torch", "suprank")
+    ref = rank_sums_and_grad(case, "torch", "suprank")
     for chunk in ("7", "100", "3000"):
         monkeypatch.setenv("FASTRANK_TORCH_CHUNK", chunk)
-        got = _run(case, "torch", "suprank")
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_all_close(rank_sums_and_grad(case, "torch", "suprank"), ref, rtol=1e-12, atol=1e-12)

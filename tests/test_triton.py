@@ -1,4 +1,6 @@
-"""Triton rank-sums kernels (docs/design.md §3 tier 3 and 5) against the fp64 naive cube.
+"""Triton rank-sums kernels (docs/design.md §3 tier 3 and 5): the kernel API and the launch
+configuration (blocks, tiles, the FAST path). Triton through the public API, against the naive cube
+like every backend: tests/test_rank_sums.py (values, gradients, dtypes, NaN) and tests/test_gradcheck.py.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports the
 kernels, and they run in Triton's interpreter on CPU tensors (small shapes: it is
@@ -12,52 +14,28 @@ pytest.importorskip("triton", reason="Triton is not importable: the Triton backe
 import torch  # noqa: E402
 
 import fastrank  # noqa: E402
-from fastrank.core.problem import build_problem  # noqa: E402
 from fastrank.core.params import SIGMOID, SUPRANK, StepParams  # noqa: E402
+from fastrank.core.problem import build_problem  # noqa: E402
 from fastrank.rank_sums.chunked import backward as torch_rank_sums_backward  # noqa: E402
 from fastrank.rank_sums.naive import forward as naive_rank_sums  # noqa: E402
 
-from .cases import Case, all_cases, make_case  # noqa: E402
+from .cases import assert_rank_sums_close, make_case, max_err, rank_sums_and_grad  # noqa: E402
+from .cases import to_device as _to_device  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
 from .conftest import requires  # noqa: E402
 from .conftest import triton_gpu_only as gpu_only  # noqa: E402
+from .kernel_api import check_common_arguments  # noqa: E402
 
 pytestmark = requires("triton")
 
 tk = pytest.importorskip("fastrank.triton_kernels.rank_sums")
 
-
-CASES = all_cases()
 STEPS = ["sigmoid", "suprank"]
 
 
-def _to(case: Case, device=DEVICE, dtype=None) -> Case:
-    def mv(t):
-        return None if t is None else t.to(device)
-
-    target = tuple(mv(t) for t in case.target) if isinstance(case.target, tuple) else mv(case.target)
-    scores = case.scores.to(device=device, dtype=dtype or case.scores.dtype)
-    return Case(case.name, scores, target, mv(case.ignore))
-
-
-def _run(case, backend, step, **kw):
-    """Values and the gradient of a random linear functional of both outputs."""
-    s = case.scores.clone().requires_grad_()
-    out = fastrank.rank_sums(s, case.target, step=step, ignore=case.ignore, backend=backend, **kw)
-    g = torch.Generator().manual_seed(123)
-    wa = torch.randn(out.rank_all.shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
-    wp = torch.randn(out.rank_pos.shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
-    (grad,) = torch.autograd.grad((out.rank_all * wa).sum() + (out.rank_pos * wp).sum(), s)
-    return out.rank_all.detach(), out.rank_pos.detach(), grad
-
-
-def _assert_fp64_close(got, ref):
-    ra, rp, g = got
-    ra0, rp0, g0 = ref
-    torch.testing.assert_close(ra, ra0, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(rp, rp0, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-8)
+def _to(case, dtype=None):
+    return _to_device(case, DEVICE, dtype)
 
 
 @pytest.fixture
@@ -67,14 +45,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(tk, "INTERPRETER_MAX_BLOCK_K", 8)
 
 
-# --------------------------------------------------------------------------- values and gradients
-
-
-@pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_matches_naive_fp64(case, step):
-    case = _to(case)
-    _assert_fp64_close(_run(case, "triton", step), _run(case, "naive", step))
+# --------------------------------------------------------------------------- tiles and launches
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -83,7 +54,7 @@ def test_multi_tile_loops(small_blocks, step, ignore_kind):
     # (GPU: the autotuner's own blocks; the case still has several column tiles)
     # P up to ~12 and N = 21: three tiles of positives (the last one partly or wholly holes) and of columns
     case = _to(make_case(4, 21, 2, "labels", ignore_kind, ties=True, seed=21))
-    _assert_fp64_close(_run(case, "triton", step), _run(case, "naive", step))
+    assert_rank_sums_close(rank_sums_and_grad(case, "triton", step), rank_sums_and_grad(case, "naive", step))
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -91,197 +62,10 @@ def test_wide_rows_many_positives(step):
     # several BLOCK_P tiles of positives and column tiles at the default launch configuration
     q, n = (3, 300) if not ON_GPU else (16, 1500)
     case = _to(make_case(q, n, 2, "bool", "mask", seed=22))
-    _assert_fp64_close(_run(case, "triton", step), _run(case, "torch", step))
+    assert_rank_sums_close(rank_sums_and_grad(case, "triton", step), rank_sums_and_grad(case, "torch", step))
 
 
-def test_hand_computed_example():
-    # one query, items a (pos), b (neg), c (pos) with s = 0.3, 0.2, 0.1, suprank step:
-    # rank_all[a] = 1 + H^-(-0.1) + H(-0.2) = 1 + sigma(-10)
-    # rank_all[c] = 1 + H(0.2) + H^-(0.1) = 2 + 100 * (0.1 - 0.05) + sigma(5) + 0.5
-    s = torch.tensor([[0.3, 0.2, 0.1]], dtype=torch.float64, device=DEVICE)
-    t = torch.tensor([[1, 0, 1]], device=DEVICE)
-    r = fastrank.rank_sums(s, t, step="suprank", backend="triton")
-    sig = lambda x: 1 / (1 + torch.exp(torch.tensor(-x, dtype=torch.float64)))  # noqa: E731
-    expect_all = torch.tensor([[1 + sig(-10.0), 0.0, 2 + 5.0 + sig(5.0) + 0.5]], dtype=torch.float64)
-    expect_pos = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64)
-    torch.testing.assert_close(r.rank_all.cpu(), expect_all)
-    torch.testing.assert_close(r.rank_pos.cpu(), expect_pos)
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(step="suprank", tau=0.05, rho=7.0, delta=0.2, start=0.25, offset=1.5),
-        dict(step="suprank", tau=0.02, rho=0.0, delta=0.0, start=0.0),
-        dict(step="sigmoid", tau=0.3),
-    ],
-    ids=["suprank-custom", "suprank-degenerate", "sigmoid-tau"],
-)
-def test_non_default_step_parameters(kw):
-    case = _to(make_case(10, 25, 3, "bool", "none", seed=8))
-    _assert_fp64_close(_run(case, "triton", **kw), _run(case, "naive", **kw))
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_labels_and_dense_target_agree(step):
-    case = _to(make_case(12, 30, 4, "labels", "index", seed=3))
-    qlab, glab = case.target
-    dense = qlab.unsqueeze(1) == glab.unsqueeze(0)
-    a = fastrank.rank_sums(case.scores, case.target, step=step, ignore=case.ignore, backend="triton")
-    b = fastrank.rank_sums(case.scores, dense, step=step, ignore=case.ignore, backend="triton")
-    assert torch.equal(a.rank_all, b.rank_all) and torch.equal(a.rank_pos, b.rank_pos)
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_fp32_close_to_fp64_reference(step):
-    # the rule of docs/design.md §3: error vs the fp64 reference at most 2x the naive fp32 error
-    case = make_case(24, 70, 5, "labels", "self", seed=11)
-    ra64, rp64, g64 = _run(_to(case), "naive", step)
-    c32 = _to(case, dtype=torch.float32)
-    ra_n, rp_n, g_n = _run(c32, "naive", step)
-    ra_f, rp_f, g_f = _run(c32, "triton", step)
-    assert ra_f.dtype == g_f.dtype == torch.float32
-    for got, naive, ref, slack in ((ra_f, ra_n, ra64, 1e-5), (rp_f, rp_n, rp64, 1e-5), (g_f, g_n, g64, 1e-4)):
-        err_naive = (naive.double() - ref).abs().max().item()
-        err = (got.double() - ref).abs().max().item()
-        assert err <= 2 * err_naive + slack, (err, err_naive)
-
-
-def test_half_inputs_are_ranked_in_fp32():
-    case = make_case(8, 40, 3, "labels", "none", seed=2, dtype=torch.float32)
-    for dt in (torch.float16, torch.bfloat16):
-        s = case.scores.to(DEVICE, dt)
-        target = tuple(t.to(DEVICE) for t in case.target)
-        r = fastrank.rank_sums(s, target, backend="triton")
-        ref = fastrank.rank_sums(s.float(), target, backend="naive")
-        assert r.rank_all.dtype == torch.float32
-        torch.testing.assert_close(r.rank_all, ref.rank_all, rtol=1e-5, atol=1e-4)
-
-
-# --------------------------------------------------------------------------- gradcheck
-
-
-def _spread_scores(q, n, seed):
-    # distinct scores on a 0.013 grid: every difference is a multiple of 0.013, so no pair sits
-    # within gradcheck's step of the kinks of H^- at d = 0 and d = delta = 0.05
-    g = torch.Generator().manual_seed(seed)
-    vals = torch.randperm(q * n, generator=g).to(torch.float64) * 0.013 - 0.5
-    return vals.view(q, n).to(DEVICE)
-
-
-@pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
-def test_gradcheck_rank_sums(step, ignore_kind):
-    q, n = 4, 7
-    scores = _spread_scores(q, n, seed=1)
-    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2], device=DEVICE)
-    ignore = {
-        "none": None,
-        "index": torch.tensor([0, -1, 3, 6], device=DEVICE),
-        "mask": (torch.rand(q, n) < 0.2).to(DEVICE),
-    }[ignore_kind]
-
-    def f(s):
-        r = fastrank.rank_sums(s, (labels[:q], labels), step=step, tau=0.05, ignore=ignore, backend="triton")
-        return r.rank_all, r.rank_pos
-
-    # the full Jacobian once per step; the ignore variants with gradcheck's fast mode (random
-    # projections), which costs a handful of interpreted launches instead of ~100
-    fast = ignore_kind != "none"
-    assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
-
-
-@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap], ids=["smooth_ap", "sup_ap"])
-def test_gradcheck_ap(fn):
-    scores = _spread_scores(5, 9, seed=2)
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 0, 2, 1], device=DEVICE)
-
-    def f(s):
-        return fn(s, (labels[:5], labels), tau=0.05, backend="triton", reduction="none")
-
-    assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-def test_gradcheck_linear_branch_of_suprank():
-    # negatives far above positives: many pairs on the rho * (d - delta) branch
-    scores = _spread_scores(3, 8, seed=3)
-    target = scores < scores.median()
-
-    def f(s):
-        return fastrank.sup_ap(s, target, tau=0.05, backend="triton", reduction="none")
-
-    assert torch.autograd.gradcheck(f, (scores.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------- losses
-
-
-@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap], ids=["smooth_ap", "sup_ap"])
-@pytest.mark.parametrize("case", CASES[12:20], ids=repr)
-def test_ap_matches_naive(fn, case):
-    case = _to(case)
-
-    def ap(backend):
-        s = case.scores.clone().requires_grad_()
-        v = fn(s, case.target, ignore=case.ignore, backend=backend, reduction="none")
-        (g,) = torch.autograd.grad((v * torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype, device=v.device)).sum(), s)
-        return v.detach(), g
-
-    v, g = ap("triton")
-    v0, g0 = ap("naive")
-    torch.testing.assert_close(v, v0, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-8)
-
-
-# --------------------------------------------------------------------------- NaN, determinism
-
-
-@pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("ignore_kind", ["none", "mask", "index"])
-def test_nan_rows(step, ignore_kind):
-    case = _to(make_case(6, 15, 2, "bool", ignore_kind, seed=4))
-    case.target[0, :3] = True  # rows 0 (NaN, positives) and 1 (ignored NaN) both rank something
-    case.target[1, :3] = True
-    s = case.scores.clone()
-    s[0, 5] = float("nan")  # a valid NaN: row 0 is poisoned
-    s[1, 3] = float("nan")  # an ignored NaN: row 1 is unaffected
-    if ignore_kind == "mask":
-        case.ignore[1, 3] = True
-        case.ignore[0, 5] = False
-    elif ignore_kind == "index":
-        case.ignore[1] = 3
-        case.ignore[0] = -1
-    else:
-        s[1, 3] = 0.25
-    x = s.clone().requires_grad_()
-    r = fastrank.rank_sums(x, case.target, step=step, ignore=case.ignore, backend="triton", packed=True)
-    (r.rank_all.sum() + r.rank_pos.sum()).backward()
-    has = r.index >= 0
-    assert torch.isnan(r.rank_all[0][has[0]]).all() and torch.isnan(r.rank_pos[0][has[0]]).all()
-    assert (r.rank_all[0][~has[0]] == 0).all()
-    from fastrank.core.problem import dense_valid_mask
-
-    pb = build_problem(case.target, case.ignore, 6, 15, DEVICE)
-    valid = dense_valid_mask(6, 15, pb.ignore_idx, pb.ignore_mask, DEVICE)
-    assert torch.isnan(x.grad[0][valid[0]]).all()
-    assert (x.grad[0][~valid[0]] == 0).all()
-    # every other row matches the naive computation on the same scores without the NaN rows
-    clean = s.clone()
-    clean[0] = 0.0
-    if ignore_kind != "none":
-        clean[1, 3] = 0.0  # ignored: its value does not matter
-    ra0, rp0 = naive_rank_sums(clean, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, StepParams(STEPS.index(step)))
-    torch.testing.assert_close(r.rank_all[1:], ra0[1:], rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(r.rank_pos[1:], rp0[1:], rtol=1e-10, atol=1e-9)
-    assert torch.isfinite(x.grad[1:]).all()
-    if fastrank.backends()["cpp"].available:  # same NaN convention as the C++ kernel
-        y = s.detach().cpu().clone().requires_grad_()
-        target_cpu = case.target.cpu()
-        ign_cpu = None if case.ignore is None else case.ignore.cpu()
-        rc = fastrank.rank_sums(y, target_cpu, step=step, ignore=ign_cpu, backend="cpp", packed=True)
-        (rc.rank_all.sum() + rc.rank_pos.sum()).backward()
-        torch.testing.assert_close(r.rank_all.cpu(), rc.rank_all, equal_nan=True)
-        torch.testing.assert_close(x.grad.cpu(), y.grad, equal_nan=True)
+# --------------------------------------------------------------------------- determinism
 
 
 @pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap], ids=["smooth_ap", "sup_ap"])
@@ -370,9 +154,9 @@ def test_kernel_api_empty_shapes():
 def test_fast_flag_is_ignored_where_it_cannot_apply(monkeypatch):
     # the interpreter has no inline PTX and float64 has no tanh.approx: FAST must change nothing
     case = _to(make_case(7, 13, 3, "labels", "index", seed=1))
-    ref = _run(case, "triton", "sigmoid")
+    ref = rank_sums_and_grad(case, "triton", "sigmoid")
     monkeypatch.setenv("FASTRANK_TRITON_FAST", "1")
-    got = _run(case, "triton", "sigmoid")
+    got = rank_sums_and_grad(case, "triton", "sigmoid")
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
 
@@ -381,22 +165,7 @@ def test_kernel_api_validation():
     prm = StepParams(SIGMOID)
     s = torch.rand(3, 5, device=DEVICE)
     pos = torch.tensor([[0, 1], [2, -1], [-1, -1]], device=DEVICE)
-    with pytest.raises(TypeError, match="scores"):
-        tk.forward(s.to(torch.int32), pos, None, None, prm)
-    with pytest.raises(ValueError, match="scores"):
-        tk.forward(s[0], pos, None, None, prm)
-    with pytest.raises(TypeError, match="pos_idx"):
-        tk.forward(s, pos.to(torch.int32), None, None, prm)
-    with pytest.raises(ValueError, match="pos_idx"):
-        tk.forward(s, pos[:2], None, None, prm)
-    with pytest.raises(ValueError, match="pos_idx"):
-        tk.forward(s, pos.to("meta"), None, None, prm)
-    with pytest.raises(ValueError, match="ignore_idx"):
-        tk.forward(s, pos, torch.zeros(4, dtype=torch.int64, device=DEVICE), None, prm)
-    with pytest.raises(TypeError, match="ignore_mask"):
-        tk.forward(s, pos, None, torch.zeros(3, 5, device=DEVICE), prm)
-    with pytest.raises(ValueError, match="ignore_mask"):
-        tk.forward(s, pos, None, torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), prm)
+    check_common_arguments(tk.forward, s, pos, prm)
     with pytest.raises(TypeError, match="params"):
         tk.forward(s, pos, None, None, "sigmoid")
     z32, z33, z22 = (torch.zeros(shape, device=DEVICE) for shape in ((3, 2), (3, 3), (2, 2)))
@@ -420,10 +189,6 @@ def _naive_with_grad(scores, pos_idx, ignore_idx, ignore_mask, prm, wa, wp):
     ra, rp = naive_rank_sums(s, pos_idx, ignore_idx, ignore_mask, prm)
     (g,) = torch.autograd.grad((ra * wa).sum() + (rp * wp).sum(), s)
     return ra.detach(), rp.detach(), g
-
-
-def _max_err(x, ref):
-    return (x.double() - ref).abs().max().item()
 
 
 @gpu_only
@@ -451,12 +216,12 @@ def test_low_precision_kernels_vs_fp64(step, dtype):
     eps = torch.finfo(dtype).eps
     for x, nv, n32, r in zip(got, naive, naive32, ref):
         assert x.dtype == dtype
-        bound = 2 * _max_err(nv, r)
+        bound = 2 * max_err(nv, r)
         if not bound < float("inf"):  # NaN or inf
             bound = 0.0
         if dtype != torch.float32:
-            bound = max(bound, 2 * _max_err(n32, r) + eps * r.abs().max().item())
-        assert _max_err(x, r) <= bound + 1e-6, (_max_err(x, r), bound)
+            bound = max(bound, 2 * max_err(n32, r) + eps * r.abs().max().item())
+        assert max_err(x, r) <= bound + 1e-6, (max_err(x, r), bound)
 
 
 @gpu_only
@@ -475,9 +240,9 @@ def test_fast_special_function_path(step, monkeypatch):
     fast = _direct(s32, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm, wa, wp, fast=True)
     n = case.scores.shape[1]
     for k in range(2):  # values: the per-term bound, summed over a row
-        assert _max_err(fast[k], ref[k]) <= 2.5e-4 * n + 2 * _max_err(exact[k], ref[k])
+        assert max_err(fast[k], ref[k]) <= 2.5e-4 * n + 2 * max_err(exact[k], ref[k])
     # the gradient uses ex2.approx and div.approx: close to the exact path
-    assert _max_err(fast[2], ref[2]) <= 1e-4 * ref[2].abs().max().item() + 2 * _max_err(exact[2], ref[2])
+    assert max_err(fast[2], ref[2]) <= 1e-4 * ref[2].abs().max().item() + 2 * max_err(exact[2], ref[2])
     # and the losses it feeds barely move (FASTRANK_TRITON_FAST is read at every call)
     fn = fastrank.smooth_ap if step == SIGMOID else fastrank.sup_ap
     ap_ref = fn(case.scores, case.target, ignore=case.ignore, backend="naive")
@@ -491,8 +256,8 @@ def test_fast_special_function_path(step, monkeypatch):
 def test_large_fp32_against_torch_backend(step):
     # autotuned launches on realistic shapes (many tiles, partially filled positive blocks)
     case = _to(make_case(512, 4099, 40, "labels", "mask", seed=14, dtype=torch.float32))
-    ra, rp, g = _run(case, "triton", step)
-    ra0, rp0, g0 = _run(_to(case, dtype=torch.float64), "torch", step)
-    assert _max_err(ra, ra0) <= 1e-6 * ra0.abs().max().item() * 4099 ** 0.5
-    assert _max_err(rp, rp0) <= 1e-3
-    assert _max_err(g, g0) <= 1e-5 * g0.abs().max().item() * 4099 ** 0.5
+    ra, rp, g = rank_sums_and_grad(case, "triton", step)
+    ra0, rp0, g0 = rank_sums_and_grad(_to(case, dtype=torch.float64), "torch", step)
+    assert max_err(ra, ra0) <= 1e-6 * ra0.abs().max().item() * 4099 ** 0.5
+    assert max_err(rp, rp0) <= 1e-3
+    assert max_err(g, g0) <= 1e-5 * g0.abs().max().item() * 4099 ** 0.5

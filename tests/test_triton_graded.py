@@ -13,13 +13,13 @@ pytest.importorskip("triton", reason="Triton is not importable: the Triton backe
 
 import torch  # noqa: E402
 
-from fastrank.core.problem import RankProblem, build_problem  # noqa: E402
-from fastrank.core.params import StepParams  # noqa: E402
+from fastrank.core.params import StepParams, make_params  # noqa: E402
+from fastrank.core.problem import RankProblem, build_problem, dense_valid_mask  # noqa: E402
+from fastrank.core.problem import gather_packed, scatter_packed  # noqa: E402
 from fastrank.graded.chunked import dense_backward as torch_graded_backward  # noqa: E402
 from fastrank.graded.chunked import dense_forward as torch_graded_forward  # noqa: E402
-from fastrank.core.params import make_params  # noqa: E402
-from fastrank.core.problem import dense_valid_mask, gather_packed, scatter_packed  # noqa: E402
 
+from .cases import NON_DEFAULT_STEP_IDS, NON_DEFAULT_STEPS  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
 from .conftest import requires  # noqa: E402
@@ -160,15 +160,7 @@ def test_multi_tile_loops(small_blocks, step, ignore_kind):
     _assert_close(_triton(pr, params, ga, gp), _reference(pr, params, ga, gp), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(step="suprank", tau=0.05, rho=7.0, delta=0.2, start=0.25, offset=1.5),
-        dict(step="suprank", tau=0.02, rho=0.0, delta=0.0, start=0.0),
-        dict(step="sigmoid", tau=0.3),
-    ],
-    ids=["suprank-custom", "suprank-degenerate", "sigmoid-tau"],
-)
+@pytest.mark.parametrize("kw", NON_DEFAULT_STEPS, ids=NON_DEFAULT_STEP_IDS)
 def test_non_default_step_parameters(kw):
     pr = _problem(3, 21, "float", "index", seed=5)
     params = _params(**kw)

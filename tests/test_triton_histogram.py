@@ -1,4 +1,6 @@
-"""Triton soft-histogram kernels (histogram AP, docs/design.md §1.3) against the fp64 naive (Q, N, L) tensor.
+"""Triton soft-histogram kernels (histogram AP, docs/design.md §1.3): the kernel API against the fp64
+naive (Q, N, L) tensor and the torch backward, the launch configuration (tiles, bin blocks, the split
+forward), AOT compilation. Triton through the public API, like every backend: tests/test_histogram.py.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports the
 kernels, and they run in Triton's interpreter on CPU tensors (small shapes: it is slow).
@@ -18,68 +20,37 @@ import torch  # noqa: E402
 
 import fastrank  # noqa: E402
 from fastrank.core.params import HistParams  # noqa: E402
+from fastrank.core.problem import build_problem, dense_valid_mask  # noqa: E402
 from fastrank.histogram.chunked import backward as torch_histograms_backward  # noqa: E402
 from fastrank.histogram.naive import forward as naive_histograms  # noqa: E402
-from fastrank.core.problem import build_problem  # noqa: E402
-from fastrank.histogram import histogram_params  # noqa: E402
-from fastrank.core.problem import dense_valid_mask  # noqa: E402
 
-from .cases import Case, all_cases, make_case  # noqa: E402
+from .cases import HIST_CONFIGS as CONFIGS  # noqa: E402
+from .cases import Case, assert_histogram_ap_close, bin_kinks_case, histogram_ap_and_grad, make_case  # noqa: E402
+from .cases import histogram_params as _params  # noqa: E402
+from .cases import max_err  # noqa: E402
+from .cases import to_device as _to_device  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
 from .conftest import requires  # noqa: E402
 from .conftest import triton_gpu_only as gpu_only  # noqa: E402
+from .kernel_api import check_common_arguments  # noqa: E402
 
 pytestmark = requires("triton")
 
 tk = pytest.importorskip("fastrank.triton_kernels.histogram")
 
 
-# (kind, bins, range): both published defaults, ROADMAP's SoftBin copy, a coarse FastAP
-CONFIGS = {
-    "fastap": ("fastap", None, (0.0, 1.0)),
-    "softbin": ("softbin", None, (0.0, 1.0)),
-    "softbin-20-roadmap": ("softbin", 20, (-1.0, 1.0)),
-    "fastap-3": ("fastap", 3, (0.0, 1.0)),
-}
-IGNORES = ["none", "index", "self", "mask"]
-
-
-def _to(case: Case, device=DEVICE, dtype=None) -> Case:
-    def mv(t):
-        return None if t is None else t.to(device)
-
-    target = tuple(mv(t) for t in case.target) if isinstance(case.target, tuple) else mv(case.target)
-    scores = case.scores.to(device=device, dtype=dtype or case.scores.dtype)
-    return Case(case.name, scores, target, mv(case.ignore))
-
-
-def _ap(case: Case, config: str, backend: str):
-    """AP per query and the gradient of a fixed weighting of it."""
-    kind, bins, rng = CONFIGS[config]
-    s = case.scores.clone().requires_grad_()
-    ap = fastrank.histogram_ap(s, case.target, kind=kind, bins=bins, range=rng, ignore=case.ignore,
-                               backend=backend, reduction="none")
-    w = torch.linspace(0.5, 1.5, ap.numel(), dtype=ap.dtype, device=ap.device)
-    (g,) = torch.autograd.grad((ap * w).sum(), s)
-    return ap.detach(), g
+def _to(case: Case, dtype=None) -> Case:
+    return _to_device(case, DEVICE, dtype)
 
 
 def _assert_matches_naive(case: Case, config: str):
-    v, g = _ap(case, config, "triton")
-    v0, g0 = _ap(case, config, "naive")
-    torch.testing.assert_close(v, v0, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-10)
+    assert_histogram_ap_close(histogram_ap_and_grad(case, config, "triton"), histogram_ap_and_grad(case, config, "naive"))
 
 
 def _problem(case: Case):
     q, n = case.scores.shape
     return build_problem(case.target, case.ignore, q, n, case.scores.device)
-
-
-def _params(config: str) -> HistParams:
-    kind, bins, rng = CONFIGS[config]
-    return histogram_params(kind, bins or {"fastap": 10, "softbin": 25}[kind], rng)
 
 
 def _assert_kernels_match_torch(case: Case, prm: HistParams, seed: int = 0):
@@ -108,66 +79,13 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(tk, "MAX_BLOCK_L", 8)
 
 
-# --------------------------------------------------------------------------- values and gradients
-
-
-@pytest.mark.parametrize("ignore_kind", IGNORES)
-@pytest.mark.parametrize("config", ["fastap", "softbin"])
-def test_matches_naive_fp64(config, ignore_kind):
-    # ties: many equal scores (on a 0.1 grid, some exactly on bin centres)
-    _assert_matches_naive(_to(make_case(11, 29, 3, "labels", ignore_kind, ties=True, seed=5)), config)
-
-
-@pytest.mark.parametrize("config", ["softbin-20-roadmap", "fastap-3"])
-def test_other_bins_and_ranges(config):
-    _assert_matches_naive(_to(make_case(9, 31, 3, "bool", "mask", seed=6)), config)
-
-
-# every target form, odd shapes (N = 1, Q > N, queries without positives), every ignore form
-@pytest.mark.parametrize("config,case", [(("fastap", "softbin")[i % 2], c) for i, c in enumerate(all_cases()[::3])],
-                         ids=lambda x: x if isinstance(x, str) else repr(x))
-def test_target_forms_and_shapes(config, case):
-    _assert_matches_naive(_to(case), config)
-
-
-@pytest.mark.parametrize("config", ["fastap", "softbin"])
-def test_single_column(config):
-    # N = 1: the only item is a positive (rows 0, 2), ignored (row 1) or a negative (row 3)
-    s = torch.tensor([[0.3], [0.7], [-0.4], [0.9]], dtype=torch.float64, device=DEVICE)
-    t = torch.tensor([[1], [1], [1], [0]], device=DEVICE)
-    case = Case("n1", s, t, torch.tensor([-1, 0, -1, -1], device=DEVICE))
-    _assert_matches_naive(case, config)
-
-
-@pytest.mark.parametrize("config", ["fastap", "softbin"])
-def test_scores_outside_the_range_and_infinities(config):
-    # SoftBin: beyond [min, max] falls into the end bins (no gradient); FastAP: x = 2 - 2s
-    # outside [0, 4] is lost (s > 1 or s < -1), partly lost within one bin width of the ends
-    s = torch.tensor(
-        [[3.0, -2.0, 0.5, 0.5, 0.2, 1.04, -1.04, 1.2],
-         [0.1, 0.1, float("inf"), 0.1, float("-inf"), 0.97, 1.0, 0.0],
-         [0.9, 0.8, 0.7, 0.6, 0.5, -0.9, -1.0, 1.01]],
-        dtype=torch.float64, device=DEVICE,
-    )
-    t = torch.tensor([[1, 0, 1, 0, 0, 1, 0, 1], [1, 1, 0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1, 1]], device=DEVICE)
-    case = Case("outside", s, t, None)
-    _assert_matches_naive(case, config)
-    _, g = _ap(case, config, "triton")
-    assert (g[~torch.isfinite(s)] == 0).all()  # +-inf: beyond the ends, no gradient
+# --------------------------------------------------------------------------- kernels, tiles and bin blocks
 
 
 @pytest.mark.parametrize("config", ["fastap", "softbin"])
 def test_bin_centres_and_edges_use_torch_derivative_conventions(config):
-    # scores whose bin coordinate is exactly an integer (a kink: derivative 0, as torch's relu/abs
-    # give) and exactly on the open ends; binary fractions keep v = scale * s + shift exact
-    prm = _params(config)
-    ks = torch.arange(-1, prm.bins + 1, dtype=torch.float64)
-    s_int = (ks - prm.shift) / prm.scale  # v = k exactly (or within an ulp)
-    s = torch.cat([s_int, s_int + 0.25 / abs(prm.scale)]).view(2, -1).to(DEVICE)
-    labels = torch.arange(s.shape[1], device=DEVICE) % 3
-    case = Case("kinks", s, (labels[:2], labels), None)
-    _assert_matches_naive(case, config)
-    _assert_kernels_match_torch(case, prm)
+    # the kinks and open ends of bin_kinks_case (through the public API: tests/test_histogram.py)
+    _assert_kernels_match_torch(_to(bin_kinks_case(config)), _params(config))
 
 
 @pytest.mark.parametrize("config", ["fastap", "softbin"])
@@ -178,47 +96,6 @@ def test_multi_tile_split_and_bin_blocks(small_blocks, config, ignore_kind):
     case = _to(make_case(4, 21, 2, "labels", ignore_kind, ties=True, seed=21))
     _assert_kernels_match_torch(case, _params(config))
     _assert_matches_naive(case, config)
-
-
-def test_no_positives_anywhere():
-    x = torch.rand(3, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    loss = fastrank.histogram_ap(x, torch.zeros(3, 6, device=DEVICE), kind="softbin", backend="triton")
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-    assert torch.equal(x.grad, torch.zeros_like(x))
-
-
-# --------------------------------------------------------------------------- gradcheck
-
-
-@pytest.mark.parametrize("config", ["fastap", "softbin"])
-def test_gradcheck(config):
-    # scores on a grid that keeps every bin coordinate away from integers (the kinks)
-    kind, _, rng = CONFIGS[config]
-    g = torch.Generator().manual_seed(1)
-    s = ((torch.randperm(5 * 9, generator=g).to(torch.float64) * 0.0173 + 0.013).view(5, 9) % 1.0).to(DEVICE)
-    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 2], device=DEVICE)
-    ignore = torch.tensor([0, -1, 3, 8, 4], device=DEVICE)
-
-    def f(x):
-        return fastrank.histogram_ap(x, (labels[:5], labels), kind=kind, bins=6, range=rng, ignore=ignore,
-                                     backend="triton", reduction="none")
-
-    # the full Jacobian costs ~100 interpreted launches: fast mode (random projections) there
-    assert torch.autograd.gradcheck(f, (s.requires_grad_(),), eps=1e-7, atol=1e-6, rtol=1e-5, fast_mode=not ON_GPU)
-
-
-def test_gradcheck_full_jacobian_small():
-    s = torch.tensor([[0.113, 0.571, 0.342, 0.904, 0.268], [0.447, 0.029, 0.781, 0.652, 0.196]],
-                     dtype=torch.float64, device=DEVICE)
-    t = torch.tensor([[1, 0, 1, 0, 1], [0, 1, 1, 0, 0]], device=DEVICE)
-
-    def f(x):
-        a = fastrank.histogram_ap(x, t, kind="softbin", bins=4, backend="triton", reduction="none")
-        b = fastrank.histogram_ap(x, t, kind="fastap", bins=5, backend="triton", reduction="none")
-        return a, b
-
-    assert torch.autograd.gradcheck(f, (s.requires_grad_(),), eps=1e-7, atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- NaN, determinism
@@ -369,22 +246,7 @@ def test_kernel_api_validation():
     prm = _params("fastap")
     s = torch.rand(3, 5, device=DEVICE)
     pos = torch.tensor([[0, 1], [2, -1], [-1, -1]], device=DEVICE)
-    with pytest.raises(TypeError, match="scores"):
-        tk.forward(s.to(torch.int32), pos, None, None, prm)
-    with pytest.raises(ValueError, match="scores"):
-        tk.forward(s[0], pos, None, None, prm)
-    with pytest.raises(TypeError, match="pos_idx"):
-        tk.forward(s, pos.to(torch.int32), None, None, prm)
-    with pytest.raises(ValueError, match="pos_idx"):
-        tk.forward(s, pos[:2], None, None, prm)
-    with pytest.raises(ValueError, match="pos_idx"):
-        tk.forward(s, pos.to("meta"), None, None, prm)
-    with pytest.raises(ValueError, match="ignore_idx"):
-        tk.forward(s, pos, torch.zeros(4, dtype=torch.int64, device=DEVICE), None, prm)
-    with pytest.raises(TypeError, match="ignore_mask"):
-        tk.forward(s, pos, None, torch.zeros(3, 5, device=DEVICE), prm)
-    with pytest.raises(ValueError, match="ignore_mask"):
-        tk.forward(s, pos, None, torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), prm)
+    check_common_arguments(tk.forward, s, pos, prm)
     with pytest.raises(TypeError, match="params"):
         tk.forward(s, pos, None, None, (11, -5.0, 5.0, False))
     with pytest.raises(ValueError, match="bins"):
@@ -402,10 +264,6 @@ def test_kernel_api_validation():
 
 
 # --------------------------------------------------------------------------- GPU only
-
-
-def _max_err(x, ref):
-    return (x.double() - ref).abs().max().item()
 
 
 @gpu_only
@@ -452,8 +310,8 @@ def test_half_precision_gpu(dtype):
     # binned in float32 from the rounded scores, then rounded once to the dtype
     r_all, r_pos = naive_histograms(s_lo.double(), pb.pos_idx, pb.ignore_idx, pb.ignore_mask, prm)
     eps = torch.finfo(dtype).eps
-    assert _max_err(h_all, r_all) <= eps * r_all.abs().max().item() + 1e-3
-    assert _max_err(h_pos, r_pos) <= eps * r_pos.abs().max().item() + 1e-3
+    assert max_err(h_all, r_all) <= eps * r_all.abs().max().item() + 1e-3
+    assert max_err(h_pos, r_pos) <= eps * r_pos.abs().max().item() + 1e-3
 
 
 # --------------------------------------------------------------------------- AOT compilation (no GPU needed)
