@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 import fastrank
 
-from .cases import make_case
-from .conftest import CPU_BACKENDS, FUSED_CPU
+from .cases import assert_zero_without_positives, make_case, nan_label_batch
+from .conftest import CPU_BACKENDS
 from .nan_rows import NAN_BACKENDS, POISONED, check_nan_rows, nan_problem
 from .published import published_smooth_ap, published_sup_ap
 
@@ -38,20 +38,7 @@ def test_sup_ap_equals_published(backend, num_id, per):
     torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
-@pytest.mark.parametrize("backend", FUSED_CPU)
-def test_ap_matches_naive_with_unequal_classes_and_ignore(fn, backend):
-    for seed, ik in enumerate(["none", "index", "self", "mask"]):
-        case = make_case(23, 37, 4, "labels", ik, ties=seed % 2 == 0, seed=seed)
-        s0 = case.scores.clone().requires_grad_()
-        s1 = case.scores.clone().requires_grad_()
-        a0 = fn(s0, case.target, ignore=case.ignore, backend="naive", reduction="none")
-        a1 = fn(s1, case.target, ignore=case.ignore, backend=backend, reduction="none")
-        torch.testing.assert_close(a1, a0, rtol=1e-10, atol=1e-12)
-        w = torch.rand(23, dtype=torch.float64)
-        (g0,) = torch.autograd.grad((a0 * w).sum(), s0)
-        (g1,) = torch.autograd.grad((a1 * w).sum(), s1)
-        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-10)
+# every backend vs naive, with unequal classes and every ignore form: tests/test_rank_sums.py
 
 
 @pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
@@ -72,12 +59,8 @@ def test_reductions_and_queries_without_positives(fn, backend):
 @pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_positive_anywhere_is_zero_and_differentiable(fn, backend):
-    s = torch.rand(5, 8, dtype=torch.float64, requires_grad=True)
-    target = torch.zeros(5, 8, dtype=torch.bool)
-    loss = fn(s, target, backend=backend)
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-    assert torch.equal(s.grad, torch.zeros_like(s))
+    assert_zero_without_positives(lambda x, t: fn(x, t, backend=backend), torch.rand(5, 8, dtype=torch.float64),
+                                  torch.zeros(5, 8, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
@@ -101,11 +84,9 @@ def test_every_item_positive_gives_ap_one_for_suprank(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_score_gives_nan_loss(backend):
-    s = torch.rand(4, 6, dtype=torch.float64)
-    s[1, 3] = float("nan")
-    labels = torch.tensor([0, 1, 0, 1, 0, 1])
-    assert torch.isnan(fastrank.sup_ap(s, (labels[:4], labels), backend=backend))
-    assert torch.isnan(fastrank.smooth_ap(s, (labels[:4], labels), backend=backend))
+    s, target = nan_label_batch(4, (1, 3))
+    assert torch.isnan(fastrank.sup_ap(s, target, backend=backend))
+    assert torch.isnan(fastrank.smooth_ap(s, target, backend=backend))
 
 
 def _calibration_by_hand(scores, pos, valid, pm=0.9, nm=0.6):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import fastrank
 
+from .cases import outputs_and_grad
 from .conftest import FUSED_CPU
 
 EXAMPLES = int(os.environ.get("FASTRANK_FUZZ_EXAMPLES", "100"))
@@ -41,17 +42,28 @@ def _extreme_scores(scores, special, g):
     return torch.where(pick, sign * big, scores).to(torch.float16).to(scores.dtype)
 
 
+def _draw_scores(draw, q, n, g):
+    """Scores in [-1, 1), on a coarse grid (ties) or not, some at the extremes of SPECIALS."""
+    grid = draw(st.sampled_from([None, 0.1, 0.05]))  # coarse grids make ties
+    scores = torch.rand(q, n, generator=g, dtype=torch.float64) * 2 - 1
+    if grid:
+        scores = (scores / grid).round() * grid
+    return _extreme_scores(scores, draw(SPECIALS), g)
+
+
+def _draw_ignore(draw, q, n, g):
+    ig = draw(st.sampled_from(["none", "index", "mask"]))
+    return {"none": None, "index": torch.randint(-1, n, (q,), generator=g),
+            "mask": torch.rand(q, n, generator=g) < 0.25}[ig]
+
+
 @st.composite
 def problems(draw):
     q, n = draw(SIZES), draw(SIZES)
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     classes = draw(st.integers(1, 6))
-    grid = draw(st.sampled_from([None, 0.1, 0.05]))  # coarse grids make ties
-    scores = torch.rand(q, n, generator=g, dtype=torch.float64) * 2 - 1
-    if grid:
-        scores = (scores / grid).round() * grid
-    scores = _extreme_scores(scores, draw(SPECIALS), g)
+    scores = _draw_scores(draw, q, n, g)
     glab = torch.randint(classes, (n,), generator=g)
     qlab = torch.randint(classes + 1, (q,), generator=g)
     form = draw(st.sampled_from(["labels", "bool", "graded"]))
@@ -60,17 +72,26 @@ def problems(draw):
     else:
         dense = qlab[:, None] == glab[None, :]
         target = dense if form == "bool" else dense * torch.rand(q, n, generator=g, dtype=torch.float64)
-    ig = draw(st.sampled_from(["none", "index", "mask"]))
-    ignore = {"none": None, "index": torch.randint(-1, n, (q,), generator=g),
-              "mask": torch.rand(q, n, generator=g) < 0.25}[ig]
-    return scores, target, ignore
+    return scores, target, _draw_ignore(draw, q, n, g)
 
 
 def _value_grad(fn, scores, target, ignore, backend, **kw):
-    s = scores.clone().requires_grad_()
-    v = fn(s, target, ignore=ignore, backend=backend, reduction="none", **kw)
-    (g,) = torch.autograd.grad(v.sum(), s)
-    return v.detach(), g
+    return outputs_and_grad(lambda s: fn(s, target, ignore=ignore, backend=backend, reduction="none", **kw),
+                            scores, seed=None)
+
+
+def _matches_naive_test(ops, strategy, backends, fuzz):
+    """The fuzz test of one op table: every op of `ops` on every backend against naive."""
+
+    @pytest.mark.parametrize("backend", backends)
+    @pytest.mark.parametrize("op", sorted(ops))
+    @fuzz
+    @given(problem=strategy)
+    def test(backend, op, problem):
+        fn, kw = ops[op]
+        _assert_matches_naive(fn, kw, backend, *problem)  # problem: (scores, target or relevance, ignore)
+
+    return test
 
 
 OPS = {
@@ -83,13 +104,8 @@ OPS = {
 }
 
 
-@pytest.mark.parametrize("backend", FUSED_CPU)
-@pytest.mark.parametrize("op", sorted(OPS))
-@FUZZ
-@given(problem=problems())
-def test_fuzz_backend_matches_naive(backend, op, problem):
-    fn, kw = OPS[op]
-    _assert_matches_naive(fn, kw, backend, *problem)
+test_fuzz_backend_matches_naive = _matches_naive_test(OPS, problems(), FUSED_CPU, FUZZ)
+test_fuzz_triton_matches_naive = _matches_naive_test(OPS, problems(), TRITON, FUZZ_TRITON)
 
 
 def _assert_matches_naive(fn, kw, backend, scores, target, ignore, grad_scale=1.0, value_scale=1.0):
@@ -101,14 +117,6 @@ def _assert_matches_naive(fn, kw, backend, scores, target, ignore, grad_scale=1.
     # entries are rounding
     torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9 * grad_scale)
     assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
-
-
-@pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("op", sorted(OPS))
-@FUZZ_TRITON
-@given(problem=problems())
-def test_fuzz_triton_matches_naive(backend, op, problem):
-    test_fuzz_backend_matches_naive.hypothesis.inner_test(backend, op, problem)
 
 
 # ---- step parameters at their accepted extremes, with the extreme scores above
@@ -158,19 +166,12 @@ def graded_problems(draw):
     q, n = draw(SIZES), draw(SIZES)
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    grid = draw(st.sampled_from([None, 0.1, 0.05]))
-    scores = torch.rand(q, n, generator=g, dtype=torch.float64) * 2 - 1
-    if grid:
-        scores = (scores / grid).round() * grid
-    scores = _extreme_scores(scores, draw(SPECIALS), g)
+    scores = _draw_scores(draw, q, n, g)
     levels = draw(st.integers(1, 4))
     rel = torch.randint(0, levels + 1, (q, n), generator=g).to(torch.float64)
     if draw(st.booleans()):  # real-valued grades, some shared
         rel = rel * torch.tensor([0.5, 1.25], dtype=torch.float64)[torch.randint(2, (q, n), generator=g)]
-    ig = draw(st.sampled_from(["none", "index", "mask"]))
-    ignore = {"none": None, "index": torch.randint(-1, n, (q,), generator=g),
-              "mask": torch.rand(q, n, generator=g) < 0.25}[ig]
-    return scores, rel, ignore
+    return scores, rel, _draw_ignore(draw, q, n, g)
 
 
 GRADED_OPS = {
@@ -180,18 +181,5 @@ GRADED_OPS = {
 }
 
 
-@pytest.mark.parametrize("backend", FUSED_CPU)
-@pytest.mark.parametrize("op", sorted(GRADED_OPS))
-@FUZZ
-@given(problem=graded_problems())
-def test_fuzz_graded_backend_matches_naive(backend, op, problem):
-    fn, kw = GRADED_OPS[op]
-    _assert_matches_naive(fn, kw, backend, *problem)  # problem: (scores, relevance, ignore)
-
-
-@pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("op", sorted(GRADED_OPS))
-@FUZZ_TRITON
-@given(problem=graded_problems())
-def test_fuzz_graded_triton_matches_naive(backend, op, problem):
-    test_fuzz_graded_backend_matches_naive.hypothesis.inner_test(backend, op, problem)
+test_fuzz_graded_backend_matches_naive = _matches_naive_test(GRADED_OPS, graded_problems(), FUSED_CPU, FUZZ)
+test_fuzz_graded_triton_matches_naive = _matches_naive_test(GRADED_OPS, graded_problems(), TRITON, FUZZ_TRITON)

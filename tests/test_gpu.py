@@ -7,7 +7,7 @@ from fastrank.core.problem import build_problem
 from fastrank.core.params import StepParams
 from fastrank.core.registry import register_cpp_ops
 
-from .cases import make_case
+from .cases import assert_within_naive_error, make_case, outputs_and_grad, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -15,18 +15,13 @@ GPU_BACKENDS = [b for b in ("cuda", "triton") if fastrank.backends()[b].availabl
 
 
 def _grad(scores, target, ignore, fn, backend):
-    s = scores.clone().requires_grad_()
-    loss = fn(s, target, ignore=ignore, backend=backend)
-    loss.backward()
-    return loss.detach(), s.grad
+    """(mean loss, its gradient)"""
+    return outputs_and_grad(lambda s: fn(s, target, ignore=ignore, backend=backend), scores, seed=None)
 
 
-def _to(case, device, dtype=None):
-    t = case.target
-    target = tuple(x.to(device) for x in t) if isinstance(t, tuple) else t.to(device)
-    ignore = None if case.ignore is None else case.ignore.to(device)
-    scores = case.scores.to(device)
-    return (scores if dtype is None else scores.to(dtype)), target, ignore
+def _to(case, device):
+    c = to_device(case, device)
+    return c.scores, c.target, c.ignore
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -52,12 +47,8 @@ def test_gpu_low_precision_error_within_2x_of_naive(backend, dtype, fn):
     ref, gref = _grad(s_lp.double(), t, ig, fn, "naive")  # fp64 on the rounded inputs
     naive, gnaive = _grad(s_lp, t, ig, fn, "naive")
     got, ggot = _grad(s_lp, t, ig, fn, backend)
-    err_naive = (naive.double() - ref).abs().item()
-    err = (got.double() - ref).abs().item()
-    assert err <= 2 * err_naive + 1e-6, (err, err_naive)
-    gerr_naive = (gnaive.double() - gref).abs().max().item()
-    gerr = (ggot.double() - gref).abs().max().item()
-    assert gerr <= 2 * gerr_naive + 1e-6, (gerr, gerr_naive)
+    assert_within_naive_error(got, naive, ref, 1e-6)
+    assert_within_naive_error(ggot, gnaive, gref, 1e-6)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -126,10 +117,7 @@ def _graded_case(q, n, seed, device="cuda"):
 
 
 def _graded_grad(fn, scores, rel, backend, **kw):
-    s = scores.clone().requires_grad_()
-    v = fn(s, rel, backend=backend, **kw)
-    v.backward()
-    return v.detach(), s.grad
+    return outputs_and_grad(lambda s: fn(s, rel, backend=backend, **kw), scores, seed=None)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -155,9 +143,8 @@ def test_gpu_graded_fp32_error_within_2x_of_naive(backend, fn):
     ref, gref = _graded_grad(fn, s32.double(), rel, "naive")
     naive, gnaive = _graded_grad(fn, s32, rel.float(), "naive")
     got, ggot = _graded_grad(fn, s32, rel.float(), backend)
-    assert (got.double() - ref).abs().item() <= 2 * (naive.double() - ref).abs().item() + 1e-6
-    gerr, gerr_naive = (ggot.double() - gref).abs().max().item(), (gnaive.double() - gref).abs().max().item()
-    assert gerr <= 2 * gerr_naive + 1e-6, (gerr, gerr_naive)
+    assert_within_naive_error(got, naive, ref, 1e-6)
+    assert_within_naive_error(ggot, gnaive, gref, 1e-6)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -5,6 +5,7 @@ import torch
 
 import fastrank
 
+from .cases import outputs_and_grad
 from .conftest import AVAILABLE, CPU_BACKENDS, FUSED_CPU
 
 FNS = {
@@ -16,10 +17,8 @@ FNS = {
 
 
 def _vg(name, s, t, backend, **kw):
-    x = s.clone().requires_grad_()
-    v = FNS[name](x, t, backend, **kw)
-    (g,) = torch.autograd.grad(v.sum(), x)
-    return v.detach(), g
+    """(per-query value, gradient of its sum) of FNS_ALL[name] (FNS and the ops added below)."""
+    return outputs_and_grad(lambda x: FNS_ALL[name](x, t, backend, **kw), s, seed=None)
 
 
 @pytest.mark.parametrize("backend", FUSED_CPU)
@@ -172,20 +171,13 @@ def _target(name, rel):
     return rel if name in GRADED else rel > 0
 
 
-def _vg_all(name, s, t, backend):
-    x = s.clone().requires_grad_()
-    v = FNS_ALL[name](x, t, backend)
-    (g,) = torch.autograd.grad(v.sum(), x)
-    return v.detach(), g
-
-
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("name", sorted(FNS_ALL))
 def test_infinite_ranked_items_match_reference(backend, name):
     s, rel = _inf_problem()
     t = _target(name, rel)
-    v0, g0 = _vg_all(name, s, t, "naive")
-    v1, g1 = _vg_all(name, s, t, backend)
+    v0, g0 = _vg(name, s, t, "naive")
+    v1, g1 = _vg(name, s, t, backend)
     assert torch.isfinite(v0).all(), v0
     torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-10)
@@ -214,8 +206,8 @@ def test_float16_limits_and_overflow(backend, name):
     s16[5, 0], s16[5, 3] = 65504.0, -65504.0
     t = _target(name, rel)
     assert torch.isinf(s16).sum() == 12
-    v0, g0 = _vg_all(name, s16.double(), t, "naive")
-    v1, g1 = _vg_all(name, s16, t, backend)
+    v0, g0 = _vg(name, s16.double(), t, "naive")
+    v1, g1 = _vg(name, s16, t, backend)
     assert torch.isfinite(v1).all() and torch.isfinite(g1.float()).all()
     torch.testing.assert_close(v1.double(), v0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g1.double(), g0, rtol=1e-3, atol=1e-4)
@@ -259,20 +251,13 @@ def test_tiny_tau_in_float64_matches_reference(backend):
     s = torch.where(torch.isinf(s), torch.zeros_like(s), s)
     s[0, 1] = s[0, 0]  # an exact tie at tau = 1e-300: sigma(0) = 1/2
     for name in ("smooth_ap", "sup_ap", "h_ap_sigmoid"):
-        v0, g0 = _vg_all_kw(name, s, _target(name, rel), "naive", tau=1e-300)
-        v1, g1 = _vg_all_kw(name, s, _target(name, rel), backend, tau=1e-300)
+        v0, g0 = _vg(name, s, _target(name, rel), "naive", tau=1e-300)
+        v1, g1 = _vg(name, s, _target(name, rel), backend, tau=1e-300)
         torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
         assert torch.isfinite(v1).all()
         # the tie's gradient is 1/(4 tau) = 2.5e299, finite; the others are rounding next to it
         assert torch.isfinite(g1).all() and torch.isfinite(g0).all()
         torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12 * g0.abs().max().item())
-
-
-def _vg_all_kw(name, s, t, backend, **kw):
-    x = s.clone().requires_grad_()
-    v = FNS_ALL[name](x, t, backend, **kw)
-    (g,) = torch.autograd.grad(v.sum(), x)
-    return v.detach(), g
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -31,14 +31,7 @@ def test_op_rejects_bad_index_with_clear_error():
         torch.ops.fastrank.rank_sums_fwd(args[0], bad, *args[2:])
 
 
-@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
-def test_torch_compile_forward_and_backward(fn):
-    emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
-    labels = torch.arange(16) // 4
-
-    def loss_fn(e):
-        return 1 - fn(e @ e.T, (labels, labels), backend="cpp")
-
+def _assert_compiled_matches_eager(loss_fn, emb):
     compiled = torch.compile(loss_fn)  # inductor: the default users get
     e1 = emb.clone().requires_grad_()
     e2 = emb.clone().requires_grad_()
@@ -48,6 +41,17 @@ def test_torch_compile_forward_and_backward(fn):
     l2.backward()
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(e1.grad, e2.grad)
+
+
+@pytest.mark.parametrize("fn", [fastrank.smooth_ap, fastrank.sup_ap])
+def test_torch_compile_forward_and_backward(fn):
+    emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    labels = torch.arange(16) // 4
+
+    def loss_fn(e):
+        return 1 - fn(e @ e.T, (labels, labels), backend="cpp")
+
+    _assert_compiled_matches_eager(loss_fn, emb)
 
 
 def test_compiled_training_step_keeps_the_fused_op_in_the_graph():
@@ -142,15 +146,7 @@ def test_torch_compile_graded(fn):
     def loss_fn(e):
         return 1 - fn(e @ e.T, rel, backend="cpp")
 
-    compiled = torch.compile(loss_fn)
-    e1 = emb.clone().requires_grad_()
-    e2 = emb.clone().requires_grad_()
-    l1 = compiled(e1)
-    l1.backward()
-    l2 = loss_fn(e2)
-    l2.backward()
-    torch.testing.assert_close(l1, l2)
-    torch.testing.assert_close(e1.grad, e2.grad)
+    _assert_compiled_matches_eager(loss_fn, emb)
 
 
 # ---- the ops are public surface: a direct call gets the contract the Python layer guarantees

@@ -25,14 +25,19 @@ def _value_and_grad(loss_fn, emb, labels, **kw):
     return loss.detach().double(), g
 
 
+def _assert_parity(theirs, ours, emb, labels, rtol, atol, grad_rtol, grad_atol, **kw):
+    """Our drop-in's loss and gradient against PML's on the same batch."""
+    v0, g0 = _value_and_grad(theirs, emb, labels, **kw)
+    v1, g1 = _value_and_grad(ours, emb, labels, **kw)
+    torch.testing.assert_close(v1, v0, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g1, g0, rtol=grad_rtol, atol=grad_atol)
+
+
 @pytest.mark.parametrize("classes,per", [(4, 4), (3, 3), (6, 6)])
 def test_smooth_ap_parity_where_pml_is_published(classes, per):
     emb, labels = _batch(classes, per, seed=classes)
-    v0, g0 = _value_and_grad(L.SmoothAPLoss(), emb, labels)
-    v1, g1 = _value_and_grad(P.SmoothAPLoss(), emb, labels)
     # PML accumulates AP in a float32 buffer: agreement to float32 precision
-    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    _assert_parity(L.SmoothAPLoss(), P.SmoothAPLoss(), emb, labels, 1e-6, 1e-7, 1e-5, 1e-7)
 
 
 @pytest.mark.parametrize("classes,per", [(4, 3), (2, 5)])
@@ -59,10 +64,7 @@ def test_smooth_ap_unequal_unordered_classes():
 @pytest.mark.parametrize("classes,per", [(4, 4), (5, 3), (3, 7)])
 def test_fastap_parity(classes, per):
     emb, labels = _batch(classes, per, seed=per)
-    v0, g0 = _value_and_grad(L.FastAPLoss(), emb, labels)
-    v1, g1 = _value_and_grad(P.FastAPLoss(), emb, labels)
-    torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-12)
+    _assert_parity(L.FastAPLoss(), P.FastAPLoss(), emb, labels, 1e-10, 1e-12, 1e-8, 1e-12)
 
 
 def test_fastap_parity_with_miner_and_reducer():
@@ -71,10 +73,8 @@ def test_fastap_parity_with_miner_and_reducer():
     e = emb.clone()
     tuples = miner(e, labels)
     for reducer in (reducers.MeanReducer(), reducers.SumReducer()):
-        v0, g0 = _value_and_grad(L.FastAPLoss(reducer=reducer), emb, labels, indices_tuple=tuples)
-        v1, g1 = _value_and_grad(P.FastAPLoss(reducer=reducer), emb, labels, indices_tuple=tuples)
-        torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-12)
+        _assert_parity(L.FastAPLoss(reducer=reducer), P.FastAPLoss(reducer=reducer), emb, labels,
+                       1e-10, 1e-12, 1e-8, 1e-12, indices_tuple=tuples)
 
 
 def test_ref_emb_is_supported():

@@ -13,6 +13,14 @@ from .conftest import requires
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: how both scripts end: n_threads threads run first_call(i), which waits on a barrier, together
+_RUN_THREADS = r"""threads = [threading.Thread(target=first_call, args=(i,)) for i in range(n_threads)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
 SCRIPT = r"""
 import json, sys, threading
 import torch
@@ -41,12 +49,7 @@ def first_call(i):
     except Exception as e:  # reported, not raised: the parent asserts on every thread
         got[i] = f"{type(e).__name__}: {e}"
 
-threads = [threading.Thread(target=first_call, args=(i,)) for i in range(n_threads)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-report = []
+""" + _RUN_THREADS + r"""report = []
 for i in range(n_threads):
     x = inputs[i].clone().requires_grad_()
     OPS[names[i % len(names)]](x, "naive").backward()
@@ -98,12 +101,7 @@ def first_call(i):
     except Exception as e:
         got[i] = f"{type(e).__name__}: {e}"
 
-threads = [threading.Thread(target=first_call, args=(i,)) for i in range(n_threads)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print(json.dumps(got))
+""" + _RUN_THREADS + r"""print(json.dumps(got))
 """
 
 
