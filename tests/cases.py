@@ -287,3 +287,22 @@ def nan_label_batch(q: int, at) -> tuple:
     s[at] = float("nan")
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     return s, (labels[:q], labels)
+
+
+def poisoned_rows_case(q: int, n: int, ignore_kind: str, device) -> Case:
+    """A "bool" case whose row 0 holds a valid NaN (at column 5: the row is poisoned) and row 1 an
+    ignored one (at column 3: the row is unaffected; 0.25 there without `ignore`), both with positives."""
+    case = to_device(make_case(q, n, 2, "bool", ignore_kind, seed=4), device)
+    case.target[:2, :3] = True
+    s = case.scores
+    s[0, 5] = float("nan")
+    s[1, 3] = float("nan")
+    if ignore_kind == "mask":
+        case.ignore[1, 3] = True
+        case.ignore[0, 5] = False
+    elif ignore_kind == "index":
+        case.ignore[1] = 3
+        case.ignore[0] = -1
+    else:
+        s[1, 3] = 0.25
+    return case

@@ -157,8 +157,9 @@ _KINDS = ["fastap", "softbin"]
 @pytest.mark.parametrize("backend,kind", over_backends(_KINDS, ("naive",) + FUSED, interpreted=_KINDS[1:]))
 def test_no_positive_anywhere_is_zero_and_differentiable(backend, kind):
     device = backend_device(backend)
+    scores = torch.rand(3, 6, dtype=torch.float64, device=device)
     assert_zero_without_positives(lambda x, t: fastrank.histogram_ap(x, t, kind=kind, backend=backend),
-                                  torch.rand(3, 6, dtype=torch.float64, device=device), torch.zeros(3, 6, device=device))
+                                  scores, torch.zeros(3, 6, device=device))
 
 
 def test_histogram_argument_errors():

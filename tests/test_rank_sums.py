@@ -21,6 +21,7 @@ from .cases import (
     make_case,
     outputs_and_grad,
     over_backends,
+    poisoned_rows_case,
     rank_sums_and_grad,
     to_device,
 )
@@ -148,20 +149,8 @@ def test_nan_scores_give_nan_ranks(backend):
 @pytest.mark.parametrize("backend", backend_params(("cpp", "triton", "cuda")))
 def test_nan_poisons_its_row_only(backend, ignore_kind, step):
     device = backend_device(backend)
-    case = to_device(make_case(6, 15, 2, "bool", ignore_kind, seed=4), device)
-    case.target[0, :3] = True  # rows 0 (NaN, positives) and 1 (ignored NaN) both rank something
-    case.target[1, :3] = True
-    s = case.scores.clone()
-    s[0, 5] = float("nan")  # a valid NaN: row 0 is poisoned
-    s[1, 3] = float("nan")  # an ignored NaN: row 1 is unaffected
-    if ignore_kind == "mask":
-        case.ignore[1, 3] = True
-        case.ignore[0, 5] = False
-    elif ignore_kind == "index":
-        case.ignore[1] = 3
-        case.ignore[0] = -1
-    else:
-        s[1, 3] = 0.25
+    case = poisoned_rows_case(6, 15, ignore_kind, device)
+    s = case.scores
     x = s.clone().requires_grad_()
     r = fastrank.rank_sums(x, case.target, step=step, ignore=case.ignore, backend=backend, packed=True)
     (r.rank_all.sum() + r.rank_pos.sum()).backward()

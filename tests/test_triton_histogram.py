@@ -27,7 +27,7 @@ from fastrank.histogram.naive import forward as naive_histograms  # noqa: E402
 from .cases import HIST_CONFIGS as CONFIGS  # noqa: E402
 from .cases import Case, assert_histogram_ap_close, bin_kinks_case, histogram_ap_and_grad, make_case  # noqa: E402
 from .cases import histogram_params as _params  # noqa: E402
-from .cases import max_err  # noqa: E402
+from .cases import max_err, poisoned_rows_case  # noqa: E402
 from .cases import to_device as _to_device  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
@@ -45,7 +45,8 @@ def _to(case: Case, dtype=None) -> Case:
 
 
 def _assert_matches_naive(case: Case, config: str):
-    assert_histogram_ap_close(histogram_ap_and_grad(case, config, "triton"), histogram_ap_and_grad(case, config, "naive"))
+    got = histogram_ap_and_grad(case, config, "triton")
+    assert_histogram_ap_close(got, histogram_ap_and_grad(case, config, "naive"))
 
 
 def _problem(case: Case):
@@ -103,20 +104,9 @@ def test_multi_tile_split_and_bin_blocks(small_blocks, config, ignore_kind):
 
 @pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
 def test_nan_rows(ignore_kind):
-    case = _to(make_case(5, 13, 2, "bool", ignore_kind, seed=4))
-    case.target[:2, :3] = True  # rows 0 (NaN, positives) and 1 (ignored NaN) both have positives
-    s = case.scores.clone()
-    s[0, 5] = float("nan")  # a valid NaN: row 0 is poisoned
-    s[1, 3] = float("nan")  # an ignored NaN: row 1 is unaffected
-    if ignore_kind == "mask":
-        case.ignore[1, 3] = True
-        case.ignore[0, 5] = False
-    elif ignore_kind == "index":
-        case.ignore[1] = 3
-        case.ignore[0] = -1
-    else:
-        s[1, 3] = 0.25
-    pb = _problem(Case("", s, case.target, case.ignore))
+    case = poisoned_rows_case(5, 13, ignore_kind, DEVICE)
+    s = case.scores
+    pb = _problem(case)
     valid = dense_valid_mask(5, 13, pb.ignore_idx, pb.ignore_mask, DEVICE)
     for config in ("fastap", "softbin"):
         prm = _params(config)
