@@ -45,20 +45,15 @@ inline void check_index_range(const char* op, const char* name, const at::Tensor
               hi, "]");
 }
 
-inline PackedProblem check_problem(const char* op, c10::DeviceType device, const at::Tensor& scores,
-                                   const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
-                                   const std::optional<at::Tensor>& ign_mask) {
+// scores (Q, N) float32/float64 on `device`, and the ignore arguments of every op.
+inline void check_scores_and_ignore(const char* op, c10::DeviceType device, const at::Tensor& scores,
+                                    const std::optional<at::Tensor>& ign_idx,
+                                    const std::optional<at::Tensor>& ign_mask) {
   TORCH_CHECK_VALUE(scores.device().type() == device, op, ": scores must be on ", device, ", got ", scores.device());
   TORCH_CHECK_VALUE(scores.dim() == 2, op, ": scores must be 2-D (Q, N), got shape ", scores.sizes());
   TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
               ": scores must be float32 or float64, got ", scores.scalar_type());
   const int64_t Q = scores.size(0), N = scores.size(1);
-  TORCH_CHECK_VALUE(pos_idx.device() == scores.device(), op, ": pos_idx must be on the device of scores (",
-              scores.device(), "), got ", pos_idx.device());
-  TORCH_CHECK_VALUE(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == Q, op,
-              ": pos_idx must be int64 of shape (Q, P) with Q = ", Q, ", got ", pos_idx.scalar_type(), " ",
-              pos_idx.sizes());
-  check_index_range(op, "pos_idx", pos_idx, N);
   if (ign_idx.has_value()) {
     const auto& t = *ign_idx;
     TORCH_CHECK_VALUE(t.device() == scores.device() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == Q, op,
@@ -72,10 +67,83 @@ inline PackedProblem check_problem(const char* op, c10::DeviceType device, const
                 ": ignore_mask must be a bool tensor of shape ", scores.sizes(), " on the device of scores, got ",
                 t.scalar_type(), " ", t.sizes(), " on ", t.device());
   }
+}
+
+inline PackedProblem check_problem(const char* op, c10::DeviceType device, const at::Tensor& scores,
+                                   const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx,
+                                   const std::optional<at::Tensor>& ign_mask) {
+  check_scores_and_ignore(op, device, scores, ign_idx, ign_mask);
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  TORCH_CHECK_VALUE(pos_idx.device() == scores.device(), op, ": pos_idx must be on the device of scores (",
+              scores.device(), "), got ", pos_idx.device());
+  TORCH_CHECK_VALUE(pos_idx.scalar_type() == at::kLong && pos_idx.dim() == 2 && pos_idx.size(0) == Q, op,
+              ": pos_idx must be int64 of shape (Q, P) with Q = ", Q, ", got ", pos_idx.scalar_type(), " ",
+              pos_idx.sizes());
+  check_index_range(op, "pos_idx", pos_idx, N);
   PackedProblem p{scores.contiguous(), pos_idx.contiguous(), std::nullopt, std::nullopt};
   if (ign_idx.has_value()) p.ign_idx = ign_idx->contiguous();
   if (ign_mask.has_value()) p.ign_mask = ign_mask->contiguous();
   return p;
+}
+
+// The problem of a fused loss op: the target as the user gave it, not packed. Exactly one of
+// a label pair (query_labels (Q,), gallery_labels (N,), integers: positive = same label) or a
+// dense relevance (Q, N) (positive = > 0, NaN rejected) is given; made int64 / bool contiguous.
+struct TargetProblem {
+  at::Tensor scores;
+  std::optional<at::Tensor> qlab, glab;  // int64
+  std::optional<at::Tensor> pos_mask;     // bool (Q, N)
+  std::optional<at::Tensor> ign_idx, ign_mask;
+};
+
+inline TargetProblem check_target_problem(const char* op, c10::DeviceType device, const at::Tensor& scores,
+                                          const std::optional<at::Tensor>& qlab,
+                                          const std::optional<at::Tensor>& glab,
+                                          const std::optional<at::Tensor>& relevance,
+                                          const std::optional<at::Tensor>& ign_idx,
+                                          const std::optional<at::Tensor>& ign_mask) {
+  check_scores_and_ignore(op, device, scores, ign_idx, ign_mask);
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  const bool labels = qlab.has_value() || glab.has_value();
+  TORCH_CHECK_VALUE(labels != relevance.has_value() && qlab.has_value() == glab.has_value(), op,
+                    ": give either query_labels and gallery_labels, or relevance");
+  TargetProblem t{scores.contiguous(), std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt};
+  if (labels) {
+    auto check = [&](const char* name, const at::Tensor& l, int64_t n) {
+      TORCH_CHECK_TYPE(at::isIntegralType(l.scalar_type(), /*includeBool=*/false), op, ": ", name,
+                       " must be an integer tensor, got ", l.scalar_type());
+      TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == n && l.device() == scores.device(), op, ": ", name,
+                        " must have shape (", n, ",) on the device of scores, got ", l.sizes(), " on ", l.device());
+      return l.to(at::kLong).contiguous();
+    };
+    t.qlab = check("query_labels", *qlab, Q);
+    t.glab = check("gallery_labels", *glab, N);
+  } else {
+    const at::Tensor& r = *relevance;
+    TORCH_CHECK_VALUE(r.sizes() == scores.sizes() && r.device() == scores.device(), op,
+                      ": relevance must have the shape of scores ", scores.sizes(), " on its device, got ", r.sizes(),
+                      " on ", r.device());
+    TORCH_CHECK_TYPE(!at::isComplexType(r.scalar_type()), op, ": relevance must be bool, integer or floating, got ",
+                     r.scalar_type());
+    if (at::isFloatingType(r.scalar_type()) && r.numel() > 0)
+      TORCH_CHECK_VALUE(!r.isnan().any().item<bool>(), op, ": relevance contains NaN");
+    t.pos_mask = (r.scalar_type() == at::kBool ? r : r.gt(0)).contiguous();
+  }
+  if (ign_idx.has_value()) t.ign_idx = ign_idx->contiguous();
+  if (ign_mask.has_value()) t.ign_mask = ign_mask->contiguous();
+  return t;
+}
+
+// The kernels' view of a loss problem: no pos_idx (P = 0), each row finds its positives.
+template <typename T>
+ProblemView<T> problem_view(const TargetProblem& tp) {
+  return ProblemView<T>{tp.scores.data_ptr<T>(),
+                        nullptr,
+                        tp.ign_idx.has_value() ? tp.ign_idx->data_ptr<int64_t>() : nullptr,
+                        tp.ign_mask.has_value() ? tp.ign_mask->data_ptr<bool>() : nullptr,
+                        tp.scores.size(0),
+                        tp.scores.size(1),
+                        0};
 }
 
 // The largest finite value of the compute dtype: every parameter reaches the kernels in it.

@@ -41,6 +41,13 @@ TORCH_LIBRARY(fastrank, m) {
       "graded_rank_sums_bwd(Tensor grad_rank_all, Tensor grad_rank_pos, Tensor scores, Tensor relevance, "
       "Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, "
       "float start, float offset) -> Tensor");
+  // fused AP loss (Smooth-AP step=0, SupAP step=1): per query its AP, its number of ranked
+  // positives and, with_grad, the gradient row d AP_i / d scores[i, :] ((0, N) without), from
+  // the target as given: query_labels (Q,) and gallery_labels (N,), or relevance (Q, N) > 0
+  m.def(
+      "ap_loss(Tensor scores, Tensor? query_labels, Tensor? gallery_labels, Tensor? relevance, Tensor? ignore_idx, "
+      "Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, float offset, bool with_grad) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");

@@ -9,9 +9,11 @@ from typing import Optional
 import torch
 
 from .core import validate as V
-from .core.epilogue import reduce_per_query, safe_div
+from .core.backend import fused_losses
+from .core.epilogue import reduce_per_query, reduce_values, safe_div
 from .core.params import make_params
-from .core.problem import Target, dense_relevance, dense_valid_mask, prepare
+from .core.problem import Target, build_problem, check_call, dense_relevance, dense_valid_mask, ignore_args, target_args
+from .core.registry import run_loss
 from .rank_sums import rank_sums_packed
 
 Tensor = torch.Tensor
@@ -19,7 +21,13 @@ Tensor = torch.Tensor
 
 def _average_precision(fn: str, scores, target, ignore, reduction, backend, params) -> Tensor:
     V.check_reduction(fn, reduction)
-    scores, pb, name = prepare(fn, scores, target, ignore, backend)
+    scores, _, name = check_call(fn, scores, target, ignore, backend)
+    if name == "cpp" and fused_losses():
+        # one pass per row in C++: no packing, no epilogue here, the gradient rows computed with it
+        ap, n_pos = run_loss("ap_loss", name, scores, *target_args(target), *ignore_args(ignore), params=params)
+        return reduce_values(ap, n_pos > 0, reduction)
+    q, n = scores.shape
+    pb = build_problem(target, ignore, q, n, scores.device)
     rank_all, rank_pos = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     has = pb.pos_idx >= 0
     ratio = safe_div(rank_pos, rank_all, has)  # holes have rank_all = 0

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "epilogue.h"
 #include "cpu/loops.h"
 #include "cpu/parallel.h"
 
@@ -36,19 +37,12 @@ struct RowBuffers {
   explicit RowBuffers(int64_t n) : spos(n), sneg(n), gpos(n), gneg(n), pcol(n), ncol(n), flag(n) {}
 };
 
-// Splits row i's valid items into positives (flag 2) and negatives (flag 1).
-// Returns true when a valid score is NaN: the whole row's output is then NaN,
-// as in the references (a NaN competitor poisons every sum it enters).
+// Compacts row i's flagged items (flag 2: positive, 1: negative, 0: left out) into the
+// buffers' runs, in column order. Returns true when a valid score is NaN: the whole row's
+// output is then NaN, as in the references (a NaN competitor poisons every sum it enters).
 template <typename T>
-static bool compact_row(const Problem<T>& pr, int64_t i, RowBuffers<T>& b, int64_t& np, int64_t& nn) {
-  const int64_t N = pr.N;
-  const T* s = pr.scores + i * N;
-  uint8_t* flag = b.flag.data();
-  mark_valid_columns(pr, i, flag);
-  const int64_t* pidx = pr.pos_idx + i * pr.P;
-  for (int64_t p = 0; p < pr.P; ++p) {
-    if (pidx[p] >= 0) flag[pidx[p]] = 2;
-  }
+static bool compact_flagged(const T* s, int64_t N, RowBuffers<T>& b, int64_t& np, int64_t& nn) {
+  const uint8_t* flag = b.flag.data();
   np = nn = 0;
   bool has_nan = false;
   for (int64_t k = 0; k < N; ++k) {
@@ -65,6 +59,79 @@ static bool compact_row(const Problem<T>& pr, int64_t i, RowBuffers<T>& b, int64
     has_nan |= std::isnan(v);
   }
   return has_nan;
+}
+
+// Splits row i's valid items into its packed positives and the negatives (compact_flagged).
+template <typename T>
+static bool compact_row(const Problem<T>& pr, int64_t i, RowBuffers<T>& b, int64_t& np, int64_t& nn) {
+  uint8_t* flag = b.flag.data();
+  mark_valid_columns(pr, i, flag);
+  const int64_t* pidx = pr.pos_idx + i * pr.P;
+  for (int64_t p = 0; p < pr.P; ++p) {
+    if (pidx[p] >= 0) flag[pidx[p]] = 2;
+  }
+  return compact_flagged(pr.scores + i * pr.N, pr.N, b, np, nn);
+}
+
+// rank_all and rank_pos of one ranked positive with score sj against row buffers b (np
+// positives, nn negatives, sj among the positives). Inlined into each multiversioned caller.
+template <typename T, int STEP>
+FR_HD void rank_one(const StepParams<T>& st, T sj, const RowBuffers<T>& b, int64_t np, int64_t nn, T& ra, T& rp) {
+  if (std::isinf(sj)) {
+    // j and every equal score tie (step_diff): j's own term is still sigma(0) or H(0)
+    if (STEP == kSigmoid) {
+      auto sig = [st](T d) { return sigmoid_tau(d, st.inv_tau); };
+      const T sp = tied_sum(sj, b.spos.data(), np, sig);
+      rp = sp + T(0.5);
+      ra = sp + tied_sum(sj, b.sneg.data(), nn, sig) + T(0.5);
+    } else {
+      const T hp = tied_sum(sj, b.spos.data(), np, [](T d) { return heaviside(d); });
+      rp = hp;
+      ra = hp + tied_sum(sj, b.sneg.data(), nn, [st](T d) { return suprank_neg(d, st); });
+    }
+    return;
+  }
+  if (STEP == kSigmoid) {
+    // the runs include j itself, which adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
+    const T sp = sum_sigmoid(sj, b.spos.data(), np, st.inv_tau);
+    const T sn = sum_sigmoid(sj, b.sneg.data(), nn, st.inv_tau);
+    rp = sp + T(0.5);
+    ra = sp + sn + T(0.5);
+  } else {
+    // H(0) = 1 for j itself supplies the "1 +"
+    const T hp = run_sum_heaviside(sj, b.spos.data(), np);
+    const T sn = sum_suprank_neg(sj, b.sneg.data(), nn, st);
+    rp = hp;
+    ra = hp + sn;
+  }
+}
+
+// The backward of rank_one given d L / d rank_all = a and d L / d rank_pos = bp: adds each
+// competitor's share to b.gpos / b.gneg and returns the sum to subtract from j's gradient.
+template <typename T, int STEP>
+FR_HD T grad_one(const StepParams<T>& st, T sj, RowBuffers<T>& b, int64_t np, int64_t nn, T a, T bp) {
+  T tot = T(0);
+  if (std::isinf(sj)) {
+    // ties of infinities (j's own term included) carry no gradient
+    if (STEP == kSigmoid) {
+      auto dsig = [st](T d) { return sigmoid_tau_grad(d, st.inv_tau); };
+      tot += tied_grad_run(sj, b.spos.data(), b.gpos.data(), np, a + bp, dsig);
+      tot += tied_grad_run(sj, b.sneg.data(), b.gneg.data(), nn, a, dsig);
+    } else {
+      tot += tied_grad_run(sj, b.sneg.data(), b.gneg.data(), nn, a, [st](T d) { return suprank_neg_grad(d, st); });
+    }
+    return tot;
+  }
+  if (STEP == kSigmoid) {
+    // self term (k = j) adds c to g[j] and subtracts it again: net zero
+    const T apb = a + bp;
+    if (apb != T(0)) tot += grad_sigmoid(sj, b.spos.data(), b.gpos.data(), np, apb, st.inv_tau);
+    if (a != T(0)) tot += grad_sigmoid(sj, b.sneg.data(), b.gneg.data(), nn, a, st.inv_tau);
+  } else {
+    // H carries no gradient: only negatives move, and only through rank_all
+    if (a != T(0)) tot += grad_suprank_neg(sj, b.sneg.data(), b.gneg.data(), nn, a, st);
+  }
+  return tot;
 }
 
 template <typename T, int STEP>
@@ -87,35 +154,7 @@ FR_MULTIVERSION static void forward_rows(const Problem<T>* prp, RowBuffers<T>* b
         ra[p] = rp[p] = std::numeric_limits<T>::quiet_NaN();
         continue;
       }
-      const T sj = s[j];
-      if (std::isinf(sj)) {
-        // j and every equal score tie (step_diff): j's own term is still sigma(0) or H(0)
-        const StepParams<T> st = pr.step;
-        if (STEP == kSigmoid) {
-          auto sig = [st](T d) { return sigmoid_tau(d, st.inv_tau); };
-          const T sp = tied_sum(sj, b.spos.data(), np, sig);
-          rp[p] = sp + T(0.5);
-          ra[p] = sp + tied_sum(sj, b.sneg.data(), nn, sig) + T(0.5);
-        } else {
-          const T hp = tied_sum(sj, b.spos.data(), np, [](T d) { return heaviside(d); });
-          rp[p] = hp;
-          ra[p] = hp + tied_sum(sj, b.sneg.data(), nn, [st](T d) { return suprank_neg(d, st); });
-        }
-        continue;
-      }
-      if (STEP == kSigmoid) {
-        // the runs include j itself, which adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
-        const T sp = sum_sigmoid(sj, b.spos.data(), np, pr.step.inv_tau);
-        const T sn = sum_sigmoid(sj, b.sneg.data(), nn, pr.step.inv_tau);
-        rp[p] = sp + T(0.5);
-        ra[p] = sp + sn + T(0.5);
-      } else {
-        // H(0) = 1 for j itself supplies the "1 +"
-        const T hp = run_sum_heaviside(sj, b.spos.data(), np);
-        const T sn = sum_suprank_neg(sj, b.sneg.data(), nn, pr.step);
-        rp[p] = hp;
-        ra[p] = hp + sn;
-      }
+      rank_one<T, STEP>(pr.step, s[j], b, np, nn, ra[p], rp[p]);
     }
   }
 }
@@ -147,33 +186,90 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
     for (int64_t p = 0; p < pr.P; ++p) {
       const int64_t j = pidx[p];
       if (j < 0) continue;
-      const T sj = s[j];
-      T tot = T(0);
-      if (std::isinf(sj)) {
-        // ties of infinities (j's own term included) carry no gradient
-        const StepParams<T> st = pr.step;
-        const T a = ga[p];
-        if (STEP == kSigmoid) {
-          auto dsig = [st](T d) { return sigmoid_tau_grad(d, st.inv_tau); };
-          tot += tied_grad_run(sj, b.spos.data(), b.gpos.data(), np, a + gp[p], dsig);
-          tot += tied_grad_run(sj, b.sneg.data(), b.gneg.data(), nn, a, dsig);
-        } else {
-          tot += tied_grad_run(sj, b.sneg.data(), b.gneg.data(), nn, a, [st](T d) { return suprank_neg_grad(d, st); });
-        }
-        g[j] -= tot;
-        continue;
+      g[j] -= grad_one<T, STEP>(pr.step, s[j], b, np, nn, ga[p], gp[p]);
+    }
+    for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] += b.gpos[k];
+    for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] += b.gneg[k];
+  }
+}
+
+// ---------------------------------------------------------------- fused AP loss
+//
+// One task per block of query rows, each row in one pass while it is in cache: its positives
+// found from the target as given (labels or dense relevance, no packing), its rank sums, its
+// AP, and, with_grad, the gradient row d AP_i / d s_i (the rank-sums backward of the AP
+// epilogue's derivatives). Autograd multiplies the rows by grad_output (query i's AP depends
+// on row i alone). Work and memory: those of the forward and backward above, plus 2 |P_i|.
+
+template <typename T>
+struct LossProblem : ProblemView<T> {
+  StepParams<T> step;
+  const int64_t* qlab;   // (Q,) or nullptr
+  const int64_t* glab;   // (N,) or nullptr
+  const bool* pos_mask;  // (Q, N) or nullptr
+};
+
+template <typename T>
+struct LossBuffers : RowBuffers<T> {
+  static constexpr int64_t kBytesPerColumn = RowBuffers<T>::kBytesPerColumn + 2 * sizeof(T);
+  std::vector<T> ra, rp;
+  explicit LossBuffers(int64_t n) : RowBuffers<T>(n), ra(n), rp(n) {}
+};
+
+// flags of row i (2 positive, 1 negative, 0 left out) from the target as the user gave it
+template <typename T>
+static void flag_row(const LossProblem<T>& pr, int64_t i, uint8_t* flag) {
+  mark_valid_columns(pr, i, flag);
+  if (pr.qlab) {
+    const int64_t label = pr.qlab[i];
+    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & (pr.glab[k] == label));
+  } else {
+    const bool* m = pr.pos_mask + i * pr.N;
+    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & m[k]);
+  }
+}
+
+template <typename T, int STEP>
+FR_MULTIVERSION static void ap_loss_rows(const LossProblem<T>* prp, LossBuffers<T>* bp, T* ap, int64_t* n_pos,
+                                         T* grad, int64_t begin, int64_t end) {
+  const LossProblem<T>& pr = *prp;
+  LossBuffers<T>& b = *bp;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t i = begin; i < end; ++i) {
+    flag_row(pr, i, b.flag.data());
+    int64_t np, nn;
+    const bool nan_row = compact_flagged(pr.scores + i * pr.N, pr.N, b, np, nn);
+    n_pos[i] = np;
+    T* g = grad ? grad + i * pr.N : nullptr;
+    if (g) std::fill(g, g + pr.N, T(0));
+    if (nan_row) {
+      // NaN in -> NaN out, also for a query without positives; its gradient row is NaN at the
+      // valid items when the AP depends on them (np > 0), as the two-pass path gives
+      ap[i] = nan;
+      if (g && np > 0) {
+        for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] = nan;
+        for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] = nan;
       }
-      if (STEP == kSigmoid) {
-        // self term (k = j) adds c to g[j] and subtracts it again: net zero
-        const T a = ga[p], apb = ga[p] + gp[p];
-        if (apb != T(0)) tot += grad_sigmoid(sj, b.spos.data(), b.gpos.data(), np, apb, pr.step.inv_tau);
-        if (a != T(0)) tot += grad_sigmoid(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step.inv_tau);
-      } else {
-        // H carries no gradient: only negatives move, and only through rank_all
-        const T a = ga[p];
-        if (a != T(0)) tot += grad_suprank_neg(sj, b.sneg.data(), b.gneg.data(), nn, a, pr.step);
-      }
-      g[j] -= tot;
+      continue;
+    }
+    if (np == 0) {
+      ap[i] = T(0);
+      continue;
+    }
+    T acc = T(0);
+    for (int64_t p = 0; p < np; ++p) {
+      rank_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.ra[p], b.rp[p]);
+      acc += ap_term(b.rp[p], b.ra[p]);
+    }
+    ap[i] = acc / T(np);
+    if (!g) continue;
+    const T inv_np = T(1) / T(np);
+    std::fill(b.gpos.begin(), b.gpos.begin() + np, T(0));
+    std::fill(b.gneg.begin(), b.gneg.begin() + nn, T(0));
+    for (int64_t p = 0; p < np; ++p) {
+      T d_all, d_pos;
+      ap_term_grad(b.rp[p], b.ra[p], inv_np, d_all, d_pos);
+      g[b.pcol[p]] -= grad_one<T, STEP>(pr.step, b.spos[p], b, np, nn, d_all, d_pos);
     }
     for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] += b.gpos[k];
     for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] += b.gneg[k];
@@ -234,9 +330,45 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
   return grad;
 }
 
+constexpr const char* kLossOp = "fastrank cpu ap_loss";
+
+// (AP (Q,), number of ranked positives (Q,) int64, gradient rows (Q, N) or (0, N) without with_grad)
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> ap_loss_cpu(
+    const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in, const std::optional<at::Tensor>& glab_in,
+    const std::optional<at::Tensor>& relevance_in, const std::optional<at::Tensor>& ign_idx_in,
+    const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho, double delta, double start,
+    double offset, bool with_grad) {
+  const TargetProblem tp = check_target_problem(kLossOp, c10::DeviceType::CPU, scores_in, qlab_in, glab_in,
+                                                relevance_in, ign_idx_in, ign_mask_in);
+  check_step(kLossOp, step, tau, rho, delta, start, offset, tp.scores.scalar_type());
+  const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
+  at::Tensor ap = at::empty({Q}, tp.scores.options());
+  at::Tensor n_pos = at::empty({Q}, tp.scores.options().dtype(at::kLong));
+  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, tp.scores.options());
+  AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_ap_loss_cpu", [&] {
+    LossProblem<scalar_t> pr{problem_view<scalar_t>(tp), make_step_params<scalar_t>(tau, rho, delta, start, offset),
+                             tp.qlab ? tp.qlab->data_ptr<int64_t>() : nullptr,
+                             tp.glab ? tp.glab->data_ptr<int64_t>() : nullptr,
+                             tp.pos_mask ? tp.pos_mask->data_ptr<bool>() : nullptr};
+    scalar_t* a = ap.data_ptr<scalar_t>();
+    int64_t* np = n_pos.data_ptr<int64_t>();
+    scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    // P is unknown before the rows are flagged: size the tasks for N positives per row at most
+    // rows_per_task(N, N) rows, at least one
+    dispatch_step(step, [&](auto kind) {
+      parallel_rows<LossBuffers<scalar_t>>(kLossOp, Q, rows_per_task(N, N), N, LossBuffers<scalar_t>::kBytesPerColumn,
+                                           [&](auto& buf, int64_t b, int64_t e) {
+                                             ap_loss_rows<scalar_t, decltype(kind)::value>(&pr, &buf, a, np, g, b, e);
+                                           });
+    });
+  });
+  return {ap, n_pos, grad};
+}
+
 TORCH_LIBRARY_IMPL(fastrank, CPU, m) {
   m.impl("rank_sums_fwd", &rank_sums_fwd_cpu);
   m.impl("rank_sums_bwd", &rank_sums_bwd_cpu);
+  m.impl("ap_loss", &ap_loss_cpu);
 }
 
 }  // namespace cpu

@@ -79,6 +79,12 @@ def _verified_note(backend: str, evidence: Optional[str]) -> str:
     return f"; not yet verified on a GPU ({how}; `make gpu-check` on a GPU machine records it)"
 
 
+def fused_losses() -> bool:
+    """Whether the losses run as fused loss ops where a backend has them (default), or as the
+    rank-sums op plus a PyTorch epilogue (FASTRANK_FUSED=0: the two-pass path, for comparisons)."""
+    return os.environ.get("FASTRANK_FUSED", "1") != "0"
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1, as in CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

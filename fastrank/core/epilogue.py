@@ -43,7 +43,12 @@ def reduce_per_query(values: Tensor, scores: Tensor, pb: RankProblem, reduction:
     When no query has a positive, 'mean' is 0 and still connected to the graph.
     """
     values = values + nan_poison(scores, pb.ignore_idx, pb.ignore_mask).to(values.dtype)
-    has = pb.n_pos > 0
+    return reduce_values(values, pb.n_pos > 0, reduction)
+
+
+def reduce_values(values: Tensor, has: Tensor, reduction: str) -> Tensor:
+    """The reduction of per-query values: 'mean' over the queries where `has` (0, still connected
+    to the graph, when there is none), 'sum', or 'none'."""
     if reduction == "none":
         return values
     if reduction == "sum":

@@ -76,14 +76,26 @@ def _drop_ignored(pos_idx: Tensor, ignore_idx: Optional[Tensor], ignore_mask: Op
     return torch.where(keep, key, -1)[:, :width]
 
 
+def ignore_args(ignore: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(ignore_idx int64, ignore_mask bool): the one of the two forms `ignore` takes, the other None."""
+    if ignore is None:
+        return None, None
+    if ignore.dtype == torch.bool:
+        return None, ignore.contiguous()
+    return ignore.to(torch.int64).contiguous(), None
+
+
+def target_args(target: Target) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(query_labels, gallery_labels, relevance) as the fused loss ops take a target: a label
+    pair or a dense relevance, the other None."""
+    if isinstance(target, (tuple, list)):
+        return target[0], target[1], None
+    return None, None, target
+
+
 def build_problem(target: Target, ignore: Optional[Tensor], q: int, n: int, device) -> RankProblem:
     """Packs positives and ignore; arguments must already be validated (fastrank.core.validate)."""
-    ignore_idx = ignore_mask = None
-    if ignore is not None:
-        if ignore.dtype == torch.bool:
-            ignore_mask = ignore.contiguous()
-        else:
-            ignore_idx = ignore.to(torch.int64).contiguous()
+    ignore_idx, ignore_mask = ignore_args(ignore)
     if isinstance(target, (tuple, list)):
         # labels never meet the ignore information until here
         pos_idx = _drop_ignored(_positives_from_labels(target[0], target[1]), ignore_idx, ignore_mask)
@@ -120,25 +132,41 @@ def prepare(
     *,
     graded: bool = False,
 ) -> Tuple[Tensor, RankProblem, str]:
-    """Validates the arguments every op shares; returns (scores in a kernel dtype, packed problem,
-    backend name).
+    """Validates the arguments every op shares (check_call), then packs the problem; returns
+    (scores in a kernel dtype, packed problem, backend name).
 
     graded=True: `target` is a graded (Q, N) relevance, checked as such and kept in
     `problem.relevance`; its ranked items (> 0, not ignored) are packed into pos_idx exactly as
     the positives of a binary target are, so both families share one layout."""
+    scores, rel, name = check_call(fn, scores, target, ignore, backend, graded=graded)
+    q, n = scores.shape
+    problem = build_problem(target, ignore, q, n, scores.device)
+    if graded:
+        problem.relevance = rel
+    return scores, problem, name
+
+
+def check_call(
+    fn: str,
+    scores: Tensor,
+    target: Target,
+    ignore: Optional[Tensor],
+    backend: Optional[str],
+    *,
+    graded: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], str]:
+    """Validates the arguments every op shares; returns (scores in a kernel dtype, the graded
+    relevance in that dtype or None, backend name). The fused loss ops take the target as given
+    from here, without packing."""
     V.check_scores(fn, scores)
     rel = V.check_relevance(fn, target, scores) if graded else V.check_target(fn, target, scores)
     V.check_ignore(fn, ignore, scores)
     V.check_backend(fn, backend, CHOICES)
     name = resolve(fn, backend, scores.device)
-    q, n = scores.shape
-    problem = build_problem(target, ignore, q, n, scores.device)
-    if graded:
-        problem.relevance = rel
     # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
-    return scores, problem, name
+    return scores, rel, name
 
 
 # --------------------------------------------------------------------------- layout conversions

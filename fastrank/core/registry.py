@@ -180,6 +180,8 @@ def register_cpp_ops() -> None:
         if not _REGISTERED and load_extension() is None:
             for family in FAMILIES.values():
                 _register_family(family)
+            for loss in LOSS_OPS.values():
+                _register_loss(loss)
             _REGISTERED = True
 
 
@@ -227,6 +229,72 @@ def _register_family(f: OpFamily) -> None:
         return (grad,) + (None,) * (n - 1 + len(ctx.step_args))
 
     torch.library.register_autograd(f"fastrank::{f.cpp_fwd}", backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------- fused loss ops
+#
+# A fused loss op returns, per query, the loss's score, the number of ranked positives and,
+# when asked (with_grad), the gradient rows d score_i / d scores[i, :], all from one pass per
+# row (docs/design.md §2.4). Its autograd multiplies the rows by grad_output: query i's score
+# depends on row i alone, so that is the exact vector-Jacobian product.
+
+
+@dataclass(frozen=True)
+class LossOp:
+    """A fused loss op torch.ops.fastrank.<name>(scores, *tensors, *scalars, with_grad)."""
+
+    name: str
+    tensors: Tuple[str, ...]  # its (optional) tensor arguments, scores first
+
+
+LOSS_OPS: Dict[str, LossOp] = {
+    op.name: op
+    for op in (
+        LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
+    )
+}
+
+
+def _register_loss(op: LossOp) -> None:
+    n = len(op.tensors)
+
+    def fake(*args):
+        tensors, with_grad = args[:n], args[-1]
+        _one_device(op.name, op.tensors, tensors)
+        q, m = tensors[0].shape
+        return (tensors[0].new_empty(q), tensors[0].new_empty(q, dtype=torch.int64),
+                tensors[0].new_empty((q if with_grad else 0, m)))
+
+    torch.library.register_fake(f"fastrank::{op.name}")(fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.with_grad = inputs[-1]
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(inputs[0], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def backward(ctx, grad_value, grad_count, grad_rows):
+        scores, rows = ctx.saved_tensors
+        if not ctx.with_grad:
+            raise RuntimeError(f"fastrank::{op.name} ran with with_grad=False: it has no gradient rows to "
+                               "differentiate; call it with with_grad=True when scores require grad")
+        grad = _fused_gradient(lambda: grad_value.unsqueeze(1) * rows, f"fastrank::{op.name}", "cpp",
+                               scores, grad_value)
+        return (grad,) + (None,) * (ctx.n_inputs - 1)
+
+    torch.library.register_autograd(f"fastrank::{op.name}", backward, setup_context=setup_context)
+
+
+def run_loss(name: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params) -> Tuple[Tensor, Tensor]:
+    """(per-query score (Q,), ranked positives per query (Q,) int64) of a fused loss op,
+    differentiable w.r.t. scores; the gradient rows are computed only when scores require grad."""
+    op = LOSS_OPS[name]
+    params.check_dtype(scores.dtype)
+    _refuse_transforms(f"the {op.name} op", backend, scores)
+    register_cpp_ops()
+    with_grad = torch.is_grad_enabled() and scores.requires_grad
+    value, count, _ = getattr(torch.ops.fastrank, op.name)(scores, *tensors, *params.as_op_args(), with_grad)
+    return value, count
 
 
 # --------------------------------------------------------------------------- Python backends

@@ -1,0 +1,182 @@
+"""The fused loss ops (torch.ops.fastrank.ap_loss): one pass per query row, no packing in Python.
+
+On `cpp` the public AP functions run as one fused op per call (the AP and its gradient rows
+in one pass); FASTRANK_FUSED=0 keeps the two-pass path (the rank-sums op plus the PyTorch
+epilogue). Both are compared with the naive backend, the fp64 oracle.
+"""
+import pytest
+import torch
+
+import fastrank
+from fastrank.core.params import StepParams
+from fastrank.core.problem import ignore_args, target_args
+from fastrank.core.registry import register_cpp_ops
+
+from .cases import all_cases
+from .conftest import requires
+from .nan_rows import POISONED, nan_problem
+
+pytestmark = requires("cpp")
+
+FNS = {"smooth_ap": fastrank.smooth_ap, "sup_ap": fastrank.sup_ap}
+STEP_OF = {"smooth_ap": 0, "sup_ap": 1}
+
+
+def _value_and_grad(fn, case, backend, reduction="none", seed=0):
+    s = case.scores.clone().requires_grad_()
+    v = fn(s, case.target, ignore=case.ignore, backend=backend, reduction=reduction)
+    w = torch.rand(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(seed))
+    (g,) = torch.autograd.grad((v * w).sum(), s)
+    return v.detach(), g
+
+
+@pytest.mark.parametrize("name", FNS)
+@pytest.mark.parametrize("case", all_cases(), ids=repr)
+def test_fused_equals_naive(name, case):
+    fn = FNS[name]
+    v0, g0 = _value_and_grad(fn, case, "naive")
+    v1, g1 = _value_and_grad(fn, case, "cpp")
+    torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FNS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_equals_the_two_pass_path(name, reduction, monkeypatch):
+    fn = FNS[name]
+    for case in all_cases()[::5]:
+        v1, g1 = _value_and_grad(fn, case, "cpp", reduction)
+        monkeypatch.setenv("FASTRANK_FUSED", "0")
+        v0, g0 = _value_and_grad(fn, case, "cpp", reduction)
+        monkeypatch.delenv("FASTRANK_FUSED")
+        torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+
+
+def test_the_switch_selects_the_path(monkeypatch):
+    # the fused path never packs the problem; the two-pass path does (build_problem)
+    import fastrank.ap as ap_mod
+
+    calls = []
+    real = ap_mod.build_problem
+    monkeypatch.setattr(ap_mod, "build_problem", lambda *a: calls.append(1) or real(*a))
+    case = all_cases()[10]
+    fastrank.sup_ap(case.scores, case.target, ignore=case.ignore, backend="cpp")
+    assert calls == []
+    monkeypatch.setenv("FASTRANK_FUSED", "0")
+    fastrank.sup_ap(case.scores, case.target, ignore=case.ignore, backend="cpp")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", FNS)
+def test_gradcheck(name):
+    case = all_cases()[13]
+    s = case.scores.clone().requires_grad_()
+    fn = FNS[name]
+    # the sigmoid's scale (tau) sets the finite-difference step that stays in its linear range
+    kw = {"tau": 0.5}
+    assert torch.autograd.gradcheck(
+        lambda x: fn(x, case.target, ignore=case.ignore, backend="cpp", reduction="none", **kw), (s,),
+        eps=1e-6, atol=1e-7)
+
+
+def test_no_gradient_rows_without_grad():
+    # with scores not requiring grad (or under no_grad) the op skips the gradient rows
+    register_cpp_ops()
+    case = all_cases()[12]
+    args = (case.scores, *target_args(case.target), *ignore_args(case.ignore)) + StepParams(step=1).as_op_args()
+    ap, n_pos, rows = torch.ops.fastrank.ap_loss(*args, False)
+    assert rows.shape == (0, case.scores.shape[1])
+    ap2, n_pos2, rows2 = torch.ops.fastrank.ap_loss(*args, True)
+    assert rows2.shape == case.scores.shape
+    torch.testing.assert_close(ap, ap2, rtol=0, atol=0)
+    assert torch.equal(n_pos, n_pos2)
+
+
+def test_backward_without_gradient_rows_raises():
+    register_cpp_ops()
+    case = all_cases()[12]
+    s = case.scores.clone().requires_grad_()
+    args = (s, *target_args(case.target), *ignore_args(case.ignore)) + StepParams(step=1).as_op_args()
+    ap, _, _ = torch.ops.fastrank.ap_loss(*args, False)
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        ap.sum().backward()
+
+
+def test_second_derivative_is_refused():
+    case = all_cases()[12]
+    s = case.scores.clone().requires_grad_()
+    v = fastrank.sup_ap(s, case.target, ignore=case.ignore, backend="cpp")
+    (g,) = torch.autograd.grad(v, s, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+def test_nan_in_nan_out(ignore_kind):
+    s, target, ignore = nan_problem(ignore_kind)
+    for fn in FNS.values():
+        x = s.clone().requires_grad_()
+        v = fn(x, target, ignore=ignore, backend="cpp", reduction="none")
+        assert torch.equal(torch.isnan(v), POISONED)
+        ref = fn(s, target, ignore=ignore, backend="naive", reduction="none")
+        torch.testing.assert_close(v[~POISONED], ref[~POISONED], rtol=1e-12, atol=1e-12)
+        (g,) = torch.autograd.grad(v.sum(), x)
+        assert torch.isfinite(g[~POISONED]).all()  # row i's gradient comes from query i alone
+        assert torch.isnan(g[0]).any()  # query 0 has positives: its NaN reaches its gradient
+        assert torch.isnan(fn(s, target, ignore=ignore, backend="cpp")).item()
+
+
+def _op_args(kind, ignore_kind, dtype, with_grad):
+    case = next(c for c in all_cases() if c.scores.shape == (16, 33))
+    s = case.scores.to(dtype)
+    qlab, glab = case.target if isinstance(case.target, tuple) else (torch.arange(16) % 5, torch.arange(33) % 5)
+    target = (qlab, glab, None) if kind == "labels" else (None, None, qlab.unsqueeze(1) == glab.unsqueeze(0))
+    ignore = {"none": (None, None), "index": (torch.arange(16), None),
+              "mask": (None, torch.rand(16, 33, generator=torch.Generator().manual_seed(1)) < 0.3)}[ignore_kind]
+    return (s.requires_grad_(), *target, *ignore) + StepParams(step=1).as_op_args() + (with_grad,)
+
+
+@pytest.mark.parametrize("kind", ["labels", "relevance"])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_ap_loss(kind, ignore_kind, dtype):
+    register_cpp_ops()
+    torch.library.opcheck(torch.ops.fastrank.ap_loss.default, _op_args(kind, ignore_kind, dtype, True))
+    torch.library.opcheck(torch.ops.fastrank.ap_loss.default, _op_args(kind, ignore_kind, dtype, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _direct(**over):
+    register_cpp_ops()
+    s = torch.rand(4, 6, dtype=torch.float64)
+    kw = dict(scores=s, query_labels=torch.arange(4), gallery_labels=torch.arange(6) % 3, relevance=None,
+              ignore_idx=None, ignore_mask=None)
+    kw.update(over)
+    return torch.ops.fastrank.ap_loss(*kw.values(), 1, 0.01, 100.0, 0.05, 0.5, 1.5, True)
+
+
+@pytest.mark.parametrize("over,err,msg", [
+    (dict(relevance=torch.ones(4, 6)), ValueError, "either query_labels and gallery_labels, or relevance"),
+    (dict(query_labels=None, gallery_labels=None), ValueError, "either query_labels"),
+    (dict(gallery_labels=None), ValueError, "either query_labels"),
+    (dict(query_labels=torch.arange(5)), ValueError, r"query_labels must have shape \(4,\)"),
+    (dict(gallery_labels=torch.rand(6)), TypeError, "gallery_labels must be an integer tensor"),
+    (dict(query_labels=None, gallery_labels=None, relevance=torch.full((4, 6), float("nan"))), ValueError,
+     "relevance contains NaN"),
+    (dict(query_labels=None, gallery_labels=None, relevance=torch.ones(4, 5)), ValueError,
+     "relevance must have the shape of scores"),
+    (dict(ignore_idx=torch.tensor([0, 1, 9, 0])), ValueError, r"ignore_idx entries must lie in \[-1, N\)"),
+    (dict(scores=torch.rand(4, 6).to(torch.float16)), TypeError, "scores must be float32 or float64"),
+])
+def test_direct_calls_are_checked(over, err, msg):
+    with pytest.raises(err, match=msg):
+        _direct(**over)
+
+
+def test_direct_call_rejects_bad_step_parameters():
+    register_cpp_ops()
+    s = torch.rand(4, 6)
+    with pytest.raises(ValueError, match="tau must lie in"):
+        torch.ops.fastrank.ap_loss(s, torch.arange(4), torch.arange(6) % 3, None, None, None, 1, float("inf"),
+                                   100.0, 0.05, 0.5, 1.5, False)
