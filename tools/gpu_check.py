@@ -444,8 +444,11 @@ def main() -> int:
                 limit_s=45 if QUICK else 90, min_s=20)
         if not QUICK:
             xdist = ["-n", "4"] if _has("xdist") else []
+            # the kernel-API files, and every family's backend-vs-naive tests on the triton (and cuda) backend
             chk.run("triton-tests", [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_triton_graded.py",
-                                     "tests/test_triton_histogram.py", "-q", "-rfE", "-m", "not slow",
+                                     "tests/test_triton_histogram.py", "tests/test_rank_sums.py", "tests/test_graded.py",
+                                     "tests/test_histogram.py", "tests/test_gradcheck.py", "-k",
+                                     "triton or cuda or kernel", "-q", "-rfE", "-m", "not slow",
                                      "-p", "no:cacheprovider", "--junitxml", os.path.join(out, "triton-tests.xml")]
                     + xdist + pytest_extra, limit_s=600, min_s=45, env=test_env)
     text = write_summary(chk, no_device)
