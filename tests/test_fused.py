@@ -12,7 +12,7 @@ from fastrank.core.params import StepParams
 from fastrank.core.problem import ignore_args, target_args
 from fastrank.core.registry import register_cpp_ops
 
-from .cases import all_cases
+from .cases import all_cases, assert_all_close, outputs_and_grad
 from .conftest import requires
 from .nan_rows import POISONED, nan_problem
 
@@ -22,22 +22,16 @@ FNS = {"smooth_ap": fastrank.smooth_ap, "sup_ap": fastrank.sup_ap}
 STEP_OF = {"smooth_ap": 0, "sup_ap": 1}
 
 
-def _value_and_grad(fn, case, backend, reduction="none", seed=0):
-    s = case.scores.clone().requires_grad_()
-    v = fn(s, case.target, ignore=case.ignore, backend=backend, reduction=reduction)
-    w = torch.rand(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(seed))
-    (g,) = torch.autograd.grad((v * w).sum(), s)
-    return v.detach(), g
+def _value_and_grad(fn, case, backend, reduction="none"):
+    return outputs_and_grad(lambda s: fn(s, case.target, ignore=case.ignore, backend=backend, reduction=reduction),
+                            case.scores)
 
 
 @pytest.mark.parametrize("name", FNS)
 @pytest.mark.parametrize("case", all_cases(), ids=repr)
 def test_fused_equals_naive(name, case):
     fn = FNS[name]
-    v0, g0 = _value_and_grad(fn, case, "naive")
-    v1, g1 = _value_and_grad(fn, case, "cpp")
-    torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+    assert_all_close(_value_and_grad(fn, case, "cpp"), _value_and_grad(fn, case, "naive"), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", FNS)
@@ -45,12 +39,11 @@ def test_fused_equals_naive(name, case):
 def test_fused_equals_the_two_pass_path(name, reduction, monkeypatch):
     fn = FNS[name]
     for case in all_cases()[::5]:
-        v1, g1 = _value_and_grad(fn, case, "cpp", reduction)
+        fused = _value_and_grad(fn, case, "cpp", reduction)
         monkeypatch.setenv("FASTRANK_FUSED", "0")
-        v0, g0 = _value_and_grad(fn, case, "cpp", reduction)
+        two_pass = _value_and_grad(fn, case, "cpp", reduction)
         monkeypatch.delenv("FASTRANK_FUSED")
-        torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+        assert_all_close(fused, two_pass, rtol=1e-12, atol=1e-12)
 
 
 def test_the_switch_selects_the_path(monkeypatch):

@@ -278,7 +278,8 @@ def _register_loss(op: LossOp) -> None:
         if not ctx.with_grad:
             raise RuntimeError(f"fastrank::{op.name} ran with with_grad=False: it has no gradient rows to "
                                "differentiate; call it with with_grad=True when scores require grad")
-        grad = _fused_gradient(lambda: grad_value.unsqueeze(1) * rows, f"fastrank::{op.name}", "cpp",
+        backend = "cuda" if scores.is_cuda else "cpp"
+        grad = _fused_gradient(lambda: grad_value.unsqueeze(1) * rows, f"fastrank::{op.name}", backend,
                                scores, grad_value)
         return (grad,) + (None,) * (ctx.n_inputs - 1)
 
