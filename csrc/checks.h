@@ -146,6 +146,13 @@ ProblemView<T> problem_view(const TargetProblem& tp) {
                         0};
 }
 
+// The target's pointers, as the CPU row tasks read them (problem.h)
+inline TargetView target_view(const TargetProblem& tp) {
+  return TargetView{tp.qlab ? tp.qlab->data_ptr<int64_t>() : nullptr,
+                         tp.glab ? tp.glab->data_ptr<int64_t>() : nullptr,
+                         tp.pos_mask ? tp.pos_mask->data_ptr<bool>() : nullptr};
+}
+
 // The largest finite value of the compute dtype: every parameter reaches the kernels in it.
 inline double dtype_max(at::ScalarType dtype) {
   return dtype == at::kDouble ? std::numeric_limits<double>::max() : double(std::numeric_limits<float>::max());

@@ -17,6 +17,15 @@ struct ProblemView {
   int64_t Q, N, P;
 };
 
+// The target of a fused loss op as its kernels read it (docs/design.md §2.4): the labels or the
+// dense positives exactly as the user gave them, never packed (the loss ops' ProblemView has
+// P = 0). Exactly one of (qlab, glab) or pos_mask is set (checks.h check_target_problem).
+struct TargetView {
+  const int64_t* qlab;   // (Q,) or nullptr: positive = same label
+  const int64_t* glab;   // (N,) or nullptr
+  const bool* pos_mask;  // (Q, N) or nullptr: true = positive
+};
+
 // ---- row helpers of the CPU kernels (the CUDA kernels test one column at a time:
 // cuda/common.cuh is_valid)
 
@@ -30,6 +39,20 @@ inline void mark_valid_columns(const ProblemView<T>& pr, int64_t i, uint8_t* val
     for (int64_t k = 0; k < pr.N; ++k) valid[k] = 1;
   }
   if (pr.ign_idx && pr.ign_idx[i] >= 0) valid[pr.ign_idx[i]] = 0;
+}
+
+// flag[k] of row i of a loss problem: 2 = positive, 1 = valid negative, 0 = left out (ignored).
+// Each row task flags its own row, so a loss call has no data-dependent shapes.
+template <typename T>
+inline void flag_row(const ProblemView<T>& pr, const TargetView& t, int64_t i, uint8_t* flag) {
+  mark_valid_columns(pr, i, flag);
+  if (t.qlab) {
+    const int64_t label = t.qlab[i];
+    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & (t.glab[k] == label));
+  } else {
+    const bool* m = t.pos_mask + i * pr.N;
+    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & m[k]);
+  }
 }
 
 // Row i ranks at least one item (pos_idx has a non-hole entry).

@@ -204,9 +204,7 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
 template <typename T>
 struct LossProblem : ProblemView<T> {
   StepParams<T> step;
-  const int64_t* qlab;   // (Q,) or nullptr
-  const int64_t* glab;   // (N,) or nullptr
-  const bool* pos_mask;  // (Q, N) or nullptr
+  TargetView target;
 };
 
 template <typename T>
@@ -216,19 +214,6 @@ struct LossBuffers : RowBuffers<T> {
   explicit LossBuffers(int64_t n) : RowBuffers<T>(n), ra(n), rp(n) {}
 };
 
-// flags of row i (2 positive, 1 negative, 0 left out) from the target as the user gave it
-template <typename T>
-static void flag_row(const LossProblem<T>& pr, int64_t i, uint8_t* flag) {
-  mark_valid_columns(pr, i, flag);
-  if (pr.qlab) {
-    const int64_t label = pr.qlab[i];
-    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & (pr.glab[k] == label));
-  } else {
-    const bool* m = pr.pos_mask + i * pr.N;
-    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & m[k]);
-  }
-}
-
 template <typename T, int STEP>
 FR_MULTIVERSION static void ap_loss_rows(const LossProblem<T>* prp, LossBuffers<T>* bp, T* ap, int64_t* n_pos,
                                          T* grad, int64_t begin, int64_t end) {
@@ -236,7 +221,7 @@ FR_MULTIVERSION static void ap_loss_rows(const LossProblem<T>* prp, LossBuffers<
   LossBuffers<T>& b = *bp;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t i = begin; i < end; ++i) {
-    flag_row(pr, i, b.flag.data());
+    flag_row(pr, pr.target, i, b.flag.data());
     int64_t np, nn;
     const bool nan_row = compact_flagged(pr.scores + i * pr.N, pr.N, b, np, nn);
     n_pos[i] = np;
@@ -346,10 +331,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> ap_loss_cpu(
   at::Tensor n_pos = at::empty({Q}, tp.scores.options().dtype(at::kLong));
   at::Tensor grad = at::empty({with_grad ? Q : 0, N}, tp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_ap_loss_cpu", [&] {
-    LossProblem<scalar_t> pr{problem_view<scalar_t>(tp), make_step_params<scalar_t>(tau, rho, delta, start, offset),
-                             tp.qlab ? tp.qlab->data_ptr<int64_t>() : nullptr,
-                             tp.glab ? tp.glab->data_ptr<int64_t>() : nullptr,
-                             tp.pos_mask ? tp.pos_mask->data_ptr<bool>() : nullptr};
+    const LossProblem<scalar_t> pr{problem_view<scalar_t>(tp),
+                                   make_step_params<scalar_t>(tau, rho, delta, start, offset), target_view(tp)};
     scalar_t* a = ap.data_ptr<scalar_t>();
     int64_t* np = n_pos.data_ptr<int64_t>();
     scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;

@@ -286,15 +286,18 @@ def _register_loss(op: LossOp) -> None:
     torch.library.register_autograd(f"fastrank::{op.name}", backward, setup_context=setup_context)
 
 
-def run_loss(name: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params) -> Tuple[Tensor, Tensor]:
+def run_loss(name: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params,
+             options: Tuple = ()) -> Tuple[Tensor, Tensor]:
     """(per-query score (Q,), ranked positives per query (Q,) int64) of a fused loss op,
-    differentiable w.r.t. scores; the gradient rows are computed only when scores require grad."""
+    differentiable w.r.t. scores; the gradient rows are computed only when scores require grad.
+    `options` are the loss's own scalars, passed after the parameters' (params.as_op_args())."""
     op = LOSS_OPS[name]
     params.check_dtype(scores.dtype)
     _refuse_transforms(f"the {op.name} op", backend, scores)
     register_cpp_ops()
     with_grad = torch.is_grad_enabled() and scores.requires_grad
-    value, count, _ = getattr(torch.ops.fastrank, op.name)(scores, *tensors, *params.as_op_args(), with_grad)
+    value, count, _ = getattr(torch.ops.fastrank, op.name)(scores, *tensors, *params.as_op_args(), *options,
+                                                          with_grad)
     return value, count
 
 
