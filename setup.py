@@ -40,7 +40,7 @@ def _extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -Wno-maybe-uninitialized: GCC 12 flags the deliberately undefined vector inside its own
     # AVX-512 intrinsics headers (_mm512_undefined_ps in max/min/rcp14...), used by csrc/cpu/loops.h
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-psabi"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         archs = os.environ.get("FASTRANK_CUDA_ARCHS")

@@ -175,6 +175,13 @@ inline void check_step(const char* op, int64_t step, double tau, double rho, dou
   TORCH_CHECK_VALUE(std::abs(offset) <= big, op, ": offset must be finite in ", dtype, ", got ", offset);
 }
 
+// k of Recall@k: a non-empty list of integers >= 1
+inline std::vector<int64_t> check_ks(const char* op, c10::IntArrayRef ks) {
+  TORCH_CHECK_VALUE(!ks.empty(), op, ": ks must be a non-empty list of integers >= 1");
+  for (const int64_t k : ks) TORCH_CHECK_VALUE(k >= 1, op, ": every k in ks must be >= 1, got ", k);
+  return ks.vec();
+}
+
 // The bin map v = scale * s + shift of the histogram ops: a non-finite scale or shift in T
 // makes NaN of every score, a zero scale NaN of an infinite one.
 inline void check_histogram(const char* op, int64_t bins, int64_t max_bins, double scale, double shift,

@@ -48,6 +48,12 @@ TORCH_LIBRARY(fastrank, m) {
       "ap_loss(Tensor scores, Tensor? query_labels, Tensor? gallery_labels, Tensor? relevance, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, float offset, bool with_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // fused Recall@k (SupRank's; Patel et al.'s with clamp_hits), same target and outputs as ap_loss:
+  // per query the mean over ks of sum_j sigmoid((k - rank_all_j) / temp) / min(|P_i|, k)
+  m.def(
+      "recall_loss(Tensor scores, Tensor? query_labels, Tensor? gallery_labels, Tensor? relevance, "
+      "Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, "
+      "float offset, int[] ks, float temp, bool clamp_hits, bool with_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");

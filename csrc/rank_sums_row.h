@@ -70,6 +70,49 @@ FR_HD T run_grad_suprank_neg(T sj, const T* s, T* g, int64_t n, T coef, StepPara
   return run_grad_step(sj, s, g, n, coef, [p](T d) { return suprank_neg_grad(d, p); });
 }
 
+// ---- the fused loss ops (docs/design.md §2.4): the forward stores each term's derivative, so
+// the gradient sweep multiplies and adds only
+
+// sum_k step(s[k] - sj), der[k] = step'(s[k] - sj)
+template <typename T, typename Step, typename Grad>
+FR_HD T run_sum_store_step(T sj, const T* __restrict__ s, T* __restrict__ der, int64_t n, Step step, Grad grad) {
+  T acc = T(0);
+  FR_SIMD_SUM(acc)
+  for (int64_t k = 0; k < n; ++k) {
+    const T d = s[k] - sj;
+    acc += step(d);
+    der[k] = grad(d);
+  }
+  return acc;
+}
+
+template <typename T>
+FR_HD T run_sum_store_sigmoid(T sj, const T* s, T* der, int64_t n, T inv_tau) {
+  return run_sum_store_step(
+      sj, s, der, n, [inv_tau](T d) { return sigmoid_tau(d, inv_tau); },
+      [inv_tau](T d) { return sigmoid_tau_grad(d, inv_tau); });
+}
+
+template <typename T>
+FR_HD T run_sum_store_suprank_neg(T sj, const T* s, T* der, int64_t n, StepParams<T> p) {
+  return run_sum_store_step(
+      sj, s, der, n, [p](T d) { return suprank_neg(d, p); }, [p](T d) { return suprank_neg_grad(d, p); });
+}
+
+// The backward of one run from stored derivatives: c_k = coef * der[k]; g[k] += c_k; returns
+// sum_k c_k. The same products as run_grad_step's, so the same gradient.
+template <typename T>
+FR_HD T run_grad_stored(const T* __restrict__ der, T* __restrict__ g, int64_t n, T coef) {
+  T tot = T(0);
+  FR_SIMD_SUM(tot)
+  for (int64_t k = 0; k < n; ++k) {
+    const T c = coef * der[k];
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
+
 // ---- graded relevance: runs whose competitors carry their own weight r[k] (rel_k)
 
 // sum_k sigma(s[k] - sj) into acc, sum_k r[k] * sigma(s[k] - sj) into wacc

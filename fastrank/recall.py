@@ -10,9 +10,11 @@ from typing import Optional, Sequence
 import torch
 
 from .core import validate as V
-from .core.epilogue import reduce_per_query
+from .core.backend import fused_losses
+from .core.epilogue import reduce_per_query, reduce_values
 from .core.params import make_params
-from .core.problem import Target, prepare
+from .core.problem import Target, build_problem, check_call, ignore_args, target_args
+from .core.registry import run_loss
 from .rank_sums import rank_sums_packed
 
 Tensor = torch.Tensor
@@ -65,7 +67,13 @@ def recall_at_k(
     temp = V.check_positive_number(fn, "temp", temp)
     V.check_reduction(fn, reduction)
     params = make_params(fn, _DEFAULT_STEP[variant] if step is None else step, tau, rho, delta, start, offset)
-    scores, pb, name = prepare(fn, scores, target, ignore, backend)
+    scores, _, name = check_call(fn, scores, target, ignore, backend)
+    if name == "cpp" and fused_losses():
+        # one pass per row in C++ (docs/design.md §2.4): no packing, the gradient rows with it
+        total, n_pos = run_loss("recall_loss", name, scores, *target_args(target), *ignore_args(ignore),
+                                params=params, options=(list(ks), float(temp), variant == "patel"))
+        return reduce_values(total, n_pos > 0, reduction)
+    pb = build_problem(target, ignore, scores.shape[0], scores.shape[1], scores.device)
     rank_all, _ = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     has = pb.pos_idx >= 0
     n_pos = pb.n_pos.to(rank_all.dtype)

@@ -82,7 +82,10 @@ def test_no_gradient_rows_without_grad():
     assert rows.shape == (0, case.scores.shape[1])
     ap2, n_pos2, rows2 = torch.ops.fastrank.ap_loss(*args, True)
     assert rows2.shape == case.scores.shape
-    torch.testing.assert_close(ap, ap2, rtol=0, atol=0)
+    # with_grad=True keeps the step derivatives from the forward sweep (a different loop, so
+    # the compiler may vectorise its sum in another order): the values agree to rounding only
+    eps = torch.finfo(ap.dtype).eps
+    torch.testing.assert_close(ap, ap2, rtol=16 * eps, atol=0)
     assert torch.equal(n_pos, n_pos2)
 
 

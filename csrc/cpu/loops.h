@@ -12,15 +12,16 @@
 // for op, including its NaN behaviour (a NaN difference gives a NaN term).
 //
 // The AVX-512 functions are compiled with a target attribute and chosen at run time
-// (cpuid), so the extension still runs on any x86-64; float64 and non-AVX-512 machines
-// use the portable loops. Results are deterministic on a given machine (fixed lane and
-// reduction order), as before.
+// (cpuid), so the extension still runs on any x86-64; float32 on other machines takes the
+// vector loops of vec.h, float64 the portable loops of rank_sums_row.h (float_loops below).
+// Results are deterministic on a given machine (fixed lane and reduction order).
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 
+#include "cpu/vec.h"
 #include "rank_sums_row.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -38,16 +39,8 @@ namespace cpu {
 #if FR_AVX512_LOOPS
 namespace avx512 {
 
-// The CPU has AVX-512F + FMA and FASTRANK_CPU_PORTABLE is not set to 1 (the portable
-// loops on any machine: for comparisons and for ruling this path out when debugging).
-__attribute__((noinline)) inline bool available() {
-  static const bool ok = [] {
-    const char* env = std::getenv("FASTRANK_CPU_PORTABLE");
-    if (env != nullptr && std::string(env) == "1") return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
+// The CPU has AVX-512F + FMA (float_loops below also reads FASTRANK_CPU_PORTABLE)
+inline bool available() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"); }
 
 // exp_clamped of step.h for 16 lanes: same range reduction, polynomial and exponent trick
 FR_AVX512 __m512 exp_clamped(__m512 x) {
@@ -197,9 +190,28 @@ FR_AVX512_ENTRY inline float grad_suprank_neg(float sj, const float* s, float* g
 }  // namespace avx512
 #endif  // FR_AVX512_LOOPS
 
-// Entry points used by the kernels: the AVX-512 loops for float32 where the CPU has them,
-// the portable loops of rank_sums_row.h otherwise. Always inlined, so that the portable
-// loops are compiled for each instruction-set clone of the calling kernel (FR_MULTIVERSION).
+// ---- which float32 loops run, chosen once per process
+
+enum class FloatLoops { kAvx512, kVector, kPortable };
+
+// AVX-512 where the CPU has it (hand-written above), else the vector loops of vec.h;
+// FASTRANK_CPU_PORTABLE=1 runs the scalar loops of rank_sums_row.h as the compiler makes them
+// on any machine (for comparisons, and to rule the other paths out when debugging).
+__attribute__((noinline)) inline FloatLoops float_loops() {
+  static const FloatLoops loops = [] {
+    const char* env = std::getenv("FASTRANK_CPU_PORTABLE");
+    if (env != nullptr && std::string(env) == "1") return FloatLoops::kPortable;
+#if FR_AVX512_LOOPS
+    if (avx512::available()) return FloatLoops::kAvx512;
+#endif
+    return FloatLoops::kVector;
+  }();
+  return loops;
+}
+
+// Entry points used by the kernels: float32 takes float_loops(), float64 the portable loops of
+// rank_sums_row.h. Always inlined, so that the portable and vector loops are compiled for each
+// instruction-set clone of the calling kernel (FR_MULTIVERSION).
 #define FR_ENTRY inline __attribute__((always_inline))
 template <typename T>
 FR_ENTRY T sum_sigmoid(T sj, const T* s, int64_t n, T inv_tau) {
@@ -217,27 +229,59 @@ template <typename T>
 FR_ENTRY T grad_suprank_neg(T sj, const T* s, T* g, int64_t n, T coef, StepParams<T> p) {
   return run_grad_suprank_neg(sj, s, g, n, coef, p);
 }
+// the fused loss ops' forward: the sum, each term's derivative stored to der[k]
+template <typename T>
+FR_ENTRY T sum_store_sigmoid(T sj, const T* s, T* der, int64_t n, T inv_tau) {
+  return run_sum_store_sigmoid(sj, s, der, n, inv_tau);
+}
+template <typename T>
+FR_ENTRY T sum_store_suprank_neg(T sj, const T* s, T* der, int64_t n, StepParams<T> p) {
+  return run_sum_store_suprank_neg(sj, s, der, n, p);
+}
 
 #if FR_AVX512_LOOPS
+#define FR_IF_AVX512(call) \
+  if (float_loops() == FloatLoops::kAvx512) return call;
+#else
+#define FR_IF_AVX512(call)
+#endif
+
 template <>
 FR_ENTRY float sum_sigmoid<float>(float sj, const float* s, int64_t n, float inv_tau) {
-  return avx512::available() ? avx512::sum_sigmoid(sj, s, n, inv_tau) : run_sum_sigmoid(sj, s, n, inv_tau);
+  FR_IF_AVX512(avx512::sum_sigmoid(sj, s, n, inv_tau))
+  if (float_loops() == FloatLoops::kVector) return vec::run_sum(sj, s, n, vec::SigmoidOp{inv_tau});
+  return run_sum_sigmoid(sj, s, n, inv_tau);
 }
 template <>
 FR_ENTRY float sum_suprank_neg<float>(float sj, const float* s, int64_t n, StepParams<float> p) {
-  return avx512::available() ? avx512::sum_suprank_neg(sj, s, n, p) : run_sum_suprank_neg(sj, s, n, p);
+  FR_IF_AVX512(avx512::sum_suprank_neg(sj, s, n, p))
+  if (float_loops() == FloatLoops::kVector) return vec::run_sum(sj, s, n, vec::SupRankNegOp{p});
+  return run_sum_suprank_neg(sj, s, n, p);
 }
 template <>
 FR_ENTRY float grad_sigmoid<float>(float sj, const float* s, float* g, int64_t n, float coef, float inv_tau) {
-  return avx512::available() ? avx512::grad_sigmoid(sj, s, g, n, coef, inv_tau)
-                             : run_grad_sigmoid(sj, s, g, n, coef, inv_tau);
+  FR_IF_AVX512(avx512::grad_sigmoid(sj, s, g, n, coef, inv_tau))
+  if (float_loops() == FloatLoops::kVector) return vec::run_grad(sj, s, g, n, coef, vec::SigmoidGradOp{inv_tau});
+  return run_grad_sigmoid(sj, s, g, n, coef, inv_tau);
 }
 template <>
 FR_ENTRY float grad_suprank_neg<float>(float sj, const float* s, float* g, int64_t n, float coef, StepParams<float> p) {
-  return avx512::available() ? avx512::grad_suprank_neg(sj, s, g, n, coef, p)
-                             : run_grad_suprank_neg(sj, s, g, n, coef, p);
+  FR_IF_AVX512(avx512::grad_suprank_neg(sj, s, g, n, coef, p))
+  if (float_loops() == FloatLoops::kVector) return vec::run_grad(sj, s, g, n, coef, vec::SupRankNegGradOp{p});
+  return run_grad_suprank_neg(sj, s, g, n, coef, p);
 }
-#endif
+// (no AVX-512 version: the vector loops run at that width in the x86-64-v4 clone)
+template <>
+FR_ENTRY float sum_store_sigmoid<float>(float sj, const float* s, float* der, int64_t n, float inv_tau) {
+  if (float_loops() != FloatLoops::kPortable) return vec::run_sum_store(sj, s, der, n, vec::SigmoidStoreOp{inv_tau});
+  return run_sum_store_sigmoid(sj, s, der, n, inv_tau);
+}
+template <>
+FR_ENTRY float sum_store_suprank_neg<float>(float sj, const float* s, float* der, int64_t n, StepParams<float> p) {
+  if (float_loops() != FloatLoops::kPortable) return vec::run_sum_store(sj, s, der, n, vec::SupRankStoreOp{p});
+  return run_sum_store_suprank_neg(sj, s, der, n, p);
+}
+#undef FR_IF_AVX512
 
 // ---- a ranked item at +-inf. Its difference to an equal score (itself included) is NaN in IEEE
 // arithmetic; step_diff makes it the tie it is, tied_grad takes its gradient away. Scalar loops

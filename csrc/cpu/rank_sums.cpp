@@ -11,6 +11,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -193,13 +194,24 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
   }
 }
 
-// ---------------------------------------------------------------- fused AP loss
+// ---------------------------------------------------------------- fused loss ops
 //
-// One task per block of query rows, each row in one pass while it is in cache: its positives
-// found from the target as given (labels or dense relevance, no packing), its rank sums, its
-// AP, and, with_grad, the gradient row d AP_i / d s_i (the rank-sums backward of the AP
-// epilogue's derivatives). Autograd multiplies the rows by grad_output (query i's AP depends
-// on row i alone). Work and memory: those of the forward and backward above, plus 2 |P_i|.
+// One task per block of query rows, each row in one pass while it is in cache (docs/design.md
+// §2.4): its positives found from the target as given (labels or dense relevance, no packing),
+// its rank sums, the loss's score of the row (an epilogue of csrc/epilogue.h: AP, Recall@k) and,
+// with_grad, the gradient row d score_i / d s_i. Autograd multiplies the rows by grad_output
+// (query i's score depends on row i alone).
+//
+// With the gradient, the forward sweep stores each term's step derivative while it computes the
+// step (one exp for both), and the gradient sweep only multiplies and adds: while the row's
+// |P_i| x (competitors) derivatives fit kDerivativeBytes per thread. Beyond that budget, or for a
+// row with an infinite positive (whose ties take the scalar tied_* loops), the gradient sweep
+// recomputes the steps (grad_one), as the two-pass backward does. Both give the same products
+// c_k = coef * step'(d), so the same gradient.
+
+// The stored derivatives of one row stay in a per-thread L2-sized buffer: 1 MiB holds 4 per
+// class at N = 87k (float32, SupAP: |P| = 3 runs of N negatives) and 4096 x 64 (Smooth-AP).
+constexpr int64_t kDerivativeBytes = int64_t(1) << 20;
 
 template <typename T>
 struct LossProblem : ProblemView<T> {
@@ -209,15 +221,56 @@ struct LossProblem : ProblemView<T> {
 
 template <typename T>
 struct LossBuffers : RowBuffers<T> {
-  static constexpr int64_t kBytesPerColumn = RowBuffers<T>::kBytesPerColumn + 2 * sizeof(T);
-  std::vector<T> ra, rp;
-  explicit LossBuffers(int64_t n) : RowBuffers<T>(n), ra(n), rp(n) {}
+  static constexpr int64_t kBytesPerColumn = RowBuffers<T>::kBytesPerColumn + 4 * sizeof(T);
+  std::vector<T> ra, rp, d_all, d_pos;  // per ranked positive
+  std::vector<T> der;                   // the stored derivatives, at most kDerivativeBytes
+  explicit LossBuffers(int64_t n)
+      : RowBuffers<T>(n),
+        ra(n),
+        rp(n),
+        d_all(n),
+        d_pos(n),
+        der(static_cast<size_t>(std::min<int64_t>(kDerElems, n <= kDerElems ? n * n : kDerElems))) {}
+  static constexpr int64_t kDerElems = kDerivativeBytes / int64_t(sizeof(T));
 };
 
+// The forward of positive p with its derivatives stored at der (positives then negatives for the
+// sigmoid, whose positives carry gradient; negatives only for SupRank, whose H has none)
 template <typename T, int STEP>
-FR_MULTIVERSION static void ap_loss_rows(const LossProblem<T>* prp, LossBuffers<T>* bp, T* ap, int64_t* n_pos,
-                                         T* grad, int64_t begin, int64_t end) {
+FR_HD void rank_one_stored(const StepParams<T>& st, T sj, RowBuffers<T>& b, int64_t np, int64_t nn, T* der, T& ra,
+                           T& rp) {
+  if (STEP == kSigmoid) {
+    const T sp = sum_store_sigmoid(sj, b.spos.data(), der, np, st.inv_tau);
+    const T sn = sum_store_sigmoid(sj, b.sneg.data(), der + np, nn, st.inv_tau);
+    rp = sp + T(0.5);
+    ra = sp + sn + T(0.5);
+  } else {
+    const T hp = run_sum_heaviside(sj, b.spos.data(), np);
+    const T sn = sum_store_suprank_neg(sj, b.sneg.data(), der, nn, st);
+    rp = hp;
+    ra = hp + sn;
+  }
+}
+
+// grad_one from the derivatives rank_one_stored left at der
+template <typename T, int STEP>
+FR_HD T grad_one_stored(RowBuffers<T>& b, int64_t np, int64_t nn, const T* der, T a, T bp) {
+  T tot = T(0);
+  if (STEP == kSigmoid) {
+    const T apb = a + bp;
+    if (apb != T(0)) tot += run_grad_stored(der, b.gpos.data(), np, apb);
+    if (a != T(0)) tot += run_grad_stored(der + np, b.gneg.data(), nn, a);
+  } else {
+    if (a != T(0)) tot += run_grad_stored(der, b.gneg.data(), nn, a);
+  }
+  return tot;
+}
+
+template <typename T, int STEP, typename Epilogue>
+FR_MULTIVERSION static void loss_rows(const LossProblem<T>* prp, const Epilogue* epp, LossBuffers<T>* bp, T* score,
+                                      int64_t* n_pos, T* grad, int64_t begin, int64_t end) {
   const LossProblem<T>& pr = *prp;
+  const Epilogue& epi = *epp;
   LossBuffers<T>& b = *bp;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t i = begin; i < end; ++i) {
@@ -229,8 +282,8 @@ FR_MULTIVERSION static void ap_loss_rows(const LossProblem<T>* prp, LossBuffers<
     if (g) std::fill(g, g + pr.N, T(0));
     if (nan_row) {
       // NaN in -> NaN out, also for a query without positives; its gradient row is NaN at the
-      // valid items when the AP depends on them (np > 0), as the two-pass path gives
-      ap[i] = nan;
+      // valid items when the score depends on them (np > 0), as the two-pass path gives
+      score[i] = nan;
       if (g && np > 0) {
         for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] = nan;
         for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] = nan;
@@ -238,23 +291,28 @@ FR_MULTIVERSION static void ap_loss_rows(const LossProblem<T>* prp, LossBuffers<
       continue;
     }
     if (np == 0) {
-      ap[i] = T(0);
+      score[i] = T(0);
       continue;
     }
-    T acc = T(0);
+    // derivatives per positive: both runs for the sigmoid, the negatives for SupRank
+    const int64_t per_pos = STEP == kSigmoid ? np + nn : nn;
+    bool stored = g != nullptr && np <= static_cast<int64_t>(b.der.size()) / std::max<int64_t>(1, per_pos);
+    for (int64_t p = 0; stored && p < np; ++p) stored = !std::isinf(b.spos[p]);
     for (int64_t p = 0; p < np; ++p) {
-      rank_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.ra[p], b.rp[p]);
-      acc += ap_term(b.rp[p], b.ra[p]);
+      if (stored)
+        rank_one_stored<T, STEP>(pr.step, b.spos[p], b, np, nn, b.der.data() + p * per_pos, b.ra[p], b.rp[p]);
+      else
+        rank_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.ra[p], b.rp[p]);
     }
-    ap[i] = acc / T(np);
+    score[i] = epi.value(b.ra.data(), b.rp.data(), np);
     if (!g) continue;
-    const T inv_np = T(1) / T(np);
+    epi.grad(b.ra.data(), b.rp.data(), np, b.d_all.data(), b.d_pos.data());
     std::fill(b.gpos.begin(), b.gpos.begin() + np, T(0));
     std::fill(b.gneg.begin(), b.gneg.begin() + nn, T(0));
     for (int64_t p = 0; p < np; ++p) {
-      T d_all, d_pos;
-      ap_term_grad(b.rp[p], b.ra[p], inv_np, d_all, d_pos);
-      g[b.pcol[p]] -= grad_one<T, STEP>(pr.step, b.spos[p], b, np, nn, d_all, d_pos);
+      const T tot = stored ? grad_one_stored<T, STEP>(b, np, nn, b.der.data() + p * per_pos, b.d_all[p], b.d_pos[p])
+                           : grad_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.d_all[p], b.d_pos[p]);
+      g[b.pcol[p]] -= tot;
     }
     for (int64_t k = 0; k < np; ++k) g[b.pcol[k]] += b.gpos[k];
     for (int64_t k = 0; k < nn; ++k) g[b.ncol[k]] += b.gneg[k];
@@ -315,43 +373,76 @@ static at::Tensor rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
   return grad;
 }
 
-constexpr const char* kLossOp = "fastrank cpu ap_loss";
-
-// (AP (Q,), number of ranked positives (Q,) int64, gradient rows (Q, N) or (0, N) without with_grad)
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> ap_loss_cpu(
-    const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in, const std::optional<at::Tensor>& glab_in,
-    const std::optional<at::Tensor>& relevance_in, const std::optional<at::Tensor>& ign_idx_in,
-    const std::optional<at::Tensor>& ign_mask_in, int64_t step, double tau, double rho, double delta, double start,
-    double offset, bool with_grad) {
-  const TargetProblem tp = check_target_problem(kLossOp, c10::DeviceType::CPU, scores_in, qlab_in, glab_in,
-                                                relevance_in, ign_idx_in, ign_mask_in);
-  check_step(kLossOp, step, tau, rho, delta, start, offset, tp.scores.scalar_type());
+// The loss ops' common glue: checks the target and the step, allocates (score (Q,), number of
+// ranked positives (Q,) int64, gradient rows (Q, N) or (0, N) without with_grad) and runs
+// loss_rows with the epilogue make_epilogue(scalar_t{}) builds for the dtype.
+template <typename MakeEpilogue>
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_op(
+    const char* op, const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in,
+    const std::optional<at::Tensor>& glab_in, const std::optional<at::Tensor>& relevance_in,
+    const std::optional<at::Tensor>& ign_idx_in, const std::optional<at::Tensor>& ign_mask_in, int64_t step,
+    double tau, double rho, double delta, double start, double offset, bool with_grad, const MakeEpilogue& make_epilogue) {
+  const TargetProblem tp =
+      check_target_problem(op, c10::DeviceType::CPU, scores_in, qlab_in, glab_in, relevance_in, ign_idx_in, ign_mask_in);
+  check_step(op, step, tau, rho, delta, start, offset, tp.scores.scalar_type());
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
-  at::Tensor ap = at::empty({Q}, tp.scores.options());
+  at::Tensor score = at::empty({Q}, tp.scores.options());
   at::Tensor n_pos = at::empty({Q}, tp.scores.options().dtype(at::kLong));
   at::Tensor grad = at::empty({with_grad ? Q : 0, N}, tp.scores.options());
-  AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_ap_loss_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_loss_cpu", [&] {
     const LossProblem<scalar_t> pr{problem_view<scalar_t>(tp),
                                    make_step_params<scalar_t>(tau, rho, delta, start, offset), target_view(tp)};
-    scalar_t* a = ap.data_ptr<scalar_t>();
+    const auto epi = make_epilogue(scalar_t{});
+    scalar_t* sc = score.data_ptr<scalar_t>();
     int64_t* np = n_pos.data_ptr<int64_t>();
     scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    // P is unknown before the rows are flagged: size the tasks for N positives per row at most
-    // rows_per_task(N, N) rows, at least one
+    // P is unknown before the rows are flagged: the tasks are sized for N positives per row
+    // (rows_per_task(N, N) rows, at least one)
     dispatch_step(step, [&](auto kind) {
-      parallel_rows<LossBuffers<scalar_t>>(kLossOp, Q, rows_per_task(N, N), N, LossBuffers<scalar_t>::kBytesPerColumn,
+      parallel_rows<LossBuffers<scalar_t>>(op, Q, rows_per_task(N, N), N, LossBuffers<scalar_t>::kBytesPerColumn,
                                            [&](auto& buf, int64_t b, int64_t e) {
-                                             ap_loss_rows<scalar_t, decltype(kind)::value>(&pr, &buf, a, np, g, b, e);
+                                             loss_rows<scalar_t, decltype(kind)::value>(&pr, &epi, &buf, sc, np, g, b,
+                                                                                        e);
                                            });
     });
   });
-  return {ap, n_pos, grad};
+  return {score, n_pos, grad};
+}
+
+// AP (Smooth-AP with step 0, SupAP with step 1)
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> ap_loss_cpu(
+    const at::Tensor& scores, const std::optional<at::Tensor>& qlab, const std::optional<at::Tensor>& glab,
+    const std::optional<at::Tensor>& relevance, const std::optional<at::Tensor>& ign_idx,
+    const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho, double delta, double start,
+    double offset, bool with_grad) {
+  return run_loss_op("fastrank cpu ap_loss", scores, qlab, glab, relevance, ign_idx, ign_mask, step, tau, rho, delta,
+                     start, offset, with_grad, [](auto zero) { return ApEpilogue<decltype(zero)>{}; });
+}
+
+// Recall@k surrogates (SupRank's; Patel et al.'s with clamp_hits)
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_loss_cpu(
+    const at::Tensor& scores, const std::optional<at::Tensor>& qlab, const std::optional<at::Tensor>& glab,
+    const std::optional<at::Tensor>& relevance, const std::optional<at::Tensor>& ign_idx,
+    const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho, double delta, double start,
+    double offset, c10::IntArrayRef ks, double temp, bool clamp_hits, bool with_grad) {
+  constexpr const char* op = "fastrank cpu recall_loss";
+  const std::vector<int64_t> kv = check_ks(op, ks);
+  TORCH_CHECK_VALUE(temp > 0, op, ": temp must be > 0, got ", temp);
+  const double big = dtype_max(scores.scalar_type());
+  return run_loss_op(op, scores, qlab, glab, relevance, ign_idx, ign_mask, step, tau, rho, delta, start, offset,
+                     with_grad, [&](auto zero) {
+                       using T = decltype(zero);
+                       // times 1/temp, capped at sqrt(max): see fastrank/recall.py
+                       return RecallEpilogue<T>{kv.data(), int64_t(kv.size()), T(std::min(1.0 / temp, std::sqrt(big))),
+                                                clamp_hits};
+                     });
 }
 
 TORCH_LIBRARY_IMPL(fastrank, CPU, m) {
   m.impl("rank_sums_fwd", &rank_sums_fwd_cpu);
   m.impl("rank_sums_bwd", &rank_sums_bwd_cpu);
   m.impl("ap_loss", &ap_loss_cpu);
+  m.impl("recall_loss", &recall_loss_cpu);
 }
 
 }  // namespace cpu

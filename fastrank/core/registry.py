@@ -251,6 +251,7 @@ LOSS_OPS: Dict[str, LossOp] = {
     op.name: op
     for op in (
         LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
+        LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
     )
 }
 
