@@ -1,9 +1,12 @@
-"""The fused loss ops (torch.ops.fastrank.ap_loss): one pass per query row, no packing in Python.
+"""The fused loss ops of the rank-sums family (torch.ops.fastrank.ap_loss, recall_loss): one
+pass per query row, no packing in Python.
 
-On `cpp` the public AP functions run as one fused op per call (the AP and its gradient rows
-in one pass); FASTRANK_FUSED=0 keeps the two-pass path (the rank-sums op plus the PyTorch
-epilogue). Both are compared with the naive backend, the fp64 oracle.
+On `cpp` the public AP and Recall@k functions run as one fused op per call (the score and its
+gradient rows in one pass); FASTRANK_FUSED=0 keeps the two-pass path (the rank-sums op plus
+the PyTorch epilogue). Both are compared with the naive backend, the fp64 oracle.
 """
+import functools
+
 import pytest
 import torch
 
@@ -18,8 +21,14 @@ from .nan_rows import POISONED, nan_problem
 
 pytestmark = requires("cpp")
 
-FNS = {"smooth_ap": fastrank.smooth_ap, "sup_ap": fastrank.sup_ap}
-STEP_OF = {"smooth_ap": 0, "sup_ap": 1}
+FNS = {
+    "smooth_ap": fastrank.smooth_ap,
+    "sup_ap": fastrank.sup_ap,
+    # ks past the gallery (min(|P|, k)), a temp that makes the sigmoid around k steep
+    "recall_suprank": functools.partial(fastrank.recall_at_k, ks=(1, 3, 40), temp=0.5),
+    "recall_patel": functools.partial(fastrank.recall_at_k, ks=(1, 2, 8), variant="patel"),
+    "recall_patel_suprank_step": functools.partial(fastrank.recall_at_k, ks=(2, 5), variant="patel", step="suprank"),
+}
 
 
 def _value_and_grad(fn, case, backend, reduction="none"):
@@ -68,6 +77,8 @@ def test_gradcheck(name):
     fn = FNS[name]
     # the sigmoid's scale (tau) sets the finite-difference step that stays in its linear range
     kw = {"tau": 0.5}
+    if name.startswith("recall"):
+        kw["temp"] = 2.0  # the sigmoid around k: smooth on the finite-difference scale too
     assert torch.autograd.gradcheck(
         lambda x: fn(x, case.target, ignore=case.ignore, backend="cpp", reduction="none", **kw), (s,),
         eps=1e-6, atol=1e-7)
@@ -176,3 +187,67 @@ def test_direct_call_rejects_bad_step_parameters():
     with pytest.raises(ValueError, match="tau must lie in"):
         torch.ops.fastrank.ap_loss(s, torch.arange(4), torch.arange(6) % 3, None, None, None, 1, float("inf"),
                                    100.0, 0.05, 0.5, 1.5, False)
+
+
+def test_the_switch_selects_the_path_for_recall(monkeypatch):
+    import fastrank.recall as recall_mod
+
+    calls = []
+    real = recall_mod.build_problem
+    monkeypatch.setattr(recall_mod, "build_problem", lambda *a: calls.append(1) or real(*a))
+    case = all_cases()[10]
+    fastrank.recall_at_k(case.scores, case.target, ignore=case.ignore, backend="cpp")
+    assert calls == []
+    monkeypatch.setenv("FASTRANK_FUSED", "0")
+    fastrank.recall_at_k(case.scores, case.target, ignore=case.ignore, backend="cpp")
+    assert calls == [1]
+
+
+RECALL_OPTIONS = ([1, 4, 50], 0.5, False)  # ks (one past N), temp, clamp_hits (Patel et al.)
+
+
+@pytest.mark.parametrize("kind", ["labels", "relevance"])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clamp_hits", [False, True])
+def test_opcheck_recall_loss(kind, ignore_kind, dtype, clamp_hits):
+    register_cpp_ops()
+    op = torch.ops.fastrank.recall_loss.default
+    for with_grad in (True, False):
+        args = _op_args(kind, ignore_kind, dtype, with_grad)
+        args = args[:-1] + RECALL_OPTIONS[:2] + (clamp_hits, with_grad)
+        if with_grad:
+            torch.library.opcheck(op, args)
+        else:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _direct_recall(ks=(1, 2), temp=1.0, dtype=torch.float64):
+    register_cpp_ops()
+    s = torch.rand(4, 6, dtype=dtype)
+    return torch.ops.fastrank.recall_loss(s, torch.arange(4), torch.arange(6) % 3, None, None, None,
+                                          *StepParams(step=1).as_op_args(), list(ks), temp, False, True)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(ks=()), "ks must be a non-empty list"),
+    (dict(ks=(1, 0)), "every k in ks must be >= 1, got 0"),
+    (dict(temp=0.0), "temp must be"),
+    (dict(temp=float("nan")), "temp must be"),
+    (dict(temp=-1.0), "temp must be"),
+])
+def test_direct_recall_calls_are_checked(kw, msg):
+    with pytest.raises(ValueError, match=f"recall_loss: {msg}"):
+        _direct_recall(**kw)
+
+
+def test_recall_tiny_temp_is_a_step_with_finite_gradient():
+    # 1/temp overflows float32 at temp=1e-40: the op caps it (as the two-pass path does)
+    case = all_cases()[10]
+    s = case.scores.float().requires_grad_()
+    v = fastrank.recall_at_k(s, case.target, ignore=case.ignore, temp=1e-40, backend="cpp", reduction="none")
+    ref = fastrank.recall_at_k(case.scores, case.target, ignore=case.ignore, temp=1e-40, backend="naive",
+                               reduction="none")
+    torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(v.sum(), s)
+    assert torch.isfinite(g).all()
