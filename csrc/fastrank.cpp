@@ -1,6 +1,7 @@
 // Op schemas of fastrank, declared in one place. Kernels register against them
-// per dispatch key (cpu/*.cpp: CPU, cuda/*.cpp: CUDA); fake kernels and autograd
-// are registered from Python (fastrank/ops.py).
+// per dispatch key (cpu/*.cpp: CPU, cuda/*.cpp: CUDA); the fused loss ops' autograd is
+// loss_autograd.cpp; fake kernels and the family ops' autograd are registered from Python
+// (fastrank/core/registry.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -64,12 +64,30 @@ def cuda_preference() -> List[str]:
     return [first] + [b for b in GPU_BACKENDS if b != first]
 
 
+_CUDA_KERNELS: Optional[bool] = None
+
+
 def _has_cuda_kernel() -> bool:
-    """A build has CUDA kernels only if every op family's forward and backward op has one."""
-    if _load_extension() is not None:
-        return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrank::{op}", "CUDA")
-               for f in FAMILIES.values() for op in (f.cpp_fwd, f.cpp_bwd))
+    """A build has CUDA kernels only if every op family's forward and backward op has one.
+    Asked once per process: the registrations are fixed once the extension has loaded."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        if _load_extension() is not None:
+            return False
+        _CUDA_KERNELS = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrank::{op}", "CUDA")
+                            for f in FAMILIES.values() for op in (f.cpp_fwd, f.cpp_bwd))
+    return _CUDA_KERNELS
+
+
+def _available(name: str) -> bool:
+    """backends()[name].available without building the table (resolve runs on every call)."""
+    if name in ("naive", "torch"):
+        return True
+    if name == "cpp":
+        return _load_extension() is None
+    if name == "cuda":
+        return _has_cuda_kernel()
+    return _triton_info().available
 
 
 def _verified_note(backend: str, evidence: Optional[str]) -> str:
@@ -152,9 +170,8 @@ def resolve(fn: str, backend: Optional[str], device: torch.device) -> str:
                 if (b == "cuda" and _has_cuda_kernel()) or (b == "triton" and _triton_info().available):
                     return b
         return "torch"
-    info = backends()[name]
-    if not info.available:
-        raise RuntimeError(f"{fn}: backend {name!r} is not available: {info.reason}")
+    if not _available(name):
+        raise RuntimeError(f"{fn}: backend {name!r} is not available: {backends()[name].reason}")
     if name == "cpp" and device.type != "cpu":
         raise ValueError(f"{fn}: backend 'cpp' runs on CPU tensors, but `scores` is on {device}")
     if name == "triton" and device.type != "cuda" and not (triton_interpreted() and device.type == "cpu"):

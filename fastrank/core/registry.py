@@ -267,24 +267,7 @@ def _register_loss(op: LossOp) -> None:
                 tensors[0].new_empty((q if with_grad else 0, m)))
 
     torch.library.register_fake(f"fastrank::{op.name}")(fake)
-
-    def setup_context(ctx, inputs, output):
-        ctx.with_grad = inputs[-1]
-        ctx.n_inputs = len(inputs)
-        ctx.save_for_backward(inputs[0], output[2])
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def backward(ctx, grad_value, grad_count, grad_rows):
-        scores, rows = ctx.saved_tensors
-        if not ctx.with_grad:
-            raise RuntimeError(f"fastrank::{op.name} ran with with_grad=False: it has no gradient rows to "
-                               "differentiate; call it with with_grad=True when scores require grad")
-        backend = "cuda" if scores.is_cuda else "cpp"
-        grad = _fused_gradient(lambda: grad_value.unsqueeze(1) * rows, f"fastrank::{op.name}", backend,
-                               scores, grad_value)
-        return (grad,) + (None,) * (ctx.n_inputs - 1)
-
-    torch.library.register_autograd(f"fastrank::{op.name}", backward, setup_context=setup_context)
+    # its autograd (grad_output[:, None] * the gradient rows) is a C++ kernel: csrc/loss_autograd.cpp
 
 
 def run_loss(name: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params,
