@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .core import validate as V
-from .core.backend import fused_losses
+from .core.backend import use_fused
 from .core.epilogue import reduce_per_query, reduce_values, safe_div
 from .core.params import make_params
 from .core.problem import Target, build_problem, check_call, dense_relevance, dense_valid_mask, ignore_args, target_args
@@ -21,10 +21,10 @@ Tensor = torch.Tensor
 
 def _average_precision(fn: str, scores, target, ignore, reduction, backend, params) -> Tensor:
     V.check_reduction(fn, reduction)
-    scores, _, name = check_call(fn, scores, target, ignore, backend)
-    if name == "cpp" and fused_losses():
+    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True)
+    if use_fused(name):
         # one pass per row in C++: no packing, no epilogue here, the gradient rows computed with it
-        ap, n_pos = run_loss("ap_loss", name, scores, *target_args(target), *ignore_args(ignore), params=params)
+        ap, n_pos = run_loss("ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore), params=params)
         return reduce_values(ap, n_pos > 0, reduction)
     q, n = scores.shape
     pb = build_problem(target, ignore, q, n, scores.device)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from .core import validate as V
-from .core.backend import fused_losses
+from .core.backend import use_fused
 from .core.epilogue import reduce_per_query, reduce_values
 from .core.params import make_params
 from .core.problem import Target, build_problem, check_call, ignore_args, target_args
@@ -67,10 +67,10 @@ def recall_at_k(
     temp = V.check_positive_number(fn, "temp", temp)
     V.check_reduction(fn, reduction)
     params = make_params(fn, _DEFAULT_STEP[variant] if step is None else step, tau, rho, delta, start, offset)
-    scores, _, name = check_call(fn, scores, target, ignore, backend)
-    if name == "cpp" and fused_losses():
+    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True)
+    if use_fused(name):
         # one pass per row in C++ (docs/design.md §2.4): no packing, the gradient rows with it
-        total, n_pos = run_loss("recall_loss", name, scores, *target_args(target), *ignore_args(ignore),
+        total, n_pos = run_loss("recall_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
                                 params=params, options=(list(ks), float(temp), variant == "patel"))
         return reduce_values(total, n_pos > 0, reduction)
     pb = build_problem(target, ignore, scores.shape[0], scores.shape[1], scores.device)

@@ -354,3 +354,48 @@ def test_scratch_allocation_failure_raises_instead_of_aborting(op):
                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, (res.returncode, res.stdout, res.stderr[-2000:])
     assert "cannot allocate the per-thread row scratch" in res.stdout and "bytes" in res.stdout
+
+
+# ---- torch.compile(fullgraph=True): a whole training step, every loss, no graph break
+
+
+_LAB = torch.arange(24) // 4
+_REL = fastrank.relevance_from_hierarchy(torch.stack([_LAB // 2, _LAB], 1), torch.stack([_LAB // 2, _LAB], 1),
+                                         dtype=torch.float64)
+FULLGRAPH_LOSSES = {
+    "sup_ap": lambda s: 1 - fastrank.sup_ap(s, (_LAB, _LAB)),
+    "smooth_ap": lambda s: 1 - fastrank.smooth_ap(s, (_LAB, _LAB), ignore=torch.arange(24)),
+    "sup_ap_dense_mask": lambda s: 1 - fastrank.sup_ap(s, _LAB[:, None] == _LAB[None, :],
+                                                       ignore=torch.eye(24, dtype=torch.bool)),
+    "recall_suprank": lambda s: 1 - fastrank.recall_at_k(s, (_LAB, _LAB), ks=(1, 4)),
+    "recall_patel": lambda s: 1 - fastrank.recall_at_k(s, (_LAB, _LAB), ks=(1, 4), variant="patel"),
+    "h_ap": lambda s: 1 - fastrank.h_ap(s, _REL),
+    "ndcg": lambda s: 1 - fastrank.ndcg(s, _REL),
+    "fastap": lambda s: 1 - fastrank.histogram_ap(s, (_LAB, _LAB)),
+    "softbin": lambda s: 1 - fastrank.histogram_ap(s, (_LAB, _LAB), kind="softbin"),
+}
+
+
+@pytest.mark.parametrize("loss", FULLGRAPH_LOSSES)
+def test_training_step_compiles_fullgraph(loss):
+    # fullgraph=True raises at the first graph break: the whole step (embeddings -> scores ->
+    # loss -> backward) is one graph, fastrank's validation included
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Linear(12, 8).double()
+    x = torch.randn(24, 12, dtype=torch.float64)
+    fn = FULLGRAPH_LOSSES[loss]
+
+    def step(x):
+        e = torch.nn.functional.normalize(net(x), dim=1)
+        return fn(e @ e.T)
+
+    def value_and_grads(f):
+        net.zero_grad()
+        value = f(x)
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in net.parameters()]
+
+    got = value_and_grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    ref = value_and_grads(step)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

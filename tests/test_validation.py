@@ -25,7 +25,7 @@ BAD = [
     (dict(target=(LAB[0], LAB[1][:5])), ValueError, "gallery_labels must have shape (6,)"),
     (dict(target=(LAB[0][:3], LAB[1])), ValueError, "query_labels must have shape (4,)"),
     (dict(target=(LAB[0], [0, 1, 0, 1, 2, 2])), TypeError, "gallery_labels must be a 1-D integer tensor"),
-    (dict(target=torch.full((Q, N), float("nan"))), ValueError, "`target` contains NaN"),
+    (dict(target=torch.full((Q, N), float("nan"))), ValueError, "contains NaN"),
     (dict(target=torch.zeros(Q, N, dtype=torch.complex64)), TypeError, "`target` must be bool, integer or floating"),
     (dict(ignore=torch.tensor([0, 1, 2])), ValueError, "`ignore` as an index must have shape (4,)"),
     (dict(ignore=torch.tensor([0, 1, 2, 6])), ValueError, "`ignore` indices must lie in [-1, 5]"),

@@ -103,6 +103,11 @@ def fused_losses() -> bool:
     return os.environ.get("FASTRANK_FUSED", "1") != "0"
 
 
+def use_fused(backend: str) -> bool:
+    """Whether a loss call on the resolved `backend` runs as its fused loss op."""
+    return backend == "cpp" and fused_losses()
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1, as in CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import threading
+
+import torch
 from typing import Optional
 
 _EXT_ERROR: Optional[str] = None
@@ -9,6 +11,8 @@ _EXT_LOADED = False
 _EXT_LOCK = threading.Lock()
 
 
+# torch.compile runs it once while tracing and keeps the answer (it cannot trace the lock)
+@torch.compiler.assume_constant_result
 def load_extension() -> Optional[str]:
     """Imports fastrank._C once; returns None on success or the reason it failed.
 

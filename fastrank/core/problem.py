@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import validate as V
-from .backend import CHOICES, resolve
+from .backend import CHOICES, resolve, use_fused
 
 Tensor = torch.Tensor
 Target = Union[Tensor, Sequence[Tensor]]
@@ -154,15 +154,27 @@ def check_call(
     backend: Optional[str],
     *,
     graded: bool = False,
+    fused: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], str]:
     """Validates the arguments every op shares; returns (scores in a kernel dtype, the graded
     relevance in that dtype or None, backend name). The fused loss ops take the target as given
-    from here, without packing."""
+    from here, without packing.
+
+    fused=True: the caller has a fused loss op, which checks the values of the target and of
+    the ignore index itself, in its pass over the row. Where that op will run (`use_fused`),
+    the passes over the data are left to it: always the target's NaN scan, and, while
+    torch.compile traces, the ignore index's range (its host sync would break the graph; in
+    eager it stays here, an O(Q) check with the clearer message)."""
     V.check_scores(fn, scores)
-    rel = V.check_relevance(fn, target, scores) if graded else V.check_target(fn, target, scores)
-    V.check_ignore(fn, ignore, scores)
     V.check_backend(fn, backend, CHOICES)
     name = resolve(fn, backend, scores.device)
+    in_op = fused and use_fused(name)
+    if graded:
+        rel = V.check_relevance(fn, target, scores, values=not in_op)
+    else:
+        rel = None
+        V.check_target(fn, target, scores, values=not in_op)
+    V.check_ignore(fn, ignore, scores, values=not (in_op and torch.compiler.is_compiling()))
     # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()

@@ -167,6 +167,8 @@ _REGISTERED = False
 _REGISTER_LOCK = threading.Lock()
 
 
+# torch.compile runs it once while tracing (it cannot trace the lock); registering is idempotent
+@torch.compiler.assume_constant_result
 def register_cpp_ops() -> None:
     """Fake kernels and autograd for every family's C++ ops (once, after fastrank._C loaded).
 
@@ -270,18 +272,25 @@ def _register_loss(op: LossOp) -> None:
     # its autograd (grad_output[:, None] * the gradient rows) is a C++ kernel: csrc/loss_autograd.cpp
 
 
-def run_loss(name: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params,
+def run_loss(name: str, fn: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params,
              options: Tuple = ()) -> Tuple[Tensor, Tensor]:
     """(per-query score (Q,), ranked positives per query (Q,) int64) of a fused loss op,
     differentiable w.r.t. scores; the gradient rows are computed only when scores require grad.
-    `options` are the loss's own scalars, passed after the parameters' (params.as_op_args())."""
-    op = LOSS_OPS[name]
+    `options` are the loss's own scalars, passed after the parameters' (params.as_op_args()).
+    The op checks the values of its inputs (check_call(fused=True) left them to it); its errors
+    are re-raised with the public function's name `fn` in front."""
+    op = getattr(torch.ops.fastrank, LOSS_OPS[name].name)
     params.check_dtype(scores.dtype)
-    _refuse_transforms(f"the {op.name} op", backend, scores)
+    _refuse_transforms(f"the {name} op", backend, scores)
     register_cpp_ops()
-    with_grad = torch.is_grad_enabled() and scores.requires_grad
-    value, count, _ = getattr(torch.ops.fastrank, op.name)(scores, *tensors, *params.as_op_args(), *options,
-                                                          with_grad)
+    args = (scores, *tensors, *params.as_op_args(), *options, torch.is_grad_enabled() and scores.requires_grad)
+    if torch.compiler.is_compiling():  # the fake kernel checks nothing; the kernel raises at run time
+        value, count, _ = op(*args)
+        return value, count
+    try:
+        value, count, _ = op(*args)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{fn}: {e}") from None
     return value, count
 
 

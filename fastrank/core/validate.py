@@ -165,8 +165,9 @@ def check_reduction(fn: str, reduction: Any) -> str:
     return check_choice(fn, "reduction", reduction, REDUCTIONS)
 
 
-def check_target(fn: str, target: Any, scores: torch.Tensor) -> None:
-    """Dense (Q, N) relevance, or a pair (query_labels (Q,), gallery_labels (N,)) of integer tensors."""
+def check_target(fn: str, target: Any, scores: torch.Tensor, values: bool = True) -> None:
+    """Dense (Q, N) relevance, or a pair (query_labels (Q,), gallery_labels (N,)) of integer tensors.
+    values=False skips the pass over the relevance values (NaN): for a fused op that checks them."""
     q, n = scores.shape
     if isinstance(target, (tuple, list)):
         if len(target) != 2:
@@ -201,11 +202,11 @@ def check_target(fn: str, target: Any, scores: torch.Tensor) -> None:
     if target.dtype.is_complex or target.dtype in WIDE_UNSIGNED:
         raise TypeError(f"{fn}: `target` must be bool, integer or floating (as relevance, integer means "
                         f"{_dtype_names(INT_DTYPES)}), got {target.dtype}")
-    if target.dtype.is_floating_point and bool(torch.isnan(target).any()):
+    if values and target.dtype.is_floating_point and bool(torch.isnan(target).any()):
         raise ValueError(f"{fn}: `target` contains NaN; relevance must be a number (> 0 = positive)")
 
 
-def check_relevance(fn: str, relevance: Any, scores: torch.Tensor) -> torch.Tensor:
+def check_relevance(fn: str, relevance: Any, scores: torch.Tensor, values: bool = True) -> torch.Tensor:
     """(Q, N) graded relevance: floating, integer or bool, finite, >= 0, on the device of scores.
 
     Returns it detached in the dtype the ranks are computed in (that of scores, float32 for
@@ -224,8 +225,8 @@ def check_relevance(fn: str, relevance: Any, scores: torch.Tensor) -> torch.Tens
         raise TypeError(f"{fn}: `relevance` must be a floating or integer tensor, got {relevance.dtype}")
     dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
     rel = relevance.detach().to(dtype).contiguous()
-    if relevance.dtype == torch.bool or relevance.numel() == 0:
-        return rel
+    if not values or relevance.dtype == torch.bool or relevance.numel() == 0:
+        return rel  # values=False: a fused op checks the values in its own pass
     # one reduction pass (aminmax propagates NaN); isfinite + any would take three
     stats = list(torch.aminmax(relevance))
     if relevance.dtype.is_floating_point:  # integers cannot underflow
@@ -251,8 +252,9 @@ def check_relevance(fn: str, relevance: Any, scores: torch.Tensor) -> torch.Tens
     return rel
 
 
-def check_ignore(fn: str, ignore: Any, scores: torch.Tensor) -> None:
-    """None, a (Q,) integer index of one item per query (-1 = none), or a (Q, N) bool mask (True = ignored)."""
+def check_ignore(fn: str, ignore: Any, scores: torch.Tensor, values: bool = True) -> None:
+    """None, a (Q,) integer index of one item per query (-1 = none), or a (Q, N) bool mask (True = ignored).
+    values=False skips the range of the index (a host sync): for a fused op that checks it."""
     if ignore is None:
         return
     q, n = scores.shape
@@ -272,7 +274,7 @@ def check_ignore(fn: str, ignore: Any, scores: torch.Tensor) -> None:
                         f"mask (Q, N), got {ignore.dtype}")
     if tuple(ignore.shape) != (q,):
         raise ValueError(f"{fn}: `ignore` as an index must have shape ({q},), got {tuple(ignore.shape)}")
-    if ignore.numel() and (int(ignore.min()) < -1 or int(ignore.max()) >= n):
+    if values and ignore.numel() and (int(ignore.min()) < -1 or int(ignore.max()) >= n):
         raise ValueError(
             f"{fn}: `ignore` indices must lie in [-1, {n - 1}] (-1 = none), got values in "
             f"[{int(ignore.min())}, {int(ignore.max())}]"
