@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <string>
@@ -36,6 +37,12 @@ struct RefuseSecondDerivative : torch::autograd::Function<RefuseSecondDerivative
     TORCH_CHECK(false, ctx->saved_data["message"].toStringRef());
   }
 };
+
+// A tensor that torch.compile / opcheck traces (fake or functional): its graph must stay
+// functional, so the backward does not scale the rows in place there.
+inline bool traced(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
 
 struct LossFunction : torch::autograd::Function<LossFunction> {
   // `rest`: the op's arguments after scores, as the dispatcher boxed them
@@ -65,15 +72,23 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
                 "when scores require grad");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& scores = saved[0];
-    const at::Tensor& rows = saved[1];
+    at::Tensor rows = saved[1];
     at::Tensor grad;
     if (grads[0].defined()) {
       const at::Tensor& gs = grads[0];
-      {
-        at::NoGradGuard no_grad;
+      if (!at::GradMode::is_enabled() && !torch::autograd::get_current_graph_task_keep_graph() && !traced(rows) &&
+          !traced(gs)) {
+        // the graph is freed after this backward: the rows become the gradient, in place, so
+        // the loss's extra memory stays one (Q, N) tensor (docs/design.md §2.4)
+        rows.mul_(gs.unsqueeze(1));
+        grad = rows;
+      } else if (!at::GradMode::is_enabled()) {  // retain_graph=True: the rows serve again
         grad = gs.unsqueeze(1) * rows;
-      }
-      if (at::GradMode::is_enabled()) {  // create_graph=True: a second derivative must not be silently 0
+      } else {  // create_graph=True: a second derivative must not be silently 0
+        {
+          at::NoGradGuard no_grad;
+          grad = gs.unsqueeze(1) * rows;
+        }
         const std::string backend = scores.is_cuda() ? "cuda" : "cpp";
         grad = RefuseSecondDerivative::apply(
             grad,

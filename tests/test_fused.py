@@ -251,3 +251,28 @@ def test_recall_tiny_temp_is_a_step_with_finite_gradient():
     torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(v.sum(), s)
     assert torch.isfinite(g).all()
+
+
+def test_retain_graph_backward_twice():
+    # a backward that frees the graph turns the gradient rows into the gradient in place (one
+    # (Q, N) tensor); with retain_graph=True the rows must survive for the next backward
+    case = all_cases()[12]
+    s = case.scores.clone().requires_grad_()
+    v = fastrank.sup_ap(s, case.target, ignore=case.ignore, backend="cpp")
+    (g1,) = torch.autograd.grad(v, s, retain_graph=True)
+    (g2,) = torch.autograd.grad(2 * v, s)
+    torch.testing.assert_close(g2, 2 * g1, rtol=1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="second time"):  # freed: autograd's own error
+        torch.autograd.grad(v, s)
+
+
+def test_gradient_rows_scaled_by_grad_output():
+    # backward multiplies row i by grad_output[i]: weights per query, as a weighted sum of scores
+    case = all_cases()[12]
+    w = torch.rand(case.scores.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for backend in ("cpp", "naive"):
+        s = case.scores.clone().requires_grad_()
+        (fastrank.sup_ap(s, case.target, ignore=case.ignore, backend=backend, reduction="none") * w).sum().backward()
+        grads.append(s.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
