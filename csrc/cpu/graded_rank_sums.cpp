@@ -264,8 +264,53 @@ template <typename T>
 struct LossRow : SortedRow<T> {
   static constexpr int64_t kBytesPerColumn = SortedRow<T>::kBytesPerColumn + 4 * sizeof(T);
   std::vector<T> ra, rp, d_all, d_pos;  // per ranked item, in the sorted order
-  explicit LossRow(int64_t n) : SortedRow<T>(n), ra(n), rp(n), d_all(n), d_pos(n) {}
+  std::vector<T> der;                   // the stored derivatives, at most kDerivativeBytes
+  explicit LossRow(int64_t n) : SortedRow<T>(n), ra(n), rp(n), d_all(n), d_pos(n), der(derivative_elems<T>(n)) {}
 };
+
+// With the gradient, as the binary loss_rows of cpu/rank_sums.cpp: the forward sweep stores each
+// term's step derivative at der (the row's nv sorted positions; SupRank only [m, nv), H has no
+// gradient) and the gradient sweep multiplies and adds, while the row's z x nv derivatives fit
+// the buffer and no ranked score is infinite (those take the tied loops, which recompute).
+
+// graded_one, its derivatives stored
+template <typename T, int STEP>
+FR_HD void graded_one_stored(const SortedRow<T>& row, const StepParams<T>& st, T sj, T rj, T* der, T& ra, T& rp) {
+  const int64_t m = std::min(row.boundary(rj), row.z);
+  const T* sv = row.s.data();
+  const T* rv = row.r.data();
+  T mid = T(0), wmid = T(0);
+  if (STEP == kSigmoid) {
+    const T hi = sum_store_sigmoid(sj, sv, der, m, st.inv_tau);
+    run_sum_store_sigmoid_w(sj, sv + m, rv + m, der + m, row.z - m, st.inv_tau, mid, wmid);
+    const T lo = sum_store_sigmoid(sj, sv + row.z, der + row.z, row.nv - row.z, st.inv_tau);
+    rp = rj * (hi + T(0.5)) + wmid;
+    ra = hi + (mid + lo) + T(0.5);
+  } else {
+    const T hi = run_sum_heaviside(sj, sv, m);
+    run_sum_store_suprank_w(sj, sv + m, rv + m, der + m, row.z - m, st, mid, wmid);
+    const T lo = sum_store_suprank_neg(sj, sv + row.z, der + row.z, row.nv - row.z, st);
+    rp = rj * hi + wmid;
+    ra = hi + (mid + lo);
+  }
+}
+
+// graded_grad_one from the derivatives graded_one_stored left at der
+template <typename T, int STEP>
+FR_HD T graded_grad_one_stored(const SortedRow<T>& row, T rj, const T* der, T a, T b, T* gv) {
+  const int64_t m = std::min(row.boundary(rj), row.z);
+  const T* rv = row.r.data();
+  T tot = T(0);
+  if (STEP == kSigmoid) {
+    const T hi_coef = a + b * rj;
+    if (hi_coef != T(0)) tot += run_grad_stored(der, gv, m, hi_coef);
+    if (a != T(0) || b != T(0)) tot += run_grad_stored_w(der + m, rv + m, gv + m, row.z - m, a, b);
+    if (a != T(0)) tot += run_grad_stored(der + row.z, gv + row.z, row.nv - row.z, a);
+  } else {
+    if (a != T(0)) tot += run_grad_stored(der + m, gv + m, row.nv - m, a);
+  }
+  return tot;
+}
 
 // Why a row's relevance is refused (0: accepted), in the order of the Python checks
 // (fastrank.core.validate.check_relevance, fastrank.graded._check_gain_range)
@@ -313,17 +358,28 @@ FR_MULTIVERSION void graded_loss_rows(const GradedLossProblem<T>* prp, const Epi
       continue;
     }
     if (z == 0) continue;
-    for (int64_t t = 0; t < z; ++t) graded_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.ra[t], row.rp[t]);
+    const int64_t nv = row.nv;
+    bool stored = g != nullptr && z <= static_cast<int64_t>(row.der.size()) / std::max<int64_t>(1, nv);
+    for (int64_t t = 0; stored && t < z; ++t) stored = !std::isinf(row.s[t]);
+    for (int64_t t = 0; t < z; ++t) {
+      if (stored)
+        graded_one_stored<T, STEP>(row, pr.step, row.s[t], row.r[t], row.der.data() + t * nv, row.ra[t], row.rp[t]);
+      else
+        graded_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.ra[t], row.rp[t]);
+    }
     score[i] = epi.value(row.ra.data(), row.rp.data(), row.r.data(), z);
     if (!g) continue;
     epi.grad(row.ra.data(), row.rp.data(), row.r.data(), z, row.d_all.data(), row.d_pos.data());
     T* gv = row.g.data();
     std::fill(gv, gv + row.nv, T(0));
     for (int64_t t = 0; t < z; ++t) {
-      const T tot = graded_grad_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.d_all[t], row.d_pos[t], gv);
+      const T tot =
+          stored ? graded_grad_one_stored<T, STEP>(row, row.r[t], row.der.data() + t * nv, row.d_all[t],
+                                                   row.d_pos[t], gv)
+                 : graded_grad_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.d_all[t], row.d_pos[t], gv);
       gv[t] -= tot;
     }
-    for (int64_t t = 0; t < row.nv; ++t) g[row.col[t]] = gv[t];
+    for (int64_t t = 0; t < nv; ++t) g[row.col[t]] = gv[t];
   }
 }
 
@@ -438,16 +494,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(const at::Tensor&
   if (bad != status.end()) {
     const int64_t i = bad - status.begin();
     const at::Tensor row = rel[i];
-    const auto dtype = scores.scalar_type();
+    const bool single = scores.scalar_type() == at::kFloat;
+    const char* dtype = single ? "float32" : "float64";
     TORCH_CHECK_VALUE(*bad != kRelNotFinite, kLossOp, ": relevance must be finite (no NaN or inf), got one in row ",
                       i);
     TORCH_CHECK_VALUE(*bad != kRelNegative, kLossOp, ": relevance must be >= 0 (0 = irrelevant), got a minimum of ",
                       row.min().item<double>(), " in row ", i);
     TORCH_CHECK_VALUE(*bad != kRelSubnormal, kLossOp, ": relevance has positive values below the smallest normal ",
-                      dtype, " in row ", i, " (they lose their precision); rescale the relevance or pass float64 scores");
+                      dtype, " in row ", i, " (they lose their precision); rescale the relevance",
+                      single ? " or pass float64 scores" : "");
     TORCH_CHECK_VALUE(false, kLossOp, ": relevance up to ", row.max().item<double>(), " in row ", i,
                       " overflows the gain 2^rel - 1 of NDCG in ", dtype, " (needs rel < ", limit,
-                      "); rescale the relevance or pass float64 scores");
+                      "); rescale the relevance", single ? " or pass float64 scores" : "");
   }
   return {score, n_pos, grad};
 }
