@@ -308,13 +308,19 @@ inline void fill_nan_rows_backward(const PackedProblem& pp, at::Tensor& grad) {
 // Checking values costs one pass over (Q, N), small next to the O(Q P N) kernels, and
 // keeps a direct torch.ops call from turning a negative or NaN relevance into a number.
 // The backward checks too: a direct call need not pass the tensor its forward checked.
-inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
+// check_relevance_layout: the device, shape and dtype only (the fused graded loss op checks the
+// values in its own pass over the rows).
+inline void check_relevance_layout(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
   TORCH_CHECK_VALUE(relevance.device() == scores.device(), op, ": relevance must be on the device of scores (",
               scores.device(), "), got ", relevance.device());
   TORCH_CHECK_VALUE(relevance.sizes() == scores.sizes(), op, ": relevance must have the shape of scores ", scores.sizes(),
               ", got ", relevance.sizes());
   TORCH_CHECK_TYPE(relevance.scalar_type() == scores.scalar_type(), op, ": relevance must have the dtype of scores (",
               scores.scalar_type(), "), got ", relevance.scalar_type());
+}
+
+inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
+  check_relevance_layout(op, relevance, scores);
   if (relevance.numel() > 0) {
     // one reduction pass; aminmax propagates NaN (isfinite().all() would take three)
     const auto mm = at::aminmax(relevance);

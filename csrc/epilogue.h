@@ -88,4 +88,72 @@ struct RecallEpilogue {
   }
 };
 
+// ---- graded relevance (H-AP, NDCG): a graded epilogue also takes rel[p] > 0 of each of the np
+// ranked items, which the fused kernel passes in decreasing relevance (its rows are sorted so):
+// NDCG's ideal ordering is then the given one. value(ra, rp, rel, np), grad(ra, rp, rel, np,
+// d_all, d_pos) as above.
+
+// H-AP_i = sum_j rank_pos_j / rank_all_j / sum_j rel_j (HAPPIER): AP's term, normalised by the
+// total relevance instead of |P_i|
+template <typename T>
+struct HapEpilogue {
+  FR_HD T total(const T* rel, int64_t np) const {
+    T t = T(0);
+    for (int64_t p = 0; p < np; ++p) t += rel[p];
+    return t;
+  }
+  FR_HD T value(const T* ra, const T* rp, const T* rel, int64_t np) const {
+    T acc = T(0);
+    for (int64_t p = 0; p < np; ++p) acc += ap_term(rp[p], ra[p]);
+    return acc / total(rel, np);
+  }
+  FR_HD void grad(const T* ra, const T* rp, const T* rel, int64_t np, T* d_all, T* d_pos) const {
+    const T inv_total = T(1) / total(rel, np);
+    for (int64_t p = 0; p < np; ++p) ap_term_grad(rp[p], ra[p], inv_total, d_all[p], d_pos[p]);
+  }
+};
+
+// NDCG's gain 2^r - 1. 2^r - 1 rounds to 0 for r below ~1e-7 in float32: expm1 keeps small
+// gains, exp2 the large ones exact (as fastrank.ndcg computes it)
+template <typename T>
+FR_HD T ndcg_gain(T r) {
+  return r < T(1) ? T(::expm1(r * T(0.693147180559945309))) : T(::exp2(r)) - T(1);
+}
+
+// NDCG_i = DCG_i / IDCG_i, DCG_i = sum_j gain_j / log2(1 + rank_all_j), IDCG_i the DCG of the
+// exact ordering (ranks 1, 2, ... in decreasing relevance). The gains are divided by the row's
+// largest (rel[0]'s): a ratio of sums of gains does not change, and the sums stay finite where
+// several gains near the dtype's largest value would overflow. rank_pos unused.
+template <typename T>
+struct NdcgEpilogue {
+  FR_HD T scale(const T* rel) const {
+    const T top = ndcg_gain(rel[0]);
+    return top > T(0) ? top : T(1);
+  }
+  FR_HD T ideal(const T* rel, int64_t np, T top) const {
+    T idcg = T(0);
+    for (int64_t p = 0; p < np; ++p) idcg += (ndcg_gain(rel[p]) / top) / T(::log2(T(p + 2)));
+    return idcg;
+  }
+  FR_HD T value(const T* ra, const T*, const T* rel, int64_t np) const {
+    const T top = scale(rel);
+    T dcg = T(0);
+    for (int64_t p = 0; p < np; ++p) dcg += (ndcg_gain(rel[p]) / top) / T(::log2(T(1) + ra[p]));
+    const T idcg = ideal(rel, np, top);
+    return idcg > T(0) ? dcg / idcg : T(0);
+  }
+  // d NDCG / d rank_all_j = -gain_j / (log2(1 + rank_all_j)^2 (1 + rank_all_j) ln 2 IDCG)
+  FR_HD void grad(const T* ra, const T*, const T* rel, int64_t np, T* d_all, T* d_pos) const {
+    const T top = scale(rel);
+    const T idcg = ideal(rel, np, top);
+    for (int64_t p = 0; p < np; ++p) {
+      d_pos[p] = T(0);
+      const T disc = T(::log2(T(1) + ra[p]));
+      d_all[p] = idcg > T(0)
+                     ? -(ndcg_gain(rel[p]) / top) / (disc * disc * (T(1) + ra[p]) * T(0.693147180559945309) * idcg)
+                     : T(0);
+    }
+  }
+};
+
 }  // namespace fastrank

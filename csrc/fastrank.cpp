@@ -55,6 +55,11 @@ TORCH_LIBRARY(fastrank, m) {
       "recall_loss(Tensor scores, Tensor? query_labels, Tensor? gallery_labels, Tensor? relevance, "
       "Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, "
       "float offset, int[] ks, float temp, bool clamp_hits, bool with_grad) -> (Tensor, Tensor, Tensor)");
+  // fused graded loss, kind 0 = H-AP, 1 = NDCG (fastrank.h_ap / fastrank.ndcg), same outputs as
+  // ap_loss (n_pos: the valid items of relevance > 0), relevance (Q, N) >= 0 in the dtype of scores
+  m.def(
+      "graded_loss(Tensor scores, Tensor relevance, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, "
+      "float rho, float delta, float start, float offset, int kind, bool with_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");

@@ -161,4 +161,55 @@ FR_HD T run_grad_sigmoid_w(T sj, const T* __restrict__ s, const T* __restrict__ 
   return tot;
 }
 
+// ---- graded relevance, the fused loss op: the weighted runs above with each term's step
+// derivative stored to der[k], and their backward from it
+
+// run_sum_sigmoid_w, der[k] = sigma'(s[k] - sj)
+template <typename T>
+FR_HD void run_sum_store_sigmoid_w(T sj, const T* __restrict__ s, const T* __restrict__ r, T* __restrict__ der,
+                                   int64_t n, T inv_tau, T& acc, T& wacc) {
+  T a = T(0), w = T(0);
+  FR_SIMD_SUM2(a, w)
+  for (int64_t k = 0; k < n; ++k) {
+    const T d = s[k] - sj;
+    const T v = sigmoid_tau(d, inv_tau);
+    a += v;
+    w += r[k] * v;
+    der[k] = sigmoid_tau_grad(d, inv_tau);
+  }
+  acc = a;
+  wacc = w;
+}
+
+// run_sum_suprank_w, der[k] = H^-'(s[k] - sj) (H in rank_pos has no gradient)
+template <typename T>
+FR_HD void run_sum_store_suprank_w(T sj, const T* __restrict__ s, const T* __restrict__ r, T* __restrict__ der,
+                                   int64_t n, StepParams<T> p, T& acc, T& wacc) {
+  T a = T(0), w = T(0);
+  FR_SIMD_SUM2(a, w)
+  for (int64_t k = 0; k < n; ++k) {
+    const T d = s[k] - sj;
+    a += suprank_neg(d, p);
+    w += r[k] * heaviside(d);
+    der[k] = suprank_neg_grad(d, p);
+  }
+  acc = a;
+  wacc = w;
+}
+
+// run_grad_sigmoid_w from stored derivatives: c_k = (a + b * r[k]) * der[k]; g[k] += c_k;
+// returns sum_k c_k
+template <typename T>
+FR_HD T run_grad_stored_w(const T* __restrict__ der, const T* __restrict__ r, T* __restrict__ g, int64_t n, T a,
+                          T b) {
+  T tot = T(0);
+  FR_SIMD_SUM(tot)
+  for (int64_t k = 0; k < n; ++k) {
+    const T c = (a + b * r[k]) * der[k];
+    g[k] += c;
+    tot += c;
+  }
+  return tot;
+}
+
 }  // namespace fastrank

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "epilogue.h"
 #include "cpu/loops.h"
 #include "cpu/parallel.h"
 
@@ -139,6 +140,58 @@ T graded_backward_tied(const SortedRow<T>& row, const StepParams<T>& st, T sj, T
   return tot;
 }
 
+// rank_all and rank_pos of the ranked item with score sj and relevance rj against the sorted
+// row. Inlined into each multiversioned caller.
+template <typename T, int STEP>
+FR_HD void graded_one(const SortedRow<T>& row, const StepParams<T>& st, T sj, T rj, T& ra, T& rp) {
+  const int64_t m = std::min(row.boundary(rj), row.z);
+  if (std::isinf(sj)) {
+    graded_forward_tied<T, STEP>(row, st, sj, rj, m, ra, rp);
+    return;
+  }
+  const T* sv = row.s.data();
+  const T* rv = row.r.data();
+  T mid = T(0), wmid = T(0);
+  if (STEP == kSigmoid) {
+    // j itself sits in [0, m) and adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
+    const T hi = sum_sigmoid(sj, sv, m, st.inv_tau);
+    run_sum_sigmoid_w(sj, sv + m, rv + m, row.z - m, st.inv_tau, mid, wmid);
+    const T lo = sum_sigmoid(sj, sv + row.z, row.nv - row.z, st.inv_tau);
+    rp = rj * (hi + T(0.5)) + wmid;
+    ra = hi + (mid + lo) + T(0.5);
+  } else {
+    // H(0) = 1 for j itself supplies the "1 +" and the "rel_j +"
+    const T hi = run_sum_heaviside(sj, sv, m);
+    run_sum_suprank_w(sj, sv + m, rv + m, row.z - m, st, mid, wmid);
+    const T lo = sum_suprank_neg(sj, sv + row.z, row.nv - row.z, st);
+    rp = rj * hi + wmid;
+    ra = hi + (mid + lo);
+  }
+}
+
+// The backward of graded_one given d L / d rank_all = a and d L / d rank_pos = b: adds each
+// competitor's share to gv (sorted positions) and returns the sum to subtract from j's gradient.
+template <typename T, int STEP>
+FR_HD T graded_grad_one(const SortedRow<T>& row, const StepParams<T>& st, T sj, T rj, T a, T b, T* gv) {
+  const int64_t m = std::min(row.boundary(rj), row.z);
+  if (std::isinf(sj)) return graded_backward_tied<T, STEP>(row, st, sj, rj, m, a, b, gv);
+  const T* sv = row.s.data();
+  const T* rv = row.r.data();
+  T tot = T(0);
+  if (STEP == kSigmoid) {
+    // the self term (k = j, in [0, m)) adds c to g[j] and takes it back through tot
+    const T hi_coef = a + b * rj;
+    if (hi_coef != T(0)) tot += grad_sigmoid(sj, sv, gv, m, hi_coef, st.inv_tau);
+    if (a != T(0) || b != T(0))
+      tot += run_grad_sigmoid_w(sj, sv + m, rv + m, gv + m, row.z - m, a, b, st.inv_tau);
+    if (a != T(0)) tot += grad_sigmoid(sj, sv + row.z, gv + row.z, row.nv - row.z, a, st.inv_tau);
+  } else {
+    // H carries no gradient: only less relevant competitors move, through rank_all
+    if (a != T(0)) tot += grad_suprank_neg(sj, sv + m, gv + m, row.nv - m, a, st);
+  }
+  return tot;
+}
+
 template <typename T, int STEP>
 FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<T>* rowp, T* rank_all, T* rank_pos,
                                          int64_t begin, int64_t end) {
@@ -159,30 +212,7 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<
         ra[p] = rp[p] = std::numeric_limits<T>::quiet_NaN();
         continue;
       }
-      const T sj = s[j], rj = rel[j];
-      const int64_t m = std::min(row.boundary(rj), row.z);
-      if (std::isinf(sj)) {
-        graded_forward_tied<T, STEP>(row, pr.step, sj, rj, m, ra[p], rp[p]);
-        continue;
-      }
-      const T* sv = row.s.data();
-      const T* rv = row.r.data();
-      T mid = T(0), wmid = T(0);
-      if (STEP == kSigmoid) {
-        // j itself sits in [0, m) and adds sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
-        const T hi = sum_sigmoid(sj, sv, m, pr.step.inv_tau);
-        run_sum_sigmoid_w(sj, sv + m, rv + m, row.z - m, pr.step.inv_tau, mid, wmid);
-        const T lo = sum_sigmoid(sj, sv + row.z, row.nv - row.z, pr.step.inv_tau);
-        rp[p] = rj * (hi + T(0.5)) + wmid;
-        ra[p] = hi + (mid + lo) + T(0.5);
-      } else {
-        // H(0) = 1 for j itself supplies the "1 +" and the "rel_j +"
-        const T hi = run_sum_heaviside(sj, sv, m);
-        run_sum_suprank_w(sj, sv + m, rv + m, row.z - m, pr.step, mid, wmid);
-        const T lo = sum_suprank_neg(sj, sv + row.z, row.nv - row.z, pr.step);
-        rp[p] = rj * hi + wmid;
-        ra[p] = hi + (mid + lo);
-      }
+      graded_one<T, STEP>(row, pr.step, s[j], rel[j], ra[p], rp[p]);
     }
   }
 }
@@ -207,34 +237,149 @@ FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, SortedRow
     std::fill(row.g.begin(), row.g.begin() + row.nv, T(0));
     const T* s = pr.scores + i * pr.N;
     const T* rel = pr.rel + i * pr.N;
-    const T* sv = row.s.data();
-    const T* rv = row.r.data();
-    T* gv = row.g.data();
     for (int64_t p = 0; p < pr.P; ++p) {
       const int64_t j = pidx[p];
       if (j < 0) continue;
-      const T sj = s[j], rj = rel[j];
-      const int64_t m = std::min(row.boundary(rj), row.z);
-      const T a = ga[p];
-      T tot = T(0);
-      if (std::isinf(sj)) {
-        g[j] -= graded_backward_tied<T, STEP>(row, pr.step, sj, rj, m, a, gp[p], gv);
-        continue;
-      }
-      if (STEP == kSigmoid) {
-        // the self term (k = j, in [0, m)) adds c to g[j] and takes it back through tot
-        const T b = gp[p], hi_coef = a + b * rj;
-        if (hi_coef != T(0)) tot += grad_sigmoid(sj, sv, gv, m, hi_coef, pr.step.inv_tau);
-        if (a != T(0) || b != T(0))
-          tot += run_grad_sigmoid_w(sj, sv + m, rv + m, gv + m, row.z - m, a, b, pr.step.inv_tau);
-        if (a != T(0)) tot += grad_sigmoid(sj, sv + row.z, gv + row.z, row.nv - row.z, a, pr.step.inv_tau);
-      } else {
-        // H carries no gradient: only less relevant competitors move, through rank_all
-        if (a != T(0)) tot += grad_suprank_neg(sj, sv + m, gv + m, row.nv - m, a, pr.step);
-      }
-      g[j] -= tot;
+      g[j] -= graded_grad_one<T, STEP>(row, pr.step, s[j], rel[j], ga[p], gp[p], row.g.data());
     }
-    for (int64_t t = 0; t < row.nv; ++t) g[row.col[t]] += gv[t];
+    for (int64_t t = 0; t < row.nv; ++t) g[row.col[t]] += row.g[t];
+  }
+}
+
+// ---------------------------------------------------------------- fused loss op (H-AP, NDCG)
+//
+// docs/design.md §2.4: one task per block of query rows, each row in one pass while it is in
+// cache: its relevance checked, its ranked items found from the dense relevance as given (no
+// packing), sorted (SortedRow), their rank sums, the row's H-AP or NDCG (a graded epilogue of
+// csrc/epilogue.h, which takes the ranked items in the sorted order: NDCG's ideal ordering) and,
+// with the gradient, d score_i / d s_i through graded_grad_one. Autograd multiplies the rows by
+// grad_output (query i's score depends on row i alone).
+
+template <typename T>
+struct GradedLossProblem : GradedProblem<T> {
+  T rel_limit;  // relevance must stay below it (NDCG: the gain 2^rel - 1 finite in T), else inf
+};
+
+template <typename T>
+struct LossRow : SortedRow<T> {
+  static constexpr int64_t kBytesPerColumn = SortedRow<T>::kBytesPerColumn + 4 * sizeof(T);
+  std::vector<T> ra, rp, d_all, d_pos;  // per ranked item, in the sorted order
+  std::vector<T> der;                   // the stored derivatives, at most kDerivativeBytes
+  explicit LossRow(int64_t n) : SortedRow<T>(n), ra(n), rp(n), d_all(n), d_pos(n), der(derivative_elems<T>(n)) {}
+};
+
+// With the gradient, as the binary loss_rows of cpu/rank_sums.cpp: the forward sweep stores each
+// term's step derivative at der (the row's nv sorted positions; SupRank only [m, nv), H has no
+// gradient) and the gradient sweep multiplies and adds, while the row's z x nv derivatives fit
+// the buffer and no ranked score is infinite (those take the tied loops, which recompute).
+
+// graded_one, its derivatives stored
+template <typename T, int STEP>
+FR_HD void graded_one_stored(const SortedRow<T>& row, const StepParams<T>& st, T sj, T rj, T* der, T& ra, T& rp) {
+  const int64_t m = std::min(row.boundary(rj), row.z);
+  const T* sv = row.s.data();
+  const T* rv = row.r.data();
+  T mid = T(0), wmid = T(0);
+  if (STEP == kSigmoid) {
+    const T hi = sum_store_sigmoid(sj, sv, der, m, st.inv_tau);
+    run_sum_store_sigmoid_w(sj, sv + m, rv + m, der + m, row.z - m, st.inv_tau, mid, wmid);
+    const T lo = sum_store_sigmoid(sj, sv + row.z, der + row.z, row.nv - row.z, st.inv_tau);
+    rp = rj * (hi + T(0.5)) + wmid;
+    ra = hi + (mid + lo) + T(0.5);
+  } else {
+    const T hi = run_sum_heaviside(sj, sv, m);
+    run_sum_store_suprank_w(sj, sv + m, rv + m, der + m, row.z - m, st, mid, wmid);
+    const T lo = sum_store_suprank_neg(sj, sv + row.z, der + row.z, row.nv - row.z, st);
+    rp = rj * hi + wmid;
+    ra = hi + (mid + lo);
+  }
+}
+
+// graded_grad_one from the derivatives graded_one_stored left at der
+template <typename T, int STEP>
+FR_HD T graded_grad_one_stored(const SortedRow<T>& row, T rj, const T* der, T a, T b, T* gv) {
+  const int64_t m = std::min(row.boundary(rj), row.z);
+  const T* rv = row.r.data();
+  T tot = T(0);
+  if (STEP == kSigmoid) {
+    const T hi_coef = a + b * rj;
+    if (hi_coef != T(0)) tot += run_grad_stored(der, gv, m, hi_coef);
+    if (a != T(0) || b != T(0)) tot += run_grad_stored_w(der + m, rv + m, gv + m, row.z - m, a, b);
+    if (a != T(0)) tot += run_grad_stored(der + row.z, gv + row.z, row.nv - row.z, a);
+  } else {
+    if (a != T(0)) tot += run_grad_stored(der + m, gv + m, row.nv - m, a);
+  }
+  return tot;
+}
+
+// Why a row's relevance is refused (0: accepted), in the order of the Python checks
+// (fastrank.core.validate.check_relevance, fastrank.graded._check_gain_range)
+enum RelevanceStatus : uint8_t { kRelOk = 0, kRelNotFinite, kRelNegative, kRelSubnormal, kRelTooLarge };
+
+// One pass over the whole row, ignored items included, as the Python layer checks them
+template <typename T>
+inline uint8_t relevance_status(const T* r, int64_t n, T limit) {
+  bool not_finite = false, negative = false, subnormal = false, too_large = false;
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = r[k];
+    not_finite |= !(std::abs(v) <= std::numeric_limits<T>::max());
+    negative |= v < T(0);
+    subnormal |= v > T(0) && v < std::numeric_limits<T>::min();
+    too_large |= v >= limit;
+  }
+  return not_finite ? kRelNotFinite : negative ? kRelNegative : subnormal ? kRelSubnormal
+                                                              : too_large ? kRelTooLarge : kRelOk;
+}
+
+template <typename T, int STEP, typename Epilogue>
+FR_MULTIVERSION void graded_loss_rows(const GradedLossProblem<T>* prp, const Epilogue* epp, LossRow<T>* rowp,
+                                      T* score, int64_t* n_pos, T* grad, uint8_t* status, int64_t begin,
+                                      int64_t end) {
+  const GradedLossProblem<T>& pr = *prp;
+  const Epilogue& epi = *epp;
+  LossRow<T>& row = *rowp;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t i = begin; i < end; ++i) {
+    T* g = grad ? grad + i * pr.N : nullptr;
+    if (g) std::fill(g, g + pr.N, T(0));  // first touch by the owning thread
+    n_pos[i] = 0;
+    score[i] = T(0);
+    status[i] = relevance_status(pr.rel + i * pr.N, pr.N, pr.rel_limit);
+    if (status[i] != kRelOk) continue;  // the call raises once every row is done
+    const bool nan_row = row.load(pr, i);
+    const int64_t z = row.z;
+    n_pos[i] = z;
+    if (nan_row) {
+      // NaN in -> NaN out, also for a query without relevant items; its gradient row is NaN
+      // at the valid items when the score depends on them (z > 0), as the two-pass path gives
+      score[i] = nan;
+      if (g && z > 0)
+        for (int64_t t = 0; t < row.nv; ++t) g[row.col[t]] = nan;
+      continue;
+    }
+    if (z == 0) continue;
+    const int64_t nv = row.nv;
+    bool stored = g != nullptr && z <= static_cast<int64_t>(row.der.size()) / std::max<int64_t>(1, nv);
+    for (int64_t t = 0; stored && t < z; ++t) stored = !std::isinf(row.s[t]);
+    for (int64_t t = 0; t < z; ++t) {
+      if (stored)
+        graded_one_stored<T, STEP>(row, pr.step, row.s[t], row.r[t], row.der.data() + t * nv, row.ra[t], row.rp[t]);
+      else
+        graded_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.ra[t], row.rp[t]);
+    }
+    score[i] = epi.value(row.ra.data(), row.rp.data(), row.r.data(), z);
+    if (!g) continue;
+    epi.grad(row.ra.data(), row.rp.data(), row.r.data(), z, row.d_all.data(), row.d_pos.data());
+    T* gv = row.g.data();
+    std::fill(gv, gv + row.nv, T(0));
+    for (int64_t t = 0; t < z; ++t) {
+      const T tot =
+          stored ? graded_grad_one_stored<T, STEP>(row, row.r[t], row.der.data() + t * nv, row.d_all[t],
+                                                   row.d_pos[t], gv)
+                 : graded_grad_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.d_all[t], row.d_pos[t], gv);
+      gv[t] -= tot;
+    }
+    for (int64_t t = 0; t < nv; ++t) g[row.col[t]] = gv[t];
   }
 }
 
@@ -292,11 +437,85 @@ at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
   return grad;
 }
 
+// H-AP (kind 0) or NDCG (kind 1) per query, its number of ranked items and, with_grad, the
+// gradient rows; relevance (Q, N) in the dtype of scores, its values checked in the rows' pass
+enum GradedLossKind : int64_t { kHap = 0, kNdcg = 1 };
+
+constexpr const char* kLossOp = "fastrank cpu graded_loss";
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(const at::Tensor& scores_in,
+                                                               const at::Tensor& relevance_in,
+                                                               const std::optional<at::Tensor>& ign_idx,
+                                                               const std::optional<at::Tensor>& ign_mask,
+                                                               int64_t step, double tau, double rho, double delta,
+                                                               double start, double offset, int64_t kind,
+                                                               bool with_grad) {
+  check_scores_and_ignore(kLossOp, c10::DeviceType::CPU, scores_in, ign_idx, ign_mask);
+  check_relevance_layout(kLossOp, relevance_in, scores_in);
+  check_step(kLossOp, step, tau, rho, delta, start, offset, scores_in.scalar_type());
+  TORCH_CHECK_VALUE(kind == kHap || kind == kNdcg, kLossOp, ": kind must be ", int64_t(kHap), " (H-AP) or ",
+                    int64_t(kNdcg), " (NDCG), got ", kind);
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor rel = relevance_in.contiguous();
+  const std::optional<at::Tensor> idx = ign_idx ? std::optional<at::Tensor>(ign_idx->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> mask = ign_mask ? std::optional<at::Tensor>(ign_mask->contiguous()) : std::nullopt;
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  at::Tensor score = at::empty({Q}, scores.options());
+  at::Tensor n_pos = at::empty({Q}, scores.options().dtype(at::kLong));
+  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, scores.options());
+  std::vector<uint8_t> status(static_cast<size_t>(Q), kRelOk);
+  // NDCG's gain 2^rel - 1 must be finite in the dtype: rel < log2(max)
+  const double limit = kind == kNdcg ? std::log2(dtype_max(scores.scalar_type())) : std::numeric_limits<double>::infinity();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_graded_loss_cpu", [&] {
+    using T = scalar_t;
+    const ProblemView<T> view{scores.data_ptr<T>(), nullptr, idx ? idx->data_ptr<int64_t>() : nullptr,
+                              mask ? mask->data_ptr<bool>() : nullptr, Q, N, 0};
+    const GradedLossProblem<T> pr{{view, rel.data_ptr<T>(), make_step_params<T>(tau, rho, delta, start, offset)},
+                                  T(limit)};
+    T* sc = score.data_ptr<T>();
+    int64_t* np = n_pos.data_ptr<int64_t>();
+    T* g = with_grad ? grad.data_ptr<T>() : nullptr;
+    auto run = [&](const auto& epi) {
+      // the ranked items are unknown before the rows are read: tasks sized for N per row
+      dispatch_step(step, [&](auto step_kind) {
+        parallel_rows<LossRow<T>>(kLossOp, Q, rows_per_task(N, N), N, LossRow<T>::kBytesPerColumn,
+                                  [&](LossRow<T>& row, int64_t b, int64_t e) {
+                                    graded_loss_rows<T, decltype(step_kind)::value>(&pr, &epi, &row, sc, np, g,
+                                                                                    status.data(), b, e);
+                                  });
+      });
+    };
+    if (kind == kHap)
+      run(HapEpilogue<T>{});
+    else
+      run(NdcgEpilogue<T>{});
+  });
+  const auto bad = std::find_if(status.begin(), status.end(), [](uint8_t v) { return v != kRelOk; });
+  if (bad != status.end()) {
+    const int64_t i = bad - status.begin();
+    const at::Tensor row = rel[i];
+    const bool single = scores.scalar_type() == at::kFloat;
+    const char* dtype = single ? "float32" : "float64";
+    TORCH_CHECK_VALUE(*bad != kRelNotFinite, kLossOp, ": relevance must be finite (no NaN or inf), got one in row ",
+                      i);
+    TORCH_CHECK_VALUE(*bad != kRelNegative, kLossOp, ": relevance must be >= 0 (0 = irrelevant), got a minimum of ",
+                      row.min().item<double>(), " in row ", i);
+    TORCH_CHECK_VALUE(*bad != kRelSubnormal, kLossOp, ": relevance has positive values below the smallest normal ",
+                      dtype, " in row ", i, " (they lose their precision); rescale the relevance",
+                      single ? " or pass float64 scores" : "");
+    TORCH_CHECK_VALUE(false, kLossOp, ": relevance up to ", row.max().item<double>(), " in row ", i,
+                      " overflows the gain 2^rel - 1 of NDCG in ", dtype, " (needs rel < ", limit,
+                      "); rescale the relevance", single ? " or pass float64 scores" : "");
+  }
+  return {score, n_pos, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastrank, CPU, m) {
   m.impl("graded_rank_sums_fwd", &graded_rank_sums_fwd_cpu);
   m.impl("graded_rank_sums_bwd", &graded_rank_sums_bwd_cpu);
+  m.impl("graded_loss", &graded_loss_cpu);
 }
 
 }  // namespace cpu

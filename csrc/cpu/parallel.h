@@ -31,6 +31,18 @@ inline int64_t rows_per_task(int64_t P, int64_t N) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / work);
 }
 
+// The fused loss ops' stored step derivatives of one row stay in a per-thread L2-sized buffer
+// (docs/design.md §2.4): 1 MiB holds 4 per class at N = 87k (float32, SupAP: |P| = 3 runs of N
+// negatives) and 4096 x 64 (Smooth-AP).
+constexpr int64_t kDerivativeBytes = int64_t(1) << 20;
+
+// Elements of that buffer for rows of n items: at most n * n (no row needs more), without overflow
+template <typename T>
+inline size_t derivative_elems(int64_t n) {
+  constexpr int64_t cap = kDerivativeBytes / int64_t(sizeof(T));
+  return static_cast<size_t>(n <= cap ? std::min<int64_t>(cap, n * n) : cap);
+}
+
 // Tasks of an at::parallel_for over n rows with this grain
 inline int64_t tasks(int64_t n, int64_t grain) { return (n + grain - 1) / std::max<int64_t>(1, grain); }
 

@@ -209,10 +209,6 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
 // recomputes the steps (grad_one), as the two-pass backward does. Both give the same products
 // c_k = coef * step'(d), so the same gradient.
 
-// The stored derivatives of one row stay in a per-thread L2-sized buffer: 1 MiB holds 4 per
-// class at N = 87k (float32, SupAP: |P| = 3 runs of N negatives) and 4096 x 64 (Smooth-AP).
-constexpr int64_t kDerivativeBytes = int64_t(1) << 20;
-
 template <typename T>
 struct LossProblem : ProblemView<T> {
   StepParams<T> step;
@@ -225,13 +221,7 @@ struct LossBuffers : RowBuffers<T> {
   std::vector<T> ra, rp, d_all, d_pos;  // per ranked positive
   std::vector<T> der;                   // the stored derivatives, at most kDerivativeBytes
   explicit LossBuffers(int64_t n)
-      : RowBuffers<T>(n),
-        ra(n),
-        rp(n),
-        d_all(n),
-        d_pos(n),
-        der(static_cast<size_t>(std::min<int64_t>(kDerElems, n <= kDerElems ? n * n : kDerElems))) {}
-  static constexpr int64_t kDerElems = kDerivativeBytes / int64_t(sizeof(T));
+      : RowBuffers<T>(n), ra(n), rp(n), d_all(n), d_pos(n), der(derivative_elems<T>(n)) {}
 };
 
 // The forward of positive p with its derivatives stored at der (positives then negatives for the

@@ -254,6 +254,7 @@ LOSS_OPS: Dict[str, LossOp] = {
     for op in (
         LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
         LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
+        LossOp("graded_loss", ("scores", "relevance", "ignore_idx", "ignore_mask")),
     )
 }
 

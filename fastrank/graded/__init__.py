@@ -30,10 +30,11 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import validate as V
-from ..core.epilogue import reduce_per_query, safe_div
+from ..core.backend import fused_losses
+from ..core.epilogue import reduce_per_query, reduce_values, safe_div
 from ..core.params import StepParams, make_params
-from ..core.problem import RankProblem, gather_packed, prepare, scatter_packed
-from ..core.registry import run
+from ..core.problem import RankProblem, build_problem, check_call, gather_packed, ignore_args, prepare, scatter_packed
+from ..core.registry import run, run_loss
 
 Tensor = torch.Tensor
 
@@ -142,6 +143,27 @@ def _packed(fn, scores, relevance, ignore, backend, params) -> Tuple[Tensor, Ten
     return ra, rp, pb
 
 
+#: the `kind` of the fused graded_loss op
+_LOSS_KIND = {"h_ap": 0, "ndcg": 1}
+
+
+def _graded_loss(fn, loss, scores, relevance, ignore, reduction, backend, params, epilogue) -> Tensor:
+    """The loss per query on the fused graded_loss op (cpp, unless FASTRANK_FUSED=0), else the
+    packed rank sums and `epilogue(fn, rank_all, rank_pos, problem)` in PyTorch; reduced."""
+    scores, rel, name = check_call(fn, scores, relevance, ignore, backend, graded=True)
+    if name == "cpp" and fused_losses():
+        # one pass per row in C++: the ranked items found from the relevance there (no packing),
+        # the epilogue and the gradient rows with them; it checks NDCG's gain range on the way
+        value, n_pos = run_loss("graded_loss", name, scores, rel, *ignore_args(ignore), params=params,
+                                options=(_LOSS_KIND[loss],))
+        return reduce_values(value, n_pos > 0, reduction)
+    q, n = scores.shape
+    pb = build_problem(relevance, ignore, q, n, scores.device)
+    pb.relevance = rel
+    ra, rp = graded_rank_sums_packed(name, scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    return reduce_per_query(epilogue(fn, ra, rp, pb), scores, pb, reduction)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -212,14 +234,16 @@ def h_ap(
     fn = "fastrank.h_ap"
     V.check_reduction(fn, reduction)
     params = make_params(fn, step, tau, rho, delta, start, offset)
-    rank_all, rank_pos, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    return _graded_loss(fn, "h_ap", scores, relevance, ignore, reduction, backend, params, _h_ap_epilogue)
+
+
+def _h_ap_epilogue(fn: str, rank_all: Tensor, rank_pos: Tensor, pb: RankProblem) -> Tensor:
     rel = pb.relevance
     # packed (Q, P) sums in column order, as fastrank.ap does (the binary case is bit-exact)
     has = pb.pos_idx >= 0
     ratio = safe_div(rank_pos, rank_all, has)
     total = gather_packed(rel, pb.pos_idx).sum(1)
-    ap = safe_div(ratio.sum(1), total, pb.n_pos > 0)
-    return reduce_per_query(ap, scores, pb, reduction)
+    return safe_div(ratio.sum(1), total, pb.n_pos > 0)
 
 
 def _check_gain_range(fn: str, rel: Tensor) -> None:
@@ -261,7 +285,10 @@ def ndcg(
     fn = "fastrank.ndcg"
     V.check_reduction(fn, reduction)
     params = make_params(fn, step, tau, rho, delta, start, offset)
-    rank_all, _, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    return _graded_loss(fn, "ndcg", scores, relevance, ignore, reduction, backend, params, _ndcg_epilogue)
+
+
+def _ndcg_epilogue(fn: str, rank_all: Tensor, rank_pos: Tensor, pb: RankProblem) -> Tensor:
     rel = pb.relevance
     _check_gain_range(fn, rel)
     # the ranked items (relevance > 0, not ignored) are exactly the packed ones
@@ -282,6 +309,4 @@ def ndcg(
     ideal_gain = gain.sort(dim=1, descending=True).values
     ideal_disc = torch.log2(torch.arange(2, gain.shape[1] + 2, dtype=rel.dtype, device=rel.device))
     idcg = (ideal_gain / ideal_disc).sum(1)
-    has = pb.n_pos > 0
-    value = safe_div(dcg, idcg, has & (idcg > 0))
-    return reduce_per_query(value, scores, pb, reduction)
+    return safe_div(dcg, idcg, (pb.n_pos > 0) & (idcg > 0))
