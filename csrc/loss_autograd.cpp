@@ -119,6 +119,7 @@ void loss_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
 TORCH_LIBRARY_IMPL(fastrank, Autograd, m) {
   m.impl("ap_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
   m.impl("recall_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
+  m.impl("graded_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
 }
 
 }  // namespace fastrank

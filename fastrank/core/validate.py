@@ -225,8 +225,11 @@ def check_relevance(fn: str, relevance: Any, scores: torch.Tensor, values: bool 
         raise TypeError(f"{fn}: `relevance` must be a floating or integer tensor, got {relevance.dtype}")
     dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
     rel = relevance.detach().to(dtype).contiguous()
-    if not values or relevance.dtype == torch.bool or relevance.numel() == 0:
-        return rel  # values=False: a fused op checks the values in its own pass
+    # values=False: a fused op checks the values (finite, >= 0, normal) in its own pass, on the
+    # cast relevance; a narrowing float cast can still turn a value into 0, so that one is checked here
+    lossless = relevance.dtype == dtype or not relevance.dtype.is_floating_point
+    if (not values and lossless) or relevance.dtype == torch.bool or relevance.numel() == 0:
+        return rel
     # one reduction pass (aminmax propagates NaN); isfinite + any would take three
     stats = list(torch.aminmax(relevance))
     if relevance.dtype.is_floating_point:  # integers cannot underflow

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import validate as V
-from ..core.backend import fused_losses
+from ..core.backend import use_fused
 from ..core.epilogue import reduce_per_query, reduce_values, safe_div
 from ..core.params import StepParams, make_params
 from ..core.problem import RankProblem, build_problem, check_call, gather_packed, ignore_args, prepare, scatter_packed
@@ -150,11 +150,11 @@ _LOSS_KIND = {"h_ap": 0, "ndcg": 1}
 def _graded_loss(fn, loss, scores, relevance, ignore, reduction, backend, params, epilogue) -> Tensor:
     """The loss per query on the fused graded_loss op (cpp, unless FASTRANK_FUSED=0), else the
     packed rank sums and `epilogue(fn, rank_all, rank_pos, problem)` in PyTorch; reduced."""
-    scores, rel, name = check_call(fn, scores, relevance, ignore, backend, graded=True)
-    if name == "cpp" and fused_losses():
+    scores, rel, name = check_call(fn, scores, relevance, ignore, backend, graded=True, fused=True)
+    if use_fused(name):
         # one pass per row in C++: the ranked items found from the relevance there (no packing),
         # the epilogue and the gradient rows with them; it checks NDCG's gain range on the way
-        value, n_pos = run_loss("graded_loss", name, scores, rel, *ignore_args(ignore), params=params,
+        value, n_pos = run_loss("graded_loss", fn, name, scores, rel, *ignore_args(ignore), params=params,
                                 options=(_LOSS_KIND[loss],))
         return reduce_values(value, n_pos > 0, reduction)
     q, n = scores.shape
