@@ -252,6 +252,8 @@ LOSS_OPS: Dict[str, LossOp] = {
     for op in (
         LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
         LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
+        LossOp("histogram_ap_loss",
+               ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
     )
 }
 
