@@ -156,4 +156,103 @@ struct NdcgEpilogue {
   }
 };
 
+// ---------------------------------------------------------------- histogram AP (docs/design.md §1.3)
+//
+// The histogram APs' epilogues on one query's soft histograms h_all, h_pos (L bins, np >= 1
+// valid positives): value(ha, hp, L, np) is the query's AP; grad(ha, hp, L, np, d_all, d_pos)
+// writes d AP / d h_all[l] and d AP / d h_pos[l] for every bin, which the fused kernel turns
+// into the gradient row (each score touches at most two bins). Both follow the autograd of
+// fastrank/histogram/__init__.py (_fastap, _softbin): a masked term carries no gradient.
+// grad may use d_all and d_pos as scratch before it writes them; they must not alias ha or hp.
+
+// FastAP: AP = (1/np) sum_l h+_l H+_l / H_l with H+ = cumsum h+, H = cumsum h_all; a term with
+// h+_l H+_l = 0 or H_l = 0 is dropped (the reference zeroes its NaN/inf terms).
+template <typename T>
+struct FastApEpilogue {
+  FR_HD T value(const T* ha, const T* hp, int64_t L, int64_t np) const {
+    T cp = T(0), ca = T(0), acc = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      cp += hp[l];
+      ca += ha[l];
+      const T num = hp[l] * cp;
+      if (num != T(0) && ca != T(0)) acc += num / ca;
+    }
+    return acc / T(np);
+  }
+  // d num_l = [kept] / H_l feeds h+_l (times H+_l) and, through the cumsum, every h+_m, m <= l
+  // (times h+_l); d H_l = -[kept] num_l / H_l^2 feeds every h_all[m], m <= l.
+  FR_HD void grad(const T* ha, const T* hp, int64_t L, int64_t np, T* d_all, T* d_pos) const {
+    T cp = T(0), ca = T(0);
+    for (int64_t l = 0; l < L; ++l) {  // the prefix sums, kept in the outputs for the reverse sweep
+      d_pos[l] = cp += hp[l];
+      d_all[l] = ca += ha[l];
+    }
+    const T inv_np = T(1) / T(np);
+    T suf_pos = T(0), suf_all = T(0);
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const T c_pos = d_pos[l], c_all = d_all[l];
+      const T num = hp[l] * c_pos;
+      T d_num = T(0);
+      if (num != T(0) && c_all != T(0)) {
+        const T inv = T(1) / c_all;
+        d_num = inv * inv_np;
+        suf_all -= num * inv * inv * inv_np;
+      }
+      suf_pos += hp[l] * d_num;
+      d_pos[l] = c_pos * d_num + suf_pos;
+      d_all[l] = suf_all;
+    }
+  }
+};
+
+// SoftBin (listwise AP): AP = sum_b prec_b rec_b, prec_b = H+_b / H_b (0 where H_b <= 0),
+// rec_b = h+_b / sum h+ (0 where the sum is <= 0). Written "not (x <= 0)" as the Python
+// epilogue is, so the two masks agree on every input.
+template <typename T>
+struct SoftBinEpilogue {
+  FR_HD T value(const T* ha, const T* hp, int64_t L, int64_t) const {
+    T total = T(0);
+    for (int64_t l = 0; l < L; ++l) total += hp[l];
+    if (total <= T(0)) return T(0);
+    T cp = T(0), ca = T(0), acc = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      cp += hp[l];
+      ca += ha[l];
+      const T prec = ca <= T(0) ? T(0) : cp / ca;
+      acc += prec * (hp[l] / total);
+    }
+    return acc;
+  }
+  // rec_b's direct share prec_b / total, its share through the total -sum_b prec_b h+_b / total^2,
+  // and prec_b's through the cumsums: d H+_b = [H_b > 0] rec_b / H_b, d H_b = -d H+_b prec_b.
+  FR_HD void grad(const T* ha, const T* hp, int64_t L, int64_t, T* d_all, T* d_pos) const {
+    T total = T(0);
+    for (int64_t l = 0; l < L; ++l) total += hp[l];
+    if (total <= T(0)) {
+      for (int64_t l = 0; l < L; ++l) d_all[l] = d_pos[l] = T(0);
+      return;
+    }
+    T cp = T(0), ca = T(0), d_total = T(0);
+    for (int64_t l = 0; l < L; ++l) {  // prec_b kept in d_pos, H_b in d_all for the reverse sweep
+      cp += hp[l];
+      ca += ha[l];
+      const T prec = ca <= T(0) ? T(0) : cp / ca;
+      d_pos[l] = prec;
+      d_all[l] = ca;
+      d_total -= prec * hp[l] / (total * total);
+    }
+    T suf_pos = T(0), suf_all = T(0);
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const T prec = d_pos[l], c_all = d_all[l];
+      if (!(c_all <= T(0))) {
+        const T d_cp = (hp[l] / total) / c_all;
+        suf_pos += d_cp;
+        suf_all -= d_cp * prec;
+      }
+      d_pos[l] = prec / total + d_total + suf_pos;
+      d_all[l] = suf_all;
+    }
+  }
+};
+
 }  // namespace fastrank

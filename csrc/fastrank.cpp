@@ -60,6 +60,12 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "graded_loss(Tensor scores, Tensor relevance, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, "
       "float rho, float delta, float start, float offset, int kind, bool with_grad) -> (Tensor, Tensor, Tensor)");
+  // fused histogram AP (kind 0 = FastAP, 1 = SoftBin), same target and outputs as ap_loss; the bins
+  // as histogram_fwd's: v = scale * s + shift on centres 0..bins-1
+  m.def(
+      "histogram_ap_loss(Tensor scores, Tensor? query_labels, Tensor? gallery_labels, Tensor? relevance, "
+      "Tensor? ignore_idx, Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends, int kind, "
+      "bool with_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");

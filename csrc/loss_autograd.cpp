@@ -120,6 +120,7 @@ TORCH_LIBRARY_IMPL(fastrank, Autograd, m) {
   m.impl("ap_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
   m.impl("recall_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
   m.impl("graded_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
+  m.impl("histogram_ap_loss", torch::CppFunction::makeFromBoxedFunction<&loss_autograd>());
 }
 
 }  // namespace fastrank

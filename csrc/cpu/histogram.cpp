@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cpu/parallel.h"
+#include "epilogue.h"
 #include "histogram.h"
 
 namespace fastrank {
@@ -146,9 +147,150 @@ static at::Tensor histogram_bwd_cpu(const at::Tensor& grad_all_in, const at::Ten
   return grad;
 }
 
+// ---------------------------------------------------------------- fused loss op
+//
+// histogram_ap_loss (docs/design.md §2.4): one task per block of rows; each row flags its own
+// positives from the target as given, builds h_all and h_pos in one sweep, takes the AP and its
+// derivative per bin from the epilogue (csrc/epilogue.h: FastApEpilogue, SoftBinEpilogue) and,
+// with_grad, sweeps the row again while it is in cache: a score touches at most two bins, so
+// d AP / d s_k = scale * sum over its bins of d AP / d h * w'(v_k), with the bins' derivatives
+// summed (A + B) for a positive.
+
+constexpr int64_t kFastAp = 0, kSoftBin = 1;
+
+template <typename T>
+struct HistLossProblem : ProblemView<T> {
+  int64_t L;
+  T scale, shift;
+  bool open_ends;
+  TargetView target;
+};
+
+// Per thread: the row's flags (N bytes, flag_row) and 6 L + 4 bin values: h_all, h_pos, the
+// epilogue's d_all, d_pos, then the gradient sweep's two tables padded by a zero bin at either
+// end (bins -1 and L), so it reads both touched bins without a range test.
+inline int64_t hist_loss_bin_values(int64_t L) { return 6 * L + 4; }
+
+// Not multiversioned: the x86-64-v3/v4 clones would contract scale * s + shift into an FMA, whose
+// v differs from the naive backend's by an ulp, enough to move a score off a bin centre (a kink).
+template <typename T, typename Epilogue>
+static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, uint8_t* flag,
+                           T* bins, T* score, int64_t* n_pos, T* grad, int64_t begin, int64_t end) {
+  const HistLossProblem<T>& pr = *prp;
+  const int64_t L = pr.L, N = pr.N;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  T* ha = bins;
+  T* hp = bins + L;
+  T* d_all = bins + 2 * L;
+  T* d_pos = bins + 3 * L;
+  T* g_neg = bins + 4 * L;      // L + 2: [0, d_all, 0]
+  T* g_pos = bins + 5 * L + 2;  // L + 2: [0, d_all + d_pos, 0]
+  for (int64_t i = begin; i < end; ++i) {
+    flag_row(pr, pr.target, i, flag);
+    const T* s = pr.scores + i * N;
+    T* g = grad ? grad + i * N : nullptr;
+    std::fill(ha, ha + 2 * L, T(0));
+    int64_t np = 0;
+    bool nan_row = false;
+    for (int64_t k = 0; k < N; ++k) {
+      if (!flag[k]) continue;
+      const T v = pr.scale * s[k] + pr.shift;
+      if (std::isnan(v)) {
+        nan_row = true;
+        break;
+      }
+      const SoftBin<T> b = soft_bin(v, L, pr.open_ends);
+      add_bin(ha, L, b);
+      if (flag[k] == 2) {
+        add_bin(hp, L, b);
+        ++np;
+      }
+    }
+    if (nan_row) {
+      // NaN in -> NaN out, also for a query without positives; its gradient row is NaN at the
+      // valid items when the AP depends on them (np > 0), as for the other fused loss ops
+      np = 0;
+      for (int64_t k = 0; k < N; ++k) np += flag[k] == 2;
+      n_pos[i] = np;
+      score[i] = nan;
+      if (g) {
+        for (int64_t k = 0; k < N; ++k) g[k] = np > 0 && flag[k] ? nan : T(0);
+      }
+      continue;
+    }
+    n_pos[i] = np;
+    if (np == 0) {  // no positive: AP 0, a constant
+      score[i] = T(0);
+      if (g) std::fill(g, g + N, T(0));
+      continue;
+    }
+    score[i] = epp->value(ha, hp, L, np);
+    if (!g) continue;
+    epp->grad(ha, hp, L, np, d_all, d_pos);
+    g_neg[0] = g_neg[L + 1] = g_pos[0] = g_pos[L + 1] = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      g_neg[l + 1] = d_all[l];
+      g_pos[l + 1] = d_all[l] + d_pos[l];
+    }
+    for (int64_t k = 0; k < N; ++k) {
+      T out = T(0);
+      if (flag[k]) {
+        const SoftBin<T> b = soft_bin(pr.scale * s[k] + pr.shift, L, pr.open_ends);
+        // inside the support (lo in [-1, L-1]) both padded slots exist; outside, d_lo = d_hi = 0
+        if (b.d_hi != T(0)) {
+          const T* gb = (flag[k] == 2 ? g_pos : g_neg) + (b.lo + 1);
+          out = pr.scale * (gb[1] * b.d_hi + gb[0] * b.d_lo);
+        }
+      }
+      g[k] = out;
+    }
+  }
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cpu(
+    const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in, const std::optional<at::Tensor>& glab_in,
+    const std::optional<at::Tensor>& relevance_in, const std::optional<at::Tensor>& ign_idx_in,
+    const std::optional<at::Tensor>& ign_mask_in, int64_t bins, double scale, double shift, bool open_ends,
+    int64_t kind, bool with_grad) {
+  constexpr const char* op = "fastrank cpu histogram_ap_loss";
+  const TargetProblem tp = check_target_problem(op, c10::DeviceType::CPU, scores_in, qlab_in, glab_in, relevance_in,
+                                                ign_idx_in, ign_mask_in);
+  // the scratch holds 6 bins + 4 values per thread: bins beyond 2^40 could not be allocated anyway
+  check_histogram(op, bins, int64_t(1) << 40, scale, shift, tp.scores.scalar_type());
+  TORCH_CHECK_VALUE(kind == kFastAp || kind == kSoftBin, op, ": kind must be ", kFastAp, " (fastap) or ", kSoftBin,
+                    " (softbin), got ", kind);
+  const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
+  at::Tensor score = at::empty({Q}, tp.scores.options());
+  at::Tensor n_pos = at::empty({Q}, tp.scores.options().dtype(at::kLong));
+  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, tp.scores.options());  // every row written by its task
+  AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_histogram_ap_loss_cpu", [&] {
+    using T = scalar_t;
+    const HistLossProblem<T> pr{problem_view<T>(tp), bins, T(scale), T(shift), open_ends, target_view(tp)};
+    T* sc = score.data_ptr<T>();
+    int64_t* np = n_pos.data_ptr<int64_t>();
+    T* g = with_grad ? grad.data_ptr<T>() : nullptr;
+    const int64_t grain = hist_rows_per_task(N);
+    const int64_t n_tasks = tasks(Q, grain);
+    // both scratch kinds allocated before the parallel region (thread_scratch)
+    auto flags = thread_scratch<std::vector<uint8_t>>(op, n_tasks, N, 1);
+    auto values = thread_scratch<std::vector<T>>(op, n_tasks, hist_loss_bin_values(bins), sizeof(T));
+    auto rows = [&](const auto& epi) {
+      at::parallel_for(0, Q, grain, [&](int64_t b, int64_t e) {
+        hist_loss_rows(&pr, &epi, my_scratch(flags).data(), my_scratch(values).data(), sc, np, g, b, e);
+      });
+    };
+    if (kind == kFastAp)
+      rows(FastApEpilogue<T>{});
+    else
+      rows(SoftBinEpilogue<T>{});
+  });
+  return {score, n_pos, grad};
+}
+
 TORCH_LIBRARY_IMPL(fastrank, CPU, m) {
   m.impl("histogram_fwd", &histogram_fwd_cpu);
   m.impl("histogram_bwd", &histogram_bwd_cpu);
+  m.impl("histogram_ap_loss", &histogram_ap_loss_cpu);
 }
 
 }  // namespace cpu

@@ -255,6 +255,8 @@ LOSS_OPS: Dict[str, LossOp] = {
         LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
         LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
         LossOp("graded_loss", ("scores", "relevance", "ignore_idx", "ignore_mask")),
+        LossOp("histogram_ap_loss",
+               ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
     )
 }
 

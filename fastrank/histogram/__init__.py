@@ -17,14 +17,17 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import validate as V
-from ..core.epilogue import reduce_per_query, safe_div
+from ..core.backend import use_fused
+from ..core.epilogue import reduce_per_query, reduce_values, safe_div
 from ..core.params import HistParams
-from ..core.problem import Target, prepare
-from ..core.registry import run
+from ..core.problem import Target, build_problem, check_call, ignore_args, target_args
+from ..core.registry import run, run_loss
 
 Tensor = torch.Tensor
 
 KINDS = ("fastap", "softbin")
+#: the fused loss op's kind argument (csrc/cpu/histogram.cpp)
+KIND_IDS = {"fastap": 0, "softbin": 1}
 _DEFAULT_BINS = {"fastap": 10, "softbin": 25}
 
 
@@ -124,7 +127,13 @@ def histogram_ap(
     params = histogram_params(kind, nbins, value_range)
     if not all(math.isfinite(v) for v in (params.scale, params.shift)):
         raise ValueError(f"{fn}: `range` {tuple(value_range)!r} is too narrow for {nbins} bins")
-    scores, pb, name = prepare(fn, scores, target, ignore, backend)
+    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True)
+    if use_fused(name):
+        # one pass per row in C++ (docs/design.md §2.4): no packing, the gradient rows with it
+        ap, n_pos = run_loss("histogram_ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
+                             params=params, options=(KIND_IDS[kind],))
+        return reduce_values(ap, n_pos > 0, reduction)
+    pb = build_problem(target, ignore, scores.shape[0], scores.shape[1], scores.device)
     h_all, h_pos = histograms_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     ap = _fastap(h_all, h_pos, pb.n_pos) if kind == "fastap" else _softbin(h_all, h_pos)
     ap = torch.where(pb.n_pos > 0, ap, torch.zeros_like(ap))
