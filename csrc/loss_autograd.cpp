@@ -60,8 +60,15 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
     at::Tensor value = stack[0].toTensor(), count = stack[1].toTensor(), rows = stack[2].toTensor();
     ctx->saved_data["with_grad"] = with_grad;
     ctx->saved_data["name"] = op->schema().name();
-    ctx->save_for_backward({scores, rows});
+    ctx->save_for_backward({scores});
+    // not a SavedVariable: backward drops its reference (below), so that the scaled rows it
+    // returns are the gradient's only owner and AccumulateGrad takes them without a copy.
+    // No cycle: rows is non-differentiable (no grad_fn back to this node).
+    ctx->saved_data["rows"] = rows;
     ctx->mark_non_differentiable({count, rows});
+    // the count's and the rows' incoming gradients are never used: without this autograd
+    // would fill a zero (Q, N) tensor for the rows' on every backward
+    ctx->set_materialize_grads(false);
     return {value, count, rows};
   }
 
@@ -72,7 +79,7 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
                 "when scores require grad");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& scores = saved[0];
-    at::Tensor rows = saved[1];
+    at::Tensor rows = ctx->saved_data["rows"].toTensor();
     at::Tensor grad;
     if (grads[0].defined()) {
       const at::Tensor& gs = grads[0];
@@ -80,8 +87,9 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
           !traced(gs)) {
         // the graph is freed after this backward: the rows become the gradient, in place, so
         // the loss's extra memory stays one (Q, N) tensor (docs/design.md §2.4)
+        ctx->saved_data.erase("rows");
         rows.mul_(gs.unsqueeze(1));
-        grad = rows;
+        grad = std::move(rows);
       } else if (!at::GradMode::is_enabled()) {  // retain_graph=True: the rows serve again
         grad = gs.unsqueeze(1) * rows;
       } else {  // create_graph=True: a second derivative must not be silently 0

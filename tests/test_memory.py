@@ -46,9 +46,21 @@ def _peak(B, backend, op="supap", **env):
     return r
 
 
+# the fused loss ops (docs/design.md §2.4): the gradient rows become the gradient (1x scores)
+# plus, per thread, O(N) buffers and at most 1 MiB of stored step derivatives
+FUSED_SLACK = 4 << 20
+
+
 @requires("cpp")
-def test_cpp_peak_memory_is_a_few_scores():
-    r = _peak(4096, "cpp")
+@pytest.mark.parametrize("op", ["supap", "fastap", "hap"])
+def test_cpp_fused_loss_peak_memory_is_the_gradient(op):
+    r = _peak(4096, "cpp", op=op)
+    assert r["extra"] <= 1.1 * r["scores"] + FUSED_SLACK, r
+
+
+@requires("cpp")
+def test_cpp_two_pass_peak_memory_is_a_few_scores():
+    r = _peak(4096, "cpp", FASTRANK_FUSED="0")
     cube = 4096**3 * 4
     # gradient of scores (1x) plus O(Q * P) outputs and O(N) per-thread buffers
     assert r["extra"] <= 4 * r["scores"], r
@@ -63,15 +75,15 @@ def test_torch_backend_peak_memory_is_bounded_by_chunk():
 
 
 @requires("cpp")
-def test_cpp_histogram_ap_memory_is_gradient_plus_histograms():
-    r = _peak(4096, "cpp", op="fastap")
+def test_cpp_two_pass_histogram_ap_memory_is_gradient_plus_histograms():
+    r = _peak(4096, "cpp", op="fastap", FASTRANK_FUSED="0")
     # the gradient of scores (1x) plus O(Q * bins) histograms; the naive (Q, N, bins) tensor would be 11x
     assert r["extra"] <= 1.5 * r["scores"], r
 
 
 @requires("cpp")
-def test_cpp_graded_h_ap_memory_is_a_few_scores():
-    r = _peak(4096, "cpp", op="hap")
+def test_cpp_two_pass_graded_h_ap_memory_is_a_few_scores():
+    r = _peak(4096, "cpp", op="hap", FASTRANK_FUSED="0")
     # the gradient of scores (1x), O(Q * N) bool/index temporaries of the packing (ranked mask,
     # its nonzero indices: 16 ranked per query here), O(N) per thread; the naive graded cube: 64 GB
     assert r["extra"] <= 4 * r["scores"], r
