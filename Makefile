@@ -62,6 +62,7 @@ fuzz: build
 #   make bench-micro  pytest-benchmark micro-benchmarks (bench/test_micro.py; not collected by `make test`)
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/fused.py
 
 bench-full: build
 	$(PY) bench/run.py --full $(BENCH_ARGS)

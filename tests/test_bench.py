@@ -25,7 +25,7 @@ from bench.memory import PeakMemory
 from bench.op_keys import RENAMED_OP_KEYS
 from bench.report import CSV_COLUMNS, Derived, RunInfo, load_csv, markdown_table, write_csv
 
-from .conftest import AVAILABLE
+from .conftest import AVAILABLE, requires
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSED = "cpp" if "cpp" in AVAILABLE else "torch"
@@ -410,3 +410,22 @@ def test_gpu_real_oom_is_recorded():
     assert res.status == "oom", res.note
     # and the device is usable again afterwards
     assert R.run_in_process(_fast(M.PointSpec(op="smooth_ap", backend="torch", x=64, device="cuda"))).status == "ok"
+
+
+@requires("cpp")
+def test_fused_comparison_runs_and_writes_its_csv(tmp_path, capsys):
+    from bench import fused
+
+    assert fused.main(["--quick", "--ops", "sup_ap,histogram_ap:softbin", "--min-time", "0", "--max-reps", "3",
+                       "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| sup_ap | 64 |" in out and "Per-call overhead" in out
+    with open(tmp_path / "cpu_fused_latest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], int(r["B"])) for r in rows] == [("sup_ap", 64), ("sup_ap", 256), ("histogram_ap:softbin", 64),
+                                                      ("histogram_ap:softbin", 256)]
+    for r in rows:
+        assert float(r["full_fused_ms"]) > 0 and float(r["full_two_pass_ms"]) > 0
+    # the largest size of each op carries its peak memory: the gradient plus per-thread scratch
+    assert float(rows[1]["fused_peak_extra_over_scores"]) > 0.9
+    assert os.environ.get("FASTRANK_FUSED") is None  # the switch is restored
