@@ -15,6 +15,23 @@ CPU_BACKENDS = [b for b in ("naive", "torch", "cpp") if b in AVAILABLE]
 FUSED_CPU = [b for b in ("torch", "cpp") if b in AVAILABLE]
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+#: whether the cpp backend's float32 loops are the vector-extension ones of csrc/cpu/vec.h here
+#: (the rule of csrc/cpu/loops.h: not with avx512f and fma, which take the hand-written AVX-512
+#: loops, nor with FASTRANK_CPU_PORTABLE=1, which takes the scalar loops)
+CPP_VECTOR_LOOPS = not {"avx512f", "fma"} <= _cpu_flags() and os.environ.get("FASTRANK_CPU_PORTABLE") != "1"
+
+
 #: Triton tests: compiled kernels on a GPU, else the interpreter on CPU tensors
 TRITON_ON_GPU = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
 TRITON_DEVICE = torch.device("cuda" if TRITON_ON_GPU else "cpu")

@@ -267,8 +267,10 @@ def test_ops_cli_names_the_valid_keys(tmp_path):
 
 def test_renamed_op_keys_lead_to_current_ops():
     assert set(RENAMED_OP_KEYS.values()) <= set(M.OPS) and not set(RENAMED_OP_KEYS) & set(M.OPS)
-    # every committed CSV (written with the old keys) reads back with today's keys
-    committed = sorted((Path(ROOT) / "bench" / "results").glob("*.csv"))
+    # every committed CSV of the sweep (written with the old keys) reads back with today's keys
+    # (bench/fused.py's cpu_fused_* CSVs have their own columns)
+    committed = sorted(p for p in (Path(ROOT) / "bench" / "results").glob("*.csv")
+                       if not p.name.startswith("cpu_fused_"))
     assert committed
     for path in committed:
         results, _ = load_csv(str(path))

@@ -25,7 +25,7 @@ from .cases import (
     rank_sums_and_grad,
     to_device,
 )
-from .conftest import AVAILABLE, FUSED_CPU
+from .conftest import AVAILABLE, CPP_VECTOR_LOOPS, FUSED_CPU
 
 CASES = all_cases()
 STEPS = ["sigmoid", "suprank"]
@@ -96,7 +96,11 @@ def test_labels_and_dense_target_agree(backend, step):
 
 #: the C++ kernel's float32 suprank sums: rank_all ~2.7x and the gradient ~4.5x the naive float32
 #: error on this case (sigmoid is within the rule)
-_CPP_FP32_SUPRANK = pytest.mark.xfail(reason="C++ float32 suprank error above 2x naive's (rank_all, gradient)",
+# the float32 SupRank error of the scalar and the AVX-512 loops is above 2x naive's; the
+# vector-extension loops (csrc/cpu/vec.h) stay within it (measured on an AVX2-only AMD EPYC)
+_CPP_FP32_SUPRANK = pytest.mark.xfail(not CPP_VECTOR_LOOPS,
+                                      reason="C++ float32 suprank error above 2x naive's (rank_all, gradient) with "
+                                             "the scalar and AVX-512 loops",
                                       strict=True, raises=AssertionError)
 
 
