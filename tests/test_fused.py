@@ -55,18 +55,20 @@ def test_fused_equals_the_two_pass_path(name, reduction, monkeypatch):
         assert_all_close(fused, two_pass, rtol=1e-12, atol=1e-12)
 
 
-def test_the_switch_selects_the_path(monkeypatch):
+@pytest.mark.parametrize("module,fn", [("ap", fastrank.sup_ap), ("recall", fastrank.recall_at_k)])
+def test_the_switch_selects_the_path(module, fn, monkeypatch):
     # the fused path never packs the problem; the two-pass path does (build_problem)
-    import fastrank.ap as ap_mod
+    import importlib
 
+    mod = importlib.import_module(f"fastrank.{module}")
     calls = []
-    real = ap_mod.build_problem
-    monkeypatch.setattr(ap_mod, "build_problem", lambda *a: calls.append(1) or real(*a))
+    real = mod.build_problem
+    monkeypatch.setattr(mod, "build_problem", lambda *a: calls.append(1) or real(*a))
     case = all_cases()[10]
-    fastrank.sup_ap(case.scores, case.target, ignore=case.ignore, backend="cpp")
+    fn(case.scores, case.target, ignore=case.ignore, backend="cpp")
     assert calls == []
     monkeypatch.setenv("FASTRANK_FUSED", "0")
-    fastrank.sup_ap(case.scores, case.target, ignore=case.ignore, backend="cpp")
+    fn(case.scores, case.target, ignore=case.ignore, backend="cpp")
     assert calls == [1]
 
 
@@ -187,20 +189,6 @@ def test_direct_call_rejects_bad_step_parameters():
     with pytest.raises(ValueError, match="tau must lie in"):
         torch.ops.fastrank.ap_loss(s, torch.arange(4), torch.arange(6) % 3, None, None, None, 1, float("inf"),
                                    100.0, 0.05, 0.5, 1.5, False)
-
-
-def test_the_switch_selects_the_path_for_recall(monkeypatch):
-    import fastrank.recall as recall_mod
-
-    calls = []
-    real = recall_mod.build_problem
-    monkeypatch.setattr(recall_mod, "build_problem", lambda *a: calls.append(1) or real(*a))
-    case = all_cases()[10]
-    fastrank.recall_at_k(case.scores, case.target, ignore=case.ignore, backend="cpp")
-    assert calls == []
-    monkeypatch.setenv("FASTRANK_FUSED", "0")
-    fastrank.recall_at_k(case.scores, case.target, ignore=case.ignore, backend="cpp")
-    assert calls == [1]
 
 
 RECALL_OPTIONS = ([1, 4, 50], 0.5, False)  # ks (one past N), temp, clamp_hits (Patel et al.)
