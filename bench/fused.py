@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="B = 64, 256 only (a smoke test)")
     ap.add_argument("--ops", default=",".join(SIZES), help="comma-separated ops (default: all)")
+    ap.add_argument("--sizes", default="", help="comma-separated B to run (default: each op's list)")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of calls per point (default 1)")
     ap.add_argument("--max-reps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     try:
         for op in ops:
             sizes = QUICK_SIZES if args.quick else SIZES[op]
+            if args.sizes:
+                sizes = [int(b) for b in args.sizes.split(",") if b]
             for B in sizes:
                 w = W.build("batch", B)
                 forward, full = _calls(op, w)

@@ -42,17 +42,27 @@ inline void mark_valid_columns(const ProblemView<T>& pr, int64_t i, uint8_t* val
 }
 
 // flag[k] of row i of a loss problem: 2 = positive, 1 = valid negative, 0 = left out (ignored).
-// Each row task flags its own row, so a loss call has no data-dependent shapes.
+// Each row task flags its own row, so a loss call has no data-dependent shapes. One branch-free
+// pass per target form (the compiler vectorises each), then the one ignored column.
 template <typename T>
 inline void flag_row(const ProblemView<T>& pr, const TargetView& t, int64_t i, uint8_t* flag) {
-  mark_valid_columns(pr, i, flag);
+  const int64_t N = pr.N;
+  const bool* ign = pr.ign_mask ? pr.ign_mask + i * N : nullptr;
   if (t.qlab) {
     const int64_t label = t.qlab[i];
-    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & (t.glab[k] == label));
+    const int64_t* gl = t.glab;
+    if (ign)
+      for (int64_t k = 0; k < N; ++k) flag[k] = uint8_t(uint8_t(!ign[k]) * uint8_t(1 + (gl[k] == label)));
+    else
+      for (int64_t k = 0; k < N; ++k) flag[k] = uint8_t(1 + (gl[k] == label));
   } else {
-    const bool* m = t.pos_mask + i * pr.N;
-    for (int64_t k = 0; k < pr.N; ++k) flag[k] += uint8_t(flag[k] & m[k]);
+    const bool* m = t.pos_mask + i * N;
+    if (ign)
+      for (int64_t k = 0; k < N; ++k) flag[k] = uint8_t(uint8_t(!ign[k]) * uint8_t(1 + m[k]));
+    else
+      for (int64_t k = 0; k < N; ++k) flag[k] = uint8_t(1 + m[k]);
   }
+  if (pr.ign_idx && pr.ign_idx[i] >= 0) flag[pr.ign_idx[i]] = 0;
 }
 
 // Row i ranks at least one item (pos_idx has a non-hole entry).

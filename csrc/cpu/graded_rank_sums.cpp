@@ -462,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(const at::Tensor&
   const int64_t Q = scores.size(0), N = scores.size(1);
   at::Tensor score = at::empty({Q}, scores.options());
   at::Tensor n_pos = at::empty({Q}, scores.options().dtype(at::kLong));
-  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, scores.options());
+  at::Tensor grad = empty_grad_rows(with_grad ? Q : 0, N, scores.options());
   std::vector<uint8_t> status(static_cast<size_t>(Q), kRelOk);
   // NDCG's gain 2^rel - 1 must be finite in the dtype: rel < log2(max)
   const double limit = kind == kNdcg ? std::log2(dtype_max(scores.scalar_type())) : std::numeric_limits<double>::infinity();

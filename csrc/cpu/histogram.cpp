@@ -262,7 +262,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cpu(
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
   at::Tensor score = at::empty({Q}, tp.scores.options());
   at::Tensor n_pos = at::empty({Q}, tp.scores.options().dtype(at::kLong));
-  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, tp.scores.options());  // every row written by its task
+  at::Tensor grad = empty_grad_rows(with_grad ? Q : 0, N, tp.scores.options());  // every row written by its task
   AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_histogram_ap_loss_cpu", [&] {
     using T = scalar_t;
     const HistLossProblem<T> pr{problem_view<T>(tp), bins, T(scale), T(shift), open_ends, target_view(tp)};

@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "epilogue.h"
 #include "cpu/loops.h"
+#include "cpu/loss_sweeps.h"
 #include "cpu/parallel.h"
 
 namespace fastrank {
@@ -35,7 +36,9 @@ struct RowBuffers {
   std::vector<T> spos, sneg, gpos, gneg;
   std::vector<int64_t> pcol, ncol;
   std::vector<uint8_t> flag;
-  explicit RowBuffers(int64_t n) : spos(n), sneg(n), gpos(n), gneg(n), pcol(n), ncol(n), flag(n) {}
+  // flag is padded with kMaxLanes zero bytes: the fused rows' last vector reads flags 0 there
+  explicit RowBuffers(int64_t n)
+      : spos(n), sneg(n), gpos(n), gneg(n), pcol(n), ncol(n), flag(n + kMaxLanes) {}
 };
 
 // Compacts row i's flagged items (flag 2: positive, 1: negative, 0: left out) into the
@@ -204,11 +207,13 @@ FR_MULTIVERSION static void backward_rows(const Problem<T>* prp, RowBuffers<T>* 
 // with_grad, the gradient row d score_i / d s_i. Autograd multiplies the rows by grad_output
 // (query i's score depends on row i alone).
 //
-// With the gradient, the forward sweep stores each term's step derivative while it computes the
-// step (one exp for both), and the gradient sweep only multiplies and adds: while the row's
-// |P_i| x (competitors) derivatives fit kDerivativeBytes per thread. Beyond that budget, or for a
-// row with an infinite positive (whose ties take the scalar tied_* loops), the gradient sweep
-// recomputes the steps (grad_one), as the two-pass backward does. Both give the same products
+// A row is swept in place against blocks of up to four positives (loss_sweeps.h): nothing is
+// compacted but the row's few positives. With the gradient, the forward sweep also sums each
+// positive's step derivatives (its own share of the gradient) and, while the row's |P_i| x N
+// derivatives fit kDerivativeBytes per thread, stores them, so that the gradient sweep only
+// multiplies and adds, writing the row once in column order; beyond the budget that sweep
+// recomputes them. A row with an infinite positive, whose ties need step_diff, takes the
+// compacted runs of the two-pass kernels (rank_one / grad_one). All give the same products
 // c_k = coef * step'(d), so the same gradient.
 
 template <typename T>
@@ -219,98 +224,190 @@ struct LossProblem : ProblemView<T> {
 
 template <typename T>
 struct LossBuffers : RowBuffers<T> {
-  static constexpr int64_t kBytesPerColumn = RowBuffers<T>::kBytesPerColumn + 4 * sizeof(T);
-  std::vector<T> ra, rp, d_all, d_pos;  // per ranked positive
-  std::vector<T> der;                   // the stored derivatives, at most kDerivativeBytes
+  static constexpr int64_t kBytesPerColumn = RowBuffers<T>::kBytesPerColumn + 6 * sizeof(T);
+  std::vector<T> ra, rp, d_all, d_pos, dsum_all, dsum_pos;  // per ranked positive
+  std::vector<T> der;  // the stored derivatives, rows padded_row(N) apart, at most kDerivativeBytes
   explicit LossBuffers(int64_t n)
-      : RowBuffers<T>(n), ra(n), rp(n), d_all(n), d_pos(n), der(derivative_elems<T>(n)) {}
+      : RowBuffers<T>(n), ra(n), rp(n), d_all(n), d_pos(n), dsum_all(n), dsum_pos(n),
+        der(derivative_elems<T>(n, padded_row(n))) {}
 };
 
-// The forward of positive p with its derivatives stored at der (positives then negatives for the
-// sigmoid, whose positives carry gradient; negatives only for SupRank, whose H has none)
-template <typename T, int STEP>
-FR_HD void rank_one_stored(const StepParams<T>& st, T sj, RowBuffers<T>& b, int64_t np, int64_t nn, T* der, T& ra,
-                           T& rp) {
-  if (STEP == kSigmoid) {
-    const T sp = sum_store_sigmoid(sj, b.spos.data(), der, np, st.inv_tau);
-    const T sn = sum_store_sigmoid(sj, b.sneg.data(), der + np, nn, st.inv_tau);
-    rp = sp + T(0.5);
-    ra = sp + sn + T(0.5);
-  } else {
-    const T hp = run_sum_heaviside(sj, b.spos.data(), np);
-    const T sn = sum_store_suprank_neg(sj, b.sneg.data(), der, nn, st);
-    rp = hp;
-    ra = hp + sn;
+// The positives of a flagged row, in column order: their scores to spos, columns to pcol. The
+// flags are scanned eight at a time (a flag 2 has bit 1 set): most rows have few positives.
+template <typename T>
+static int64_t collect_positives(const T* s, const uint8_t* flag, int64_t N, T* spos, int64_t* pcol) {
+  int64_t np = 0;
+  int64_t k = 0;
+  for (; k + 8 <= N; k += 8) {
+    uint64_t w;
+    std::memcpy(&w, flag + k, sizeof(w));
+    if ((w & 0x0202020202020202ull) == 0) continue;
+    for (int64_t l = k; l < k + 8; ++l)
+      if (flag[l] == 2) {
+        spos[np] = s[l];
+        pcol[np++] = l;
+      }
   }
+  for (; k < N; ++k)
+    if (flag[k] == 2) {
+      spos[np] = s[k];
+      pcol[np++] = k;
+    }
+  return np;
 }
 
-// grad_one from the derivatives rank_one_stored left at der
-template <typename T, int STEP>
-FR_HD T grad_one_stored(RowBuffers<T>& b, int64_t np, int64_t nn, const T* der, T a, T bp) {
-  T tot = T(0);
-  if (STEP == kSigmoid) {
-    const T apb = a + bp;
-    if (apb != T(0)) tot += run_grad_stored(der, b.gpos.data(), np, apb);
-    if (a != T(0)) tot += run_grad_stored(der + np, b.gneg.data(), nn, a);
-  } else {
-    if (a != T(0)) tot += run_grad_stored(der, b.gneg.data(), nn, a);
+// The forward sweep of the positives sj[0, NB) (loss_sweeps.h), its sums to the per-positive
+// arrays; returns the sweep's NaN report
+template <typename T, bool kVector, int STEP, int NB>
+static bool forward_block(const T* s, const uint8_t* f, int64_t N, const T* sj, const StepParams<T>& st, bool grad,
+                          bool store, T* all, T* dall, T* der, int64_t stride) {
+  BlockSums<T, NB> o;
+  const bool nan = !grad  ? sweep_forward<T, kVector, STEP, NB, false, false>(s, f, N, sj, st, &o, der, stride)
+                   : store ? sweep_forward<T, kVector, STEP, NB, true, true>(s, f, N, sj, st, &o, der, stride)
+                           : sweep_forward<T, kVector, STEP, NB, true, false>(s, f, N, sj, st, &o, der, stride);
+  for (int p = 0; p < NB; ++p) {
+    all[p] = o.all[p];
+    dall[p] = o.dall[p];
   }
-  return tot;
+  return nan;
+}
+
+// Blocks of four positives, then two, then one
+inline int block_of(int64_t left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
+// One row with finite positives (np > 0), swept in place. Returns false when a valid score is
+// NaN (nothing written then: the caller makes the row NaN).
+template <typename T, bool kVector, int STEP, typename Epilogue>
+static bool swept_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers<T>& b, int64_t i, int64_t np,
+                      T* score, T* g) {
+  const T* s = pr.scores + i * pr.N;
+  const int64_t N = pr.N, stride = padded_row(N);
+  const uint8_t* f = b.flag.data();
+  const T* sp = b.spos.data();
+  const bool store = g != nullptr && np <= static_cast<int64_t>(b.der.size()) / stride;
+  T *ra = b.ra.data(), *rp = b.rp.data(), *da = b.dsum_all.data(), *dp = b.dsum_pos.data();
+  bool nan = false;
+  for (int64_t p = 0; p < np;) {
+    const int nb = block_of(np - p);
+    T* der = b.der.data() + (store ? p * stride : 0);
+    const bool grad = g != nullptr;
+    nan |= nb == 4   ? forward_block<T, kVector, STEP, 4>(s, f, N, sp + p, pr.step, grad, store, ra + p, da + p,
+                                                         der, stride)
+           : nb == 2 ? forward_block<T, kVector, STEP, 2>(s, f, N, sp + p, pr.step, grad, store, ra + p, da + p,
+                                                         der, stride)
+                     : forward_block<T, kVector, STEP, 1>(s, f, N, sp + p, pr.step, grad, store, ra + p, da + p,
+                                                         der, stride);
+    p += nb;
+  }
+  if (nan) return false;
+  for (int64_t p = 0; p < np; ++p) {
+    T pos, dpos;
+    positive_sums<T, kVector, STEP>(sp, np, sp[p], pr.step, &pos, &dpos);
+    if (STEP == kSigmoid) {
+      // the sums include the positive's own term sigma(0) = 1/2: 1 + sum_{k != j} = 1/2 + sum_k
+      ra[p] += T(0.5);
+      rp[p] = pos + T(0.5);
+      dp[p] = dpos;
+    } else {
+      // H(0) = 1 of the own term supplies the "1 +"
+      ra[p] += pos;
+      rp[p] = pos;
+    }
+  }
+  *score = epi.value(ra, rp, np);
+  if (!g) return true;
+  T *a = b.d_all.data(), *bp = b.d_pos.data();
+  epi.grad(ra, rp, np, a, bp);
+  // the gradient row in blocks of positives, the first block writing it
+  const T* der = b.der.data();
+  const T inv_tau = pr.step.inv_tau;
+  for (int64_t p = 0; p < np;) {
+    const int nb = block_of(np - p);
+    const bool first = p == 0;
+    if (store) {
+      const T* dp0 = der + p * stride;
+      if (nb == 4)
+        sweep_grad_stored<T, kVector, STEP, 4>(f, N, dp0, stride, a + p, bp + p, inv_tau, first, g);
+      else if (nb == 2)
+        sweep_grad_stored<T, kVector, STEP, 2>(f, N, dp0, stride, a + p, bp + p, inv_tau, first, g);
+      else
+        sweep_grad_stored<T, kVector, STEP, 1>(f, N, dp0, stride, a + p, bp + p, inv_tau, first, g);
+    } else {
+      if (nb == 4)
+        sweep_grad_recompute<T, kVector, STEP, 4>(s, f, N, sp + p, pr.step, a + p, bp + p, first, g);
+      else if (nb == 2)
+        sweep_grad_recompute<T, kVector, STEP, 2>(s, f, N, sp + p, pr.step, a + p, bp + p, first, g);
+      else
+        sweep_grad_recompute<T, kVector, STEP, 1>(s, f, N, sp + p, pr.step, a + p, bp + p, first, g);
+    }
+    p += nb;
+  }
+  // each positive's own share: the sum of the shares it gave the others (its own term included,
+  // which the sweep also gave it: they cancel)
+  const int64_t* pcol = b.pcol.data();
+  for (int64_t p = 0; p < np; ++p)
+    g[pcol[p]] -= STEP == kSigmoid ? (a[p] * da[p] + bp[p] * dp[p]) * pr.step.inv_tau : a[p] * da[p];
+  return true;
+}
+
+// A row with an infinite positive: the compacted runs and the scalar tied loops of the two-pass
+// kernels. Returns false when a valid score is NaN.
+template <typename T, int STEP, typename Epilogue>
+static bool compacted_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers<T>& b, int64_t i, T* score,
+                          T* g) {
+  int64_t np, nn;
+  if (compact_flagged<T, false>(pr.scores + i * pr.N, pr.N, b, np, nn)) return false;
+  for (int64_t p = 0; p < np; ++p) rank_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.ra[p], b.rp[p]);
+  *score = epi.value(b.ra.data(), b.rp.data(), np);
+  if (!g) return true;
+  epi.grad(b.ra.data(), b.rp.data(), np, b.d_all.data(), b.d_pos.data());
+  std::fill(b.gpos.begin(), b.gpos.begin() + np, T(0));
+  std::fill(b.gneg.begin(), b.gneg.begin() + nn, T(0));
+  // each positive's own share, subtracted once every positive has added to the others
+  T* own = b.ra.data();  // free again: the epilogue has consumed it
+  for (int64_t p = 0; p < np; ++p)
+    own[p] = grad_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.d_all[p], b.d_pos[p]);
+  for (int64_t p = 0; p < np; ++p) b.gpos[p] -= own[p];
+  const uint8_t* flag = b.flag.data();
+  for (int64_t k = 0, pi = 0, ni = 0; k < pr.N; ++k) {
+    const uint8_t fk = flag[k];
+    g[k] = fk == 2 ? b.gpos[pi++] : fk == 1 ? b.gneg[ni++] : T(0);
+  }
+  return true;
 }
 
 template <typename T, int STEP, typename Epilogue>
-FR_MULTIVERSION static void loss_rows(const LossProblem<T>* prp, const Epilogue* epp, LossBuffers<T>* bp, T* score,
-                                      int64_t* n_pos, T* grad, int64_t begin, int64_t end) {
+static void loss_rows(const LossProblem<T>* prp, const Epilogue* epp, LossBuffers<T>* bp, T* score, int64_t* n_pos,
+                      T* grad, int64_t begin, int64_t end) {
   const LossProblem<T>& pr = *prp;
   const Epilogue& epi = *epp;
   LossBuffers<T>& b = *bp;
   const T nan = std::numeric_limits<T>::quiet_NaN();
+  const bool vector = std::is_same<T, float>::value && float_loops() != FloatLoops::kPortable;
+  uint8_t* flag = b.flag.data();
   for (int64_t i = begin; i < end; ++i) {
-    flag_row(pr, pr.target, i, b.flag.data());
-    int64_t np, nn;
-    const bool nan_row = compact_flagged<T, false>(pr.scores + i * pr.N, pr.N, b, np, nn);
+    const T* s = pr.scores + i * pr.N;
+    flag_row(pr, pr.target, i, flag);
+    const int64_t np = collect_positives(s, flag, pr.N, b.spos.data(), b.pcol.data());
     n_pos[i] = np;
     T* g = grad ? grad + i * pr.N : nullptr;
-    const uint8_t* flag = b.flag.data();
-    if (nan_row) {
+    bool ok;
+    if (np == 0) {
+      ok = vector ? row_has_nan<T, kVectorLanes<T>>(s, flag, pr.N) == false : !row_has_nan<T, false>(s, flag, pr.N);
+      score[i] = T(0);
+      if (g) std::fill(g, g + pr.N, T(0));
+    } else if (std::any_of(b.spos.data(), b.spos.data() + np, [](T v) { return std::isinf(v); })) {
+      ok = compacted_row<T, STEP>(pr, epi, b, i, score + i, g);
+    } else {
+      ok = vector ? swept_row<T, kVectorLanes<T>, STEP>(pr, epi, b, i, np, score + i, g)
+                  : swept_row<T, false, STEP>(pr, epi, b, i, np, score + i, g);
+    }
+    if (!ok) {
       // NaN in -> NaN out, also for a query without positives; its gradient row is NaN at the
       // valid items when the score depends on them (np > 0), as the two-pass path gives
       score[i] = nan;
       if (g)
         for (int64_t k = 0; k < pr.N; ++k) g[k] = np > 0 && flag[k] != 0 ? nan : T(0);
-      continue;
-    }
-    if (np == 0) {
-      score[i] = T(0);
-      if (g) std::fill(g, g + pr.N, T(0));
-      continue;
-    }
-    // derivatives per positive: both runs for the sigmoid, the negatives for SupRank
-    const int64_t per_pos = STEP == kSigmoid ? np + nn : nn;
-    bool stored = g != nullptr && np <= static_cast<int64_t>(b.der.size()) / std::max<int64_t>(1, per_pos);
-    for (int64_t p = 0; stored && p < np; ++p) stored = !std::isinf(b.spos[p]);
-    for (int64_t p = 0; p < np; ++p) {
-      if (stored)
-        rank_one_stored<T, STEP>(pr.step, b.spos[p], b, np, nn, b.der.data() + p * per_pos, b.ra[p], b.rp[p]);
-      else
-        rank_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.ra[p], b.rp[p]);
-    }
-    score[i] = epi.value(b.ra.data(), b.rp.data(), np);
-    if (!g) continue;
-    epi.grad(b.ra.data(), b.rp.data(), np, b.d_all.data(), b.d_pos.data());
-    std::fill(b.gpos.begin(), b.gpos.begin() + np, T(0));
-    std::fill(b.gneg.begin(), b.gneg.begin() + nn, T(0));
-    // each positive's own share, subtracted once every positive has added to the others
-    // (ra is free again: the epilogue has consumed it)
-    T* own = b.ra.data();
-    for (int64_t p = 0; p < np; ++p)
-      own[p] = stored ? grad_one_stored<T, STEP>(b, np, nn, b.der.data() + p * per_pos, b.d_all[p], b.d_pos[p])
-                      : grad_one<T, STEP>(pr.step, b.spos[p], b, np, nn, b.d_all[p], b.d_pos[p]);
-    for (int64_t p = 0; p < np; ++p) b.gpos[p] -= own[p];
-    // one sequential write of the row, in column order (the runs are in column order)
-    for (int64_t k = 0, pi = 0, ni = 0; k < pr.N; ++k) {
-      const uint8_t f = flag[k];
-      g[k] = f == 2 ? b.gpos[pi++] : f == 1 ? b.gneg[ni++] : T(0);
     }
   }
 }
@@ -384,7 +481,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_op(
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
   at::Tensor score = at::empty({Q}, tp.scores.options());
   at::Tensor n_pos = at::empty({Q}, tp.scores.options().dtype(at::kLong));
-  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, tp.scores.options());
+  at::Tensor grad = empty_grad_rows(with_grad ? Q : 0, N, tp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_loss_cpu", [&] {
     const LossProblem<scalar_t> pr{problem_view<scalar_t>(tp),
                                    make_step_params<scalar_t>(tau, rho, delta, start, offset), target_view(tp)};

@@ -1,0 +1,321 @@
+// Whole-row sweeps of the fused AP / Recall@k loss ops (docs/design.md §2.4).
+//
+// A row is swept in place, in column order, against a block of NB of its ranked positives at a
+// time: every loaded score serves NB positives, and the row's flags (flag_row: 2 positive,
+// 1 negative, 0 left out) select per lane which sums a term enters. Nothing is compacted: the
+// negatives are never copied, and the gradient row is written once, in column order, by the
+// gradient sweep (only the positives' own shares are patched afterwards).
+//
+// The forward sweep of one block gives per positive p (d = s_k - s_p, k over the row):
+//   all[p] = sum_{k valid} g_k(d)          (sigmoid: sigma; SupRank: H^- for negatives, H for positives)
+//   pos[p] = sum_{k positive} g_k(d)       (sigmoid: sigma; SupRank: H)
+// and, with the gradient, the sums of the step derivatives the gradient needs for p's own
+// share (dall = sum_{valid} g', dpos = sum_{positive} g'), optionally storing each g' (masked:
+// 0 where the term carries no gradient) to der[p * stride + k] for the gradient sweep, which
+// then only multiplies and adds. It also reports a NaN among the row's valid scores (the
+// caller makes the row NaN: a NaN does not always survive the steps, e.g. H^- with rho = 0).
+//
+// The lanes: LaneOps<T, kVector> abstracts one vector of W scores (vec.h's 8 floats) or one
+// scalar (float64, and float32 under FASTRANK_CPU_PORTABLE=1), with the step arithmetic of
+// step.h op for op, so the loops below are written once. A row's ranked positives are finite
+// here: a row with an infinite positive takes the compacted path of rank_sums.cpp (its ties
+// need step_diff).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/parallel.h"
+#include "cpu/vec.h"
+#include "step.h"
+
+namespace fastrank {
+namespace cpu {
+
+#define FR_LANE inline __attribute__((always_inline))
+
+// The widest lane count of any LaneOps: the flags buffer is padded by this many zero bytes and
+// the stored derivatives' rows are this many elements apart at least, so a row's last vector
+// reads flags 0 (no lane enters a sum) and stores whole vectors.
+constexpr int64_t kMaxLanes = vec::W;
+
+inline int64_t padded_row(int64_t n) { return (n + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
+
+template <typename T, bool kVector>
+struct LaneOps;
+
+// The lanes a dtype's fast loops take: float32 has the vector lanes, float64 the scalar ones
+template <typename T>
+constexpr bool kVectorLanes = std::is_same<T, float>::value;
+
+// One scalar per "vector": float64, and the portable float32 loops
+template <typename T>
+struct LaneOps<T, false> {
+  using V = T;
+  using Flags = int32_t;
+  static constexpr int64_t W = 1;
+  static FR_LANE V zero() { return T(0); }
+  static FR_LANE V splat(T x) { return x; }
+  static FR_LANE V load(const T* p) { return *p; }
+  static FR_LANE V load_n(const T* p, int64_t) { return *p; }
+  static FR_LANE void store(T* p, V v) { *p = v; }
+  static FR_LANE void store_n(T* p, V v, int64_t) { *p = v; }
+  static FR_LANE Flags flags(const uint8_t* f) { return *f; }
+  static FR_LANE T hsum(V v) { return v; }
+  static FR_LANE V keep_first(V v, int64_t) { return v; }
+  static FR_LANE bool any(bool m) { return m; }
+  static FR_LANE bool any(int m) { return m != 0; }
+  static FR_LANE V sigmoid(V d, T inv_tau) { return sigmoid_tau(d, inv_tau); }
+  // sigmoid_tau and sigmoid_tau_grad of step.h from one exp
+  static FR_LANE V sigmoid_and_grad(V d, T inv_tau, V* g) {
+    const T xr = d * inv_tau;
+    const T e = exp_clamped(-clamp_x(xr));
+    const T s = T(1) / (T(1) + e);
+    *g = (xr > T(kClamp) || xr < T(-kClamp)) ? T(0) : e * s * s * inv_tau;
+    return s;
+  }
+  static FR_LANE V sigmoid_grad(V d, T inv_tau) { return sigmoid_tau_grad(d, inv_tau); }
+  static FR_LANE V suprank(V d, const StepParams<T>& p) { return suprank_neg(d, p); }
+  static FR_LANE V suprank_and_grad(V d, const StepParams<T>& p, V* g) {
+    V gs;
+    const T sig = sigmoid_and_grad(d, p.inv_tau, &gs);
+    *g = d > p.delta ? p.rho : gs;
+    const T lin = (p.rho == T(0) ? T(0) : p.rho * (d - p.delta)) + p.offset;
+    const T mid = p.start + sig;
+    return d <= T(0) ? sig : (d <= p.delta ? mid : lin);
+  }
+  static FR_LANE V suprank_grad(V d, const StepParams<T>& p) { return suprank_neg_grad(d, p); }
+  static FR_LANE V heaviside(V d) { return fastrank::heaviside(d); }
+};
+
+// Eight float32 lanes (vec.h)
+template <>
+struct LaneOps<float, true> {
+  using V = vec::F;
+  using Flags = vec::I;
+  static constexpr int64_t W = vec::W;
+  typedef uint8_t Bytes __attribute__((vector_size(vec::W)));
+  static FR_LANE V zero() { return V{}; }
+  static FR_LANE V splat(float x) { return vec::splat(x); }
+  static FR_LANE V load(const float* p) { return vec::load(p); }
+  static FR_LANE V load_n(const float* p, int64_t n) { return vec::load_part(p, n, 0.0f); }
+  static FR_LANE void store(float* p, V v) { vec::store(p, v); }
+  static FR_LANE void store_n(float* p, V v, int64_t n) { vec::store_part(p, v, n); }
+  static FR_LANE Flags flags(const uint8_t* f) {
+    Bytes b;
+    std::memcpy(&b, f, sizeof(b));
+    return __builtin_convertvector(b, Flags);
+  }
+  static FR_LANE float hsum(V v) { return vec::hsum(v); }
+  static FR_LANE V keep_first(V v, int64_t m) { return m == W ? v : vec::first_lanes(v, m); }
+  static FR_LANE bool any(Flags m) {
+    for (int64_t l = 0; l < W; ++l)
+      if (m[l]) return true;
+    return false;
+  }
+  static FR_LANE V sigmoid(V d, float inv_tau) { return vec::sigmoid(d, inv_tau); }
+  static FR_LANE V sigmoid_and_grad(V d, float inv_tau, V* g) { return vec::sigmoid_and_grad(d, inv_tau, g); }
+  static FR_LANE V sigmoid_grad(V d, float inv_tau) { return vec::sigmoid_grad(d, inv_tau); }
+  static FR_LANE V suprank(V d, const StepParams<float>& p) { return vec::suprank_neg(d, p); }
+  static FR_LANE V suprank_and_grad(V d, const StepParams<float>& p, V* g) {
+    return vec::suprank_neg_and_grad(d, p, g);
+  }
+  static FR_LANE V suprank_grad(V d, const StepParams<float>& p) { return vec::suprank_neg_grad(d, p); }
+  static FR_LANE V heaviside(V d) { return d >= 0.0f ? vec::splat(1.0f) : V{}; }
+};
+
+// A lane mask of L (a comparison's result: bool for one scalar, an int32 vector for vec.h)
+template <typename L>
+using Mask = decltype(typename L::Flags{} != 0);
+
+// The sums of one block of positives
+template <typename T, int NB>
+struct BlockSums {
+  T all[NB], dall[NB];
+};
+
+// The forward sweep of row s[0, n) (flags f, padded) against the NB positives sj[0, NB):
+//   sigmoid:  all[p] = sum_{k valid} sigma(d),  and with kGrad  dall[p] = sum_{k valid} u(d)
+//   SupRank:  all[p] = sum_{k negative} H^-(d), and with kGrad  dall[p] = sum_{k negative} H^-'(d)
+// where u = w (1 - w) for w = sigma(d), 0 below the clamp (sigma' = u / tau, as the references'
+// autograd of their sigmoid computes it). With kStore, w (sigmoid) or H^-' (SupRank, 0 at the
+// positives) goes to der[p * stride + k] for every column (0 where the item is left out). The
+// positives' own terms against each other (sigmoid: rank_pos; SupRank: H in both sums) come from
+// positive_sums. Returns true when a valid score of the row is NaN.
+template <typename T, bool kVector, int STEP, int NB, bool kGrad, bool kStore>
+FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const uint8_t* f, int64_t n, const T* sj,
+                                                             StepParams<T> st, BlockSums<T, NB>* out, T* der,
+                                                             int64_t stride) {
+  using L = LaneOps<T, kVector>;
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const V z = L::zero();
+  const T lo = T(-kClamp);
+  V vj[NB], all[NB], dall[NB];
+  for (int p = 0; p < NB; ++p) {
+    vj[p] = L::splat(sj[p]);
+    all[p] = dall[p] = z;
+  }
+  Mask<L> nan{};
+  for (int64_t k = 0; k < n; k += W) {
+    const int64_t m = std::min<int64_t>(W, n - k);
+    const V x = m == W ? L::load(s + k) : L::load_n(s + k, m);
+    const auto fl = L::flags(f + k);
+    const auto valid = fl != 0;
+    nan = nan | (valid & (x != x));
+    for (int p = 0; p < NB; ++p) {
+      const V d = x - vj[p];
+      if (STEP == kSigmoid) {
+        const V w = valid ? L::sigmoid(d, st.inv_tau) : z;
+        all[p] += w;
+        if (kGrad) {
+          const V wg = d * st.inv_tau < lo ? z : w;
+          dall[p] += wg - wg * wg;
+          if (kStore) L::store(der + p * stride + k, wg);
+        }
+      } else {
+        const auto is_neg = fl == 1;
+        V g;
+        const V h = kGrad ? L::suprank_and_grad(d, st, &g) : L::suprank(d, st);
+        all[p] += is_neg ? h : z;
+        if (kGrad) {
+          g = is_neg ? g : z;
+          dall[p] += g;
+          if (kStore) L::store(der + p * stride + k, g);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < NB; ++p) {
+    out->all[p] = L::hsum(all[p]);
+    out->dall[p] = L::hsum(dall[p]);
+  }
+  return L::any(nan);
+}
+
+// The positives' terms against each other, over the compacted run sp[0, np) (few, usually):
+// for the positive sj, *pos = sum_q sigma(d) and *dpos = sum_q u(d) (sigmoid; rank_pos and its
+// share of the derivative sums), or *pos = sum_q H(d) (SupRank: the exact step of positives in
+// both sums, without gradient).
+template <typename T, bool kVector, int STEP>
+FR_MULTIVERSION __attribute__((noinline)) void positive_sums(const T* sp, int64_t np, T sj, StepParams<T> st, T* pos,
+                                                             T* dpos) {
+  using L = LaneOps<T, kVector>;
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const V z = L::zero(), vj = L::splat(sj);
+  const T lo = T(-kClamp);
+  V acc = z, dacc = z;
+  for (int64_t k = 0; k < np; k += W) {
+    const int64_t m = std::min<int64_t>(W, np - k);
+    const V x = m == W ? L::load(sp + k) : L::load_n(sp + k, m);
+    const V d = x - vj;
+    // (lanes past the run hold d = -sj: keep_first takes their terms out)
+    if (STEP == kSigmoid) {
+      const V w = L::sigmoid(d, st.inv_tau);
+      const V wg = d * st.inv_tau < lo ? z : w;
+      acc += L::keep_first(w, m);
+      dacc += L::keep_first(wg - wg * wg, m);
+    } else {
+      acc += L::keep_first(L::heaviside(d), m);
+    }
+  }
+  *pos = L::hsum(acc);
+  *dpos = L::hsum(dacc);
+}
+
+// The gradient row's share of the NB positives whose stored terms start at der (rows `stride`
+// apart), with the coefficients a = d score / d rank_all, b = d score / d rank_pos:
+//   sigmoid:  g[k] += sum_p (a_p + b_p [k positive]) u_p(k) / tau,  u = w (1 - w) of the stored w
+//   SupRank:  g[k] += sum_p a_p der_p(k)
+// starting from 0 when `first`. Every column is written.
+template <typename T, bool kVector, int STEP, int NB>
+FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_stored(const uint8_t* f, int64_t n, const T* der,
+                                                                 int64_t stride, const T* a, const T* b, T inv_tau,
+                                                                 bool first, T* g) {
+  using L = LaneOps<T, kVector>;
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const V z = L::zero();
+  V ca[NB], cab[NB];
+  for (int p = 0; p < NB; ++p) {
+    ca[p] = L::splat(STEP == kSigmoid ? a[p] * inv_tau : a[p]);
+    cab[p] = L::splat(STEP == kSigmoid ? (a[p] + b[p]) * inv_tau : a[p]);
+  }
+  for (int64_t k = 0; k < n; k += W) {
+    V acc = z;
+    if (STEP == kSigmoid) {
+      const auto is_pos = L::flags(f + k) == 2;
+      for (int p = 0; p < NB; ++p) {
+        const V w = L::load(der + p * stride + k);
+        acc += (is_pos ? cab[p] : ca[p]) * (w - w * w);
+      }
+    } else {
+      for (int p = 0; p < NB; ++p) acc += ca[p] * L::load(der + p * stride + k);
+    }
+    const int64_t m = std::min<int64_t>(W, n - k);
+    if (!first) acc += m == W ? L::load(g + k) : L::load_n(g + k, m);
+    if (m == W)
+      L::store(g + k, acc);
+    else
+      L::store_n(g + k, acc, m);
+  }
+}
+
+// The gradient row's share of the NB positives sj[0, NB), the terms recomputed (rows whose
+// derivatives exceed the budget): g[k] = (first ? 0 : g[k]) + that share, as sweep_grad_stored.
+template <typename T, bool kVector, int STEP, int NB>
+FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_recompute(const T* s, const uint8_t* f, int64_t n,
+                                                                    const T* sj, StepParams<T> st, const T* a,
+                                                                    const T* b, bool first, T* g) {
+  using L = LaneOps<T, kVector>;
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const V z = L::zero();
+  const T lo = T(-kClamp);
+  V vj[NB];
+  for (int p = 0; p < NB; ++p) vj[p] = L::splat(sj[p]);
+  for (int64_t k = 0; k < n; k += W) {
+    const int64_t m = std::min<int64_t>(W, n - k);
+    const V x = m == W ? L::load(s + k) : L::load_n(s + k, m);
+    const auto fl = L::flags(f + k);
+    V acc = z;
+    for (int p = 0; p < NB; ++p) {
+      const V d = x - vj[p];
+      if (STEP == kSigmoid) {
+        const V w = (fl != 0) & (d * st.inv_tau >= lo) ? L::sigmoid(d, st.inv_tau) : z;
+        acc += (fl == 2 ? L::splat(a[p] + b[p]) : L::splat(a[p])) * (w - w * w);
+      } else {
+        acc += L::splat(a[p]) * (fl == 1 ? L::suprank_grad(d, st) : z);
+      }
+    }
+    if (STEP == kSigmoid) acc *= st.inv_tau;
+    if (!first) acc += m == W ? L::load(g + k) : L::load_n(g + k, m);
+    if (m == W)
+      L::store(g + k, acc);
+    else
+      L::store_n(g + k, acc, m);
+  }
+}
+
+// A NaN among the valid scores of row s[0, n) (a row without positives: no sweep saw it)
+template <typename T, bool kVector>
+FR_MULTIVERSION __attribute__((noinline)) bool row_has_nan(const T* s, const uint8_t* f, int64_t n) {
+  using L = LaneOps<T, kVector>;
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  Mask<L> nan{};
+  for (int64_t k = 0; k < n; k += W) {
+    const int64_t m = std::min<int64_t>(W, n - k);
+    const V x = m == W ? L::load(s + k) : L::load_n(s + k, m);
+    nan = nan | ((L::flags(f + k) != 0) & (x != x));
+  }
+  return L::any(nan);
+}
+
+#undef FR_LANE
+
+}  // namespace cpu
+}  // namespace fastrank
