@@ -24,7 +24,7 @@ from .rank_sums import rank_sums_packed
 Tensor = torch.Tensor
 
 #: the paper's (and pytorch-metric-learning's) variant names
-VARIANTS = ("O", "Ds", "Dq", "Iu", "Ib")
+VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
 
 #: below this b * N_before, b^2 * f_Ib / x^2 = (u - log1p(u)) / u^2 is summed as its series: the
 #: direct difference cancels (relative error ~eps/u), and u^2 underflows for a tiny b
@@ -139,8 +139,15 @@ def pnp(
     rank_all, rank_pos = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     has = pb.pos_idx >= 0
     # rounding can leave a difference of two equal sums an ulp below 0; the count is >= 0 (and
-    # "Ib"/"Dq" are defined only above -1/b and -1). clamp passes NaN through.
-    before = (rank_all - rank_pos).clamp(min=0)
+    # "Ib"/"Dq" are defined only above -1/b and -1). where, not clamp: clamp's backward gives a NaN
+    # count a zero gradient, where passes NaN through in both directions
+    before = rank_all - rank_pos
+    before = torch.where(before < 0, before.new_zeros(()), before)
+    # NaN in, NaN out in the gradient: the naive and torch backwards give a NaN score's pairs a zero
+    # derivative (the clamp of d/tau), and f'(x) = 1 of "O" would then carry no NaN to the rest of
+    # the row. The detached (x - x) is 0, or NaN exactly where the count is: same value, and the
+    # derivative 1 + (x - x) is NaN only there
+    before = before + before * (before - before).detach()
     terms = torch.where(has, pnp_transform(before, variant, b, alpha), before.new_zeros(()))
     per_query = terms.sum(1) / pb.n_pos.clamp(min=1).to(terms.dtype)
     return reduce_per_query(per_query, scores, pb, reduction)
