@@ -7,6 +7,7 @@ Public surface:
     recall_at_k        Recall@k surrogates (SupRank, Patel et al.)
     histogram_ap       FastAP and listwise SoftBin AP on fused soft histograms
     h_ap, ndcg         graded relevance (H-AP, NDCG) on the graded rank sums, every backend
+    pnp                PNP (negatives before each positive; returns the loss), every backend
     backends()         which backends run here, and why not
     metrics            exact evaluation metrics (R@k, mAP@R, R-precision, mAP)
 """
@@ -25,6 +26,7 @@ from .ap import calibration_loss, smooth_ap, sup_ap  # noqa: E402
 from . import distributed, losses, memory, metrics  # noqa: E402
 from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy  # noqa: E402
 from .histogram import histogram_ap  # noqa: E402
+from .pnp import pnp  # noqa: E402
 from .rank_sums import RankSums, rank_sums  # noqa: E402
 from .recall import recall_at_k  # noqa: E402
 
@@ -44,6 +46,7 @@ __all__ = [
     "memory",
     "metrics",
     "ndcg",
+    "pnp",
     "rank_sums",
     "recall_at_k",
     "relevance_from_hierarchy",

@@ -29,6 +29,7 @@ from .core.backend import CHOICES
 from .ap import calibration_loss, smooth_ap, sup_ap
 from .graded import h_ap, ndcg
 from .histogram import histogram_ap
+from .pnp import check_pnp_args, pnp
 from .recall import recall_at_k
 
 Tensor = torch.Tensor
@@ -351,10 +352,38 @@ class NDCGLoss(_GradedLoss):
         return ndcg(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
 
 
+class PNPLoss(_RankingLoss):
+    """PNP (Li et al., AAAI 2022): the loss itself (lower is better), not 1 - score. The query is
+    one of its own positives by default (include_self=True), as in the published code; a query
+    whose only positive is itself counts, as in every module here (pytorch-metric-learning's
+    PNPLoss leaves it out: :class:`fastrank.integrations.pml.PNPLoss` does too). `tau` is the
+    sigmoid temperature (PML's `anneal`). See :func:`fastrank.pnp`.
+
+    >>> loss = PNPLoss(variant="Dq")(embeddings, labels)
+    """
+
+    def __init__(self, variant: str = "O", b: float = 2.0, alpha: float = 1.0, tau: float = 0.01, **kw) -> None:
+        super().__init__(**kw)
+        self.variant, self.b, self.alpha, self.tau = check_pnp_args(type(self).__name__, variant, b, alpha, tau)
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, b={self.b!r}, alpha={self.alpha!r}, tau={self.tau!r}, " + \
+            super().extra_repr()
+
+    def score(self, scores, target, ignore):
+        return pnp(scores, target, variant=self.variant, b=self.b, alpha=self.alpha, tau=self.tau, ignore=ignore,
+                   backend=self.backend)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+        scores, target, ignore = self._inputs(embeddings, labels, ref_embeddings, ref_labels, self_index)
+        return self.score(scores, target, ignore)
+
+
 __all__ = [
     "CalibrationLoss",
     "HAPLoss",
     "NDCGLoss",
+    "PNPLoss",
     "FastAPLoss",
     "ROADMAPLoss",
     "RecallAtKLoss",

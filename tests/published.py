@@ -103,3 +103,34 @@ def published_softbin_ap(scores: torch.Tensor, target: torch.Tensor, nq: int = 2
     prec = rec.cumsum(-1) / (1e-16 + nbs.cumsum(-1))
     rec = rec / rec.sum(-1, keepdim=True)
     return (prec * rec).sum(-1)
+
+
+def published_pnp(scores: torch.Tensor, positive: torch.Tensor, valid=None, variant: str = "O", b: float = 2.0,
+                  alpha: float = 1.0, anneal: float = 0.01) -> torch.Tensor:
+    """Per-query PNP loss (Li et al., AAAI 2022) on a (Q, N) `scores` with a (Q, N) bool
+    `positive` and optional (Q, N) bool `valid` (False = left out): for each positive j,
+    R(j, S_N) = sum over the query's negatives k of sigma((s_k - s_j) / anneal), the smoothed
+    number of negatives ranked before it, and the loss is the mean over the positives of
+    PNP-O: R, PNP-Ds: log(1 + R), PNP-Dq: 1 - 1 / (1 + R)^alpha, PNP-Iu: (1 + R) log(1 + R),
+    PNP-Ib: (b R - log(1 + b R)) / b^2. Built on the Q x N x N cube of differences, as the
+    published code is; 0 for a query without positives."""
+    if valid is None:
+        valid = torch.ones_like(positive)
+    pos = positive & valid
+    neg = (~positive & valid).to(scores.dtype)
+    diff = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
+    r = (_sig(diff, anneal) * neg.unsqueeze(1)).sum(-1)  # negatives before j, (Q, N)
+    if variant == "O":
+        f = r
+    elif variant == "Ds":
+        f = torch.log(1 + r)
+    elif variant == "Dq":
+        f = 1 - 1 / (1 + r) ** alpha
+    elif variant == "Iu":
+        f = (1 + r) * torch.log(1 + r)
+    elif variant == "Ib":
+        f = 1 / b ** 2 * (b * r - torch.log(1 + b * r))
+    else:
+        raise ValueError(variant)
+    n_pos = pos.sum(1)
+    return (f * pos).sum(1) / n_pos.clamp(min=1)

@@ -39,6 +39,8 @@ except ImportError as e:  # pragma: no cover - exercised only without PML
 from ..core import validate as V
 from .. import ap as _ap
 from ..histogram import histogram_ap
+from ..pnp import VARIANTS as _PNP_VARIANTS
+from ..pnp import check_pnp_args, pnp
 from ..recall import recall_at_k
 
 Tensor = torch.Tensor
@@ -232,3 +234,47 @@ def unpatch() -> None:
 
 
 __all__ = ["CrossBatchMemory", "FastAPLoss", "RecallAtKLoss", "SmoothAPLoss", "SoftBinAPLoss", "SupAPLoss", "patch", "unpatch"]
+
+
+# --------------------------------------------------------------------------- PNP
+
+
+class PNPLoss(_FusedPMLLoss):
+    """Drop-in for `pytorch_metric_learning.losses.PNPLoss` (same `b`, `alpha`, `anneal`,
+    `variant`; cosine similarity), on the rank-sums kernels instead of PML's B x B x B cube.
+
+    As PML's: the query is one of its own positives, a query that shares its label with no other
+    batch item is left out of the mean, the loss is returned already reduced (reducers do not
+    apply) and a miner's `indices_tuple` is refused. Unlike PML's, `ref_emb`/`ref_labels` are
+    accepted: the queries are ranked against that gallery, and a query counts where the gallery
+    holds one of its positives. A NaN query stays in the mean (NaN in, NaN out). `patch()`
+    swaps it in for PML's.
+    """
+
+    VARIANTS = list(_PNP_VARIANTS)
+
+    def __init__(self, b: float = 2, alpha: float = 1, anneal: float = 0.01, variant: str = "O", **kwargs) -> None:
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        check_pnp_args(type(self).__name__, variant, b, alpha, anneal, tau_name="anneal")
+        self.b, self.alpha, self.anneal, self.variant = b, alpha, anneal, variant
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.indices_tuple_not_supported(indices_tuple)
+        c_f.labels_required(labels)
+        self_gallery = ref_emb is embeddings  # PML passes the batch itself when ref_emb is None
+        scores = self._similarities(embeddings, ref_emb)
+        per_query = pnp(scores, (labels, ref_labels), variant=self.variant, b=self.b, alpha=self.alpha,
+                        tau=self.anneal, reduction="none", backend=self.backend)
+        n_pos = _positive_counts(labels, ref_labels)
+        if self_gallery:
+            n_pos = n_pos - 1  # PML keeps a query only when another item shares its label
+        keep = torch.nonzero((n_pos > 0) | torch.isnan(per_query)).squeeze(1)
+        if keep.numel() == 0:
+            return self.zero_losses()
+        loss = per_query[keep].mean()
+        return {"loss": {"losses": loss, "indices": keep, "reduction_type": "already_reduced"}}
+
+
+_OURS["PNPLoss"] = PNPLoss
+__all__.append("PNPLoss")
