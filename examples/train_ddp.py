@@ -31,11 +31,15 @@ digits, MLP 64-128-128-32, Adam, class-balanced P x K batches, exact test metric
    hooks do not fire) against the DDP loss (mean of the ranks' shares) and DDP's averaged
    gradient, before the optimiser step;
 2. an independent one-process run from the same seed (same initial weights, same global batches),
-   trained alongside on rank 0: its per-step loss against the DDP run's.
+   trained alongside on rank 0: its per-step loss against the DDP run's;
+3. a control: one process again with every initial weight nudged up by one ulp, against the
+   independent run. Training amplifies rounding-sized differences (in float32 visibly within a
+   few dozen steps for some losses), so (2) drifts apart where (3) does; lockstep (1) is the
+   per-step test.
 
 Devices: CUDA when available (process i on GPU ``LOCAL_RANK``, nccl), else the CPU (gloo);
 ``--device`` and ``--dist-backend`` override. fastrank backend: ``--backend`` (default cpp on
-the CPU, auto on CUDA).
+the CPU where the extension is built, else auto).
 
 ``--out DIR`` (rank 0; DTYPE = ``--dtype``): ``ddp_results_DTYPE.json`` (config, per-step and
 per-epoch numbers), with ``--parity`` also ``ddp_parity_DTYPE.csv`` (every step of every loss:
@@ -59,8 +63,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # train_retrieval's pieces, also when imported from elsewhere
-    sys.path.insert(0, _HERE)
+for _p in (os.path.dirname(_HERE), _HERE):  # fastrank from this checkout, and train_retrieval's pieces
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import fastrank  # noqa: E402
 from fastrank.distributed import global_batch_loss  # noqa: E402
@@ -113,17 +118,25 @@ def train(loss_name: str, args: argparse.Namespace, data: Data, device: torch.de
     torch.manual_seed(args.seed)
     model = make_model(args.dim, dtype).to(device)
     shadow = copy.deepcopy(model) if args.parity and rank == 0 else None  # the independent one-process run
+    control = None
+    if shadow is not None:  # one process again, every initial weight one ulp up: training's own sensitivity
+        control = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in control.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = LOSSES[loss_name](backend)
     opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
     shadow_opt = torch.optim.Adam(shadow.parameters(), lr=args.lr) if shadow is not None else None
+    control_opt = torch.optim.Adam(control.parameters(), lr=args.lr) if control is not None else None
     sampler = DistributedClassBalancedSampler(data.y_train, args.classes_per_batch,
                                               args.batch // args.classes_per_batch, args.seed, rank, world)
     plan = [sampler.epoch() for _ in range(args.epochs)]
     if args.max_steps:
         plan = [ep[: max(0, args.max_steps - sum(map(len, plan[:i])))] for i, ep in enumerate(plan)]
         plan = [ep for ep in plan if ep]
-    rec: dict = dict(loss=loss_name, ddp_losses=[], independent_losses=[], lockstep=[], epoch_metrics=[],
+    rec: dict = dict(loss=loss_name, ddp_losses=[], independent_losses=[], control_losses=[], lockstep=[],
+                     epoch_metrics=[],
                      epoch_losses=[], step_ms=[])
     if rank == 0:
         rec["epoch_metrics"].append(evaluate(model, data))
@@ -158,11 +171,13 @@ def train(loss_name: str, args: argparse.Namespace, data: Data, device: torch.de
                 gm = max(float(g.abs().max()) for g in ref_grads)
                 rec["lockstep"].append(dict(ref_loss=ref_loss, loss_diff=abs(loss - ref_loss), grad_diff=dg,
                                             grad_max=gm))
-                s_loss = criterion(shadow(data.x_train[global_idx]), data.y_train[global_idx])
-                shadow_opt.zero_grad(set_to_none=True)
-                s_loss.backward()
-                shadow_opt.step()
-                rec["independent_losses"].append(float(s_loss.detach()))
+                for net, net_opt, key in ((shadow, shadow_opt, "independent_losses"),
+                                          (control, control_opt, "control_losses")):
+                    s_loss = criterion(net(data.x_train[global_idx]), data.y_train[global_idx])
+                    net_opt.zero_grad(set_to_none=True)
+                    s_loss.backward()
+                    net_opt.step()
+                    rec[key].append(float(s_loss.detach()))
             if bar is not None:
                 bar.update(1)
         if rank == 0:
@@ -178,6 +193,7 @@ def train(loss_name: str, args: argparse.Namespace, data: Data, device: torch.de
     rec["final_metrics"] = rec["epoch_metrics"][-1]
     if shadow is not None:
         rec["independent_final_metrics"] = evaluate(shadow, data)
+        rec["control_final_metrics"] = evaluate(control, data)
     return rec
 
 
@@ -198,13 +214,15 @@ def write_outputs(out_dir: str, payload: dict) -> List[str]:
     path = os.path.join(out_dir, f"ddp_parity_{tag}.csv")
     with open(path, "w") as f:
         f.write("loss,dtype,world_size,batch,step,ddp_loss,one_process_loss,lockstep_loss_diff,"
-                "lockstep_grad_diff,lockstep_grad_max,independent_loss,independent_loss_diff\n")
+                "lockstep_grad_diff,lockstep_grad_max,independent_loss,independent_loss_diff,control_loss,"
+                "control_loss_diff\n")
         cfg = payload["config"]
         for name, r in runs.items():
-            for i, (l, s, ind) in enumerate(zip(r["ddp_losses"], r["lockstep"], r["independent_losses"])):
+            for i, (l, s, ind, c) in enumerate(zip(r["ddp_losses"], r["lockstep"], r["independent_losses"],
+                                                   r["control_losses"])):
                 f.write(f"{name},{cfg['dtype']},{cfg['world_size']},{cfg['batch']},{i + 1},{l:.9g},"
                         f"{s['ref_loss']:.9g},{s['loss_diff']:.3e},{s['grad_diff']:.3e},{s['grad_max']:.3e},"
-                        f"{ind:.9g},{abs(ind - l):.3e}\n")
+                        f"{ind:.9g},{abs(ind - l):.3e},{c:.9g},{abs(c - ind):.3e}\n")
     written.append(path)
     try:
         import matplotlib
@@ -216,24 +234,30 @@ def write_outputs(out_dir: str, payload: dict) -> List[str]:
         return written
     cfg = payload["config"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    floor = 1e-18  # exact zeros on the log axis
-    for name, r in runs.items():
+    eps = float(torch.finfo(getattr(torch, cfg["dtype"])).eps)
+    floor = eps * 1e-3  # exact zeros on the log axis are drawn here
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, r) in enumerate(runs.items()):
+        c = colors[i % len(colors)]
         steps = np.arange(1, len(r["lockstep"]) + 1)
         ls = r["lockstep"]
-        axes[0].plot(steps, [max(s["loss_diff"], floor) for s in ls], lw=1, label=LOSS_NAMES[name])
-        axes[1].plot(steps, [max(s["grad_diff"] / s["grad_max"], floor) for s in ls], lw=1, label=LOSS_NAMES[name])
+        axes[0].plot(steps, [max(s["loss_diff"], floor) for s in ls], color=c, ls="none", marker=".", ms=4,
+                     label=LOSS_NAMES[name])
+        axes[1].plot(steps, [max(s["grad_diff"] / s["grad_max"], floor) for s in ls], color=c, ls="none",
+                     marker=".", ms=4)
         d = np.abs(np.array(r["independent_losses"]) - np.array(r["ddp_losses"]))
-        axes[2].plot(steps, np.maximum(d, floor), lw=1, label=LOSS_NAMES[name])
-    eps = float(torch.finfo(getattr(torch, cfg["dtype"])).eps)
+        dc = np.abs(np.array(r["control_losses"]) - np.array(r["independent_losses"]))
+        axes[2].plot(steps, np.maximum(d, floor), color=c, lw=1)
+        axes[2].plot(steps, np.maximum(dc, floor), color=c, lw=1, ls=":")
     titles = (f"lockstep: |loss DDP - loss one process|", "lockstep: max |dgrad| / max |grad| (parameters)",
-              "independent runs, same seed: |loss difference|")
+              "independent runs: DDP vs one process (solid),\none process vs one-ulp control (dotted)")
     for ax, title in zip(axes, titles):
         ax.axhline(eps, color="grey", ls=":", lw=1)
         ax.annotate(f"{cfg['dtype']} eps", (1, eps), textcoords="offset points", xytext=(2, 3), fontsize=7,
                     color="grey")
-        ax.set(xlabel="training step", yscale="log", title=title, ylim=(1e-18, 1))
+        ax.set(xlabel=f"training step (0 drawn at {floor:.0e})", yscale="log", title=title, ylim=(floor / 3, 1))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"fastrank DDP parity: {cfg['world_size']} processes x B/{cfg['world_size']} = "
                  f"{cfg['batch'] // cfg['world_size']} vs one process x B = {cfg['batch']} ({cfg['device']}, "
                  f"{cfg['dist_backend']}, backend {cfg['backend']}, {cfg['dtype']}, seed {cfg['seed']})", fontsize=10)
@@ -254,7 +278,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--loss", default="smoothap", choices=list(LOSSES) + ["all"],
                     help="loss to train with, or 'all' (default: smoothap)")
     ap.add_argument("--backend", default=None, choices=["naive", "torch", "cpp", "triton", "cuda", "auto"],
-                    help="fastrank backend (default: cpp on the CPU, auto on CUDA)")
+                    help="fastrank backend (default: cpp on the CPU where built, else auto)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto (default): CUDA when available, one GPU per process (LOCAL_RANK)")
     ap.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
@@ -308,7 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     rank, world, device, pg = _setup(args)
     try:
-        backend = args.backend or ("auto" if device.type == "cuda" else "cpp")
+        backend = args.backend or ("cpp" if device.type == "cpu" and fastrank.backends()["cpp"].available
+                                   else "auto")
         if backend != "auto" and not fastrank.backends()[backend].available:
             raise SystemExit(f"train_ddp: fastrank backend {backend!r} is not available: "
                              f"{fastrank.backends()[backend].reason}")
@@ -348,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\nParity: {world} processes x {'/'.join(map(str, per_rank))} vs one process x {args.batch}, "
                   f"{args.dtype}; lockstep = same weights and global batch at every step")
             print(f"{'loss':<20s}{'steps':>6s}{'max |dloss|':>13s}{'max |dgrad|':>13s}{'max |grad|':>12s}"
-                  f"{'ratio':>9s}{'indep. |dloss|':>16s}{'step 1':>10s}{'same R@1':>10s}")
+                  f"{'ratio':>9s}{'indep. |dloss|':>16s}{'step 1':>10s}{'control':>10s}{'same R@1':>10s}")
             for name, r in runs.items():
                 ls = r["lockstep"]
                 dl = max(s["loss_diff"] for s in ls)
@@ -356,13 +381,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 gm = max(s["grad_max"] for s in ls)
                 ratio = max(s["grad_diff"] / s["grad_max"] for s in ls)
                 ind = np.abs(np.array(r["independent_losses"]) - np.array(r["ddp_losses"]))
+                ctl = np.abs(np.array(r["control_losses"]) - np.array(r["independent_losses"]))
                 same = r["independent_final_metrics"]["R@1"] == r["final_metrics"]["R@1"]
                 print(f"{LOSS_NAMES[name]:<20s}{len(ls):>6d}{dl:>13.1e}{dg:>13.1e}{gm:>12.1e}{ratio:>9.1e}"
-                      f"{ind.max():>16.1e}{ind[0]:>10.1e}{'yes' if same else 'no':>10s}")
+                      f"{ind.max():>16.1e}{ind[0]:>10.1e}{ctl.max():>10.1e}{'yes' if same else 'no':>10s}")
             print("dloss: DDP loss (mean of the ranks' shares) minus the one-process loss of the global batch; dgrad: "
                   "DDP's averaged parameter gradient\nminus the one-process gradient, max over parameters and steps; "
                   "ratio: max over steps of max |dgrad| / max |grad|. indep.: an independent\none-process run from the "
-                  "same seed trained alongside (max over steps; it drifts at the rate training amplifies rounding).")
+                  "same seed trained alongside, max over steps (step 1: the first); control: that run vs one with "
+                  "every initial\nweight one ulp up. Where the control drifts as far, training itself amplifies "
+                  "rounding; lockstep is the per-step test. same R@1: DDP vs independent.")
         if args.out:
             config = dict(vars(args), world_size=world, device=device.type, dist_backend=pg, backend=backend,
                           per_rank_batch=per_rank)
