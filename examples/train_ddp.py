@@ -69,7 +69,7 @@ for _p in (os.path.dirname(_HERE), _HERE):  # fastrank from this checkout, and t
 
 import fastrank  # noqa: E402
 from fastrank.distributed import global_batch_loss  # noqa: E402
-from train_retrieval import (KS, LOSS_NAMES, LOSSES, METRIC_KEYS, ClassBalancedSampler, Data,  # noqa: E402
+from train_retrieval import (KS, LOSS_NAMES, LOSSES, ClassBalancedSampler, Data,  # noqa: E402
                              evaluate, load_data, make_model, metrics_header, metrics_row)
 
 try:
@@ -129,7 +129,7 @@ def train(loss_name: str, args: argparse.Namespace, data: Data, device: torch.de
     opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
     shadow_opt = torch.optim.Adam(shadow.parameters(), lr=args.lr) if shadow is not None else None
     control_opt = torch.optim.Adam(control.parameters(), lr=args.lr) if control is not None else None
-    sampler = DistributedClassBalancedSampler(data.y_train, args.classes_per_batch,
+    sampler = DistributedClassBalancedSampler(data.y_train.cpu(), args.classes_per_batch,
                                               args.batch // args.classes_per_batch, args.seed, rank, world)
     plan = [sampler.epoch() for _ in range(args.epochs)]
     if args.max_steps:

@@ -124,7 +124,8 @@ def _calibration_parts(loss_fn, emb: Tensor, labels: Tensor, all_emb: Tensor, al
         mean = calibration_loss(scores, target, pos_margin=loss_fn.pos_margin, neg_margin=loss_fn.neg_margin,
                                 ignore=~pairs)
         with torch.no_grad():  # the functional's own count: the pairs whose hinge term is non-zero
-            terms = torch.relu(loss_fn.pos_margin - scores) if kind == "pos" else torch.relu(scores - loss_fn.neg_margin)
+            terms = (torch.relu(loss_fn.pos_margin - scores) if kind == "pos"
+                     else torch.relu(scores - loss_fn.neg_margin))
             count = ((terms > 0) & pairs).sum()
         parts.append((weight, 0.0, mean, count))
     return parts
@@ -190,7 +191,7 @@ def global_batch_loss(loss_fn: torch.nn.Module, embeddings: Tensor, labels: Tens
     if not isinstance(loss_fn, (L.ROADMAPLoss, L._RankingLoss)):
         raise TypeError(f"{fn}: `loss_fn` must be one of fastrank.losses' label-based modules (SmoothAPLoss, "
                         f"SupAPLoss, ROADMAPLoss, CalibrationLoss, RecallAtKLoss, FastAPLoss, SoftBinAPLoss), got "
-                        f"{V._describe(loss_fn) if not isinstance(loss_fn, torch.nn.Module) else type(loss_fn).__name__}")
+                        f"{type(loss_fn).__name__ if isinstance(loss_fn, torch.nn.Module) else V._describe(loss_fn)}")
     if not (dist.is_available() and dist.is_initialized()):
         return loss_fn(embeddings, labels)
     all_emb, all_labels, self_index = gather_gallery(embeddings, labels, group)

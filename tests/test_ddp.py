@@ -242,7 +242,8 @@ def _run_example(tmp_path, dtype, extra=()):
     out = tmp_path / dtype
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", os.path.join(ROOT, "examples", "train_ddp.py"), "--loss", "all",
-           "--parity", "--epochs", "1", "--max-steps", "3", "--batch", "32", "--dtype", dtype, "--no-progress", "--out", str(out),
+           "--parity", "--epochs", "1", "--max-steps", "3", "--batch", "32", "--device", "cpu", "--dtype", dtype,
+           "--no-progress", "--out", str(out),
            *extra]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

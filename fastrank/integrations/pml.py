@@ -16,6 +16,12 @@ Differences from PML's classes, all in the direction of the published definition
   Smooth-AP on every batch (it equals PML's wherever PML's grouping is right);
 * queries without any positive are left out of the reduction instead of raising.
 
+PML's `DistributedLossWrapper` works with every drop-in: `efficient=False` gives the
+one-process gradient; with `efficient=True` (PML's approximation: gradients through the local
+rows only) the gathered gallery starts with the local batch, and FastAP/SoftBin, which leave
+the query out of its gallery, leave those leading rows out (a separate gallery whose first
+rows equal the queries is taken to contain them; not inside CrossBatchMemory).
+
 pytorch-metric-learning is an optional dependency: `pip install pytorch-metric-learning`.
 """
 from __future__ import annotations
