@@ -97,5 +97,13 @@ demo: build
 	@$(PY) -c "import sklearn" 2>/dev/null || $(if $(PIP_LOCAL),{ echo "demo: scikit-learn is missing (offline)"; exit 1; },$(PIP) install "scikit-learn>=1.0")
 	$(PY) examples/train_retrieval.py --loss all --parity --scale --out examples/results $(DEMO_ARGS)
 
+# Data-parallel example (examples/train_ddp.py): 2 CPU processes (gloo) x B/2 against one process x B
+# in lockstep, every loss, float32 and float64; writes examples/results/ddp_parity_*.{csv,png} (~1 min on 2 cores)
+.PHONY: demo-ddp
+demo-ddp: build
+	@$(PY) -c "import sklearn" 2>/dev/null || $(if $(PIP_LOCAL),{ echo "demo-ddp: scikit-learn is missing (offline)"; exit 1; },$(PIP) install "scikit-learn>=1.0")
+	for dt in float32 float64; do OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node=2 \
+		examples/train_ddp.py --loss all --parity --no-progress --dtype $$dt --out examples/results $(DEMO_ARGS) || exit 1; done
+
 clean:
 	rm -rf build *.egg-info fastrank/_C*.so

@@ -16,6 +16,12 @@ Differences from PML's classes, all in the direction of the published definition
   Smooth-AP on every batch (it equals PML's wherever PML's grouping is right);
 * queries without any positive are left out of the reduction instead of raising.
 
+PML's `DistributedLossWrapper` works with every drop-in: `efficient=False` gives the
+one-process gradient; with `efficient=True` (PML's approximation: gradients through the local
+rows only) the gathered gallery starts with the local batch, and FastAP/SoftBin, which leave
+the query out of its gallery, leave those leading rows out (a separate gallery whose first
+rows equal the queries is taken to contain them; not inside CrossBatchMemory).
+
 pytorch-metric-learning is an optional dependency: `pip install pytorch-metric-learning`.
 """
 from __future__ import annotations
@@ -54,6 +60,20 @@ def _positive_counts(labels: Tensor, ref_labels: Tensor) -> Tensor:
     return hi - lo
 
 
+def _queries_lead(loss, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor) -> bool:
+    """True where a separate gallery starts with the queries themselves (the same values and labels
+    in rows 0..Q-1, more rows after them): the layout of PML's DistributedLossWrapper(efficient=True),
+    which passes [this rank's batch, the other ranks' batches] as ref_emb. The losses that leave the
+    query out of its gallery (FastAP, SoftBin) then leave those rows out, as on one process.
+    Not applied inside CrossBatchMemory, whose memory holds the batch at the queue's position
+    (at rows 0..Q-1 on some steps only): see its docstring."""
+    if getattr(loss, "_in_memory", False):
+        return False
+    q = embeddings.shape[0]
+    return (ref_emb.shape[0] > q and torch.equal(ref_labels[:q], labels)
+            and torch.equal(ref_emb[:q], embeddings))
+
+
 class _FusedPMLLoss(BaseMetricLossFunction):
     """Shared plumbing: PML distance -> similarity scores, self handling, miner weights."""
 
@@ -83,7 +103,7 @@ class _FusedPMLLoss(BaseMetricLossFunction):
         scores = self._similarities(embeddings, ref_emb)
         ignore = None
         n_pos = _positive_counts(labels, ref_labels)
-        if self_gallery and not self.include_self:
+        if (self_gallery or _queries_lead(self, embeddings, labels, ref_emb, ref_labels)) and not self.include_self:
             ignore = torch.arange(labels.shape[0], device=labels.device)
             n_pos = n_pos - 1
         score = self.per_query_score(scores, (labels, ref_labels), ignore)
@@ -195,6 +215,15 @@ class CrossBatchMemory(_pml_losses.CrossBatchMemory):
     @staticmethod
     def supported_losses():
         return list(_ORIGINAL_CBM.supported_losses()) + sorted(_FUSED_NAMES)
+
+    def forward(self, *args, **kwargs):
+        # the memory may hold this batch at rows 0..B-1 on some steps: not the distributed layout
+        previous = getattr(self.loss, "_in_memory", False)
+        self.loss._in_memory = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.loss._in_memory = previous
 
 
 _ORIGINAL_CBM = _pml_losses.CrossBatchMemory
