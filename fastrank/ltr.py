@@ -42,7 +42,8 @@ def _check(fn: str, scores, labels, alpha, padded_value_indicator, reduction) ->
     V.check_scores(fn, scores)
     V.check_reduction(fn, reduction)
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{fn}: `labels` must be a (batch, slate) tensor of graded relevance, got {V._describe(labels)}")
+        raise TypeError(f"{fn}: `labels` must be a (batch, slate) tensor of graded relevance, "
+                        f"got {V._describe(labels)}")
     V.check_storage(fn, "`labels`", labels)
     if tuple(labels.shape) != tuple(scores.shape):
         raise ValueError(f"{fn}: `labels` must have the shape of `scores` {tuple(scores.shape)} (batch, slate), "
