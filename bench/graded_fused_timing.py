@@ -27,7 +27,7 @@ def main():
         emb = torch.nn.functional.normalize(torch.randn(b, 128, generator=g), dim=1)
         labels = torch.arange(b) // 4
         levels = torch.stack([labels // 4, labels], 1)
-        rel = fastrank.relevance_from_hierarchy(levels, levels)
+        rel = fastrank.relevance_from_hierarchy(levels, levels, order="coarsest_first")
         scores = emb @ emb.T
         reps = 7 if b <= 1024 else 3
         for name, fn in (("h_ap", fastrank.h_ap), ("ndcg", fastrank.ndcg)):

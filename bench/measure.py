@@ -71,7 +71,7 @@ def _graded_relevance(scores, w: W.Workload):
     import fastrank
 
     # built inside the timed call, as a training step builds it from the batch's labels
-    return fastrank.relevance_from_hierarchy(*w.hierarchy, dtype=scores.dtype)
+    return fastrank.relevance_from_hierarchy(*w.hierarchy, order="coarsest_first", dtype=scores.dtype)
 
 
 def _h_ap(scores, w: W.Workload, backend: str):

@@ -10,6 +10,8 @@ Public surface:
     pnp                PNP (negatives before each positive; returns the loss), every backend
     backends()         which backends run here, and why not
     metrics            exact evaluation metrics (R@k, mAP@R, R-precision, mAP)
+    ltr                learning to rank on (batch, slate) scores: approx NDCG / MRR (allRank, TF-Ranking)
+    relevance_from_multilabel  multi-label retrieval relevance (shared labels) for the graded/AP losses
 """
 import os as _os
 
@@ -25,10 +27,12 @@ from .core.backend import BACKENDS, BackendInfo, backends  # noqa: E402
 from .ap import calibration_loss, smooth_ap, sup_ap  # noqa: E402
 from . import distributed, losses, memory, metrics  # noqa: E402
 from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy  # noqa: E402
+from .graded import relevance_from_multilabel  # noqa: E402
 from .histogram import histogram_ap  # noqa: E402
 from .pnp import pnp  # noqa: E402
 from .rank_sums import RankSums, rank_sums  # noqa: E402
 from .recall import recall_at_k  # noqa: E402
+from . import ltr  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -50,6 +54,8 @@ __all__ = [
     "rank_sums",
     "recall_at_k",
     "relevance_from_hierarchy",
+    "relevance_from_multilabel",
+    "ltr",
     "smooth_ap",
     "sup_ap",
 ]

@@ -237,12 +237,13 @@ class ROADMAPLoss(nn.Module):
     """
 
     def __init__(self, w_ap: float = 1.0, w_calibration: float = 1.0, *, tau: float = 0.01, rho: float = 100.0,
-                 delta: float = 0.05, start: float = 0.5, pos_margin: float = 0.9, neg_margin: float = 0.6,
-                 similarity: Similarity = "cosine", backend: Optional[str] = None) -> None:
+                 delta: float = 0.05, start: float = 0.5, offset: Optional[float] = None, pos_margin: float = 0.9,
+                 neg_margin: float = 0.6, similarity: Similarity = "cosine", backend: Optional[str] = None) -> None:
         super().__init__()
         self.w_ap = V.check_finite_number("ROADMAPLoss", "w_ap", w_ap)
         self.w_calibration = V.check_finite_number("ROADMAPLoss", "w_calibration", w_calibration)
-        self.sup_ap = SupAPLoss(tau=tau, rho=rho, delta=delta, start=start, similarity=similarity, backend=backend)
+        self.sup_ap = SupAPLoss(tau=tau, rho=rho, delta=delta, start=start, offset=offset, similarity=similarity,
+                                backend=backend)
         self.calibration = CalibrationLoss(pos_margin=pos_margin, neg_margin=neg_margin, similarity=similarity)
 
     def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
@@ -255,17 +256,21 @@ class RecallAtKLoss(_RankingLoss):
     "patel" (pass include_self="competitor" to reproduce Patel et al.). See :func:`fastrank.recall_at_k`."""
 
     def __init__(self, ks: Sequence[int] = (1, 2, 4, 8, 16), tau: float = 0.01, temp: float = 1.0,
-                 variant: str = "suprank", step: Optional[str] = None, **kw) -> None:
+                 variant: str = "suprank", step: Optional[str] = None, rho: float = 100.0, delta: float = 0.05,
+                 start: float = 0.5, offset: Optional[float] = None, **kw) -> None:
         V.check_choice(type(self).__name__, "variant", variant, ("suprank", "patel"))
         if "include_self" not in kw and variant == "patel":
             kw["include_self"] = "competitor"
         super().__init__(**kw)
         self.ks = V.check_ks(type(self).__name__, ks)
         self.tau, self.temp, self.variant, self.step = tau, temp, variant, step
+        # the suprank step's parameters (used when the ranking step is "suprank")
+        self.rho, self.delta, self.start, self.offset = rho, delta, start, offset
 
     def score(self, scores, target, ignore):
         return recall_at_k(scores, target, ks=self.ks, tau=self.tau, temp=self.temp, variant=self.variant,
-                           step=self.step, ignore=ignore, backend=self.backend)
+                           step=self.step, rho=self.rho, delta=self.delta, start=self.start, offset=self.offset,
+                           ignore=ignore, backend=self.backend)
 
 
 class FastAPLoss(_RankingLoss):
@@ -307,15 +312,15 @@ class _GradedLoss(nn.Module):
     """
 
     def __init__(self, *, step: str = "suprank", tau: float = 0.01, rho: float = 100.0, delta: float = 0.05,
-                 start: float = 0.5, similarity: Similarity = "cosine", include_self: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 start: float = 0.5, offset: Optional[float] = None, similarity: Similarity = "cosine",
+                 include_self: bool = True, backend: Optional[str] = None) -> None:
         super().__init__()
         name = type(self).__name__
         if not callable(similarity):
             V.check_choice(name, "similarity", similarity, ("cosine", "dot"))
         include_self = V.check_self_mode(name, include_self, (True, False))
         self.similarity, self.include_self, self.backend = similarity, include_self, backend
-        self.kw = dict(step=step, tau=tau, rho=rho, delta=delta, start=start)
+        self.kw = dict(step=step, tau=tau, rho=rho, delta=delta, start=start, offset=offset)
 
     def forward(self, embeddings: Tensor, relevance: Tensor, ref_embeddings: Optional[Tensor] = None) -> Tensor:
         name = type(self).__name__
@@ -337,7 +342,7 @@ class _GradedLoss(nn.Module):
 class HAPLoss(_GradedLoss):
     """1 - H-AP (SupRank / HAPPIER, graded relevance). See :func:`fastrank.h_ap`.
 
-    >>> rel = fastrank.relevance_from_hierarchy(labels, labels)   # (B, levels) integer labels
+    >>> rel = fastrank.relevance_from_hierarchy(labels, labels, order="coarsest_first")  # (B, levels) labels
     >>> loss = HAPLoss()(embeddings, rel)
     """
 

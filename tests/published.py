@@ -34,14 +34,17 @@ def published_smooth_ap(emb: torch.Tensor, num_id: int, anneal: float = 0.01) ->
     return ap
 
 
-def published_sup_ap(scores: torch.Tensor, target: torch.Tensor, tau=0.01, rho=100.0, delta=0.05, start=0.5):
-    """Mean SupAP over the rows of a square (B, B) `scores` with 0/1 `target` (diagonal = 1)."""
+def published_sup_ap(scores: torch.Tensor, target: torch.Tensor, tau=0.01, rho=100.0, delta=0.05, start=0.5,
+                     offset=None):
+    """Mean SupAP over the rows of a square (B, B) `scores` with 0/1 `target` (diagonal = 1).
+    `offset` None: sigma_tau(delta) + start (ROADMAP's default); the yaml configs set it (1.44)."""
     b = scores.shape[0]
     tgt = target.bool()
     mask = 1.0 - torch.eye(b, dtype=scores.dtype)
     diff = scores.unsqueeze(1) - scores.unsqueeze(1).permute(0, 2, 1)  # [i, j, k] = s_ik - s_ij
     comp_pos = tgt.unsqueeze(1).expand_as(diff)  # competitor k is a positive of query i
-    offset = _sig(torch.tensor(delta, dtype=scores.dtype), tau) + start
+    if offset is None:
+        offset = _sig(torch.tensor(delta, dtype=scores.dtype), tau) + start
     heav = (diff >= 0).to(scores.dtype)
     neg = torch.where(
         diff > 0,
@@ -134,3 +137,95 @@ def published_pnp(scores: torch.Tensor, positive: torch.Tensor, valid=None, vari
         raise ValueError(variant)
     n_pos = pos.sum(1)
     return (f * pos).sum(1) / n_pos.clamp(min=1)
+
+
+def published_patel_recall(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 2, 4, 8, 16), anneal=0.01, temp=1.0):
+    """Mean Recall@k surrogate of Patel et al. (CVPR 2022) over a square (B, B) in-batch `scores`:
+    every item is ranked by sigmoid rank sums over all other items, the query itself included as a
+    competitor; the positives are the other items of the query's class (the query is not one of
+    them); per k the soft count of positives within rank k is clamped at k and divided by
+    min(k, |P|). Queries without positives are dropped. Returns recall (not 1 - recall)."""
+    b = scores.shape[0]
+    eye = torch.eye(b, dtype=torch.bool)
+    diff = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
+    ranks = 1 + (_sig(diff, anneal) * (~eye).to(scores.dtype)).sum(-1)  # k != j
+    pos = (labels.view(-1, 1) == labels.view(1, -1)) & ~eye
+    n_pos = pos.sum(1).to(scores.dtype)
+    total = torch.zeros(b, dtype=scores.dtype)
+    for k in ks:
+        hit = (torch.sigmoid((k - ranks) / temp) * pos.to(scores.dtype)).sum(1).clamp(max=k)
+        total = total + hit / n_pos.clamp(max=k).clamp(min=1)
+    keep = n_pos > 0
+    return (total / len(ks))[keep].mean()
+
+
+def published_allrank_approx_ndcg(y_pred, y_true, eps=1e-10, padded_value_indicator=-1, alpha=1.0):
+    """Mean approximate NDCG of allRank's `approxNDCGLoss` (allegro/allRank, from Qin et al. 2010),
+    returned as NDCG (allRank returns its negative). Written from its definition in the structure
+    of that code: padded items (y_true == padded_value_indicator) are set to -inf, the slate is
+    sorted by prediction, pairs holding a padded item are masked, labels clamped at 0; gains
+    2^y - 1 over max(ideal DCG, eps), the ideal DCG from the sorted labels at log2(1 + position);
+    approx position = 1 + sum over the other unpadded items of sigmoid(-alpha (s_j - s_k))
+    floored at eps; the mean over every slate of sum(G / log2(1 + approx position))."""
+    y_pred = y_pred.clone()
+    y_true = y_true.clone().to(y_pred.dtype)
+    pad = y_true == padded_value_indicator
+    y_pred[pad] = float("-inf")
+    y_true[pad] = float("-inf")
+    pred_sorted, order = y_pred.sort(descending=True, dim=-1)
+    true_sorted, _ = y_true.sort(descending=True, dim=-1)
+    true_by_pred = torch.gather(y_true, 1, order)
+    true_diffs = true_by_pred[:, :, None] - true_by_pred[:, None, :]
+    pair_mask = torch.isfinite(true_diffs)
+    pair_mask.diagonal(dim1=-2, dim2=-1).zero_()
+    true_by_pred = true_by_pred.clamp(min=0.0)
+    true_sorted = true_sorted.clamp(min=0.0)
+    positions = torch.arange(1, y_pred.shape[1] + 1, dtype=y_pred.dtype)
+    disc = torch.log2(1.0 + positions)[None, :]
+    max_dcg = ((torch.pow(2, true_sorted) - 1) / disc).sum(-1).clamp(min=eps)
+    gains = (torch.pow(2, true_by_pred) - 1) / max_dcg[:, None]
+    diffs = pred_sorted[:, :, None] - pred_sorted[:, None, :]
+    diffs[~pair_mask] = 0.0
+    approx_pos = 1.0 + (pair_mask.to(y_pred.dtype) * torch.sigmoid(-alpha * diffs).clamp(min=eps)).sum(-1)
+    ndcg = (gains / torch.log2(1.0 + approx_pos)).sum(-1)
+    return ndcg.mean()
+
+
+def _tfr_valid(labels, logits):
+    """TF-Ranking's handling of invalid entries (label < 0): label 0, logit 1000 below the list's minimum."""
+    valid = labels >= 0
+    labels = torch.where(valid, labels, torch.zeros_like(labels))
+    logits = torch.where(valid, logits, logits.amin(-1, keepdim=True) - 1e3)
+    nonzero = labels.sum(1) > 0
+    labels = torch.where(nonzero[:, None], labels, torch.full_like(labels, 1e-10))
+    return labels, logits, nonzero
+
+
+def _tfr_approx_ranks(logits, alpha):
+    """TF-Ranking's utils.approx_ranks: sum_k sigmoid(alpha (s_k - s_j)) over every k, itself
+    included (sigmoid(0) = 1/2), plus 1/2."""
+    x = logits.unsqueeze(2)  # [b, j, .]
+    y = logits.unsqueeze(1)  # [b, ., k]
+    return torch.sigmoid(alpha * (y - x)).sum(-1) + 0.5
+
+
+def published_tfr_approx_ndcg(labels, logits, alpha=10.0):
+    """Per-list (NDCG, weight) of TF-Ranking's ApproxNDCGLoss (losses_impl; the loss is -NDCG, the
+    weight 0 for a list without a relevant label): gains 2^y - 1, discounts 1/ln(1 + rank) over the
+    ideal DCG with the same discount (the log base cancels)."""
+    labels, logits, nonzero = _tfr_valid(labels, logits)
+    ranks = _tfr_approx_ranks(logits, alpha)
+    dcg = ((torch.pow(2.0, labels) - 1) / torch.log1p(ranks)).sum(-1)
+    ideal = labels.sort(dim=-1, descending=True).values
+    pos = torch.arange(1, labels.shape[1] + 1, dtype=labels.dtype)
+    max_dcg = ((torch.pow(2.0, ideal) - 1) / torch.log1p(pos)).sum(-1)
+    inv = torch.where(max_dcg > 0, 1.0 / max_dcg, torch.zeros_like(max_dcg))
+    return dcg * inv, nonzero.to(labels.dtype)
+
+
+def published_tfr_approx_mrr(labels, logits, alpha=10.0):
+    """Per-list (MRR, weight) of TF-Ranking's ApproxMRRLoss: sum_j y_j / rank_j over sum_j y_j
+    (the loss is -MRR, the weight 0 for a list without a relevant label)."""
+    labels, logits, nonzero = _tfr_valid(labels, logits)
+    rr = 1.0 / _tfr_approx_ranks(logits, alpha)
+    return (rr * labels).sum(-1) / labels.sum(-1), nonzero.to(labels.dtype)

@@ -112,7 +112,7 @@ def _graded_case(q, n, seed, device="cuda"):
     scores = (torch.randint(-40, 41, (q, n), generator=g).double() * 0.01).to(device)  # ties
     labels = torch.randint(0, 12, (n,), generator=g)
     hier = torch.stack([labels // 4, labels], dim=1)
-    rel = fastrank.relevance_from_hierarchy(hier[:q], hier, dtype=torch.float64).to(device)
+    rel = fastrank.relevance_from_hierarchy(hier[:q], hier, order="coarsest_first", dtype=torch.float64).to(device)
     return scores, rel
 
 

@@ -248,12 +248,12 @@ def test_relevance_from_hierarchy_hand_example():
     # levels: family, genus, species
     q = torch.tensor([[0, 0, 0], [1, 5, 7]])
     g = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 5, 7], [2, 5, 7]])
-    prefix = relevance_from_hierarchy(q, g)
+    prefix = relevance_from_hierarchy(q, g, order="coarsest_first")
     levels = relevance_from_hierarchy(q, g, mode="shared_levels")
     assert prefix.dtype == torch.float32 and prefix.shape == (2, 6)
     assert prefix.tolist() == [[3, 2, 1, 0, 0, 0], [0, 0, 0, 1, 3, 0]]
     assert levels.tolist() == [[3, 2, 2, 2, 0, 0], [0, 0, 0, 1, 3, 2]]
-    assert relevance_from_hierarchy(q.int(), g.int(), dtype=torch.float64).dtype == torch.float64
+    assert relevance_from_hierarchy(q.int(), g.int(), order="coarsest_first", dtype=torch.float64).dtype == torch.float64
 
 
 def test_perfect_ordering_gives_one():
@@ -408,7 +408,7 @@ def test_graded_loss_modules_equal_functions():
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(10, 6, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 2, (10, 3), generator=g)
-    rel = fastrank.relevance_from_hierarchy(labels, labels, dtype=torch.float64)
+    rel = fastrank.relevance_from_hierarchy(labels, labels, order="coarsest_first", dtype=torch.float64)
     e = F.normalize(emb, dim=1)
     torch.testing.assert_close(HAPLoss()(emb, rel), 1 - fastrank.h_ap(e @ e.T, rel))
     torch.testing.assert_close(NDCGLoss(step="sigmoid")(emb, rel), 1 - fastrank.ndcg(e @ e.T, rel, step="sigmoid"))

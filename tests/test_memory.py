@@ -24,7 +24,7 @@ scores, labels = make_batch(B)
 target = (labels, labels)
 if op == "hap":  # graded: (super-class, class) hierarchy, relevance 2 / 1 / 0, built before the measurement
     hier = torch.stack([labels // 4, labels], dim=1)
-    target = fastrank.relevance_from_hierarchy(hier, hier)
+    target = fastrank.relevance_from_hierarchy(hier, hier, order="coarsest_first")
 x = scores.clone().requires_grad_()
 (1 - fn(x, target, backend=backend)).backward()  # warm-up: lazy init, thread pool
 x.grad = None

@@ -142,7 +142,7 @@ def test_opcheck_backward(family, variant, dtype):
 def test_torch_compile_graded(fn):
     emb = torch.nn.functional.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
     labels = torch.stack([torch.arange(16) // 8, torch.arange(16) // 4, torch.arange(16) // 2], dim=1)
-    rel = fastrank.relevance_from_hierarchy(labels, labels, dtype=torch.float64)
+    rel = fastrank.relevance_from_hierarchy(labels, labels, order="coarsest_first", dtype=torch.float64)
 
     def loss_fn(e):
         return 1 - fn(e @ e.T, rel, backend="cpp")
@@ -361,7 +361,7 @@ def test_scratch_allocation_failure_raises_instead_of_aborting(op):
 
 _LAB = torch.arange(24) // 4
 _REL = fastrank.relevance_from_hierarchy(torch.stack([_LAB // 2, _LAB], 1), torch.stack([_LAB // 2, _LAB], 1),
-                                         dtype=torch.float64)
+                                         order="coarsest_first", dtype=torch.float64)
 FULLGRAPH_LOSSES = {
     "sup_ap": lambda s: 1 - fastrank.sup_ap(s, (_LAB, _LAB)),
     "smooth_ap": lambda s: 1 - fastrank.smooth_ap(s, (_LAB, _LAB), ignore=torch.arange(24)),

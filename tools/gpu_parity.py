@@ -49,7 +49,8 @@ class Case:
         # two-level hierarchy (class // 3, class): relevance 2 / 1 / 0
         q, g = self.labels
         return fastrank.relevance_from_hierarchy(
-            torch.stack([q // 3, q], 1), torch.stack([g // 3, g], 1), dtype=self.scores.dtype)
+            torch.stack([q // 3, q], 1), torch.stack([g // 3, g], 1), order="coarsest_first",
+            dtype=self.scores.dtype)
 
 
 def make_cases(device: torch.device, quick: bool) -> List[Case]:

@@ -39,6 +39,8 @@ from ..core.registry import run, run_loss
 Tensor = torch.Tensor
 
 HIERARCHY_MODES = ("shared_prefix", "shared_levels")
+#: column order of hierarchical labels: column 0 the coarsest level, or column 0 the finest (HAPPIER's files)
+HIERARCHY_ORDERS = ("coarsest_first", "finest_first")
 
 
 # --------------------------------------------------------------------------- relevance helper
@@ -49,23 +51,33 @@ def relevance_from_hierarchy(
     gallery_labels: Tensor,
     mode: str = "shared_prefix",
     *,
+    order: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """(Q, N) graded relevance from hierarchical integer labels.
 
     Args:
-        query_labels: (Q, L) integer labels, column 0 the coarsest level (e.g. family),
-            column L-1 the finest (e.g. species).
-        gallery_labels: (N, L) integer labels, same levels.
+        query_labels: (Q, L) integer labels, one column per level of the hierarchy.
+        gallery_labels: (N, L) integer labels, same levels in the same columns.
         mode: how levels are counted.
 
             * ``"shared_prefix"`` (default; the form of HAPPIER / SupRank for hierarchical
-              labels): the number of leading levels, from the coarsest, on which query and
-              item agree, stopping at the first disagreement. Two items of the same species
-              get L, same genus but another species L-1, ..., another family 0.
+              labels): the number of levels, from the coarsest, on which query and item
+              agree, stopping at the first disagreement. Two items of the same species get
+              L, same genus but another species L-1, ..., another family 0.
             * ``"shared_levels"``: the number of levels on which they agree, anywhere
               (for label matrices whose columns are independent attributes rather than a tree).
 
+        order: which end of the columns is the coarsest level, required where it changes the
+            result (``"shared_prefix"`` with L >= 2; there is no default, because reading one
+            order as the other silently gives wrong relevances):
+
+            * ``"coarsest_first"``: column 0 the coarsest level (e.g. family), column L-1
+              the finest (e.g. species);
+            * ``"finest_first"``: column 0 the finest level, column L-1 the coarsest, as in
+              HAPPIER's label files (``[class, super_class]`` for SOP).
+
+            Optional (and only checked) for ``"shared_levels"`` and for L = 1.
         dtype: floating dtype of the result.
 
     Returns:
@@ -73,7 +85,9 @@ def relevance_from_hierarchy(
 
     Example:
         >>> q = torch.tensor([[0, 0, 0]]); g = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
-        >>> relevance_from_hierarchy(q, g)
+        >>> relevance_from_hierarchy(q, g, order="coarsest_first")
+        tensor([[3., 2., 1., 0.]])
+        >>> relevance_from_hierarchy(q.flip(1), g.flip(1), order="finest_first")
         tensor([[3., 2., 1., 0.]])
         >>> relevance_from_hierarchy(q, g, "shared_levels")
         tensor([[3., 2., 2., 2.]])
@@ -103,8 +117,19 @@ def relevance_from_hierarchy(
     V.check_choice(fn, "mode", mode, HIERARCHY_MODES)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{fn}: `dtype` must be a floating torch.dtype, got {dtype!r}")
+    if order is not None:
+        V.check_choice(fn, "order", order, HIERARCHY_ORDERS)
+    elif mode == "shared_prefix" and query_labels.shape[1] >= 2:
+        raise ValueError(
+            f"{fn}: `order` is required for mode='shared_prefix' with {query_labels.shape[1]} levels: "
+            "order='coarsest_first' (column 0 = coarsest level, e.g. family) or order='finest_first' "
+            "(column 0 = finest level, as in HAPPIER's label files)"
+        )
     qlab = query_labels.to(torch.int64)
     glab = gallery_labels.to(torch.int64)
+    if order == "finest_first":
+        # the prefix is counted from the coarsest level: read the columns from the last one
+        qlab, glab = qlab.flip(1), glab.flip(1)
     q, n = qlab.shape[0], glab.shape[0]
     rel = torch.zeros(q, n, dtype=dtype, device=qlab.device)
     alive = torch.ones(q, n, dtype=torch.bool, device=qlab.device)
@@ -117,6 +142,74 @@ def relevance_from_hierarchy(
         else:
             rel += eq
     return rel
+
+
+def _check_multi_hot(fn: str, name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a 2-D multi-hot tensor (rows x labels), got {V._describe(x)}")
+    if x.dtype != torch.bool and x.dtype not in V.INT_DTYPES and not x.is_floating_point():
+        raise TypeError(f"{fn}: `{name}` must be a bool, integer or floating multi-hot tensor, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: `{name}` must be 2-D (rows x labels, 1 = the row has the label), "
+                         f"got shape {tuple(x.shape)}")
+    if x.dtype != torch.bool and x.numel() and not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(f"{fn}: `{name}` must hold only 0 and 1 (a multi-hot matrix), "
+                         f"got values in [{x.min().item()}, {x.max().item()}]" +
+                         (" and NaN" if x.is_floating_point() and bool(torch.isnan(x).any()) else ""))
+
+
+def relevance_from_multilabel(
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    *,
+    binary: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(Q, N) relevance for multi-label retrieval from multi-hot label matrices.
+
+    An item is relevant to a query when they share at least one label; its relevance is
+    the number of labels they share (``binary=False``, for :func:`h_ap` / :func:`ndcg` and
+    the graded modules), or 1 (``binary=True``, a dense target for :func:`fastrank.sup_ap`,
+    :func:`fastrank.smooth_ap`, :func:`fastrank.recall_at_k`, ...).
+
+    Args:
+        query_labels: (Q, C) multi-hot matrix (bool, or integers / floats in {0, 1}): entry
+            [i, c] = 1 when query i has label c.
+        gallery_labels: (N, C) multi-hot matrix over the same C labels.
+        binary: relevance 1 for every item sharing a label, instead of the count.
+        dtype: floating dtype of the result.
+
+    Returns:
+        (Q, N) relevance in {0, ..., C} (or {0, 1}), 0 = shares no label.
+
+    Example:
+        >>> q = torch.tensor([[1, 1, 0]]); g = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
+        >>> relevance_from_multilabel(q, g)
+        tensor([[2., 1., 0.]])
+        >>> relevance_from_multilabel(q, g, binary=True)
+        tensor([[1., 1., 0.]])
+    """
+    fn = "fastrank.relevance_from_multilabel"
+    _check_multi_hot(fn, "query_labels", query_labels)
+    _check_multi_hot(fn, "gallery_labels", gallery_labels)
+    if query_labels.shape[1] != gallery_labels.shape[1]:
+        raise ValueError(f"{fn}: `query_labels` and `gallery_labels` must have the same number of labels "
+                         f"(columns), got {query_labels.shape[1]} and {gallery_labels.shape[1]}")
+    if query_labels.device != gallery_labels.device:
+        raise ValueError(
+            f"{fn}: `query_labels` is on {query_labels.device} but `gallery_labels` is on {gallery_labels.device}"
+        )
+    if type(binary) is not bool:
+        raise TypeError(f"{fn}: `binary` must be a bool, got {binary!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{fn}: `dtype` must be a floating torch.dtype, got {dtype!r}")
+    # counts are integers <= C: exact in float64 (and in float32 up to 2^24 labels), and a
+    # floating matmul runs on every device (integer matmul does not on CUDA)
+    work = torch.float64 if dtype == torch.float64 or query_labels.shape[1] >= 1 << 24 else torch.float32
+    rel = query_labels.to(work) @ gallery_labels.to(work).transpose(0, 1)
+    if binary:
+        rel = (rel > 0).to(work)
+    return rel.to(dtype)
 
 
 # --------------------------------------------------------------------------- the op

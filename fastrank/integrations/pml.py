@@ -22,6 +22,12 @@ rows only) the gathered gallery starts with the local batch, and FastAP/SoftBin,
 the query out of its gallery, leave those leading rows out (a separate gallery whose first
 rows equal the queries is taken to contain them; not inside CrossBatchMemory).
 
+The loss comes back in the dtype PML's class returns (ranks computed in float32 for
+float16/bfloat16 embeddings, as every fastrank op): the embeddings' dtype for FastAPLoss and
+for the losses PML lacks (PML's convention: float16 embeddings give a float16 loss); for
+SmoothAPLoss, which PML accumulates in a default-dtype (float32) buffer, float32 for
+float16/bfloat16/float32 embeddings -- and float64 for float64 ones, where PML drops to float32.
+
 pytorch-metric-learning is an optional dependency: `pip install pytorch-metric-learning`.
 """
 from __future__ import annotations
@@ -77,8 +83,9 @@ def _queries_lead(loss, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref
 class _FusedPMLLoss(BaseMetricLossFunction):
     """Shared plumbing: PML distance -> similarity scores, self handling, miner weights."""
 
-    #: True: the query is its own positive and competitor when the gallery is the batch itself
-    include_self: bool = True
+    #: True: the query is its own positive and competitor when the gallery is the batch itself;
+    #: "competitor": it competes but is not its own positive (Patel et al.); False: left out
+    include_self = True
 
     def __init__(self, backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -86,6 +93,10 @@ class _FusedPMLLoss(BaseMetricLossFunction):
 
     def get_default_distance(self):
         return CosineSimilarity()
+
+    def output_dtype(self, embeddings: Tensor) -> torch.dtype:
+        """The dtype of the loss, PML's for the class: by default that of the embeddings."""
+        return embeddings.dtype
 
     def _similarities(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
         d = self.distance(embeddings, ref_emb)
@@ -102,17 +113,29 @@ class _FusedPMLLoss(BaseMetricLossFunction):
         self_gallery = ref_emb is embeddings  # PML passes the batch itself when ref_emb is None
         scores = self._similarities(embeddings, ref_emb)
         ignore = None
+        target = (labels, ref_labels)
         n_pos = _positive_counts(labels, ref_labels)
-        if (self_gallery or _queries_lead(self, embeddings, labels, ref_emb, ref_labels)) and not self.include_self:
+        mode = V.check_self_mode(type(self).__name__, self.include_self)
+        # the gallery holds the queries themselves: the batch, or its leading rows (DistributedLossWrapper)
+        leads = self_gallery or _queries_lead(self, embeddings, labels, ref_emb, ref_labels)
+        if leads and mode is False:
             ignore = torch.arange(labels.shape[0], device=labels.device)
             n_pos = n_pos - 1
-        score = self.per_query_score(scores, (labels, ref_labels), ignore)
+        elif leads and mode == "competitor":
+            # the query ranks itself as a negative: a dense target without its own column
+            q, n = labels.shape[0], ref_labels.shape[0]
+            target = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)) & ~torch.eye(q, n, dtype=torch.bool,
+                                                                                       device=labels.device)
+            n_pos = n_pos - 1
+        score = self.per_query_score(scores, target, ignore)
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=score.dtype, using_ref=not self_gallery)
         # a NaN query stays in even without positives: NaN in, NaN out (its score is NaN, not 0)
         keep = torch.nonzero((n_pos > 0) | torch.isnan(score)).squeeze(1)
         if keep.numel() == 0:
             return self.zero_losses()
-        losses = ((1 - score) * weights)[keep]
+        # computed in float32 for half-precision input, handed to PML's reducer in the dtype PML's
+        # own class returns (FastAP: a float16 batch gives a float16 loss)
+        losses = ((1 - score) * weights)[keep].to(self.output_dtype(embeddings))
         return {self._sub_loss_names()[0]: {"losses": losses, "indices": keep, "reduction_type": "element"}}
 
 
@@ -127,6 +150,11 @@ class SmoothAPLoss(_FusedPMLLoss):
 
     def _sub_loss_names(self):
         return ["ap_loss"]
+
+    def output_dtype(self, embeddings: Tensor) -> torch.dtype:
+        # PML's SmoothAPLoss fills a default-dtype buffer: float32 for half and float32 input;
+        # float64 input keeps its precision here (PML's would round it to float32)
+        return torch.promote_types(embeddings.dtype, torch.get_default_dtype())
 
     def per_query_score(self, scores, target, ignore):
         return _ap.smooth_ap(scores, target, tau=self.temperature, ignore=ignore, reduction="none",
@@ -157,30 +185,48 @@ class FastAPLoss(_FusedPMLLoss):
 
 
 class SupAPLoss(_FusedPMLLoss):
-    """SupAP (ROADMAP) in PML's interface."""
+    """SupAP (ROADMAP) in PML's interface; the step parameters of :func:`fastrank.sup_ap`
+    (``offset=None``: sigma_tau(delta) + start)."""
 
-    def __init__(self, tau: float = 0.01, rho: float = 100.0, delta: float = 0.05, start: float = 0.5, **kwargs):
+    def __init__(self, tau: float = 0.01, rho: float = 100.0, delta: float = 0.05, start: float = 0.5,
+                 offset: Optional[float] = None, **kwargs):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
-        self.tau, self.rho, self.delta, self.start = tau, rho, delta, start
+        self.tau, self.rho, self.delta, self.start, self.offset = tau, rho, delta, start, offset
 
     def per_query_score(self, scores, target, ignore):
         return _ap.sup_ap(scores, target, tau=self.tau, rho=self.rho, delta=self.delta, start=self.start,
-                          ignore=ignore, reduction="none", backend=self.backend)
+                          offset=self.offset, ignore=ignore, reduction="none", backend=self.backend)
 
 
 class RecallAtKLoss(_FusedPMLLoss):
-    """Smooth Recall@k (SupRank form by default) in PML's interface."""
+    """Smooth Recall@k (SupRank form by default) in PML's interface, with the parameters of
+    :func:`fastrank.recall_at_k`.
+
+    `include_self` (in-batch galleries only): True, the query is its own positive and a
+    competitor (SupRank); ``"competitor"``, it competes but is not its own positive (Patel et
+    al.'s code); False, it is left out. None (default) takes the variant's published choice,
+    as :class:`fastrank.losses.RecallAtKLoss` does: True for "suprank", "competitor" for "patel".
+    """
 
     def __init__(self, ks=(1, 2, 4, 8, 16), tau: float = 0.01, temp: float = 1.0, variant: str = "suprank",
-                 **kwargs):
+                 step: Optional[str] = None, rho: float = 100.0, delta: float = 0.05, start: float = 0.5,
+                 offset: Optional[float] = None, include_self=None, **kwargs):
+        name = type(self).__name__
+        V.check_choice(name, "variant", variant, ("suprank", "patel"))
+        if include_self is None:
+            include_self = "competitor" if variant == "patel" else True
+        include_self = V.check_self_mode(name, include_self)
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
-        self.ks = V.check_ks(type(self).__name__, ks)
-        self.tau, self.temp, self.variant = tau, temp, variant
+        self.ks = V.check_ks(name, ks)
+        self.tau, self.temp, self.variant, self.step = tau, temp, variant, step
+        self.rho, self.delta, self.start, self.offset = rho, delta, start, offset
+        self.include_self = include_self
 
     def per_query_score(self, scores, target, ignore):
         return recall_at_k(scores, target, ks=self.ks, tau=self.tau, temp=self.temp, variant=self.variant,
+                           step=self.step, rho=self.rho, delta=self.delta, start=self.start, offset=self.offset,
                            ignore=ignore, reduction="none", backend=self.backend)
 
 
@@ -214,7 +260,18 @@ class CrossBatchMemory(_pml_losses.CrossBatchMemory):
 
     @staticmethod
     def supported_losses():
-        return list(_ORIGINAL_CBM.supported_losses()) + sorted(_FUSED_NAMES)
+        """PML's list, unchanged and in its order, then the fastrank drop-ins it lacks (class names,
+        as PML's list holds them; after `patch()` each names a class of `pytorch_metric_learning.losses`)."""
+        names = list(_ORIGINAL_CBM.supported_losses())
+        return names + [n for n in sorted(_FUSED_NAMES) if n not in names]
+
+    def __init__(self, loss, embedding_size, memory_size=1024, miner=None, **kwargs):
+        # PML checks the class name only: PML's own SmoothAPLoss / FastAPLoss share our names but
+        # refuse a separate gallery, so they would fail on the first batch instead of here
+        if type(loss).__name__ in _FUSED_NAMES and not isinstance(loss, _FusedPMLLoss):
+            raise Exception(f"CrossBatchMemory not supported for {type(loss).__module__}.{type(loss).__name__}; "
+                            f"use fastrank.integrations.pml.{type(loss).__name__}")
+        super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def forward(self, *args, **kwargs):
         # the memory may hold this batch at rows 0..B-1 on some steps: not the distributed layout
