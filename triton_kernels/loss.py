@@ -617,16 +617,16 @@ class _FusedLoss(torch.autograd.Function):
         score, n_pos, rows = loss_rows(scores, qlab, glab, rel, ign_idx, ign_mask, params, with_grad=with_grad,
                                        **options)
         ctx.mark_non_differentiable(n_pos)
-        ctx.save_for_backward(rows)
+        ctx.save_for_backward(rows, scores)  # scores: what a second derivative would depend on
         ctx.scores_dtype = scores.dtype
         ctx.what = f"the triton {options.get('kind', 'ap')} loss"
         return score, n_pos
 
     @staticmethod
     def backward(ctx, grad_score, _grad_n_pos):
-        (rows,) = ctx.saved_tensors
+        rows, scores = ctx.saved_tensors
         grad = _fused_gradient(lambda: (rows * grad_score.to(rows.dtype).unsqueeze(1)).to(ctx.scores_dtype),
-                               ctx.what, "triton", rows, grad_score)
+                               ctx.what, "triton", scores, grad_score)
         return (grad,) + (None,) * 7
 
 
