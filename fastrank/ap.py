@@ -21,9 +21,10 @@ Tensor = torch.Tensor
 
 def _average_precision(fn: str, scores, target, ignore, reduction, backend, params) -> Tensor:
     V.check_reduction(fn, reduction)
-    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True)
-    if use_fused(name):
-        # one pass per row in C++: no packing, no epilogue here, the gradient rows computed with it
+    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True, loss="ap_loss")
+    if use_fused(name, "ap_loss"):
+        # one pass per row in C++ (a fixed number of launches in Triton): no packing, no
+        # epilogue here, the gradient rows computed with it
         ap, n_pos = run_loss("ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore), params=params)
         return reduce_values(ap, n_pos > 0, reduction)
     q, n = scores.shape

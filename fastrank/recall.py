@@ -67,8 +67,8 @@ def recall_at_k(
     temp = V.check_positive_number(fn, "temp", temp)
     V.check_reduction(fn, reduction)
     params = make_params(fn, _DEFAULT_STEP[variant] if step is None else step, tau, rho, delta, start, offset)
-    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True)
-    if use_fused(name):
+    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True, loss="recall_loss")
+    if use_fused(name, "recall_loss"):
         # one pass per row in C++ (docs/design.md §2.4): no packing, the gradient rows with it
         total, n_pos = run_loss("recall_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
                                 params=params, options=(list(ks), float(temp), variant == "patel"))

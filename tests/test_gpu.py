@@ -229,3 +229,63 @@ def test_gpu_loss_runs_on_the_current_stream(backend, loss):
     torch.cuda.synchronize()
     torch.testing.assert_close(v, ref)
     torch.testing.assert_close(s.grad, ref_s.grad)
+
+
+# ---- the fused Triton loss kernels (triton_kernels/loss.py): no host sync, CUDA-graph capturable
+
+_TRITON_FUSED = {
+    "sup_ap": lambda s, t, ig: fastrank.sup_ap(s, t, ignore=ig, backend="triton"),
+    "smooth_ap": lambda s, t, ig: fastrank.smooth_ap(s, t, ignore=ig, backend="triton"),
+    "recall_at_k": lambda s, t, ig: fastrank.recall_at_k(s, t, ignore=ig, backend="triton"),
+    "recall_patel": lambda s, t, ig: fastrank.recall_at_k(s, t, ignore=ig, variant="patel", backend="triton"),
+}
+_triton_only = pytest.mark.skipif(not fastrank.backends()["triton"].available, reason="Triton unavailable")
+
+
+@_triton_only
+@pytest.mark.parametrize("loss", list(_TRITON_FUSED))
+@pytest.mark.parametrize("ignore_kind", ["index", "mask"])
+def test_gpu_triton_fused_loss_has_no_host_sync(loss, ignore_kind):
+    emb, lab = _batch(b=256)
+    ig = torch.arange(256, device="cuda") if ignore_kind == "index" else torch.eye(256, dtype=torch.bool, device="cuda")
+    _TRITON_FUSED[loss]((emb @ emb.T).requires_grad_(), lab, ig).backward()  # warm: compiled, constants cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = (emb @ emb.T).requires_grad_()
+        _TRITON_FUSED[loss](s, lab, ig).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert s.grad is not None
+
+
+@_triton_only
+@pytest.mark.parametrize("loss", list(_TRITON_FUSED))
+def test_gpu_triton_fused_loss_cuda_graph_replay_equals_eager(loss):
+    emb, lab = _batch(b=256, seed=2)
+    static = (emb @ emb.T).detach().clone().requires_grad_()
+    eager = _TRITON_FUSED[loss](static, lab, None)
+    (g_eager,) = torch.autograd.grad(eager, static)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            torch.autograd.grad(_TRITON_FUSED[loss](static, lab, None), static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _TRITON_FUSED[loss](static, lab, None)
+        (g_out,) = torch.autograd.grad(out, static)
+    with torch.no_grad():
+        static.copy_(emb @ emb.T)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(g_out, g_eager)
+    # new inputs in the same buffer: the replay follows them
+    emb2, _ = _batch(b=256, seed=3)
+    with torch.no_grad():
+        static.copy_(emb2 @ emb2.T)
+    graph.replay()
+    ref = _TRITON_FUSED[loss](static.detach().clone().requires_grad_(), lab, None)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)

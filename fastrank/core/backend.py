@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .extension import load_extension as _load_extension
-from .registry import FAMILIES
+from .registry import FAMILIES, LOSS_OPS
 
 BACKENDS = ("naive", "torch", "cpp", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
@@ -103,9 +103,12 @@ def fused_losses() -> bool:
     return os.environ.get("FASTRANK_FUSED", "1") != "0"
 
 
-def use_fused(backend: str) -> bool:
-    """Whether a loss call on the resolved `backend` runs as its fused loss op."""
-    return backend == "cpp" and fused_losses()
+def use_fused(backend: str, loss: Optional[str] = None) -> bool:
+    """Whether a loss call on the resolved `backend` runs as its fused loss op: on `cpp` every
+    loss op; on `triton` the loss ops `loss` (a LOSS_OPS name) that have Triton kernels."""
+    if not fused_losses():
+        return False
+    return backend == "cpp" or (backend == "triton" and loss in LOSS_OPS and LOSS_OPS[loss].triton)
 
 
 def triton_interpreted() -> bool:

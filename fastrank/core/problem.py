@@ -155,6 +155,7 @@ def check_call(
     *,
     graded: bool = False,
     fused: bool = False,
+    loss: Optional[str] = None,
 ) -> Tuple[Tensor, Optional[Tensor], str]:
     """Validates the arguments every op shares; returns (scores in a kernel dtype, the graded
     relevance in that dtype or None, backend name). The fused loss ops take the target as given
@@ -164,19 +165,23 @@ def check_call(
     the ignore index itself, in its pass over the row. Where that op will run (`use_fused`),
     the passes over the data are left to it: always the target's NaN scan, and, while
     torch.compile traces, the ignore index's range (its host sync would break the graph; in
-    eager it stays here, an O(Q) check with the clearer message)."""
+    eager it stays here, an O(Q) check with the clearer message). `loss` names the fused op (a
+    LOSS_OPS name) for `use_fused`; on `triton` its kernels take the ignore index's range too (an
+    out-of-range entry makes its query NaN, no host sync) and half scores as they are."""
     V.check_scores(fn, scores)
     V.check_backend(fn, backend, CHOICES)
     name = resolve(fn, backend, scores.device)
-    in_op = fused and use_fused(name)
+    in_op = fused and use_fused(name, loss)
+    on_device = in_op and name == "triton"
     if graded:
         rel = V.check_relevance(fn, target, scores, values=not in_op)
     else:
         rel = None
         V.check_target(fn, target, scores, values=not in_op)
-    V.check_ignore(fn, ignore, scores, values=not (in_op and torch.compiler.is_compiling()))
-    # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau)
-    if scores.dtype in (torch.float16, torch.bfloat16):
+    V.check_ignore(fn, ignore, scores, values=not (in_op and (on_device or torch.compiler.is_compiling())))
+    # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau); the fused
+    # Triton kernels read half scores and form them in fp32 themselves
+    if scores.dtype in (torch.float16, torch.bfloat16) and not on_device:
         scores = scores.float()
     return scores, rel, name
 

@@ -247,18 +247,26 @@ class LossOp:
 
     name: str
     tensors: Tuple[str, ...]  # its (optional) tensor arguments, scores first
+    #: fused Triton kernels too (fastrank.triton_kernels.loss), used for backend="triton"
+    triton: bool = False
 
 
 LOSS_OPS: Dict[str, LossOp] = {
     op.name: op
     for op in (
-        LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
-        LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
+        LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
+               triton=True),
+        LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
+               triton=True),
         LossOp("graded_loss", ("scores", "relevance", "ignore_idx", "ignore_mask")),
         LossOp("histogram_ap_loss",
                ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
     )
 }
+
+
+#: the module of the fused Triton loss kernels (named, not imported: see the module docstring)
+TRITON_LOSS_MODULE = "fastrank.triton_kernels.loss"
 
 
 def _register_loss(op: LossOp) -> None:
@@ -281,10 +289,19 @@ def run_loss(name: str, fn: str, backend: str, scores: Tensor, *tensors: Optiona
     differentiable w.r.t. scores; the gradient rows are computed only when scores require grad.
     `options` are the loss's own scalars, passed after the parameters' (params.as_op_args()).
     The op checks the values of its inputs (check_call(fused=True) left them to it); its errors
-    are re-raised with the public function's name `fn` in front."""
-    op = getattr(torch.ops.fastrank, LOSS_OPS[name].name)
+    are re-raised with the public function's name `fn` in front.
+
+    backend="triton": the fused Triton kernels (fastrank.triton_kernels.loss), which check the
+    values inside the kernels (an invalid entry makes its query NaN) and never sync the host."""
     params.check_dtype(scores.dtype)
     _refuse_transforms(f"the {name} op", backend, scores)
+    if backend == "triton":
+        kernels = importlib.import_module(TRITON_LOSS_MODULE)
+        try:
+            return kernels.run_loss(name, scores, *tensors, params=params, options=options)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{fn}: {e}") from None
+    op = getattr(torch.ops.fastrank, LOSS_OPS[name].name)
     register_cpp_ops()
     args = (scores, *tensors, *params.as_op_args(), *options, torch.is_grad_enabled() and scores.requires_grad)
     if torch.compiler.is_compiling():  # the fake kernel checks nothing; the kernel raises at run time
