@@ -68,25 +68,12 @@ struct LaneOps<T, false> {
   static FR_LANE bool any(bool m) { return m; }
   static FR_LANE bool any(int m) { return m != 0; }
   static FR_LANE V sigmoid(V d, T inv_tau) { return sigmoid_tau(d, inv_tau); }
-  // sigmoid_tau and sigmoid_tau_grad of step.h from one exp
-  static FR_LANE V sigmoid_and_grad(V d, T inv_tau, V* g) {
-    const T xr = d * inv_tau;
-    const T e = exp_clamped(-clamp_x(xr));
-    const T s = T(1) / (T(1) + e);
-    *g = (xr > T(kClamp) || xr < T(-kClamp)) ? T(0) : e * s * s * inv_tau;
-    return s;
-  }
-  static FR_LANE V sigmoid_grad(V d, T inv_tau) { return sigmoid_tau_grad(d, inv_tau); }
-  static FR_LANE V suprank(V d, const StepParams<T>& p) { return suprank_neg(d, p); }
-  static FR_LANE V suprank_and_grad(V d, const StepParams<T>& p, V* g) {
-    V gs;
-    const T sig = sigmoid_and_grad(d, p.inv_tau, &gs);
-    *g = d > p.delta ? p.rho : gs;
+  // suprank_neg of step.h given sig = sigma(d)
+  static FR_LANE V suprank_from_sigmoid(V d, V sig, const StepParams<T>& p) {
     const T lin = (p.rho == T(0) ? T(0) : p.rho * (d - p.delta)) + p.offset;
     const T mid = p.start + sig;
     return d <= T(0) ? sig : (d <= p.delta ? mid : lin);
   }
-  static FR_LANE V suprank_grad(V d, const StepParams<T>& p) { return suprank_neg_grad(d, p); }
   static FR_LANE V heaviside(V d) { return fastrank::heaviside(d); }
 };
 
@@ -116,19 +103,23 @@ struct LaneOps<float, true> {
     return false;
   }
   static FR_LANE V sigmoid(V d, float inv_tau) { return vec::sigmoid(d, inv_tau); }
-  static FR_LANE V sigmoid_and_grad(V d, float inv_tau, V* g) { return vec::sigmoid_and_grad(d, inv_tau, g); }
-  static FR_LANE V sigmoid_grad(V d, float inv_tau) { return vec::sigmoid_grad(d, inv_tau); }
-  static FR_LANE V suprank(V d, const StepParams<float>& p) { return vec::suprank_neg(d, p); }
-  static FR_LANE V suprank_and_grad(V d, const StepParams<float>& p, V* g) {
-    return vec::suprank_neg_and_grad(d, p, g);
+  static FR_LANE V suprank_from_sigmoid(V d, V sig, const StepParams<float>& p) {
+    return vec::suprank_from_sigmoid(d, sig, p);
   }
-  static FR_LANE V suprank_grad(V d, const StepParams<float>& p) { return vec::suprank_neg_grad(d, p); }
   static FR_LANE V heaviside(V d) { return d >= 0.0f ? vec::splat(1.0f) : V{}; }
 };
 
 // A lane mask of L (a comparison's result: bool for one scalar, an int32 vector for vec.h)
 template <typename L>
 using Mask = decltype(typename L::Flags{} != 0);
+
+// H^-'(d) from w = sigma(d): rho beyond delta, else w (1 - w) / tau, 0 below the clamp (the
+// references' autograd of their sigmoid; above the clamp w is 1)
+template <typename L, typename V, typename T>
+inline __attribute__((always_inline)) V suprank_slope(V d, V w, const StepParams<T>& st) {
+  const V u = d * st.inv_tau < T(-kClamp) ? L::zero() : (w - w * w) * st.inv_tau;
+  return d > st.delta ? L::splat(st.rho) : u;
+}
 
 // The sums of one block of positives
 template <typename T, int NB>
@@ -177,11 +168,10 @@ FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const u
         }
       } else {
         const auto is_neg = fl == 1;
-        V g;
-        const V h = kGrad ? L::suprank_and_grad(d, st, &g) : L::suprank(d, st);
-        all[p] += is_neg ? h : z;
+        const V w = L::sigmoid(d, st.inv_tau);
+        all[p] += is_neg ? L::suprank_from_sigmoid(d, w, st) : z;
         if (kGrad) {
-          g = is_neg ? g : z;
+          const V g = is_neg ? suprank_slope<L>(d, w, st) : z;
           dall[p] += g;
           if (kStore) L::store(der + p * stride + k, g);
         }
@@ -288,7 +278,7 @@ FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_recompute(const T* s, 
         const V w = (fl != 0) & (d * st.inv_tau >= lo) ? L::sigmoid(d, st.inv_tau) : z;
         acc += (fl == 2 ? L::splat(a[p] + b[p]) : L::splat(a[p])) * (w - w * w);
       } else {
-        acc += L::splat(a[p]) * (fl == 1 ? L::suprank_grad(d, st) : z);
+        acc += L::splat(a[p]) * (fl == 1 ? suprank_slope<L>(d, L::sigmoid(d, st.inv_tau), st) : z);
       }
     }
     if (STEP == kSigmoid) acc *= st.inv_tau;
