@@ -17,36 +17,36 @@ namespace fastrank {
 
 template <typename T>
 struct SoftBin {
-  int64_t lo;  // first touched bin (may be -1 or L-1: then only one bin is inside)
+  int64_t lo;  // first touched bin, in [-1, L]: bins -1 and L are outside (their weight is lost)
   T w_lo, w_hi;  // weights of bins lo and lo + 1
   T d_lo, d_hi;  // their derivatives w.r.t. v
 };
 
-// Caller guarantees v is not NaN.
+// min / max of two non-NaN values, written so that the compiler emits minss / maxss (no branch)
+template <typename T>
+FR_HD T fmin_hd(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+FR_HD T fmax_hd(T a, T b) {
+  return a < b ? b : a;
+}
+
+// Caller guarantees v is not NaN. Branch-free, so that scores on either side of an open end do
+// not cost a mispredicted branch each: v is first clamped to where its bins stop changing --
+// [0, L-1] with open ends (all mass in the end bin, t = 0: no gradient), [-1, L] without (the
+// mass lands on bins -1 or L, outside [0, L), also for +-inf) -- and floor comes from the
+// integer conversion (|v| <= L + 1; the C library's floor is a call on baseline x86-64).
 template <typename T>
 FR_HD SoftBin<T> soft_bin(T v, int64_t L, bool open_ends) {
-  SoftBin<T> b;
   const T top = static_cast<T>(L - 1);
-  if (open_ends && v <= T(0)) {
-    b.lo = 0;
-    b.w_lo = T(1);
-    b.w_hi = b.d_lo = b.d_hi = T(0);
-    return b;
-  }
-  if (open_ends && v >= top) {
-    b.lo = L - 1;
-    b.w_lo = T(1);
-    b.w_hi = b.d_lo = b.d_hi = T(0);
-    return b;
-  }
-  if (!(v > T(-1) && v < top + T(1))) {  // entirely outside (also catches +-inf)
-    b.lo = -2;
-    b.w_lo = b.w_hi = b.d_lo = b.d_hi = T(0);
-    return b;
-  }
-  const T f = ::floor(v);
-  const T t = v - f;
-  b.lo = static_cast<int64_t>(f);
+  const T lo_v = open_ends ? T(0) : T(-1), hi_v = open_ends ? top : top + T(1);
+  v = fmax_hd(lo_v, fmin_hd(v, hi_v));
+  const int64_t trunc = static_cast<int64_t>(v);
+  const int64_t lo = trunc - (static_cast<T>(trunc) > v ? 1 : 0);
+  const T t = v - static_cast<T>(lo);
+  SoftBin<T> b;
+  b.lo = lo;
   b.w_lo = T(1) - t;
   b.w_hi = t;
   b.d_lo = t > T(0) ? T(-1) : T(0);

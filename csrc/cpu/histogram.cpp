@@ -166,10 +166,16 @@ struct HistLossProblem : ProblemView<T> {
   TargetView target;
 };
 
-// Per thread: the row's flags (N bytes, flag_row) and 6 L + 4 bin values: h_all, h_pos, the
-// epilogue's d_all, d_pos, then the gradient sweep's two tables padded by a zero bin at either
-// end (bins -1 and L), so it reads both touched bins without a range test.
-inline int64_t hist_loss_bin_values(int64_t L) { return 6 * L + 4; }
+// Per thread: the row's flags (N bytes, flag_row) and the bin values: kHistCopies partial copies
+// of h_all and one of h_pos, each padded to L + 3 (bins -1 .. L + 1, so a score's two bins, lo and
+// lo + 1 with lo in [-1, L], are added without a range test); h_all, h_pos, the epilogue's d_all,
+// d_pos; then the gradient sweep's two tables, padded like the copies (zero at bins -1, L, L + 1).
+// Why copies: clustered scores hit the same bins, and with one copy each add waits for the
+// previous one's store. A score's lower and upper bin go to different copies (even, odd): two
+// adds to adjacent slots of one copy are merged by the compiler into an 8-byte store, which
+// the next score's overlapping 8-byte load cannot take from the store buffer (a stall).
+constexpr int64_t kHistCopies = 4;
+inline int64_t hist_loss_bin_values(int64_t L) { return (kHistCopies + 3) * (L + 3) + 4 * L; }
 
 // Not multiversioned: the x86-64-v3/v4 clones would contract scale * s + shift into an FMA, whose
 // v differs from the naive backend's by an ulp, enough to move a score off a bin centre (a kink).
@@ -177,19 +183,21 @@ template <typename T, typename Epilogue>
 static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, uint8_t* flag,
                            T* bins, T* score, int64_t* n_pos, T* grad, int64_t begin, int64_t end) {
   const HistLossProblem<T>& pr = *prp;
-  const int64_t L = pr.L, N = pr.N;
+  const int64_t L = pr.L, N = pr.N, Lp = L + 3;
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  T* ha = bins;
-  T* hp = bins + L;
-  T* d_all = bins + 2 * L;
-  T* d_pos = bins + 3 * L;
-  T* g_neg = bins + 4 * L;      // L + 2: [0, d_all, 0]
-  T* g_pos = bins + 5 * L + 2;  // L + 2: [0, d_all + d_pos, 0]
+  T* copies = bins;                        // kHistCopies x Lp
+  T* hp_pad = bins + kHistCopies * Lp;     // Lp
+  T* ha = hp_pad + Lp;
+  T* hp = ha + L;
+  T* d_all = hp + L;
+  T* d_pos = d_all + L;
+  T* g_neg = d_pos + L;   // Lp: [0, d_all, 0, 0]
+  T* g_pos = g_neg + Lp;  // Lp: [0, d_all + d_pos, 0, 0]
   for (int64_t i = begin; i < end; ++i) {
     flag_row(pr, pr.target, i, flag);
     const T* s = pr.scores + i * N;
     T* g = grad ? grad + i * N : nullptr;
-    std::fill(ha, ha + 2 * L, T(0));
+    std::fill(copies, copies + (kHistCopies + 1) * Lp, T(0));
     int64_t np = 0;
     bool nan_row = false;
     for (int64_t k = 0; k < N; ++k) {
@@ -200,9 +208,12 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
         break;
       }
       const SoftBin<T> b = soft_bin(v, L, pr.open_ends);
-      add_bin(ha, L, b);
+      T* h = copies + (k & 1) * 2 * Lp + (b.lo + 1);
+      h[0] += b.w_lo;
+      h[Lp + 1] += b.w_hi;
       if (flag[k] == 2) {
-        add_bin(hp, L, b);
+        hp_pad[b.lo + 1] += b.w_lo;
+        hp_pad[b.lo + 2] += b.w_hi;
         ++np;
       }
     }
@@ -224,10 +235,17 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
       if (g) std::fill(g, g + N, T(0));
       continue;
     }
+    // the copies summed in a fixed order (deterministic), the bins in [0, L) kept
+    for (int64_t l = 0; l < L; ++l) {
+      T acc = copies[l + 1];
+      for (int64_t c = 1; c < kHistCopies; ++c) acc += copies[c * Lp + l + 1];
+      ha[l] = acc;
+      hp[l] = hp_pad[l + 1];
+    }
     score[i] = epp->value(ha, hp, L, np);
     if (!g) continue;
     epp->grad(ha, hp, L, np, d_all, d_pos);
-    g_neg[0] = g_neg[L + 1] = g_pos[0] = g_pos[L + 1] = T(0);
+    g_neg[0] = g_neg[L + 1] = g_neg[L + 2] = g_pos[0] = g_pos[L + 1] = g_pos[L + 2] = T(0);
     for (int64_t l = 0; l < L; ++l) {
       g_neg[l + 1] = d_all[l];
       g_pos[l + 1] = d_all[l] + d_pos[l];
@@ -235,12 +253,11 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
     for (int64_t k = 0; k < N; ++k) {
       T out = T(0);
       if (flag[k]) {
+        // no branch on the slope: a score without one (outside the support, clamped at an open
+        // end, on a bin centre) reads two finite table entries and multiplies them by 0
         const SoftBin<T> b = soft_bin(pr.scale * s[k] + pr.shift, L, pr.open_ends);
-        // inside the support (lo in [-1, L-1]) both padded slots exist; outside, d_lo = d_hi = 0
-        if (b.d_hi != T(0)) {
-          const T* gb = (flag[k] == 2 ? g_pos : g_neg) + (b.lo + 1);
-          out = pr.scale * (gb[1] * b.d_hi + gb[0] * b.d_lo);
-        }
+        const T* gb = (flag[k] == 2 ? g_pos : g_neg) + (b.lo + 1);
+        out = pr.scale * (gb[1] * b.d_hi + gb[0] * b.d_lo);
       }
       g[k] = out;
     }
