@@ -264,3 +264,53 @@ def test_gradient_rows_scaled_by_grad_output():
         (fastrank.sup_ap(s, case.target, ignore=case.ignore, backend=backend, reduction="none") * w).sum().backward()
         grads.append(s.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def _block_and_budget_problem(dtype):
+    """Rows of N = 523 (no multiple of the 8 lanes) whose positive counts take every block shape
+    of the in-place sweeps (4, 2, 1 and their sums: 1, 2, 3, 5, 7) and one row of 500 positives,
+    whose 500 x 528 terms exceed the 1 MiB per-thread budget in float32 and float64, so its
+    gradient sweep recomputes them; one row has a positive at +inf (the compacted path), one a
+    masked-out item with a NaN score (left out, so the row stays finite)."""
+    g = torch.Generator().manual_seed(7)
+    n = 523
+    counts = [1, 2, 3, 5, 7, 500, 4, 6]
+    q = len(counts)
+    scores = (torch.randn(q, n, generator=g, dtype=torch.float64) * 0.05).round(decimals=3)  # ties
+    pos = torch.zeros(q, n, dtype=torch.bool)
+    for i, c in enumerate(counts):
+        pos[i, torch.randperm(n, generator=g)[:c]] = True
+    ignore = torch.zeros(q, n, dtype=torch.bool)
+    ignore[:, 517] = True
+    scores[6, pos[6].nonzero()[0, 0]] = float("inf")
+    pos[7, 517] = False
+    scores[7, 517] = float("nan")
+    return scores.to(dtype), pos, ignore
+
+
+@pytest.mark.parametrize("name", FNS)
+def test_every_block_shape_and_the_recomputed_rows_equal_naive(name):
+    fn = FNS[name]
+    scores, pos, ignore = _block_and_budget_problem(torch.float64)
+    got = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="cpp", reduction="none"), scores)
+    ref = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="naive", reduction="none"), scores)
+    assert torch.isfinite(got[0]).all()
+    assert_all_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FNS)
+def test_float32_rows_as_accurate_as_pytorch_float32(name):
+    # float32 against the float64 reference, judged by the error of the naive backend's own
+    # float32 arithmetic on the same problem (the vector lanes, the stored and recomputed rows)
+    fn = FNS[name]
+    scores, pos, ignore = _block_and_budget_problem(torch.float64)
+    finite = torch.isfinite(scores).all(1)  # the inf row's gradient is compared in float64 above
+    scores, pos, ignore = scores[finite], pos[finite], ignore[finite]
+    ref = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="naive", reduction="none"), scores)
+    s32 = scores.float()
+    got = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="cpp", reduction="none"), s32)
+    base = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="naive", reduction="none"), s32)
+    for a, b, r in zip(got, base, ref):
+        err = (a.double() - r).abs().max().item()
+        err_torch = (b.double() - r).abs().max().item()
+        assert err <= 4 * err_torch + 1e-6 * r.abs().max().item(), (err, err_torch)

@@ -194,7 +194,7 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
   T* g_neg = d_pos + L;   // Lp: [0, d_all, 0, 0]
   T* g_pos = g_neg + Lp;  // Lp: [0, d_all + d_pos, 0, 0]
   for (int64_t i = begin; i < end; ++i) {
-    flag_row(pr, pr.target, i, flag);
+    flag_row_mv<T>(pr, pr.target, i, flag);
     const T* s = pr.scores + i * N;
     T* g = grad ? grad + i * N : nullptr;
     std::fill(copies, copies + (kHistCopies + 1) * Lp, T(0));

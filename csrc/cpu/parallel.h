@@ -29,6 +29,14 @@
 namespace fastrank {
 namespace cpu {
 
+// flag_row of problem.h compiled for each instruction set: a caller that is not multiversioned
+// (the histogram rows) would otherwise compare int64 labels on baseline x86-64, without pcmpeqq
+template <typename T>
+FR_MULTIVERSION __attribute__((noinline)) void flag_row_mv(const ProblemView<T>& pr, const TargetView& t, int64_t i,
+                                                           uint8_t* flag) {
+  flag_row(pr, t, i, flag);
+}
+
 // Query rows per at::parallel_for task: enough pair evaluations (P * N per row) per
 // task to amortise scheduling, at least one row.
 inline int64_t rows_per_task(int64_t P, int64_t N) {
