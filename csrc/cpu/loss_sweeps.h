@@ -163,8 +163,9 @@ FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const u
         all[p] += w;
         if (kGrad) {
           const V wg = d * st.inv_tau < lo ? z : w;
-          dall[p] += wg - wg * wg;
-          if (kStore) L::store(der + p * stride + k, wg);
+          const V u = wg - wg * wg;
+          dall[p] += u;
+          if (kStore) L::store(der + p * stride + k, u);
         }
       } else {
         const auto is_neg = fl == 1;
@@ -217,34 +218,21 @@ FR_MULTIVERSION __attribute__((noinline)) void positive_sums(const T* sp, int64_
 }
 
 // The gradient row's share of the NB positives whose stored terms start at der (rows `stride`
-// apart), with the coefficients a = d score / d rank_all, b = d score / d rank_pos:
-//   sigmoid:  g[k] += sum_p (a_p + b_p [k positive]) u_p(k) / tau,  u = w (1 - w) of the stored w
-//   SupRank:  g[k] += sum_p a_p der_p(k)
-// starting from 0 when `first`. Every column is written.
-template <typename T, bool kVector, int STEP, int NB>
-FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_stored(const uint8_t* f, int64_t n, const T* der,
-                                                                 int64_t stride, const T* a, const T* b, T inv_tau,
-                                                                 bool first, T* g) {
+// apart), through rank_all: g[k] += sum_p c_p der_p(k) with c_p = a_p / tau and der = u for the
+// sigmoid, c_p = a_p and der = H^-' for SupRank (a = d score / d rank_all), starting from 0 when
+// `first`. Every column is written. (The sigmoid's rank_pos share, at the positives' columns
+// only, is added by the caller: positive_grad.)
+template <typename T, bool kVector, int NB>
+FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_stored(int64_t n, const T* der, int64_t stride,
+                                                                 const T* c, bool first, T* g) {
   using L = LaneOps<T, kVector>;
   using V = typename L::V;
   constexpr int64_t W = L::W;
-  const V z = L::zero();
-  V ca[NB], cab[NB];
-  for (int p = 0; p < NB; ++p) {
-    ca[p] = L::splat(STEP == kSigmoid ? a[p] * inv_tau : a[p]);
-    cab[p] = L::splat(STEP == kSigmoid ? (a[p] + b[p]) * inv_tau : a[p]);
-  }
+  V cv[NB];
+  for (int p = 0; p < NB; ++p) cv[p] = L::splat(c[p]);
   for (int64_t k = 0; k < n; k += W) {
-    V acc = z;
-    if (STEP == kSigmoid) {
-      const auto is_pos = L::flags(f + k) == 2;
-      for (int p = 0; p < NB; ++p) {
-        const V w = L::load(der + p * stride + k);
-        acc += (is_pos ? cab[p] : ca[p]) * (w - w * w);
-      }
-    } else {
-      for (int p = 0; p < NB; ++p) acc += ca[p] * L::load(der + p * stride + k);
-    }
+    V acc = cv[0] * L::load(der + k);
+    for (int p = 1; p < NB; ++p) acc += cv[p] * L::load(der + p * stride + k);
     const int64_t m = std::min<int64_t>(W, n - k);
     if (!first) acc += m == W ? L::load(g + k) : L::load_n(g + k, m);
     if (m == W)
@@ -254,12 +242,26 @@ FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_stored(const uint8_t* 
   }
 }
 
+// The sigmoid's rank_pos share of the gradient at the positive sq: sum_p b_p u(sq - sp[p]) / tau
+// over the run of positives (b = d score / d rank_pos)
+template <typename T>
+inline T positive_grad(const T* sp, int64_t np, T sq, const T* b, T inv_tau) {
+  T acc = T(0);
+  for (int64_t p = 0; p < np; ++p) {
+    const T d = sq - sp[p];
+    const T w = d * inv_tau < T(-kClamp) ? T(0) : sigmoid_tau(d, inv_tau);
+    acc += b[p] * (w - w * w);
+  }
+  return acc * inv_tau;
+}
+
 // The gradient row's share of the NB positives sj[0, NB), the terms recomputed (rows whose
-// derivatives exceed the budget): g[k] = (first ? 0 : g[k]) + that share, as sweep_grad_stored.
+// derivatives exceed the budget): g[k] = (first ? 0 : g[k]) + that share, as sweep_grad_stored
+// (a = d score / d rank_all).
 template <typename T, bool kVector, int STEP, int NB>
 FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_recompute(const T* s, const uint8_t* f, int64_t n,
                                                                     const T* sj, StepParams<T> st, const T* a,
-                                                                    const T* b, bool first, T* g) {
+                                                                    bool first, T* g) {
   using L = LaneOps<T, kVector>;
   using V = typename L::V;
   constexpr int64_t W = L::W;
@@ -276,7 +278,7 @@ FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_recompute(const T* s, 
       const V d = x - vj[p];
       if (STEP == kSigmoid) {
         const V w = (fl != 0) & (d * st.inv_tau >= lo) ? L::sigmoid(d, st.inv_tau) : z;
-        acc += (fl == 2 ? L::splat(a[p] + b[p]) : L::splat(a[p])) * (w - w * w);
+        acc += L::splat(a[p]) * (w - w * w);
       } else {
         acc += L::splat(a[p]) * (fl == 1 ? suprank_slope<L>(d, L::sigmoid(d, st.inv_tau), st) : z);
       }

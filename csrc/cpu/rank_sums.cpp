@@ -319,34 +319,43 @@ static bool swept_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers
   T *a = b.d_all.data(), *bp = b.d_pos.data();
   epi.grad(ra, rp, np, a, bp);
   // the gradient row in blocks of positives, the first block writing it
-  const T* der = b.der.data();
   const T inv_tau = pr.step.inv_tau;
+  T* c = b.ra.data();  // free again: the epilogue has consumed it
+  for (int64_t p = 0; p < np; ++p) c[p] = STEP == kSigmoid ? a[p] * inv_tau : a[p];
   for (int64_t p = 0; p < np;) {
     const int nb = block_of(np - p);
     const bool first = p == 0;
     if (store) {
-      const T* dp0 = der + p * stride;
+      const T* der = b.der.data() + p * stride;
       if (nb == 4)
-        sweep_grad_stored<T, kVector, STEP, 4>(f, N, dp0, stride, a + p, bp + p, inv_tau, first, g);
+        sweep_grad_stored<T, kVector, 4>(N, der, stride, c + p, first, g);
       else if (nb == 2)
-        sweep_grad_stored<T, kVector, STEP, 2>(f, N, dp0, stride, a + p, bp + p, inv_tau, first, g);
+        sweep_grad_stored<T, kVector, 2>(N, der, stride, c + p, first, g);
       else
-        sweep_grad_stored<T, kVector, STEP, 1>(f, N, dp0, stride, a + p, bp + p, inv_tau, first, g);
+        sweep_grad_stored<T, kVector, 1>(N, der, stride, c + p, first, g);
     } else {
       if (nb == 4)
-        sweep_grad_recompute<T, kVector, STEP, 4>(s, f, N, sp + p, pr.step, a + p, bp + p, first, g);
+        sweep_grad_recompute<T, kVector, STEP, 4>(s, f, N, sp + p, pr.step, a + p, first, g);
       else if (nb == 2)
-        sweep_grad_recompute<T, kVector, STEP, 2>(s, f, N, sp + p, pr.step, a + p, bp + p, first, g);
+        sweep_grad_recompute<T, kVector, STEP, 2>(s, f, N, sp + p, pr.step, a + p, first, g);
       else
-        sweep_grad_recompute<T, kVector, STEP, 1>(s, f, N, sp + p, pr.step, a + p, bp + p, first, g);
+        sweep_grad_recompute<T, kVector, STEP, 1>(s, f, N, sp + p, pr.step, a + p, first, g);
     }
     p += nb;
   }
-  // each positive's own share: the sum of the shares it gave the others (its own term included,
-  // which the sweep also gave it: they cancel)
+  // the positives' columns: the sigmoid's rank_pos share, then each positive's own share (the sum
+  // of the shares it gave the others, its own term included, which the sweep also gave it: they
+  // cancel)
   const int64_t* pcol = b.pcol.data();
-  for (int64_t p = 0; p < np; ++p)
-    g[pcol[p]] -= STEP == kSigmoid ? (a[p] * da[p] + bp[p] * dp[p]) * pr.step.inv_tau : a[p] * da[p];
+  for (int64_t q = 0; q < np; ++q) {
+    T& gq = g[pcol[q]];
+    if (STEP == kSigmoid) {
+      gq += positive_grad(sp, np, sp[q], bp, inv_tau);
+      gq -= (a[q] * da[q] + bp[q] * dp[q]) * inv_tau;
+    } else {
+      gq -= a[q] * da[q];
+    }
+  }
   return true;
 }
 
