@@ -18,7 +18,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from . import losses as L
+from .ap import calibration_loss
 from .core import validate as V
+from .core.problem import dense_relevance, dense_valid_mask
 
 Tensor = torch.Tensor
 
@@ -112,8 +115,6 @@ def _calibration_parts(loss_fn, emb: Tensor, labels: Tensor, all_emb: Tensor, al
                        self_index: Tensor, weight: float) -> List[Tuple[float, float, Tensor, Tensor]]:
     # calibration_loss averages its positive and its negative terms over their own non-zero counts:
     # two parts, each the functional evaluated with the other kind of pair left out
-    from .ap import calibration_loss
-    from .core.problem import dense_relevance, dense_valid_mask
 
     scores, target, ignore = loss_fn._inputs(emb, labels, all_emb, all_labels, self_index)
     q, n = scores.shape
@@ -134,7 +135,6 @@ def _calibration_parts(loss_fn, emb: Tensor, labels: Tensor, all_emb: Tensor, al
 def _loss_parts(fn: str, loss_fn, emb: Tensor, labels: Tensor, all_emb: Tensor, all_labels: Tensor,
                 self_index: Tensor, weight: float = 1.0) -> List[Tuple[float, float, Tensor, Tensor]]:
     """The loss as sum_j weight_j * (bias_j + mean_j): each mean_j a mean over local items and its count."""
-    from . import losses as L
 
     if isinstance(loss_fn, L.ROADMAPLoss):
         return (_loss_parts(fn, loss_fn.sup_ap, emb, labels, all_emb, all_labels, self_index, weight * loss_fn.w_ap)
@@ -186,7 +186,6 @@ def global_batch_loss(loss_fn: torch.nn.Module, embeddings: Tensor, labels: Tens
     the (N, D) embedding gradient; never a score matrix (each rank holds its (B, N) scores).
     """
     fn = "global_batch_loss"
-    from . import losses as L
 
     if not isinstance(loss_fn, (L.ROADMAPLoss, L._RankingLoss)):
         raise TypeError(f"{fn}: `loss_fn` must be one of fastrank.losses' label-based modules (SmoothAPLoss, "
