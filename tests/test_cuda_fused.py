@@ -290,3 +290,34 @@ def test_fused_cuda_loss_cuda_graph_replay_equals_eager(loss):
     ref = _CUDA_FUSED[loss](static.detach().clone().requires_grad_(), lab, None)
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def _direct(**over):
+    s = torch.rand(4, 6, dtype=torch.float64, device=DEVICE)
+    kw = dict(scores=s, query_labels=torch.arange(4, device=DEVICE), gallery_labels=torch.arange(6, device=DEVICE) % 3,
+              relevance=None, ignore_idx=None, ignore_mask=None)
+    kw.update(over)
+    return torch.ops.fastrank.ap_loss(*kw.values(), 1, 0.01, 100.0, 0.05, 0.5, 1.5, True)
+
+
+@pytest.mark.parametrize("over,err,msg", [
+    (dict(query_labels=None, gallery_labels=None), ValueError, "either query_labels"),
+    (dict(query_labels=torch.arange(5, device=DEVICE)), ValueError, r"query_labels must have shape \(4,\)"),
+    (dict(gallery_labels=torch.rand(6, device=DEVICE)), TypeError, "gallery_labels must be an integer tensor"),
+    (dict(ignore_mask=torch.zeros(4, 5, dtype=torch.bool, device=DEVICE)), ValueError, "ignore_mask must be"),
+    (dict(query_labels=torch.arange(4)), ValueError, "on the device of scores"),
+])
+def test_direct_calls_check_the_layout(over, err, msg):
+    with pytest.raises(err, match=msg):
+        _direct(**over)
+
+
+def test_direct_call_flags_values_instead_of_raising():
+    # the CUDA op does not sync to check values: the bad query is NaN, the others are finite
+    score, n_pos, rows = _direct(ignore_idx=torch.tensor([0, 1, 9, 0], device=DEVICE))
+    assert torch.equal(torch.isnan(score).cpu(), torch.tensor([False, False, True, False]))
+    assert torch.isnan(rows[2]).all() and torch.isfinite(rows[[0, 1, 3]]).all()
+    rel = torch.ones(4, 6, device=DEVICE)
+    rel[1, 2] = float("nan")
+    score, _, _ = _direct(query_labels=None, gallery_labels=None, relevance=rel)
+    assert torch.equal(torch.isnan(score).cpu(), torch.tensor([False, True, False, False]))
