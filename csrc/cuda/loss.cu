@@ -53,7 +53,9 @@
 
 namespace fastrank {
 namespace cuda {
-namespace {
+// a named namespace (not an anonymous one): the kernels keep readable names in ptxas's summary
+// (tools/cuda_check.sh) and in profiles
+namespace loss {
 
 constexpr int kLossThreads = 256;
 constexpr int kWarps = kLossThreads / 32;
@@ -359,7 +361,9 @@ __global__ void __launch_bounds__(kLossThreads)
   if (k < N) *out = f == 0 ? T(0) : f == 2 ? acc + *out : acc;
 }
 
-}  // namespace
+}  // namespace loss
+
+using namespace loss;
 
 LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad) {
   LossPlan p;
