@@ -46,9 +46,11 @@ inline void check_index_range(const char* op, const char* name, const at::Tensor
 }
 
 // scores (Q, N) float32/float64 on `device`, and the ignore arguments of every op.
+// check_values=false leaves the ignore index's range to the kernels (the CUDA loss ops flag an
+// out-of-range entry in device memory: the range check's .item() would synchronise the host).
 inline void check_scores_and_ignore(const char* op, c10::DeviceType device, const at::Tensor& scores,
                                     const std::optional<at::Tensor>& ign_idx,
-                                    const std::optional<at::Tensor>& ign_mask) {
+                                    const std::optional<at::Tensor>& ign_mask, bool check_values = true) {
   TORCH_CHECK_VALUE(scores.device().type() == device, op, ": scores must be on ", device, ", got ", scores.device());
   TORCH_CHECK_VALUE(scores.dim() == 2, op, ": scores must be 2-D (Q, N), got shape ", scores.sizes());
   TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
@@ -59,7 +61,7 @@ inline void check_scores_and_ignore(const char* op, c10::DeviceType device, cons
     TORCH_CHECK_VALUE(t.device() == scores.device() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == Q, op,
                 ": ignore_idx must be an int64 tensor of shape (", Q, ",) on the device of scores, got ",
                 t.scalar_type(), " ", t.sizes(), " on ", t.device());
-    check_index_range(op, "ignore_idx", t, N);
+    if (check_values) check_index_range(op, "ignore_idx", t, N);
   }
   if (ign_mask.has_value()) {
     const auto& t = *ign_mask;
@@ -89,6 +91,8 @@ inline PackedProblem check_problem(const char* op, c10::DeviceType device, const
 // The problem of a fused loss op: the target as the user gave it, not packed. Exactly one of
 // a label pair (query_labels (Q,), gallery_labels (N,), integers: positive = same label) or a
 // dense relevance (Q, N) (positive = > 0, NaN rejected) is given; made int64 / bool contiguous.
+// check_values=false: no pass over the data that syncs the host (the relevance's NaN scan, the
+// ignore index's range); the caller flags those on the device instead (the CUDA loss ops).
 struct TargetProblem {
   at::Tensor scores;
   std::optional<at::Tensor> qlab, glab;  // int64
@@ -101,8 +105,8 @@ inline TargetProblem check_target_problem(const char* op, c10::DeviceType device
                                           const std::optional<at::Tensor>& glab,
                                           const std::optional<at::Tensor>& relevance,
                                           const std::optional<at::Tensor>& ign_idx,
-                                          const std::optional<at::Tensor>& ign_mask) {
-  check_scores_and_ignore(op, device, scores, ign_idx, ign_mask);
+                                          const std::optional<at::Tensor>& ign_mask, bool check_values = true) {
+  check_scores_and_ignore(op, device, scores, ign_idx, ign_mask, check_values);
   const int64_t Q = scores.size(0), N = scores.size(1);
   const bool labels = qlab.has_value() || glab.has_value();
   TORCH_CHECK_VALUE(labels != relevance.has_value() && qlab.has_value() == glab.has_value(), op,
@@ -125,7 +129,7 @@ inline TargetProblem check_target_problem(const char* op, c10::DeviceType device
                       " on ", r.device());
     TORCH_CHECK_TYPE(!at::isComplexType(r.scalar_type()), op, ": relevance must be bool, integer or floating, got ",
                      r.scalar_type());
-    if (at::isFloatingType(r.scalar_type()) && r.numel() > 0)
+    if (check_values && at::isFloatingType(r.scalar_type()) && r.numel() > 0)
       TORCH_CHECK_VALUE(!r.isnan().any().item<bool>(), op, ": relevance contains NaN");
     t.pos_mask = (r.scalar_type() == at::kBool ? r : r.gt(0)).contiguous();
   }

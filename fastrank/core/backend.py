@@ -103,11 +103,26 @@ def fused_losses() -> bool:
     return os.environ.get("FASTRANK_FUSED", "1") != "0"
 
 
+_CUDA_LOSS_KERNELS: Dict[str, bool] = {}
+
+
+def _has_cuda_loss_kernel(loss: str) -> bool:
+    """Whether this build registers the fused loss op `loss` (a LOSS_OPS name) for CUDA tensors
+    (csrc/cuda/loss_op.cpp: ap_loss, recall_loss). Asked once per op and process."""
+    if loss not in _CUDA_LOSS_KERNELS:
+        _CUDA_LOSS_KERNELS[loss] = _has_cuda_kernel() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastrank::{LOSS_OPS[loss].name}", "CUDA")
+    return _CUDA_LOSS_KERNELS[loss]
+
+
 def use_fused(backend: str, loss: Optional[str] = None) -> bool:
     """Whether a loss call on the resolved `backend` runs as its fused loss op: on `cpp` every
-    loss op; on `triton` the loss ops `loss` (a LOSS_OPS name) that have Triton kernels."""
+    loss op; on `triton` the loss ops `loss` (a LOSS_OPS name) that have Triton kernels; on
+    `cuda` those this build has CUDA kernels for."""
     if not fused_losses():
         return False
+    if backend == "cuda":
+        return loss in LOSS_OPS and _has_cuda_loss_kernel(loss)
     return backend == "cpp" or (backend == "triton" and loss in LOSS_OPS and LOSS_OPS[loss].triton)
 
 

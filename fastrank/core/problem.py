@@ -166,13 +166,14 @@ def check_call(
     the passes over the data are left to it: always the target's NaN scan, and, while
     torch.compile traces, the ignore index's range (its host sync would break the graph; in
     eager it stays here, an O(Q) check with the clearer message). `loss` names the fused op (a
-    LOSS_OPS name) for `use_fused`; on `triton` its kernels take the ignore index's range too (an
-    out-of-range entry makes its query NaN, no host sync) and half scores as they are."""
+    LOSS_OPS name) for `use_fused`; on `triton` and `cuda` its kernels take the ignore index's
+    range too (an out-of-range entry makes its query NaN, no host sync), and on `triton` half
+    scores as they are (the CUDA op takes them cast to float32, as here)."""
     V.check_scores(fn, scores)
     V.check_backend(fn, backend, CHOICES)
     name = resolve(fn, backend, scores.device)
     in_op = fused and use_fused(name, loss)
-    on_device = in_op and name == "triton"
+    on_device = in_op and name in ("triton", "cuda")
     if graded:
         rel = V.check_relevance(fn, target, scores, values=not in_op)
     else:
@@ -181,7 +182,7 @@ def check_call(
     V.check_ignore(fn, ignore, scores, values=not (in_op and (on_device or torch.compiler.is_compiling())))
     # half inputs: differences are formed in fp32 (fp16 spacing near 1 is ~0.1 tau); the fused
     # Triton kernels read half scores and form them in fp32 themselves
-    if scores.dtype in (torch.float16, torch.bfloat16) and not on_device:
+    if scores.dtype in (torch.float16, torch.bfloat16) and not (on_device and name == "triton"):
         scores = scores.float()
     return scores, rel, name
 

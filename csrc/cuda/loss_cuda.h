@@ -1,0 +1,56 @@
+// Launchers of the fused CUDA loss kernels (ap_loss, recall_loss; loss.cu): raw pointers, sizes
+// and a stream, no torch types, so that loss.cu compiles with a plain `nvcc -c`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../problem.h"
+#include "../step.h"
+
+namespace fastrank {
+namespace cuda {
+
+// The most values of k one recall_loss call takes: they travel by value in a kernel argument
+// (a host-to-device copy would synchronise the host and could not be captured in a CUDA graph).
+constexpr int kMaxKs = 64;
+
+// The scratch of one call, from the shape and the options only (never from the data):
+//   cols  (Q, N) int32   the positives' columns of each row, in column order
+//   meta  (Q, 2) int32   (positive count, flags) per row
+//   work  (planes, Q, N) T   per-positive sums (rank_all, rank_pos[, S1[, S2]]) and, with the
+//                            gradient, the coefficients (d score / d rank_all, / d rank_pos)
+//   part  part_elems T   partial sums of the split rows (Q, splits, sums, splits * kTileP)
+struct LossPlan {
+  int64_t splits;      // C: blocks per row of the sums kernel
+  int64_t chunk;       // columns per block when a row's few positives are split by columns
+  int64_t sums;        // sum planes: 2, + 1 (suprank) or 2 (sigmoid) with the gradient
+  int64_t planes;      // sums + 2 coefficient planes with the gradient
+  int64_t part_elems;  // at least 1
+};
+
+LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad);
+
+// The loss's options beyond the step: kind 0 = AP (ApEpilogue), 1 = Recall@k (RecallEpilogue
+// with ks[0, nk), inv_temp = 1 / temp, clamp_hits).
+template <typename T>
+struct LossOptions {
+  int kind;
+  int64_t ks[kMaxKs];
+  int64_t nk;
+  T inv_temp;
+  bool clamp_hits;
+};
+
+// One fused loss call: score (Q,), n_pos (Q,) and, when grad != nullptr, the gradient rows (Q, N).
+// bad_rows (Q,) or nullptr: rows whose target is invalid (a NaN relevance; the glue's device
+// pass), made NaN as an out-of-range ignore index is. Three launches, four with the gradient,
+// all on `stream`; no host synchronisation. Returns the launch error, if any.
+template <typename T>
+cudaError_t loss_forward(const ProblemView<T>& pr, const TargetView& target, const bool* bad_rows, int step,
+                         StepParams<T> prm, const LossOptions<T>& opt, const LossPlan& plan, int32_t* cols,
+                         int32_t* meta, T* work, T* part, T* score, int64_t* n_pos, T* grad, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastrank

@@ -1,0 +1,124 @@
+// Torch glue of the fused CUDA loss kernels (loss.cu): ap_loss and recall_loss on the CUDA
+// dispatch key. Their autograd is csrc/loss_autograd.cpp (registered for every device).
+//
+// No host synchronisation: the checks here read only shapes, dtypes and scalar arguments. The
+// data checks the CPU op makes with a sync (the ignore index's range, a NaN relevance) are
+// flags in device memory instead: such a query scores NaN with a NaN gradient row (loss.cu).
+// Every tensor op and kernel runs on the current stream, so a call can be captured in a CUDA graph.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "checks.h"
+#include "loss_cuda.h"
+
+namespace fastrank {
+namespace cuda {
+
+// The loss ops' common glue: checks (without the value passes), allocates the outputs (score
+// (Q,), ranked positives (Q,) int64, gradient rows (Q, N) or (0, N)) and the plan's scratch, and
+// runs loss_forward with the options make_options(scalar_t{}) builds for the dtype.
+template <typename MakeOptions>
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_op(
+    const char* op, const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in,
+    const std::optional<at::Tensor>& glab_in, const std::optional<at::Tensor>& relevance_in,
+    const std::optional<at::Tensor>& ign_idx_in, const std::optional<at::Tensor>& ign_mask_in, int64_t step,
+    double tau, double rho, double delta, double start, double offset, bool with_grad,
+    const MakeOptions& make_options) {
+  // half scores: the public losses cast them to float32 before calling (fastrank/core/problem.py)
+  const TargetProblem tp = check_target_problem(op, c10::DeviceType::CUDA, scores_in, qlab_in, glab_in, relevance_in,
+                                                ign_idx_in, ign_mask_in, /*check_values=*/false);
+  check_step(op, step, tau, rho, delta, start, offset, tp.scores.scalar_type());
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
+  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), op, ": N must be below 2^31 - 1, got ", N);
+  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
+  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
+  const auto opts = tp.scores.options();
+  at::Tensor score = at::empty({Q}, opts);
+  at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
+  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, opts);
+  if (Q == 0 || N == 0) {  // no row ranks anything
+    score.zero_();
+    n_pos.zero_();
+    grad.zero_();
+    return {score, n_pos, grad};
+  }
+  // a NaN in a float relevance makes its query invalid: found here by a device pass, no sync
+  std::optional<at::Tensor> bad_rows;
+  if (relevance_in.has_value() && at::isFloatingType(relevance_in->scalar_type()))
+    bad_rows = relevance_in->isnan().any(1).contiguous();
+  const LossPlan plan = plan_loss(Q, N, static_cast<int>(step), with_grad);
+  at::Tensor cols = at::empty({Q, N}, opts.dtype(at::kInt));
+  at::Tensor meta = at::empty({Q, 2}, opts.dtype(at::kInt));
+  at::Tensor work = at::empty({plan.planes, Q, N}, opts);
+  at::Tensor part = at::empty({plan.part_elems}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_loss_cuda", [&] {
+    const LossOptions<scalar_t> lo = make_options(scalar_t{});
+    const cudaError_t err = loss_forward<scalar_t>(
+        problem_view<scalar_t>(tp), target_view(tp), bad_rows ? bad_rows->data_ptr<bool>() : nullptr,
+        static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), lo, plan,
+        cols.data_ptr<int32_t>(), meta.data_ptr<int32_t>(), work.data_ptr<scalar_t>(), part.data_ptr<scalar_t>(),
+        score.data_ptr<scalar_t>(), n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        stream);
+    TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  });
+  return {score, n_pos, grad};
+}
+
+// AP (Smooth-AP with step 0, SupAP with step 1)
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> ap_loss_cuda(
+    const at::Tensor& scores, const std::optional<at::Tensor>& qlab, const std::optional<at::Tensor>& glab,
+    const std::optional<at::Tensor>& relevance, const std::optional<at::Tensor>& ign_idx,
+    const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho, double delta, double start,
+    double offset, bool with_grad) {
+  return run_loss_op("fastrank cuda ap_loss", scores, qlab, glab, relevance, ign_idx, ign_mask, step, tau, rho, delta,
+                     start, offset, with_grad, [](auto zero) {
+                       LossOptions<decltype(zero)> o{};
+                       o.kind = 0;
+                       o.nk = 0;
+                       o.inv_temp = decltype(zero)(1);
+                       o.clamp_hits = false;
+                       return o;
+                     });
+}
+
+// Recall@k surrogates (SupRank's; Patel et al.'s with clamp_hits)
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_loss_cuda(
+    const at::Tensor& scores, const std::optional<at::Tensor>& qlab, const std::optional<at::Tensor>& glab,
+    const std::optional<at::Tensor>& relevance, const std::optional<at::Tensor>& ign_idx,
+    const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho, double delta, double start,
+    double offset, c10::IntArrayRef ks, double temp, bool clamp_hits, bool with_grad) {
+  constexpr const char* op = "fastrank cuda recall_loss";
+  const std::vector<int64_t> kv = check_ks(op, ks);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(kv.size()) <= kMaxKs, op, ": at most ", kMaxKs,
+                    " values of k per call on CUDA (they are passed by value to the kernel), got ", kv.size());
+  TORCH_CHECK_VALUE(temp > 0, op, ": temp must be > 0, got ", temp);
+  const double big = dtype_max(scores.scalar_type());
+  return run_loss_op(op, scores, qlab, glab, relevance, ign_idx, ign_mask, step, tau, rho, delta, start, offset,
+                     with_grad, [&](auto zero) {
+                       using T = decltype(zero);
+                       LossOptions<T> o{};
+                       o.kind = 1;
+                       o.nk = static_cast<int64_t>(kv.size());
+                       std::copy(kv.begin(), kv.end(), o.ks);
+                       // times 1/temp, capped at sqrt(max): as the CPU op and fastrank/recall.py
+                       o.inv_temp = T(std::min(1.0 / temp, std::sqrt(big)));
+                       o.clamp_hits = clamp_hits;
+                       return o;
+                     });
+}
+
+TORCH_LIBRARY_IMPL(fastrank, CUDA, m) {
+  m.impl("ap_loss", &ap_loss_cuda);
+  m.impl("recall_loss", &recall_loss_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fastrank
