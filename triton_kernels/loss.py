@@ -614,8 +614,11 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, qlab, glab, rel, ign_idx, ign_mask, params, options):
         with_grad = bool(ctx.needs_input_grad[0])
-        score, n_pos, rows = loss_rows(scores, qlab, glab, rel, ign_idx, ign_mask, params, with_grad=with_grad,
-                                       **options)
+        # options["rows"]: another module's rows function with this signature (graded_loss.py, histogram_loss.py)
+        options = dict(options)
+        rows_fn = options.pop("rows", loss_rows)
+        score, n_pos, rows = rows_fn(scores, qlab, glab, rel, ign_idx, ign_mask, params, with_grad=with_grad,
+                                     **options)
         ctx.mark_non_differentiable(n_pos)
         ctx.save_for_backward(rows, scores)  # scores: what a second derivative would depend on
         ctx.scores_dtype = scores.dtype
