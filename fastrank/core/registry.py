@@ -266,7 +266,7 @@ LOSS_OPS: Dict[str, LossOp] = {
                triton="fastrank.triton_kernels.graded_loss"),
         LossOp("histogram_ap_loss",
                ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
-               triton=None),  # histogram_loss.py: next
+               triton="fastrank.triton_kernels.histogram_loss"),
     )
 }
 
