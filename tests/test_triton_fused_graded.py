@@ -7,6 +7,10 @@ order as on a GPU, so fp64 results are held to the naive cube at 1e-10). With a 
 run compiled. The cases are those of tests/test_fused_graded.py (ties in scores and relevance,
 odd sizes, rows without relevant items, every ignore form).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not importable: the Triton backend cannot be tested here")
@@ -190,7 +194,8 @@ def test_invalid_entries_make_their_query_nan():
     # NDCG's gain 2^r - 1 overflows float64 at r >= 1024: that query alone is NaN (H-AP has no limit)
     rel2 = case.target.clone()
     rel2[0, 0] = 1024.0
-    assert torch.isnan(ndcg(case.scores, rel2, backend="triton", reduction="none")).cpu().tolist() == [True] + [False] * 7
+    v = ndcg(case.scores, rel2, backend="triton", reduction="none")
+    assert torch.isnan(v).cpu().tolist() == [True] + [False] * 7
     assert torch.isfinite(h_ap(case.scores, rel2, backend="triton", reduction="none")).all()
     # the other backends still raise: the ValueError is the host-synchronising path's
     with pytest.raises(ValueError, match="relevance"):
@@ -277,3 +282,62 @@ def test_direct_call_outputs():
     torch.testing.assert_close(score, ref, rtol=1e-12, atol=1e-12)
     score2, _, rows2 = gl.graded_loss_rows(s, rel, None, None, StepParams(1), kind="ndcg")
     assert rows2.shape == (4, 6) and torch.equal(score, score2)
+
+
+# --------------------------------------------------------------------------- AOT compilation (no GPU needed)
+
+_AOT_SCRIPT = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastrank.triton_kernels import graded_loss as gl, loss as tk
+
+def sig(fn, types, consts):
+    out = {}
+    for name in fn.arg_names:
+        if name in consts:
+            out[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            out[name] = types[name]
+        else:
+            out[name] = "i64" if name.startswith("stride") else "i32"
+    return out
+
+def compile_all(launches, common):
+    for fn, consts in launches:
+        src = ASTSource(fn=fn, signature=sig(fn, common, consts), constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert k.asm["cubin"], fn.__name__
+
+for st, acc in (("*fp32", "*fp32"), ("*fp64", "*fp64"), ("*bf16", "*fp32"), ("*fp16", "*fp32")):
+    common = {"scores_ptr": st, "rel_ptr": acc, "ign_idx_ptr": "*i64", "ign_mask_ptr": "*u8", "cols_ptr": "*i32",
+              "meta_ptr": "*i32", "params_ptr": acc, "work_ptr": acc, "part_ptr": acc, "score_ptr": acc,
+              "npos_ptr": "*i64", "grad_ptr": acc}
+    launches = [(gl._compact_kernel, {"IGNORE": 3, "BLOCK_K": tk.GPU_BLOCK_K_COMPACT})]
+    for step in (0, 1):
+        for ndcg in (False, True):
+            for grad in (False, True):
+                nb = 2 + ((2 if step == 0 else 1) if grad else 0) + ndcg
+                launches.append((gl._sums_kernel, {"STEP": step, "IGNORE": 3, "GRAD": grad, "NDCG": ndcg, "FAST": False,
+                                                   "NB": nb, "BLOCK_P": tk.GPU_BLOCK_P, "BLOCK_K": tk.GPU_BLOCK_K}))
+                launches.append((gl._epilogue_kernel, {"STEP": step, "NDCG": ndcg, "GRAD": grad, "NB": nb,
+                                                       "BLOCK_P": tk.GPU_BLOCK_P}))
+        launches.append((gl._grad_kernel, {"STEP": step, "IGNORE": 3, "FAST": acc == "*fp32",
+                                           "BLOCK_P": tk.GPU_BLOCK_P, "BLOCK_K": tk.GPU_BLOCK_K}))
+    compile_all(launches, common)
+print("AOT-OK")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    # the interpreter never lowers the kernels: compile every variant ahead of time for an H100
+    # (Triton's bundled ptxas, no GPU) in a process without TRITON_INTERPRET
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900,
+                         check=False)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert out.returncode == 0 and "AOT-OK" in out.stdout, out.stderr[-4000:]

@@ -6,6 +6,10 @@ they run in Triton's interpreter on CPU tensors (numpy: float64 is exact arithme
 order as on a GPU, so fp64 results are held to the naive (Q, N, L) tensor at 1e-10). With a GPU
 the same tests run compiled.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not importable: the Triton backend cannot be tested here")
@@ -83,7 +87,8 @@ def test_bin_centres_and_open_ends(config):
     # v exactly an integer (derivative 0, torch's relu/abs convention) and exactly on the open ends
     kind, bins, rng = HIST_CONFIGS[config]
     case = _to(bin_kinks_case(config))
-    _assert_fp64_close(_value_and_grad(case, "triton", kind, bins, rng), _value_and_grad(case, "naive", kind, bins, rng))
+    _assert_fp64_close(_value_and_grad(case, "triton", kind, bins, rng),
+                       _value_and_grad(case, "naive", kind, bins, rng))
 
 
 @pytest.mark.parametrize("kind,bins,rng,ignore_kind", [("fastap", None, (0.0, 1.0), "index"),
@@ -269,3 +274,63 @@ def test_direct_call_outputs():
     torch.testing.assert_close(ap, ref, rtol=1e-12, atol=1e-12)
     ap2, _, rows2 = hl.hist_loss_rows(s, *lab, None, None, None, prm, kind="softbin")
     assert rows2.shape == (4, 6) and torch.equal(ap, ap2)
+
+
+# --------------------------------------------------------------------------- AOT compilation (no GPU needed)
+
+_AOT_SCRIPT = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastrank.triton_kernels import histogram_loss as hl
+
+def sig(fn, types, consts):
+    out = {}
+    for name in fn.arg_names:
+        if name in consts:
+            out[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            out[name] = types[name]
+        else:
+            out[name] = "i64" if name.startswith("stride") else "i32"
+    return out
+
+def compile_all(launches, common):
+    for fn, consts in launches:
+        src = ASTSource(fn=fn, signature=sig(fn, common, consts), constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert k.asm["cubin"], fn.__name__
+
+for st, acc in (("*fp32", "*fp32"), ("*fp64", "*fp64"), ("*bf16", "*fp32"), ("*fp16", "*fp32")):
+    for target, lab, rel in ((0, "*i64", "*fp32"), (1, "*i64", "*u8"), (1, "*i32", "*fp64")):
+        common = {"scores_ptr": st, "qlab_ptr": lab, "glab_ptr": lab, "rel_ptr": rel, "ign_idx_ptr": "*i64",
+                  "ign_mask_ptr": "*u8", "params_ptr": acc, "part_ptr": acc, "cnt_ptr": "*i32", "meta_ptr": "*i32",
+                  "score_ptr": acc, "npos_ptr": "*i64", "gb_ptr": acc, "grad_ptr": acc}
+        launches = []
+        for open_ in (False, True):
+            launches.append((hl._hist_kernel, {"OPEN": open_, "TARGET": target, "IGNORE": 3,
+                                               "REL_FLOAT": rel.startswith("*fp"), "S": 2, "BLOCK_L": 16,
+                                               "BLOCK_K": hl.GPU_TILE // 16}))
+            launches.append((hl._grad_kernel, {"OPEN": open_, "TARGET": target, "IGNORE": 3,
+                                               "BLOCK_K": hl.GPU_BLOCK_K_GRAD}))
+        for kind in (0, 1):
+            for grad in (False, True):
+                launches.append((hl._epilogue_kernel, {"KIND": kind, "IGNORE": 3, "GRAD": grad, "S": 2,
+                                                       "BLOCK_B": 32}))
+        compile_all(launches, common)
+print("AOT-OK")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    # the interpreter never lowers the kernels: compile every variant ahead of time for an H100
+    # (Triton's bundled ptxas, no GPU) in a process without TRITON_INTERPRET
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900,
+                         check=False)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert out.returncode == 0 and "AOT-OK" in out.stdout, out.stderr[-4000:]
