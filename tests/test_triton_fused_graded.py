@@ -284,6 +284,59 @@ def test_direct_call_outputs():
     assert rows2.shape == (4, 6) and torch.equal(score, score2)
 
 
+# --------------------------------------------------------------------------- GPU: no host sync, CUDA graphs
+
+
+def gpu_no_sync_and_graph_replay(fn) -> None:
+    """fn(scores, ignore) -> a scalar loss on backend="triton" (CUDA): its forward and backward
+    raise no host sync, and a CUDA graph of both replays to the eager results, also on new scores
+    written into the captured buffer."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(256, 64, device="cuda", generator=g), dim=1)
+    ig = torch.arange(256, device="cuda")
+    fn((emb @ emb.T).requires_grad_(), ig).backward()  # warm: compiled, constants cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = (emb @ emb.T).requires_grad_()
+        fn(s, ig).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert s.grad is not None
+    static = (emb @ emb.T).detach().clone().requires_grad_()
+    eager = fn(static, ig)
+    (g_eager,) = torch.autograd.grad(eager, static)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            torch.autograd.grad(fn(static, ig), static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static, ig)
+        (g_out,) = torch.autograd.grad(out, static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(g_out, g_eager)
+    emb2 = torch.nn.functional.normalize(torch.randn(256, 64, device="cuda", generator=g), dim=1)
+    with torch.no_grad():
+        static.copy_(emb2 @ emb2.T)
+    graph.replay()
+    ref = fn(static.detach().clone(), ig)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (Triton kernels compiled, not interpreted)")
+@pytest.mark.parametrize("name", FNS)
+def test_gpu_no_host_sync_and_cuda_graph_replay(name):
+    labels = torch.arange(256, device="cuda") // 4
+    rel = (labels[:, None] == labels[None, :]).float() * 2 + (labels[:, None] // 4 == labels[None, :] // 4).float()
+    gpu_no_sync_and_graph_replay(lambda s, ig: FNS[name](s, rel, ignore=ig, backend="triton"))
+
+
 # --------------------------------------------------------------------------- AOT compilation (no GPU needed)
 
 _AOT_SCRIPT = """

@@ -27,6 +27,7 @@ from .conftest import requires  # noqa: E402
 from .nan_rows import POISONED, nan_problem  # noqa: E402
 from .test_fused_histogram import _OUTSIDE, VARIANTS  # noqa: E402
 from .test_triton_fused import _CountingKernel  # noqa: E402
+from .test_triton_fused_graded import gpu_no_sync_and_graph_replay  # noqa: E402
 
 pytestmark = requires("triton")
 
@@ -274,6 +275,18 @@ def test_direct_call_outputs():
     torch.testing.assert_close(ap, ref, rtol=1e-12, atol=1e-12)
     ap2, _, rows2 = hl.hist_loss_rows(s, *lab, None, None, None, prm, kind="softbin")
     assert rows2.shape == (4, 6) and torch.equal(ap, ap2)
+
+
+# --------------------------------------------------------------------------- GPU: no host sync, CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (Triton kernels compiled, not interpreted)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_no_host_sync_and_cuda_graph_replay(kind):
+    labels = torch.arange(256, device="cuda") // 4
+    gpu_no_sync_and_graph_replay(
+        lambda s, ig: fastrank.histogram_ap(s, (labels, labels), kind=kind, ignore=ig, backend="triton"))
 
 
 # --------------------------------------------------------------------------- AOT compilation (no GPU needed)
