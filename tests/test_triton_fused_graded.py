@@ -37,8 +37,15 @@ tk = pytest.importorskip("fastrank.triton_kernels.loss")
 FNS = {"h_ap": h_ap, "ndcg": ndcg}
 STEPS = ["sigmoid", "suprank"]
 
-#: the interpreter is slow on small CPUs: every fourth graded case; compiled on a GPU, all of them
-CASES = graded_cases() if ON_GPU else graded_cases()[::4]
+#: ranked items and competitors at +-inf: equal infinities tie (the C++ op's tied loops)
+_INFINITE = Case("infinite", torch.tensor(
+    [[0.3, float("inf"), 0.1, float("inf"), -0.2, float("-inf")],
+     [float("-inf"), 0.2, 0.5, float("-inf"), 0.1, 0.0]], dtype=torch.float64),
+    torch.tensor([[2.0, 1.0, 0.0, 2.0, 1.0, 1.0], [1.0, 0.0, 2.0, 3.0, 0.0, 1.0]], dtype=torch.float64), None)
+
+#: the interpreter is slow on small CPUs: every fifth graded case (every target kind), N = 1 and the
+#: infinite scores; compiled on a GPU, all of them
+CASES = (graded_cases() if ON_GPU else graded_cases()[::5] + graded_cases()[6:8]) + [_INFINITE]
 
 
 def _to(case, dtype=None):
