@@ -361,6 +361,11 @@ def _params_tensor(params: HistParams, dtype: torch.dtype, device: torch.device)
 
 def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> None:
     check_packed_inputs(fn, scores, pos_idx, ignore_idx, ignore_mask)
+    check_params(fn, params, scores.dtype)
+
+
+def check_params(fn: str, params, dtype: torch.dtype) -> None:
+    """A HistParams with bins >= 2 and a finite, nonzero scale and finite shift (in `dtype`'s accumulation dtype)."""
     if not isinstance(params, HistParams):
         raise TypeError(f"{fn}: `params` must be a fastrank.core.params.HistParams, got {type(params).__name__}")
     if isinstance(params.bins, bool) or not isinstance(params.bins, int) or params.bins < 2:
@@ -371,7 +376,7 @@ def _check_inputs(fn: str, scores, pos_idx, ignore_idx, ignore_mask, params) -> 
             raise ValueError(f"{fn}: `params.{name}` must be finite, got {val}")
     if float(params.scale) == 0.0:
         raise ValueError(f"{fn}: `params.scale` must be nonzero")
-    params.check_dtype(scores.dtype)  # scale and shift finite in the accumulation dtype
+    params.check_dtype(dtype)  # scale and shift finite in the accumulation dtype
 
 
 def forward(

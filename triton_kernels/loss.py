@@ -453,6 +453,16 @@ def _blocks(n: int) -> Tuple[int, int, int]:
 
 
 def _check(fn: str, scores, qlab, glab, relevance, ignore_idx, ignore_mask, params) -> None:
+    _check_operands(fn, scores, qlab, glab, relevance, ignore_idx, ignore_mask)
+    if not isinstance(params, StepParams):
+        raise TypeError(f"{fn}: `params` must be a fastrank.core.params.StepParams, got {type(params).__name__}")
+    if params.step not in (SIGMOID, SUPRANK):
+        raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
+    params.check_dtype(scores.dtype)
+
+
+def _check_operands(fn: str, scores, qlab, glab, relevance, ignore_idx, ignore_mask) -> None:
+    """Types, shapes and devices of the scores, the target (labels or relevance) and the ignore forms."""
     check_tensor(fn, "scores", scores, 2)
     if not scores.dtype.is_floating_point:
         raise TypeError(f"{fn}: `scores` must be float16, bfloat16, float32 or float64, got {scores.dtype}")
@@ -482,11 +492,22 @@ def _check(fn: str, scores, qlab, glab, relevance, ignore_idx, ignore_mask, para
     if ignore_mask is not None:
         check_operand(fn, "ignore_mask", ignore_mask, 2, (torch.bool,), "bool", scores.shape,
                       f"the shape of `scores` {tuple(scores.shape)}", dev)
-    if not isinstance(params, StepParams):
-        raise TypeError(f"{fn}: `params` must be a fastrank.core.params.StepParams, got {type(params).__name__}")
-    if params.step not in (SIGMOID, SUPRANK):
-        raise ValueError(f"{fn}: `params.step` must be {SIGMOID} (sigmoid) or {SUPRANK} (suprank), got {params.step}")
-    params.check_dtype(scores.dtype)
+
+
+def _target_operands(scores, query_labels, gallery_labels, relevance):
+    """(TARGET, qlab, glab, rel, (stride_q, stride_g), (stride_rq, stride_rn), REL_FLOAT) of the
+    kernels: labels (wide unsigned ones compared as int64, as fastrank.core.problem does) or
+    relevance (bool viewed as bytes, half floats as float32); the unused ones are dummies."""
+    if query_labels is not None:
+        qlab = query_labels.to(torch.int64) if query_labels.dtype in WIDE_UNSIGNED else query_labels
+        glab = gallery_labels.to(torch.int64) if gallery_labels.dtype in WIDE_UNSIGNED else gallery_labels
+        return TARGET_LABELS, qlab, glab, scores, (qlab.stride(0), glab.stride(0)), (0, 0), False
+    rel = relevance
+    if rel.dtype == torch.bool:
+        rel = rel.view(torch.uint8)
+    elif rel.dtype in (torch.float16, torch.bfloat16):
+        rel = rel.float()  # exact; the interpreter holds bfloat16 as raw integers
+    return TARGET_DENSE, scores, scores, rel, (0, 0), rel.stride(), rel.dtype.is_floating_point
 
 
 def loss_rows(
@@ -537,24 +558,8 @@ def loss_rows(
     if q == 0 or n == 0:
         return score.zero_(), n_pos.zero_(), grad.zero_()
 
-    # the target: labels (wide unsigned ones compared as int64, as fastrank.core.problem does) or relevance
-    if query_labels is not None:
-        target_mode = TARGET_LABELS
-        qlab = query_labels.to(torch.int64) if query_labels.dtype in WIDE_UNSIGNED else query_labels
-        glab = gallery_labels.to(torch.int64) if gallery_labels.dtype in WIDE_UNSIGNED else gallery_labels
-        rel, rel_strides, rel_float = scores, (0, 0), False
-        lab_strides = (qlab.stride(0), glab.stride(0))
-    else:
-        target_mode = TARGET_DENSE
-        rel = relevance
-        if rel.dtype == torch.bool:
-            rel = rel.view(torch.uint8)
-        elif rel.dtype in (torch.float16, torch.bfloat16):
-            rel = rel.float()  # exact; the interpreter holds bfloat16 as raw integers
-        rel_float = rel.dtype.is_floating_point
-        qlab = glab = scores
-        lab_strides = (0, 0)
-        rel_strides = rel.stride()
+    target_mode, qlab, glab, rel, lab_strides, rel_strides, rel_float = _target_operands(
+        scores, query_labels, gallery_labels, relevance)
     mode = IGNORE_NONE
     ign_idx, stride_iq = scores, 0
     ign_mask, stride_mq, stride_mn = scores, 0, 0
@@ -614,8 +619,11 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, qlab, glab, rel, ign_idx, ign_mask, params, options):
         with_grad = bool(ctx.needs_input_grad[0])
-        score, n_pos, rows = loss_rows(scores, qlab, glab, rel, ign_idx, ign_mask, params, with_grad=with_grad,
-                                       **options)
+        # options["rows"]: another module's rows function with this signature (graded_loss.py, histogram_loss.py)
+        options = dict(options)
+        rows_fn = options.pop("rows", loss_rows)
+        score, n_pos, rows = rows_fn(scores, qlab, glab, rel, ign_idx, ign_mask, params, with_grad=with_grad,
+                                     **options)
         ctx.mark_non_differentiable(n_pos)
         ctx.save_for_backward(rows, scores)  # scores: what a second derivative would depend on
         ctx.scores_dtype = scores.dtype

@@ -247,26 +247,28 @@ class LossOp:
 
     name: str
     tensors: Tuple[str, ...]  # its (optional) tensor arguments, scores first
-    #: fused Triton kernels too (fastrank.triton_kernels.loss), used for backend="triton"
-    triton: bool = False
+    #: the module of its fused Triton kernels (named, not imported: see the module docstring),
+    #: used for backend="triton"; None: none (the two-pass Triton path)
+    triton: Optional[str] = None
 
+
+#: the module of the fused binary Triton loss kernels (AP, Recall@k)
+TRITON_LOSS_MODULE = "fastrank.triton_kernels.loss"
 
 LOSS_OPS: Dict[str, LossOp] = {
     op.name: op
     for op in (
         LossOp("ap_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
-               triton=True),
+               triton=TRITON_LOSS_MODULE),
         LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
-               triton=True),
-        LossOp("graded_loss", ("scores", "relevance", "ignore_idx", "ignore_mask")),
+               triton=TRITON_LOSS_MODULE),
+        LossOp("graded_loss", ("scores", "relevance", "ignore_idx", "ignore_mask"),
+               triton="fastrank.triton_kernels.graded_loss"),
         LossOp("histogram_ap_loss",
-               ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask")),
+               ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
+               triton="fastrank.triton_kernels.histogram_loss"),
     )
 }
-
-
-#: the module of the fused Triton loss kernels (named, not imported: see the module docstring)
-TRITON_LOSS_MODULE = "fastrank.triton_kernels.loss"
 
 
 def _register_loss(op: LossOp) -> None:
@@ -291,12 +293,12 @@ def run_loss(name: str, fn: str, backend: str, scores: Tensor, *tensors: Optiona
     The op checks the values of its inputs (check_call(fused=True) left them to it); its errors
     are re-raised with the public function's name `fn` in front.
 
-    backend="triton": the fused Triton kernels (fastrank.triton_kernels.loss), which check the
+    backend="triton": the op's fused Triton kernels (LOSS_OPS[name].triton), which check the
     values inside the kernels (an invalid entry makes its query NaN) and never sync the host."""
     params.check_dtype(scores.dtype)
     _refuse_transforms(f"the {name} op", backend, scores)
     if backend == "triton":
-        kernels = importlib.import_module(TRITON_LOSS_MODULE)
+        kernels = importlib.import_module(LOSS_OPS[name].triton)
         try:
             return kernels.run_loss(name, scores, *tensors, params=params, options=options)
         except (ValueError, TypeError) as e:

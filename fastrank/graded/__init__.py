@@ -243,10 +243,12 @@ _LOSS_KIND = {"h_ap": 0, "ndcg": 1}
 def _graded_loss(fn, loss, scores, relevance, ignore, reduction, backend, params, epilogue) -> Tensor:
     """The loss per query on the fused graded_loss op (cpp, unless FASTRANK_FUSED=0), else the
     packed rank sums and `epilogue(fn, rank_all, rank_pos, problem)` in PyTorch; reduced."""
-    scores, rel, name = check_call(fn, scores, relevance, ignore, backend, graded=True, fused=True)
-    if use_fused(name):
-        # one pass per row in C++: the ranked items found from the relevance there (no packing),
-        # the epilogue and the gradient rows with them; it checks NDCG's gain range on the way
+    scores, rel, name = check_call(fn, scores, relevance, ignore, backend, graded=True, fused=True,
+                                   loss="graded_loss")
+    if use_fused(name, "graded_loss"):
+        # one pass per row in C++ (a fixed number of launches in Triton): the ranked items found
+        # from the relevance there (no packing), the epilogue and the gradient rows with them; it
+        # checks NDCG's gain range on the way (Triton: an out-of-range row is NaN)
         value, n_pos = run_loss("graded_loss", fn, name, scores, rel, *ignore_args(ignore), params=params,
                                 options=(_LOSS_KIND[loss],))
         return reduce_values(value, n_pos > 0, reduction)

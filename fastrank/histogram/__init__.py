@@ -127,9 +127,10 @@ def histogram_ap(
     params = histogram_params(kind, nbins, value_range)
     if not all(math.isfinite(v) for v in (params.scale, params.shift)):
         raise ValueError(f"{fn}: `range` {tuple(value_range)!r} is too narrow for {nbins} bins")
-    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True)
-    if use_fused(name):
-        # one pass per row in C++ (docs/design.md §2.4): no packing, the gradient rows with it
+    scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True, loss="histogram_ap_loss")
+    if use_fused(name, "histogram_ap_loss"):
+        # one pass per row in C++ (docs/design.md §2.4; a fixed number of launches in Triton): no
+        # packing, the gradient rows with it
         ap, n_pos = run_loss("histogram_ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
                              params=params, options=(KIND_IDS[kind],))
         return reduce_values(ap, n_pos > 0, reduction)
