@@ -15,7 +15,7 @@ reports per (op, B):
 
 Writes bench/results/cpu_fused_<YYYYmmdd-HHMMSS>.csv (+ cpu_fused_latest.csv) and
 cpu_fused_speedup.png. Times are medians of repeated calls (at least --min-time seconds
-and 3 calls per point, after one warm-up call); the two paths alternate call by call, so a
+and 5 calls per point, after one warm-up call); the two paths alternate call by call, so a
 change in machine load hits both alike.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _time(fns: Dict[str, Callable[[], None]], min_time_s: float, max_reps: int) 
             f()
             times[k].append(time.perf_counter() - t0)
         n = len(next(iter(times.values())))
-        if n >= max_reps or (n >= 3 and time.perf_counter() - start >= min_time_s):
+        if n >= max_reps or (n >= 5 and time.perf_counter() - start >= min_time_s):
             break
     return {k: statistics.median(v) for k, v in times.items()}
 
