@@ -323,6 +323,33 @@ inline void check_relevance_layout(const char* op, const at::Tensor& relevance, 
               scores.scalar_type(), "), got ", relevance.scalar_type());
 }
 
+// The graded ops' ordering key (optional, (Q, N), the layout of relevance); returns it contiguous.
+// check_values (the two-pass ops, whose callers may be direct): finite. The fused graded loss op
+// checks the values in its own pass.
+inline std::optional<at::Tensor> check_key(const char* op, const std::optional<at::Tensor>& key,
+                                           const at::Tensor& scores, bool check_values) {
+  if (!key.has_value()) return std::nullopt;
+  TORCH_CHECK_VALUE(key->device() == scores.device(), op, ": key must be on the device of scores (", scores.device(),
+                    "), got ", key->device());
+  TORCH_CHECK_VALUE(key->sizes() == scores.sizes(), op, ": key must have the shape of scores ", scores.sizes(),
+                    ", got ", key->sizes());
+  TORCH_CHECK_TYPE(key->scalar_type() == scores.scalar_type(), op, ": key must have the dtype of scores (",
+                   scores.scalar_type(), "), got ", key->scalar_type());
+  if (check_values && key->numel() > 0)
+    TORCH_CHECK_VALUE(at::isfinite(*key).all().item<bool>(), op, ": `key` must be finite (no NaN or inf)");
+  return key->contiguous();
+}
+
+// HAPPIER's smoothed H-rank parameters: only with the suprank step (it replaces SupRank's exact
+// step in rank_pos), beta and leak finite and >= 0, gamma finite
+inline void check_hrank(const char* op, int64_t step, bool hrank, double beta, double gamma, double leak) {
+  if (!hrank) return;
+  TORCH_CHECK_VALUE(step == 1, op, ": the smoothed H-rank (hrank=True) needs step 1 (suprank), got ", step);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0, op, ": beta must be finite and >= 0, got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(leak) && leak >= 0, op, ": leak must be finite and >= 0, got ", leak);
+  TORCH_CHECK_VALUE(std::isfinite(gamma), op, ": gamma must be finite, got ", gamma);
+}
+
 inline at::Tensor check_relevance(const char* op, const at::Tensor& relevance, const at::Tensor& scores) {
   check_relevance_layout(op, relevance, scores);
   if (relevance.numel() > 0) {

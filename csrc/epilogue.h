@@ -73,13 +73,30 @@ struct RecallEpilogue {
     }
     return total / T(nk);
   }
+  // The weight of k = ks[q] in d score / d rank_all_j = sum_q weight_q * y_jq (1 - y_jq): it
+  // depends on the row only through hits_k (0 where the clamp binds: torch.clamp(max=k) passes
+  // the gradient where hits <= k), so a kernel computes the weights once per row and each
+  // positive's derivative on its own (coef), in any order.
+  FR_HD T weight(const T* ra, int64_t np, int64_t q) const {
+    const T k = T(ks[q]);
+    if (clamp_hits && hits(ra, np, k) > k) return T(0);
+    return -inv_temp / ((T(np) < k ? T(np) : k) * T(nk));
+  }
+  // d score / d rank_all of a positive of rank_all ra_p, from the nk weights w
+  FR_HD T coef(T ra_p, const T* w) const {
+    T d = T(0);
+    for (int64_t q = 0; q < nk; ++q) {
+      const T y = logistic((T(ks[q]) - ra_p) * inv_temp);
+      d += w[q] * y * (T(1) - y);
+    }
+    return d;
+  }
   FR_HD void grad(const T* ra, const T*, int64_t np, T* d_all, T* d_pos) const {
     for (int64_t p = 0; p < np; ++p) d_all[p] = d_pos[p] = T(0);
     for (int64_t q = 0; q < nk; ++q) {
+      const T w = weight(ra, np, q);
+      if (w == T(0)) continue;
       const T k = T(ks[q]);
-      // torch.clamp(max=k) passes the gradient where hits <= k
-      if (clamp_hits && hits(ra, np, k) > k) continue;
-      const T w = -inv_temp / ((T(np) < k ? T(np) : k) * T(nk));
       for (int64_t p = 0; p < np; ++p) {
         const T y = logistic((k - ra[p]) * inv_temp);
         d_all[p] += w * y * (T(1) - y);

@@ -29,19 +29,21 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "histogram_fwd(Tensor scores, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int bins, float scale, "
       "float shift, bool open_ends) -> (Tensor, Tensor)");
-  // graded relevance (issue 9): the ranked items pos_idx[i, :] (relevance > 0, not
-  // ignored) against every valid competitor k != j, with relevance (Q, N) >= 0 in the
-  // dtype of scores:
-  //   rank_all = 1 + sum_k g,   g = sigmoid: sigma;  suprank: H if rel_k >= rel_j else H^-
-  //   rank_pos = rel_j + sum_k min(rel_j, rel_k) h,  h = sigmoid: sigma;  suprank: H
+  // graded relevance: the ranked items pos_idx[i, :] (relevance > 0, not ignored) against every
+  // valid competitor k != j, with relevance (Q, N) >= 0 and the optional ordering key (Q, N; None:
+  // the relevance) in the dtype of scores:
+  //   rank_all = 1 + sum_k g,   g = sigmoid: sigma;  suprank: H if key_k >= key_j else H^-
+  //   rank_pos = rel_j + sum_k min(rel_j, rel_k) h,  h = sigmoid: sigma;  suprank: H, or with hrank
+  //              (HAPPIER's smoothed H-rank, suprank only) h+ (step.h) where key_k > key_j
   m.def(
-      "graded_rank_sums_fwd(Tensor scores, Tensor relevance, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, "
-      "int step, float tau, float rho, float delta, float start, float offset) -> (Tensor, Tensor)");
+      "graded_rank_sums_fwd(Tensor scores, Tensor relevance, Tensor? key, Tensor pos_idx, Tensor? ignore_idx, "
+      "Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, float offset, bool hrank, "
+      "float beta, float gamma, float leak) -> (Tensor, Tensor)");
   // (the backward checks relevance's shape, dtype and device; its values were checked by the forward)
   m.def(
       "graded_rank_sums_bwd(Tensor grad_rank_all, Tensor grad_rank_pos, Tensor scores, Tensor relevance, "
-      "Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, "
-      "float start, float offset) -> Tensor");
+      "Tensor? key, Tensor pos_idx, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, "
+      "float delta, float start, float offset, bool hrank, float beta, float gamma, float leak) -> Tensor");
   // fused AP loss (Smooth-AP step=0, SupAP step=1): per query its AP, its number of ranked
   // positives and, with_grad, the gradient row d AP_i / d scores[i, :] ((0, N) without), from
   // the target as given: query_labels (Q,) and gallery_labels (N,), or relevance (Q, N) > 0
@@ -56,10 +58,12 @@ TORCH_LIBRARY(fastrank, m) {
       "Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, float rho, float delta, float start, "
       "float offset, int[] ks, float temp, bool clamp_hits, bool with_grad) -> (Tensor, Tensor, Tensor)");
   // fused graded loss, kind 0 = H-AP, 1 = NDCG (fastrank.h_ap / fastrank.ndcg), same outputs as
-  // ap_loss (n_pos: the valid items of relevance > 0), relevance (Q, N) >= 0 in the dtype of scores
+  // ap_loss (n_pos: the valid items of relevance > 0), relevance (Q, N) >= 0 and key (Q, N) in the
+  // dtype of scores, step and hrank as graded_rank_sums_fwd's
   m.def(
-      "graded_loss(Tensor scores, Tensor relevance, Tensor? ignore_idx, Tensor? ignore_mask, int step, float tau, "
-      "float rho, float delta, float start, float offset, int kind, bool with_grad) -> (Tensor, Tensor, Tensor)");
+      "graded_loss(Tensor scores, Tensor relevance, Tensor? key, Tensor? ignore_idx, Tensor? ignore_mask, int step, "
+      "float tau, float rho, float delta, float start, float offset, bool hrank, float beta, float gamma, "
+      "float leak, int kind, bool with_grad) -> (Tensor, Tensor, Tensor)");
   // fused histogram AP (kind 0 = FastAP, 1 = SoftBin), same target and outputs as ap_loss; the bins
   // as histogram_fwd's: v = scale * s + shift on centres 0..bins-1
   m.def(

@@ -154,4 +154,36 @@ FR_HD T heaviside(T d) {
   return d >= T(0) ? T(1) : T(0);
 }
 
+// HAPPIER's smoothed H-rank (graded family, docs/design.md §1.2): in rank_pos, a competitor
+// whose ordering key is above the ranked item's counts h+(d) instead of H(d):
+//   h+(d) = leak * d for d <= 0;  for d > 0: 1 when gamma > 1, else min(beta * d + gamma, 1).
+// A zero leak or beta drops its product (0 * inf is NaN). Same as fastrank.core.step.hrank_plus.
+template <typename T>
+struct HRankParams {
+  bool on;
+  T beta, gamma, leak;
+};
+
+template <typename T>
+inline HRankParams<T> make_hrank_params(bool on, double beta, double gamma, double leak) {
+  return HRankParams<T>{on, T(beta), T(gamma), T(leak)};
+}
+
+template <typename T>
+FR_HD T hrank_plus(T d, const HRankParams<T>& h) {
+  const T below = h.leak == T(0) ? T(0) : h.leak * d;
+  const T lin = (h.beta == T(0) ? T(0) : h.beta * d) + h.gamma;
+  const T above = h.gamma > T(1) ? T(1) : (lin < T(1) ? lin : T(1));
+  return d <= T(0) ? below : above;
+}
+
+// d h+ / d d: leak on d <= 0; on d > 0, 0 when gamma > 1, else beta up to where the min holds
+// it at 1 (the slope passes at equality, as torch.clamp's backward)
+template <typename T>
+FR_HD T hrank_plus_grad(T d, const HRankParams<T>& h) {
+  const T lin = (h.beta == T(0) ? T(0) : h.beta * d) + h.gamma;
+  const T above = h.gamma > T(1) ? T(0) : (lin <= T(1) ? h.beta : T(0));
+  return d <= T(0) ? h.leak : above;
+}
+
 }  // namespace fastrank

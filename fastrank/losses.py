@@ -26,6 +26,7 @@ from torch import nn
 
 from .core import validate as V
 from .core.backend import CHOICES
+from .core.params import make_graded_params
 from .ap import calibration_loss, smooth_ap, sup_ap
 from .graded import h_ap, ndcg
 from .histogram import histogram_ap
@@ -322,7 +323,11 @@ class _GradedLoss(nn.Module):
         self.similarity, self.include_self, self.backend = similarity, include_self, backend
         self.kw = dict(step=step, tau=tau, rho=rho, delta=delta, start=start, offset=offset)
 
-    def forward(self, embeddings: Tensor, relevance: Tensor, ref_embeddings: Optional[Tensor] = None) -> Tensor:
+    def forward(self, embeddings: Tensor, relevance: Tensor, ref_embeddings: Optional[Tensor] = None,
+                key: Optional[Tensor] = None) -> Tensor:
+        """1 - the score of `embeddings` against `ref_embeddings` (or the batch); `key`: the
+        (Q, N) ordering key of the steps (e.g. the shared hierarchy levels, as HAPPIER), None =
+        the relevance (see :func:`fastrank.h_ap`)."""
         name = type(self).__name__
         include_self = V.check_self_mode(name, self.include_self, (True, False))
         _check_embeddings(name, "embeddings", embeddings)
@@ -333,28 +338,40 @@ class _GradedLoss(nn.Module):
         ignore = None
         if ref_embeddings is None and include_self is False:
             ignore = torch.arange(embeddings.shape[0], device=embeddings.device)
-        return 1 - self.score(scores, relevance, ignore)
+        return 1 - self.score(scores, relevance, key, ignore)
 
-    def score(self, scores, relevance, ignore):  # pragma: no cover - abstract
+    def score(self, scores, relevance, key, ignore):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class HAPLoss(_GradedLoss):
     """1 - H-AP (SupRank / HAPPIER, graded relevance). See :func:`fastrank.h_ap`.
 
-    >>> rel = fastrank.relevance_from_hierarchy(labels, labels, order="coarsest_first")  # (B, levels) labels
-    >>> loss = HAPLoss()(embeddings, rel)
+    `with_hrank`, `beta`, `gamma`, `leak`: HAPPIER's smoothed H-rank (step="suprank"), checked
+    here. HAPPIER's loss orders by the shared level and weighs by its relevance:
+
+    >>> levels = fastrank.relevance_from_hierarchy(labels, labels, order="finest_first")  # HAPPIER's columns
+    >>> rel = fastrank.relevance_from_hierarchy(labels, labels, order="finest_first", relevance="pop")
+    >>> loss = HAPLoss(offset=1.44)(embeddings, rel, key=levels)
     """
 
-    def score(self, scores, relevance, ignore):
-        return h_ap(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
+    def __init__(self, *, with_hrank: bool = False, beta: Optional[float] = None, gamma: Optional[float] = None,
+                 leak: Optional[float] = None, **kw) -> None:
+        super().__init__(**kw)
+        # the whole parameter set is checked now, not at the first batch
+        make_graded_params(type(self).__name__, self.kw["step"], self.kw["tau"], self.kw["rho"], self.kw["delta"],
+                           self.kw["start"], self.kw["offset"], with_hrank, beta, gamma, leak)
+        self.kw.update(with_hrank=with_hrank, beta=beta, gamma=gamma, leak=leak)
+
+    def score(self, scores, relevance, key, ignore):
+        return h_ap(scores, relevance, key=key, ignore=ignore, backend=self.backend, **self.kw)
 
 
 class NDCGLoss(_GradedLoss):
     """1 - smooth NDCG on the rank-sums primitive. See :func:`fastrank.ndcg`."""
 
-    def score(self, scores, relevance, ignore):
-        return ndcg(scores, relevance, ignore=ignore, backend=self.backend, **self.kw)
+    def score(self, scores, relevance, key, ignore):
+        return ndcg(scores, relevance, key=key, ignore=ignore, backend=self.backend, **self.kw)
 
 
 class PNPLoss(_RankingLoss):

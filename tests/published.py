@@ -229,3 +229,64 @@ def published_tfr_approx_mrr(labels, logits, alpha=10.0):
     labels, logits, nonzero = _tfr_valid(labels, logits)
     rr = 1.0 / _tfr_approx_ranks(logits, alpha)
     return (rr * labels).sum(-1) / labels.sum(-1), nonzero.to(labels.dtype)
+
+
+# --------------------------------------------------------------------------- HAPPIER (Ramzi et al., ECCV 2022)
+#
+# Its H-AP surrogate (the `quick_forward` of SmoothRankHAP): `target` holds the hierarchy level
+# each item shares with the query and decides which step a pair gets; `relevances` only weigh.
+# Per query i, ranked item j, competitor k != j, d = s_ik - s_ij:
+#   rank  = 1 + sum_k [t_k < t_j ? step_rank(d) : H(d)]
+#   hrank = rel_j + sum_k min(rel_j, rel_k) [t_k > t_j and with_hrank ? step_hrank(d) : H(d)]
+#   H-AP  = sum_j hrank / rank / sum_j rel_j   (over every item j, as the code sums)
+# Written from the paper and the structure of that code, not copied from it.
+
+
+def published_happier_hap(scores, target, relevances, tau=0.01, rho=100.0, offset=1.44, delta=0.05, start=0.5,
+                          with_hrank=False, beta=None, leak=None, gamma=None):
+    """(B,) H-AP of square (B, B) `scores` (the batch against itself), integer levels `target`
+    and float `relevances` (HAPPIER's HAPLoss with return_type "HAP")."""
+    b = scores.shape[0]
+    off_diag = 1.0 - torch.eye(b, dtype=scores.dtype)
+    diff = scores.unsqueeze(1) - scores.unsqueeze(2)  # [i, j, k] = s_ik - s_ij
+    t_j, t_k = target.unsqueeze(2), target.unsqueeze(1)
+    if offset is None:
+        offset = _sig(torch.tensor(delta, dtype=scores.dtype), tau) + start
+    heav = (diff >= 0).to(scores.dtype)
+    smooth = torch.where(
+        diff > 0,
+        torch.where(diff > delta, rho * (diff - delta) + offset, start + _sig(diff, tau)),
+        _sig(diff, tau),
+    )
+    rank = 1 + (torch.where(t_j > t_k, smooth, heav) * off_diag).sum(-1)
+    if with_hrank:
+        up = torch.ones_like(diff) if gamma > 1.0 else torch.clamp(beta * diff + gamma, max=1.0)
+        plus = torch.where(diff > 0, up, diff * leak)
+        hstep = torch.where(t_k > t_j, plus, heav)
+    else:
+        hstep = heav
+    min_rel = torch.minimum(relevances.unsqueeze(2), relevances.unsqueeze(1))
+    hrank = relevances + (hstep * min_rel * off_diag).sum(-1)
+    return (hrank / rank).sum(-1) / relevances.sum(-1)
+
+
+def published_happier_relevance_pop(target, levels, alpha=1.0):
+    """HAPPIER's "pop" relevance of integer levels `target` (B, N) in {0, ..., levels}: the weight
+    (t / (levels - 1))^alpha of level t shared by the row's items at that level."""
+    out = torch.zeros(target.shape, dtype=torch.float64)
+    for i in range(target.shape[0]):
+        for t in range(levels + 1):
+            at = target[i] == t
+            if at.any():
+                out[i][at] = (t / (levels - 1)) ** alpha / at.sum().item()
+    return out
+
+
+def published_happier_relevance_map(target, weights):
+    """HAPPIER's "map" relevance: level t gets sum_{m=1..t} weights[m-1] / #(row items at level >= m)."""
+    out = torch.zeros(target.shape, dtype=torch.float64)
+    for i in range(target.shape[0]):
+        for j in range(target.shape[1]):
+            t = int(target[i, j])
+            out[i, j] = sum(weights[m - 1] / (target[i] >= m).sum().item() for m in range(1, t + 1))
+    return out

@@ -1,5 +1,6 @@
-"""The fused CUDA loss kernels (csrc/cuda/loss.cu): ap_loss (Smooth-AP, SupAP) and recall_loss
-(SupRank, Patel et al.) on backend="cuda", in a fixed number of launches without host sync.
+"""The fused CUDA loss kernels (csrc/cuda/loss.cu, histogram_loss.cu): ap_loss (Smooth-AP, SupAP),
+recall_loss (SupRank, Patel et al.) and histogram_ap_loss (FastAP, SoftBin) on backend="cuda", in a
+fixed number of launches without host sync.
 
 GPU tier: every test here needs a CUDA device and a CUDA build of fastrank (skipped otherwise, so
 they run in `make gpu-check`). fp64 results are held to the naive cube at 1e-9 relative: the
@@ -32,6 +33,9 @@ FNS = {
     "recall_suprank": functools.partial(fastrank.recall_at_k, ks=(1, 3, 40), temp=0.5),
     "recall_patel": functools.partial(fastrank.recall_at_k, ks=(1, 2, 8), variant="patel"),
     "recall_patel_suprank_step": functools.partial(fastrank.recall_at_k, ks=(2, 5), variant="patel", step="suprank"),
+    "fastap": functools.partial(fastrank.histogram_ap, kind="fastap"),
+    # soft bins over [-1, 1] with open ends: scores beyond either end land in the end bins
+    "softbin": functools.partial(fastrank.histogram_ap, kind="softbin", bins=12, range=(-1.0, 1.0)),
 }
 
 CASES = all_cases()  # every shape, target form (labels, bool, int, float), ignore form, ties
@@ -185,6 +189,30 @@ def test_launch_count():
         assert len(ours) == expected, [e.name for e in ours]
 
 
+def test_histogram_is_one_launch():
+    case = _to(CASES[7])
+    for requires_grad in (False, True):
+        s = case.scores.clone().requires_grad_(requires_grad)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fastrank.histogram_ap(s, case.target, kind="fastap", ignore=case.ignore, backend="cuda")
+            torch.cuda.synchronize()
+        ours = [e for e in prof.events() if "hist_loss_kernel" in e.name]
+        assert len(ours) == 1, [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("kind", ["fastap", "softbin"])
+def test_histogram_many_bins_take_the_two_pass_kernels(kind):
+    # past kMaxFusedBins the fused op refuses (its histograms live in shared memory); the public
+    # function takes the two-pass kernels instead, with the same numbers
+    case = _to(make_case(6, 40, 3, "labels", "index", seed=5))
+    got = _value_and_grad(functools.partial(fastrank.histogram_ap, kind=kind, bins=300), case, "cuda")
+    ref = _value_and_grad(functools.partial(fastrank.histogram_ap, kind=kind, bins=300), case, "naive")
+    _assert_fp64_close(got, ref)
+    with pytest.raises(ValueError, match=r"bins must lie in \[2, 256\]"):
+        torch.ops.fastrank.histogram_ap_loss(case.scores, case.target[0], case.target[1], None, None, None, 300,
+                                             1.0, 0.0, True, 0, False)
+
+
 # --------------------------------------------------------------------------- NaN and invalid entries
 
 
@@ -240,6 +268,8 @@ _CUDA_FUSED = {
     "smooth_ap": lambda s, t, ig: fastrank.smooth_ap(s, t, ignore=ig, backend="cuda"),
     "recall_at_k": lambda s, t, ig: fastrank.recall_at_k(s, t, ignore=ig, backend="cuda"),
     "recall_patel": lambda s, t, ig: fastrank.recall_at_k(s, t, ignore=ig, variant="patel", backend="cuda"),
+    "fastap": lambda s, t, ig: fastrank.histogram_ap(s, t, kind="fastap", ignore=ig, backend="cuda"),
+    "softbin": lambda s, t, ig: fastrank.histogram_ap(s, t, kind="softbin", ignore=ig, backend="cuda"),
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastrank
-from fastrank.core.params import StepParams
+from fastrank.core.params import GradedParams, StepParams
 from fastrank.core.problem import ignore_args
 from fastrank.core.registry import register_cpp_ops
 from fastrank.graded import h_ap, ndcg
@@ -201,8 +201,8 @@ def _op_args(kind, ignore_kind, dtype, with_grad, step=1):
     rel[1] = 0
     ignore = {"none": (None, None), "index": (torch.tensor([0, -1, 3, 10, 5, 5]), None),
               "mask": (None, torch.rand(6, 11, generator=torch.Generator().manual_seed(1)) < 0.3)}[ignore_kind]
-    return ((s.to(dtype).requires_grad_(), rel.to(dtype), *ignore)
-            + StepParams(step=step, tau=0.05).as_op_args() + (kind, with_grad))
+    return ((s.to(dtype).requires_grad_(), rel.to(dtype), None, *ignore)
+            + GradedParams(step=step, tau=0.05).as_op_args() + (kind, with_grad))
 
 
 def test_no_gradient_rows_without_grad():
@@ -222,7 +222,7 @@ def test_no_gradient_rows_without_grad():
 def test_n_pos_counts_the_valid_relevant_items():
     register_cpp_ops()
     args = _op_args(0, "mask", torch.float64, False)
-    s, rel, _, mask = args[:4]
+    s, rel, _, _, mask = args[:5]
     _, n_pos, _ = torch.ops.fastrank.graded_loss(*args)
     assert n_pos.dtype == torch.int64
     assert torch.equal(n_pos, ((rel > 0) & ~mask).sum(1))
@@ -252,6 +252,11 @@ def test_opcheck_graded_loss(kind, ignore_kind, dtype):
     torch.library.opcheck(op, _op_args(kind, ignore_kind, dtype, True))
     torch.library.opcheck(op, _op_args(kind, ignore_kind, dtype, True, step=0))
     torch.library.opcheck(op, _op_args(kind, ignore_kind, dtype, False), test_utils=("test_schema", "test_faketensor"))
+    # an ordering key apart from the relevance, and HAPPIER's smoothed H-rank
+    args = list(_op_args(kind, ignore_kind, dtype, True))
+    args[2] = (args[1] * 7 % 3).contiguous()
+    hr = GradedParams(step=1, tau=0.05, hrank=True, beta=25.0, gamma=0.5, leak=10.0).as_op_args()
+    torch.library.opcheck(op, tuple(args[:5]) + hr + tuple(args[-2:]))
 
 
 # --------------------------------------------------------------------------- NaN, determinism
@@ -310,8 +315,8 @@ def test_public_ndcg_gain_overflow_is_refused_on_the_fused_path():
 def _direct(**over):
     register_cpp_ops()
     kw = dict(scores=torch.rand(4, 6, dtype=torch.float64), relevance=torch.ones(4, 6, dtype=torch.float64),
-              ignore_idx=None, ignore_mask=None, step=1, tau=0.01, rho=100.0, delta=0.05, start=0.5, offset=1.5,
-              kind=1, with_grad=True)
+              key=None, ignore_idx=None, ignore_mask=None, step=1, tau=0.01, rho=100.0, delta=0.05, start=0.5,
+              offset=1.5, hrank=False, beta=0.0, gamma=0.0, leak=0.0, kind=1, with_grad=True)
     kw.update(over)
     return torch.ops.fastrank.graded_loss(*kw.values())
 
@@ -368,7 +373,7 @@ def test_op_equals_the_public_function():
     # the op directly, with every argument as the public function passes it
     register_cpp_ops()
     case = CASES[2]
-    v, n_pos, _ = torch.ops.fastrank.graded_loss(case.scores, case.target, *ignore_args(case.ignore),
-                                                 *StepParams(step=1, tau=0.05).as_op_args(), 0, False)
+    v, n_pos, _ = torch.ops.fastrank.graded_loss(case.scores, case.target, None, *ignore_args(case.ignore),
+                                                 *GradedParams(step=1, tau=0.05).as_op_args(), 0, False)
     torch.testing.assert_close(v, h_ap(case.scores, case.target, tau=0.05, ignore=case.ignore, reduction="none",
                                        backend="naive"), rtol=1e-12, atol=1e-12)

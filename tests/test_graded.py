@@ -364,16 +364,29 @@ def test_cpp_op_checks_relevance():
     register_cpp_ops()
     scores = torch.randn(2, 4, dtype=torch.float64)
     pos_idx = torch.tensor([[0, 1], [2, -1]])
-    args = (None, None, 1, 0.05, 100.0, 0.05, 0.5, 0.6)
+    args = (None, None, 1, 0.05, 100.0, 0.05, 0.5, 0.6, False, 0.0, 0.0, 0.0)
     op = torch.ops.fastrank.graded_rank_sums_fwd
     with pytest.raises(ValueError, match="relevance must be >= 0"):
-        op(scores, -torch.ones(2, 4, dtype=torch.float64), pos_idx, *args)
+        op(scores, -torch.ones(2, 4, dtype=torch.float64), None, pos_idx, *args)
     with pytest.raises(ValueError, match="relevance must be finite"):
-        op(scores, torch.full((2, 4), float("nan"), dtype=torch.float64), pos_idx, *args)
+        op(scores, torch.full((2, 4), float("nan"), dtype=torch.float64), None, pos_idx, *args)
     with pytest.raises(TypeError, match="relevance must have the dtype of scores"):
-        op(scores, torch.ones(2, 4), pos_idx, *args)
+        op(scores, torch.ones(2, 4), None, pos_idx, *args)
     with pytest.raises(ValueError, match="relevance must have the shape of scores"):
-        op(scores, torch.ones(2, 3, dtype=torch.float64), pos_idx, *args)
+        op(scores, torch.ones(2, 3, dtype=torch.float64), None, pos_idx, *args)
+    # the ordering key: shape, dtype, finite; the H-rank only with the suprank step
+    rel = torch.ones(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="key must have the shape of scores"):
+        op(scores, rel, torch.ones(2, 3, dtype=torch.float64), pos_idx, *args)
+    with pytest.raises(TypeError, match="key must have the dtype of scores"):
+        op(scores, rel, torch.ones(2, 4), pos_idx, *args)
+    with pytest.raises(ValueError, match="`key` must be finite"):
+        op(scores, rel, torch.full((2, 4), float("inf"), dtype=torch.float64), pos_idx, *args)
+    hr = (None, None, 0, 0.05, 100.0, 0.05, 0.5, 0.6, True, 1.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match="needs step 1"):
+        op(scores, rel, None, pos_idx, *hr)
+    with pytest.raises(ValueError, match="leak must be finite and >= 0"):
+        op(scores, rel, None, pos_idx, *args[:8], True, 1.0, 0.5, -1.0)
 
 
 def test_reduction_validation():

@@ -4,7 +4,7 @@ import torch
 
 import fastrank
 from fastrank.core.problem import build_problem
-from fastrank.core.params import StepParams
+from fastrank.core.params import GradedParams, StepParams
 from fastrank.core.registry import FAMILIES, register_cpp_ops
 from fastrank.histogram import histogram_params
 
@@ -92,7 +92,8 @@ def _graded_op_args(step, ignore_kind, dtype=torch.float64):
     rel[2] = 0  # a query without ranked items
     ignore = {"none": None, "index": torch.arange(q), "mask": torch.rand(q, n, generator=g) < 0.3}[ignore_kind]
     pb = build_problem(rel, ignore, q, n, scores.device)
-    return (scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
+    # the ordering key (None: the relevance) after the relevance, the H-rank's scalars after the step's
+    return (scores, rel, None, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + GradedParams(step=step).as_op_args()
 
 
 def _histogram_op_args(kind, ignore_kind, dtype=torch.float64):
@@ -171,7 +172,7 @@ _BAD_STEP = [  # (index into the step scalars (step, tau, rho, delta, start, off
 def test_ops_reject_bad_step_parameters(graded, slot, value, msg):
     register_cpp_ops()
     args = list(_graded_op_args(1, "none", torch.float32) if graded else _op_args(1, "none", torch.float32))
-    n_t = 5 if graded else 4
+    n_t = 6 if graded else 4
     args[n_t + slot] = value
     fwd = torch.ops.fastrank.graded_rank_sums_fwd if graded else torch.ops.fastrank.rank_sums_fwd
     bwd = torch.ops.fastrank.graded_rank_sums_bwd if graded else torch.ops.fastrank.rank_sums_bwd
@@ -248,7 +249,7 @@ def test_ops_check_the_packed_contract(case):
 def test_graded_ops_check_ranked_relevance_in_both_passes():
     register_cpp_ops()
     args = list(_graded_op_args(1, "none"))
-    rel, pos = args[1].clone(), args[2]
+    rel, pos = args[1].clone(), args[3]
     rel[0, pos[0, 0]] = 0.0  # a ranked item of relevance 0
     args[1] = rel
     with pytest.raises(ValueError, match="ranks an item of relevance 0"):
@@ -276,7 +277,7 @@ def test_backward_ops_reject_non_floating_gradients(op, dtype):
         shape = args[1].shape
     elif op == "graded":
         args, bwd = _graded_op_args(1, "mask"), torch.ops.fastrank.graded_rank_sums_bwd
-        shape = args[2].shape
+        shape = args[3].shape
     else:
         args, bwd = _hist_args(torch.float64), torch.ops.fastrank.histogram_bwd
         shape = (args[0].shape[0], args[4])
@@ -325,8 +326,8 @@ rel = t.float()
 calls = {
     "fwd": lambda: torch.ops.fastrank.rank_sums_fwd(s, pb.pos_idx, None, None, 0, 0.01, 100., 0.05, 0.5, 1.0),
     "bwd": lambda: torch.ops.fastrank.rank_sums_bwd(g, g, s, pb.pos_idx, None, None, 1, 0.01, 100., 0.05, 0.5, 1.0),
-    "graded": lambda: torch.ops.fastrank.graded_rank_sums_fwd(s, rel, pb.pos_idx, None, None, 1, 0.01, 100., 0.05,
-                                                              0.5, 1.0),
+    "graded": lambda: torch.ops.fastrank.graded_rank_sums_fwd(s, rel, None, pb.pos_idx, None, None, 1, 0.01, 100.,
+                                                              0.05, 0.5, 1.0, False, 0., 0., 0.),
 }
 calls[op]  # everything but the kernel's scratch is allocated before the limit
 vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024

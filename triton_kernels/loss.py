@@ -20,16 +20,16 @@ Per call, whatever the data (three launches without the gradient, four with it):
    count from `meta` (a dynamic trip count, no sync). C (host-side, from Q and N only) splits a
    row across programs when Q is small: a row with at least C tiles of BLOCK_P positives deals
    its tiles round-robin to the C programs, each against all N columns, and writes final sums
-   into `work`; a row with fewer tiles has each program sweep one chunk of the columns for all
-   of its positives and write partial sums into `part` (Q, C, NB, C * BLOCK_P), which kernel 3
-   adds in the fixed order c = 0..C-1. No float atomics: every value has one writer and a fixed
+   and finishes them (Memory, below); a row with fewer tiles has each program sweep one chunk of
+   the columns for all of its positives and write partial sums into `part` (Q, C, NB, C * BLOCK_P),
+   which kernel 3 adds in the fixed order c = 0..C-1. No float atomics: every value has one writer and a fixed
    summation order, so the results are bitwise reproducible.
 3. `_epilogue_kernel`, grid (Q,): the reduction of the partials, the epilogue (ApEpilogue /
    RecallEpilogue of csrc/epilogue.h transcribed: same formulas, same derivatives), the score and
    n_pos; with the gradient, the coefficients a_j = d score / d rank_all_j, b_j = d score /
-   d rank_pos_j (written over rank_all_j, rank_pos_j in `work`) and each positive's own share
-   own_j = a_j S1_j + b_j S2_j (suprank: a_j S1_j), stored as -own_j at its column of the
-   gradient rows.
+   d rank_pos_j and each positive's own share own_j = a_j S1_j + b_j S2_j (suprank: a_j S1_j),
+   stored as -own_j at its column of the gradient rows (for AP rows that kernel 2 finished,
+   only the score: the sum of their (Q, C) tile sums in the order c = 0..C-1).
 4. `_grad_kernel`, grid (Q, cdiv(N, BLOCK_K)): the gradient row, per column k,
        sigmoid: sum_j (a_j + b_j [k pos]) sigma'(s_k - s_j),   suprank: [k neg] sum_j a_j H^-'(s_k - s_j)
    plus the -own_k kernel 3 left at a positive column; 0 at ignored columns. The self pair of
@@ -44,11 +44,17 @@ as the C++ op). A row flagged invalid (bit 2) scores NaN with a NaN gradient row
 an out-of-range ignore index or a NaN relevance is not an error (that would need a host sync)
 but makes its own query NaN, so `mean` and `sum` are NaN too.
 
-Memory beyond the scores and the gradient rows, per (row, column) entry: the int32 columns and
-NB accumulation-dtype values (rank_all, rank_pos, and with the gradient S1 and, for the sigmoid,
-S2), since a row's positive count is known only on the device: float32 with the gradient,
-16 (suprank) or 20 (sigmoid) bytes, i.e. 4-5x float32 scores; without it 12 bytes. The split
-scratch is Q * C^2 * NB * BLOCK_P values.
+Memory beyond the scores and the gradient rows, per (row, column) entry, since a row's positive
+count is known only on the device: the int32 columns, and the per-positive values the later
+kernels need, in (Q, N) planes of the accumulation dtype (`work_planes`). A row whose tiles are
+complete in one program of kernel 2 is finished there: AP's coefficients a_j (and b_j for the
+sigmoid) go to the planes, -own_j to the gradient row at j's column and the tile's sum of
+rank_pos / rank_all to a (Q, C) buffer, so rank_pos, S1 and S2 are never stored. A row split
+across chunk programs is finished the same way by kernel 3, from the partial sums. Recall@k
+keeps rank_all (overwritten by a_j in kernel 3, which needs the row's hits first) and S1 at the
+positive's column of the gradient row. Float32 with the gradient: SupAP and Recall@k 8 bytes
+(2x float32 scores), Smooth-AP 12 (3x); without it AP 4 bytes, Recall@k 8. The split scratch is
+Q * C^2 * NB * BLOCK_P values.
 
 Launch: fixed block sizes (no autotuning, so no benchmarking launch at a new shape, and CUDA
 graph capture sees the same kernels as eager); every launch goes to the current stream
@@ -232,17 +238,64 @@ def _compact_kernel(
 
 
 @triton.jit
+def _ap_terms(ra, rp, s1, s2, in_p, npf, STEP: tl.constexpr):
+    """AP's per-positive terms (ApEpilogue of csrc/epilogue.h) from the raw sweep sums:
+    (rank_pos / rank_all masked to the lanes in_p, a = d AP / d rank_all, b = d AP / d rank_pos,
+    own = a S1 + b S2), npf = |P_i|. The sigmoid's sweep counted sigma(0) = 1/2 for j itself,
+    where the rank has 1."""
+    SELF: tl.constexpr = 0.5 if STEP == 0 else 0.0
+    ra = tl.where(in_p, ra + SELF, 1.0)
+    rp = tl.where(in_p, rp + SELF, 0.0)
+    inv = 1.0 / ra
+    a = -rp * inv * inv / npf
+    b = inv / npf
+    own = a * s1
+    if STEP == 0:
+        own += b * s2
+    return rp * inv, a, b, own
+
+
+@triton.jit
+def _finish_tile(
+    work_ptr, plane, grad_row, cols_row, offs_p, in_p, ra, rp, s1, s2, npf,
+    STEP: tl.constexpr, EPI: tl.constexpr, GRAD: tl.constexpr,
+):
+    """Stores one tile of positives whose sums are complete (module docstring, Memory): AP's
+    coefficients (a; b for the sigmoid) and -own at the positives' columns, returning the tile's
+    sum of rank_pos / rank_all; Recall@k's rank_all and S1 at the positives' columns (its
+    coefficients need the whole row's hits first), returning 0."""
+    if EPI == 0:
+        r, a, b, own = _ap_terms(ra, rp, s1, s2, in_p, npf, STEP)
+        if GRAD:
+            tl.store(work_ptr + offs_p, a, mask=in_p)
+            if STEP == 0:
+                tl.store(work_ptr + plane + offs_p, b, mask=in_p)
+            j = tl.load(cols_row + offs_p, mask=in_p, other=0)
+            tl.store(grad_row + j.to(tl.int64), -own, mask=in_p)
+        return tl.sum(tl.where(in_p, r, 0.0), axis=0)
+    else:
+        tl.store(work_ptr + offs_p, ra, mask=in_p)
+        if GRAD:
+            j = tl.load(cols_row + offs_p, mask=in_p, other=0)
+            tl.store(grad_row + j.to(tl.int64), s1, mask=in_p)
+        return tl.sum(tl.zeros_like(ra), axis=0)
+
+
+@triton.jit
 def _sums_kernel(
     scores_ptr, qlab_ptr, glab_ptr, rel_ptr, ign_idx_ptr, ign_mask_ptr, cols_ptr, meta_ptr, params_ptr,
-    work_ptr, part_ptr,
+    work_ptr, part_ptr, rsum_ptr, grad_ptr,
     Q, N, C, CH,
     stride_sq, stride_sn, stride_q, stride_g, stride_rq, stride_rn, stride_iq, stride_mq, stride_mn,
     STEP: tl.constexpr, TARGET: tl.constexpr, IGNORE: tl.constexpr, GRAD: tl.constexpr, FAST: tl.constexpr,
-    NB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPI: tl.constexpr, NB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Kernel 2, grid (Q, C): the rank sums and derivative sums of row i's positives (module
-    docstring). work (NB, Q, N) and part (Q, C, NB, C * BLOCK_P) in the accumulation dtype
-    (that of params_ptr); CH: the columns of one chunk (a multiple of BLOCK_K)."""
+    docstring). A row with at least C tiles of positives has each tile's sums complete in one
+    program, which finishes it (`_finish_tile`: work planes (NW, Q, N), rsum (Q, C) its sum of
+    rank_pos / rank_all, grad (Q, N) at the positives' columns); a row with fewer leaves partial
+    sums in part (Q, C, NB, C * BLOCK_P) to the epilogue. All in the accumulation dtype (that of
+    params_ptr); CH: the columns of one chunk (a multiple of BLOCK_K)."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     ACC = params_ptr.dtype.element_ty
@@ -254,8 +307,10 @@ def _sums_kernel(
         ql, rel_row = _target_row(qlab_ptr, rel_ptr, i, stride_q, stride_rq, TARGET)
         s_row = scores_ptr + i * stride_sq
         n_tiles = (count + BLOCK_P - 1) // BLOCK_P
+        npf = count.to(ACC)
         if n_tiles >= C:
-            # enough positives: tiles dealt round-robin, each against the whole row
+            # enough positives: tiles dealt round-robin, each against the whole row, finished here
+            rsum = tl.sum(tl.zeros((BLOCK_P,), ACC), axis=0)
             for t in range(c, n_tiles, C):
                 offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
                 in_p = offs_p < count
@@ -265,7 +320,9 @@ def _sums_kernel(
                     sj, s_row, 0, N, ign, mask_row, stride_sn, stride_mn, ql, glab_ptr, stride_g, rel_row, stride_rn,
                     inv_tau, rho, delta, start, offset, STEP, TARGET, IGNORE, GRAD, FAST, BLOCK_P, BLOCK_K, ACC,
                 )
-                _store_sums(work_ptr + i * N, Q * N, offs_p, in_p, ra, rp, s1, s2, STEP, GRAD)
+                rsum += _finish_tile(work_ptr + i * N, Q * N, grad_ptr + i * N, cols_ptr + i * N, offs_p, in_p,
+                                     ra, rp, s1, s2, npf, STEP, EPI, GRAD)
+            tl.store(rsum_ptr + i * C + c, rsum)
         else:
             # few positives: this program's chunk of columns for all of them, partial sums
             k_lo = c * CH
@@ -286,14 +343,16 @@ def _sums_kernel(
 
 @triton.jit
 def _epilogue_kernel(
-    cols_ptr, meta_ptr, params_ptr, ks_ptr, work_ptr, part_ptr, score_ptr, npos_ptr, grad_ptr,
+    cols_ptr, meta_ptr, params_ptr, ks_ptr, work_ptr, part_ptr, rsum_ptr, score_ptr, npos_ptr, grad_ptr,
     Q, N, C, NK,
     STEP: tl.constexpr, EPI: tl.constexpr, CLAMP_HITS: tl.constexpr, GRAD: tl.constexpr, NB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_NK: tl.constexpr,
 ):
-    """Kernel 3, grid (Q,): score[i], npos[i] and, if GRAD, the coefficients (over rank_all,
-    rank_pos in work) and -own_j at grad[i, col_j] ((Q, N) contiguous). params_ptr holds
-    (1/tau, rho, delta, start, offset, 1/temp); ks_ptr the NK values of k (Recall@k)."""
+    """Kernel 3, grid (Q,): score[i], npos[i] and, if GRAD, the rows' coefficients in work and
+    -own_j at grad[i, col_j] ((Q, N) contiguous) where kernel 2 left them to it: a row split
+    across chunk programs (its partial sums in part, added in the fixed order c = 0..C-1), and
+    Recall@k's coefficients, which need the row's hits. params_ptr holds (1/tau, rho, delta,
+    start, offset, 1/temp); ks_ptr the NK values of k (Recall@k)."""
     i = tl.program_id(0).to(tl.int64)
     ACC = params_ptr.dtype.element_ty
     count = tl.load(meta_ptr + i * 2)
@@ -301,80 +360,78 @@ def _epilogue_kernel(
     tl.store(npos_ptr + i, count.to(tl.int64))
     plane = Q * N
     row = work_ptr + i * N
+    grad_row = grad_ptr + i * N
+    cols_row = cols_ptr + i * N
     if flags != 0:
         tl.store(score_ptr + i, float("nan"))
     elif count == 0:
         tl.store(score_ptr + i, 0.0)
     else:
         n_tiles = (count + BLOCK_P - 1) // BLOCK_P
+        npf = count.to(ACC)
+        rsum = tl.sum(tl.zeros((BLOCK_P,), ACC), axis=0)
         if n_tiles < C:
             # the partial sums of the C chunk programs, added in the fixed order c = 0..C-1
             pw = C * BLOCK_P
             for t in range(0, n_tiles):
                 offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
                 in_p = offs_p < count
-                for b in tl.static_range(NB):
-                    acc = tl.zeros((BLOCK_P,), ACC)
-                    for c in range(0, C):
-                        acc += tl.load(part_ptr + ((i * C + c) * NB + b) * pw + offs_p, mask=in_p, other=0.0)
-                    tl.store(row + b * plane + offs_p, acc, mask=in_p)
-            tl.debug_barrier()
-        inv_temp = tl.load(params_ptr + 5)
-        # the sigmoid's sweep counted sigma(0) = 1/2 for j itself, where the rank has 1
-        SELF: tl.constexpr = 0.5 if STEP == 0 else 0.0
-        npf = count.to(ACC)
-        k_in = tl.arange(0, BLOCK_NK) < NK
-        kv = tl.load(ks_ptr + tl.arange(0, BLOCK_NK), mask=k_in, other=1.0)
-        den = tl.minimum(npf, kv)
-        hits = tl.zeros((BLOCK_NK,), ACC)
-        acc = tl.zeros((BLOCK_P,), ACC)
-        for t in range(0, n_tiles):
-            offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-            in_p = offs_p < count
-            ra = tl.load(row + offs_p, mask=in_p, other=1.0) + SELF
-            if EPI == 0:
-                rp = tl.load(row + plane + offs_p, mask=in_p, other=0.0) + SELF
-                acc += tl.where(in_p, rp / ra, 0.0)
-            else:
-                y = 1.0 / (1.0 + tl.exp(-((kv[None, :] - ra[:, None]) * inv_temp)))
-                hits += tl.sum(tl.where(in_p[:, None], y, 0.0), axis=0)
+                base = part_ptr + i * C * NB * pw + offs_p
+                ra = tl.zeros((BLOCK_P,), ACC)
+                rp = tl.zeros((BLOCK_P,), ACC)
+                s1 = tl.zeros((BLOCK_P,), ACC)
+                s2 = tl.zeros((BLOCK_P,), ACC)
+                for c in range(0, C):
+                    at = base + c * NB * pw
+                    ra += tl.load(at, mask=in_p, other=0.0)
+                    rp += tl.load(at + pw, mask=in_p, other=0.0)
+                    if GRAD:
+                        s1 += tl.load(at + 2 * pw, mask=in_p, other=0.0)
+                        if STEP == 0:
+                            s2 += tl.load(at + 3 * pw, mask=in_p, other=0.0)
+                rsum += _finish_tile(row, plane, grad_row, cols_row, offs_p, in_p, ra, rp, s1, s2, npf,
+                                     STEP, EPI, GRAD)
+        elif EPI == 0:
+            for c in range(0, C):
+                rsum += tl.load(rsum_ptr + i * C + c)
         if EPI == 0:
-            tl.store(score_ptr + i, tl.sum(acc, axis=0) / npf)
+            tl.store(score_ptr + i, rsum / npf)
         else:
-            h = hits
-            if CLAMP_HITS:
-                h = tl.minimum(hits, kv)
-            tl.store(score_ptr + i, tl.sum(tl.where(k_in, h / den, 0.0), axis=0) / NK)
-        if GRAD:
             tl.debug_barrier()
-            inv_np = 1.0 / npf
-            # torch.clamp(max=k) passes no gradient where hits > k
-            keep = k_in
-            if CLAMP_HITS:
-                keep = keep & ~(hits > kv)
-            w = tl.where(keep, -inv_temp / (den * NK), 0.0)
+            inv_temp = tl.load(params_ptr + 5)
+            SELF: tl.constexpr = 0.5 if STEP == 0 else 0.0
+            k_in = tl.arange(0, BLOCK_NK) < NK
+            kv = tl.load(ks_ptr + tl.arange(0, BLOCK_NK), mask=k_in, other=1.0)
+            den = tl.minimum(npf, kv)
+            hits = tl.zeros((BLOCK_NK,), ACC)
             for t in range(0, n_tiles):
                 offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
                 in_p = offs_p < count
                 ra = tl.load(row + offs_p, mask=in_p, other=1.0) + SELF
-                rp = tl.load(row + plane + offs_p, mask=in_p, other=0.0) + SELF
-                s1 = tl.load(row + 2 * plane + offs_p, mask=in_p, other=0.0)
-                if EPI == 0:
-                    inv = 1.0 / ra
-                    a = -rp * inv * inv * inv_np
-                    b = inv * inv_np
-                else:
+                y = 1.0 / (1.0 + tl.exp(-((kv[None, :] - ra[:, None]) * inv_temp)))
+                hits += tl.sum(tl.where(in_p[:, None], y, 0.0), axis=0)
+            h = hits
+            if CLAMP_HITS:
+                h = tl.minimum(hits, kv)
+            tl.store(score_ptr + i, tl.sum(tl.where(k_in, h / den, 0.0), axis=0) / NK)
+            if GRAD:
+                tl.debug_barrier()
+                # torch.clamp(max=k) passes no gradient where hits > k
+                keep = k_in
+                if CLAMP_HITS:
+                    keep = keep & ~(hits > kv)
+                w = tl.where(keep, -inv_temp / (den * NK), 0.0)
+                for t in range(0, n_tiles):
+                    offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+                    in_p = offs_p < count
+                    ra = tl.load(row + offs_p, mask=in_p, other=1.0) + SELF
+                    j = tl.load(cols_row + offs_p, mask=in_p, other=0).to(tl.int64)
+                    # S1 sits at the positive's column (kernel 2 or the split reduction above)
+                    s1 = tl.load(grad_row + j, mask=in_p, other=0.0)
                     y = 1.0 / (1.0 + tl.exp(-((kv[None, :] - ra[:, None]) * inv_temp)))
                     a = tl.sum(w[None, :] * y * (1.0 - y), axis=1)
-                    b = tl.zeros((BLOCK_P,), ACC)
-                own = a * s1
-                if STEP == 0:
-                    s2 = tl.load(row + 3 * plane + offs_p, mask=in_p, other=0.0)
-                    own += b * s2
-                tl.store(row + offs_p, a, mask=in_p)
-                tl.store(row + plane + offs_p, b, mask=in_p)
-                j = tl.load(cols_ptr + i * N + offs_p, mask=in_p, other=0)
-                tl.store(grad_ptr + i * N + j.to(tl.int64), -own, mask=in_p)
+                    tl.store(row + offs_p, a, mask=in_p)
+                    tl.store(grad_row + j, -(a * s1), mask=in_p)
 
 
 @triton.jit
@@ -383,10 +440,11 @@ def _grad_kernel(
     work_ptr, grad_ptr,
     Q, N,
     stride_sq, stride_sn, stride_q, stride_g, stride_rq, stride_rn, stride_iq, stride_mq, stride_mn,
-    STEP: tl.constexpr, TARGET: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr,
+    STEP: tl.constexpr, TARGET: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Kernel 4, grid (Q, cdiv(N, BLOCK_K)): grad[i, k] for a block of columns (module docstring)."""
+    """Kernel 4, grid (Q, cdiv(N, BLOCK_K)): grad[i, k] for a block of columns (module docstring);
+    work holds a_j (plane 0) and, HAS_B (the sigmoid AP), b_j (plane 1); Recall@k has b = 0."""
     i = tl.program_id(0).to(tl.int64)
     ACC = params_ptr.dtype.element_ty
     count = tl.load(meta_ptr + i * 2)
@@ -421,8 +479,11 @@ def _grad_kernel(
             d = sk[None, :] - sj[:, None]
             gd = step_neg_grad(d, inv_tau, rho, delta, STEP, FAST)
             if STEP == 0:
-                b = tl.load(row + plane + offs_p, mask=in_p, other=0.0)
-                coef = a[:, None] + tl.where(pos[None, :], b[:, None], 0.0)
+                if HAS_B:
+                    b = tl.load(row + plane + offs_p, mask=in_p, other=0.0)
+                    coef = a[:, None] + tl.where(pos[None, :], b[:, None], 0.0)
+                else:
+                    coef = a[:, None] + tl.zeros((1, BLOCK_K), ACC)
             else:
                 coef = tl.where(pos[None, :], 0.0, a[:, None])
             # lanes past the count have a = b = 0 and g' is always finite: exact zeros
@@ -442,6 +503,15 @@ def splits(q: int, n: int, block_k: int) -> int:
         return max(1, int(SPLIT))
     per_row = triton.cdiv(TARGET_PROGRAMS, max(q, 1))
     return max(1, min(per_row, n // max(MIN_CHUNK, block_k)))
+
+
+def work_planes(step: int, epi: int, with_grad: bool) -> int:
+    """(Q, N) planes of per-positive values the kernels keep (module docstring, Memory): the AP
+    coefficients a (and b for the sigmoid) with the gradient, none without; Recall@k's rank_all,
+    overwritten by a."""
+    if epi == EPI_AP:
+        return (2 if step == SIGMOID else 1) if with_grad else 0
+    return 1
 
 
 def _blocks(n: int) -> Tuple[int, int, int]:
@@ -577,11 +647,14 @@ def loss_rows(
     c = splits(q, n, bk)
     ch = triton.cdiv(triton.cdiv(n, c), bk) * bk
     step = params.step
+    epi = EPI_AP if kind == "ap" else EPI_RECALL
     nb = 2 + ((2 if step == SIGMOID else 1) if with_grad else 0)
+    nw = work_planes(step, epi, with_grad)
     cols = torch.empty((q, n), dtype=torch.int32, device=dev)
     meta = torch.empty((q, 2), dtype=torch.int32, device=dev)
-    work = torch.empty((nb, q, n), dtype=acc, device=dev)
+    work = torch.empty((nw, q, n) if nw else (1,), dtype=acc, device=dev)
     part = torch.empty((q, c, nb, c * bp) if c > 1 else (1,), dtype=acc, device=dev)
+    rsum = torch.empty((q, c), dtype=acc, device=dev)
     prm = device_constants(
         (1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset, float(inv_temp)), acc, dev
     )
@@ -592,19 +665,21 @@ def loss_rows(
         *ptrs, cols, meta, n, *strides,
         TARGET=target_mode, IGNORE=mode, REL_FLOAT=rel_float, BLOCK_K=bk_compact,
     )
+    grad_arg = grad if with_grad else score  # a dummy without the gradient: never written
     _sums_kernel[(q, c)](
-        *ptrs, cols, meta, prm, work, part, q, n, c, ch, *strides,
-        STEP=step, TARGET=target_mode, IGNORE=mode, GRAD=with_grad, FAST=fast_flag, NB=nb, BLOCK_P=bp, BLOCK_K=bk,
+        *ptrs, cols, meta, prm, work, part, rsum, grad_arg, q, n, c, ch, *strides,
+        STEP=step, TARGET=target_mode, IGNORE=mode, GRAD=with_grad, FAST=fast_flag, EPI=epi, NB=nb, BLOCK_P=bp,
+        BLOCK_K=bk,
     )
     _epilogue_kernel[(q,)](
-        cols, meta, prm, kv, work, part, score, n_pos, grad if with_grad else score, q, n, c, max(len(ks), 1),
-        STEP=step, EPI=EPI_AP if kind == "ap" else EPI_RECALL, CLAMP_HITS=bool(clamp_hits), GRAD=with_grad,
+        cols, meta, prm, kv, work, part, rsum, score, n_pos, grad_arg, q, n, c, max(len(ks), 1),
+        STEP=step, EPI=epi, CLAMP_HITS=bool(clamp_hits), GRAD=with_grad,
         NB=nb, BLOCK_P=bp, BLOCK_NK=max(2, next_pow2(len(ks))),
     )
     if with_grad:
         _grad_kernel[(q, triton.cdiv(n, bk))](
             *ptrs, cols, meta, prm, work, grad, q, n, *strides,
-            STEP=step, TARGET=target_mode, IGNORE=mode, FAST=fast_flag, BLOCK_P=bp, BLOCK_K=bk,
+            STEP=step, TARGET=target_mode, IGNORE=mode, FAST=fast_flag, HAS_B=nw == 2, BLOCK_P=bp, BLOCK_K=bk,
         )
     return score, n_pos, grad
 

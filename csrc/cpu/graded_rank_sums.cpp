@@ -43,19 +43,24 @@ template <typename T>
 struct GradedProblem : ProblemView<T> {
   const T* rel;  // (Q, N) contiguous, >= 0
   StepParams<T> step;
+  const T* key = nullptr;  // (Q, N) contiguous ordering key, or nullptr: the relevance
+  HRankParams<T> hrank{false, T(0), T(0), T(0)};
+  // a key or the H-rank: the per-pair path (graded_generic_one), not the relevance-sorted runs
+  bool generic() const { return key != nullptr || hrank.on; }
 };
 
 // One row's valid items in decreasing relevance: scores s, relevance r, columns col,
 // gradient accumulators g; order is scratch for the sort.
 template <typename T>
 struct SortedRow {
-  static constexpr int64_t kBytesPerColumn = 3 * sizeof(T) + 2 * sizeof(int64_t) + 1;
-  std::vector<T> s, r, g;
+  static constexpr int64_t kBytesPerColumn = 4 * sizeof(T) + 2 * sizeof(int64_t) + 1;
+  std::vector<T> s, r, g, kv;  // kv: the ordering key, when the problem has one
   std::vector<int64_t> col, order;
   std::vector<uint8_t> valid;
   int64_t nv = 0;  // valid items
   int64_t z = 0;   // items with relevance > 0 (a prefix, after the sort)
-  explicit SortedRow(int64_t n) : s(n), r(n), g(n), col(n), order(n), valid(n) {}
+  const T* keys = nullptr;  // the sorted keys: kv, or r when the key is the relevance
+  explicit SortedRow(int64_t n) : s(n), r(n), g(n), kv(n), col(n), order(n), valid(n) {}
 
   // Fills the row; returns true when a valid score is NaN (the row's outputs are then NaN).
   bool load(const GradedProblem<T>& pr, int64_t i) {
@@ -86,6 +91,12 @@ struct SortedRow {
       r[t] = rrow[k];
       col[t] = k;
       has_nan |= std::isnan(s[t]);
+    }
+    keys = r.data();
+    if (pr.key != nullptr) {
+      const T* krow = pr.key + i * N;
+      for (int64_t t = 0; t < nv; ++t) kv[t] = krow[order[t]];
+      keys = kv.data();
     }
     return has_nan;
   }
@@ -192,6 +203,56 @@ FR_HD T graded_grad_one(const SortedRow<T>& row, const StepParams<T>& st, T sj, 
   return tot;
 }
 
+// The per-pair path, for an ordering key apart from the relevance or the smoothed H-rank: the
+// runs above order competitors by relevance, which is no longer the comparison, so each pair
+// compares keys itself (key_k >= key_j: H, else H^- in rank_all; with the H-rank, key_k > key_j:
+// h+ in rank_pos) and weighs rank_pos by min(rel_j, rel_k). Scalar, over the sorted row; j's own
+// term is one of the pairs (a tie: H(0) = 1 supplies the "1 +" and the "rel_j +"; sigma(0) = 1/2
+// is completed below). step_diff / tied_grad throughout, so infinite scores need no other loop.
+template <typename T, int STEP>
+void graded_generic_one(const SortedRow<T>& row, const StepParams<T>& st, const HRankParams<T>& hr, T sj, T rj, T kj,
+                        T& ra, T& rp) {
+  T all = T(0), pos = T(0);
+  for (int64_t t = 0; t < row.nv; ++t) {
+    const T d = step_diff(row.s[t], sj);
+    const T w = row.r[t] < rj ? row.r[t] : rj;
+    if (STEP == kSigmoid) {
+      const T v = sigmoid_tau(d, st.inv_tau);
+      all += v;
+      pos += w * v;
+    } else {
+      const T h = heaviside(d);
+      all += row.keys[t] >= kj ? h : suprank_neg(d, st);
+      pos += w * (hr.on && row.keys[t] > kj ? hrank_plus(d, hr) : h);
+    }
+  }
+  ra = STEP == kSigmoid ? all + T(0.5) : all;
+  rp = STEP == kSigmoid ? pos + rj * T(0.5) : pos;
+}
+
+// Its backward given d L / d rank_all = a and d L / d rank_pos = b: adds each competitor's share
+// to gv (sorted positions) and returns the sum to subtract from j's gradient.
+template <typename T, int STEP>
+T graded_generic_grad_one(const SortedRow<T>& row, const StepParams<T>& st, const HRankParams<T>& hr, T sj, T rj,
+                          T kj, T a, T b, T* gv) {
+  T tot = T(0);
+  for (int64_t t = 0; t < row.nv; ++t) {
+    const T draw = row.s[t] - sj;
+    const T d = step_diff(row.s[t], sj);
+    const T w = row.r[t] < rj ? row.r[t] : rj;
+    T c;
+    if (STEP == kSigmoid) {
+      c = (a + b * w) * tied_grad(draw, sigmoid_tau_grad(d, st.inv_tau));
+    } else {
+      c = row.keys[t] < kj ? a * tied_grad(draw, suprank_neg_grad(d, st)) : T(0);
+      if (hr.on && row.keys[t] > kj) c += b * w * tied_grad(draw, hrank_plus_grad(d, hr));
+    }
+    gv[t] += c;
+    tot += c;
+  }
+  return tot;
+}
+
 template <typename T, int STEP>
 FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<T>* rowp, T* rank_all, T* rank_pos,
                                          int64_t begin, int64_t end) {
@@ -205,6 +266,7 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<
     const bool nan_row = row.load(pr, i);
     const T* s = pr.scores + i * pr.N;
     const T* rel = pr.rel + i * pr.N;
+    const T* key = pr.key != nullptr ? pr.key + i * pr.N : rel;
     for (int64_t p = 0; p < pr.P; ++p) {
       const int64_t j = pidx[p];
       if (j < 0) continue;
@@ -212,7 +274,10 @@ FR_MULTIVERSION void graded_forward_rows(const GradedProblem<T>* prp, SortedRow<
         ra[p] = rp[p] = std::numeric_limits<T>::quiet_NaN();
         continue;
       }
-      graded_one<T, STEP>(row, pr.step, s[j], rel[j], ra[p], rp[p]);
+      if (pr.generic())
+        graded_generic_one<T, STEP>(row, pr.step, pr.hrank, s[j], rel[j], key[j], ra[p], rp[p]);
+      else
+        graded_one<T, STEP>(row, pr.step, s[j], rel[j], ra[p], rp[p]);
     }
   }
 }
@@ -237,10 +302,13 @@ FR_MULTIVERSION void graded_backward_rows(const GradedProblem<T>* prp, SortedRow
     std::fill(row.g.begin(), row.g.begin() + row.nv, T(0));
     const T* s = pr.scores + i * pr.N;
     const T* rel = pr.rel + i * pr.N;
+    const T* key = pr.key != nullptr ? pr.key + i * pr.N : rel;
     for (int64_t p = 0; p < pr.P; ++p) {
       const int64_t j = pidx[p];
       if (j < 0) continue;
-      g[j] -= graded_grad_one<T, STEP>(row, pr.step, s[j], rel[j], ga[p], gp[p], row.g.data());
+      g[j] -= pr.generic() ? graded_generic_grad_one<T, STEP>(row, pr.step, pr.hrank, s[j], rel[j], key[j], ga[p],
+                                                              gp[p], row.g.data())
+                           : graded_grad_one<T, STEP>(row, pr.step, s[j], rel[j], ga[p], gp[p], row.g.data());
     }
     for (int64_t t = 0; t < row.nv; ++t) g[row.col[t]] += row.g[t];
   }
@@ -314,7 +382,14 @@ FR_HD T graded_grad_one_stored(const SortedRow<T>& row, T rj, const T* der, T a,
 
 // Why a row's relevance is refused (0: accepted), in the order of the Python checks
 // (fastrank.core.validate.check_relevance, fastrank.graded._check_gain_range)
-enum RelevanceStatus : uint8_t { kRelOk = 0, kRelNotFinite, kRelNegative, kRelSubnormal, kRelTooLarge };
+enum RelevanceStatus : uint8_t { kRelOk = 0, kRelNotFinite, kRelNegative, kRelSubnormal, kRelTooLarge, kKeyNotFinite };
+
+template <typename T>
+inline bool all_finite(const T* v, int64_t n) {
+  bool ok = true;
+  for (int64_t k = 0; k < n; ++k) ok &= std::abs(v[k]) <= std::numeric_limits<T>::max();
+  return ok;
+}
 
 // One pass over the whole row, ignored items included, as the Python layer checks them
 template <typename T>
@@ -345,6 +420,7 @@ FR_MULTIVERSION void graded_loss_rows(const GradedLossProblem<T>* prp, const Epi
     n_pos[i] = 0;
     score[i] = T(0);
     status[i] = relevance_status(pr.rel + i * pr.N, pr.N, pr.rel_limit);
+    if (status[i] == kRelOk && pr.key != nullptr && !all_finite(pr.key + i * pr.N, pr.N)) status[i] = kKeyNotFinite;
     if (status[i] != kRelOk) continue;  // the call raises once every row is done
     const bool nan_row = row.load(pr, i);
     const int64_t z = row.z;
@@ -359,10 +435,13 @@ FR_MULTIVERSION void graded_loss_rows(const GradedLossProblem<T>* prp, const Epi
     }
     if (z == 0) continue;
     const int64_t nv = row.nv;
-    bool stored = g != nullptr && z <= static_cast<int64_t>(row.der.size()) / std::max<int64_t>(1, nv);
+    // the per-pair path (a key, the H-rank) recomputes in its gradient sweep
+    bool stored = g != nullptr && !pr.generic() && z <= static_cast<int64_t>(row.der.size()) / std::max<int64_t>(1, nv);
     for (int64_t t = 0; stored && t < z; ++t) stored = !std::isinf(row.s[t]);
     for (int64_t t = 0; t < z; ++t) {
-      if (stored)
+      if (pr.generic())
+        graded_generic_one<T, STEP>(row, pr.step, pr.hrank, row.s[t], row.r[t], row.keys[t], row.ra[t], row.rp[t]);
+      else if (stored)
         graded_one_stored<T, STEP>(row, pr.step, row.s[t], row.r[t], row.der.data() + t * nv, row.ra[t], row.rp[t]);
       else
         graded_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.ra[t], row.rp[t]);
@@ -374,9 +453,12 @@ FR_MULTIVERSION void graded_loss_rows(const GradedLossProblem<T>* prp, const Epi
     std::fill(gv, gv + row.nv, T(0));
     for (int64_t t = 0; t < z; ++t) {
       const T tot =
-          stored ? graded_grad_one_stored<T, STEP>(row, row.r[t], row.der.data() + t * nv, row.d_all[t],
-                                                   row.d_pos[t], gv)
-                 : graded_grad_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.d_all[t], row.d_pos[t], gv);
+          pr.generic()
+              ? graded_generic_grad_one<T, STEP>(row, pr.step, pr.hrank, row.s[t], row.r[t], row.keys[t],
+                                                 row.d_all[t], row.d_pos[t], gv)
+          : stored ? graded_grad_one_stored<T, STEP>(row, row.r[t], row.der.data() + t * nv, row.d_all[t],
+                                                     row.d_pos[t], gv)
+                   : graded_grad_one<T, STEP>(row, pr.step, row.s[t], row.r[t], row.d_all[t], row.d_pos[t], gv);
       gv[t] -= tot;
     }
     for (int64_t t = 0; t < nv; ++t) g[row.col[t]] = gv[t];
@@ -384,27 +466,33 @@ FR_MULTIVERSION void graded_loss_rows(const GradedLossProblem<T>* prp, const Epi
 }
 
 template <typename T>
-GradedProblem<T> make_problem(const PackedProblem& pp, const at::Tensor& rel, double tau, double rho, double delta,
-                              double start, double offset) {
-  return GradedProblem<T>{problem_view<T>(pp), rel.data_ptr<T>(), make_step_params<T>(tau, rho, delta, start, offset)};
+GradedProblem<T> make_problem(const PackedProblem& pp, const at::Tensor& rel, const std::optional<at::Tensor>& key,
+                              double tau, double rho, double delta, double start, double offset, bool hrank,
+                              double beta, double gamma, double leak) {
+  GradedProblem<T> pr{problem_view<T>(pp), rel.data_ptr<T>(), make_step_params<T>(tau, rho, delta, start, offset)};
+  pr.key = key ? key->data_ptr<T>() : nullptr;
+  pr.hrank = make_hrank_params<T>(hrank, beta, gamma, leak);
+  return pr;
 }
 
 constexpr const char* kOp = "fastrank cpu graded_rank_sums";
 
-std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(const at::Tensor& scores, const at::Tensor& relevance,
-                                                            const at::Tensor& pos_idx,
-                                                            const std::optional<at::Tensor>& ign_idx,
-                                                            const std::optional<at::Tensor>& ign_mask, int64_t step,
-                                                            double tau, double rho, double delta, double start,
-                                                            double offset) {
+std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(
+    const at::Tensor& scores, const at::Tensor& relevance, const std::optional<at::Tensor>& key_in,
+    const at::Tensor& pos_idx, const std::optional<at::Tensor>& ign_idx, const std::optional<at::Tensor>& ign_mask,
+    int64_t step, double tau, double rho, double delta, double start, double offset, bool hrank, double beta,
+    double gamma, double leak) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
   const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
+  const std::optional<at::Tensor> key = check_key(kOp, key_in, pp.scores, /*check_values=*/true);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_hrank(kOp, step, hrank, beta, gamma, leak);
   check_packed_contract(kOp, pp, &rel);
   at::Tensor rank_all = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   at::Tensor rank_pos = at::zeros(pp.pos_idx.sizes(), pp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_fwd_cpu", [&] {
-    const GradedProblem<scalar_t> pr = make_problem<scalar_t>(pp, rel, tau, rho, delta, start, offset);
+    const GradedProblem<scalar_t> pr =
+        make_problem<scalar_t>(pp, rel, key, tau, rho, delta, start, offset, hrank, beta, gamma, leak);
     scalar_t* ra = rank_all.data_ptr<scalar_t>();
     scalar_t* rp = rank_pos.data_ptr<scalar_t>();
     parallel_step_rows<SortedRow<scalar_t>>(kOp, step, pr, [&](auto kind, auto& row, int64_t b, int64_t e) {
@@ -415,18 +503,23 @@ std::tuple<at::Tensor, at::Tensor> graded_rank_sums_fwd_cpu(const at::Tensor& sc
 }
 
 at::Tensor graded_rank_sums_bwd_cpu(const at::Tensor& grad_all_in, const at::Tensor& grad_pos_in,
-                                    const at::Tensor& scores, const at::Tensor& relevance, const at::Tensor& pos_idx,
+                                    const at::Tensor& scores, const at::Tensor& relevance,
+                                    const std::optional<at::Tensor>& key_in, const at::Tensor& pos_idx,
                                     const std::optional<at::Tensor>& ign_idx,
                                     const std::optional<at::Tensor>& ign_mask, int64_t step, double tau, double rho,
-                                    double delta, double start, double offset) {
+                                    double delta, double start, double offset, bool hrank, double beta, double gamma,
+                                    double leak) {
   const PackedProblem pp = check_problem(kOp, c10::DeviceType::CPU, scores, pos_idx, ign_idx, ign_mask);
   const at::Tensor rel = check_relevance(kOp, relevance, pp.scores);
+  const std::optional<at::Tensor> key = check_key(kOp, key_in, pp.scores, /*check_values=*/true);
   check_step(kOp, step, tau, rho, delta, start, offset, pp.scores.scalar_type());
+  check_hrank(kOp, step, hrank, beta, gamma, leak);
   check_packed_contract(kOp, pp, &rel);
   const OutputGrads og = check_rank_sums_grads(kOp, grad_all_in, grad_pos_in, pp);
   at::Tensor grad = at::empty(pp.scores.sizes(), pp.scores.options());
   AT_DISPATCH_FLOATING_TYPES(pp.scores.scalar_type(), "fastrank_graded_rank_sums_bwd_cpu", [&] {
-    const GradedProblem<scalar_t> pr = make_problem<scalar_t>(pp, rel, tau, rho, delta, start, offset);
+    const GradedProblem<scalar_t> pr =
+        make_problem<scalar_t>(pp, rel, key, tau, rho, delta, start, offset, hrank, beta, gamma, leak);
     const scalar_t* ga = og.all.data_ptr<scalar_t>();
     const scalar_t* gp = og.pos.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
@@ -443,16 +536,17 @@ enum GradedLossKind : int64_t { kHap = 0, kNdcg = 1 };
 
 constexpr const char* kLossOp = "fastrank cpu graded_loss";
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(const at::Tensor& scores_in,
-                                                               const at::Tensor& relevance_in,
-                                                               const std::optional<at::Tensor>& ign_idx,
-                                                               const std::optional<at::Tensor>& ign_mask,
-                                                               int64_t step, double tau, double rho, double delta,
-                                                               double start, double offset, int64_t kind,
-                                                               bool with_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(
+    const at::Tensor& scores_in, const at::Tensor& relevance_in, const std::optional<at::Tensor>& key_in,
+    const std::optional<at::Tensor>& ign_idx, const std::optional<at::Tensor>& ign_mask, int64_t step, double tau,
+    double rho, double delta, double start, double offset, bool hrank, double beta, double gamma, double leak,
+    int64_t kind, bool with_grad) {
   check_scores_and_ignore(kLossOp, c10::DeviceType::CPU, scores_in, ign_idx, ign_mask);
   check_relevance_layout(kLossOp, relevance_in, scores_in);
+  // the key's values are checked in the rows' pass (kKeyNotFinite)
+  const std::optional<at::Tensor> key = check_key(kLossOp, key_in, scores_in, /*check_values=*/false);
   check_step(kLossOp, step, tau, rho, delta, start, offset, scores_in.scalar_type());
+  check_hrank(kLossOp, step, hrank, beta, gamma, leak);
   TORCH_CHECK_VALUE(kind == kHap || kind == kNdcg, kLossOp, ": kind must be ", int64_t(kHap), " (H-AP) or ",
                     int64_t(kNdcg), " (NDCG), got ", kind);
   const at::Tensor scores = scores_in.contiguous();
@@ -470,8 +564,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(const at::Tensor&
     using T = scalar_t;
     const ProblemView<T> view{scores.data_ptr<T>(), nullptr, idx ? idx->data_ptr<int64_t>() : nullptr,
                               mask ? mask->data_ptr<bool>() : nullptr, Q, N, 0};
-    const GradedLossProblem<T> pr{{view, rel.data_ptr<T>(), make_step_params<T>(tau, rho, delta, start, offset)},
-                                  T(limit)};
+    GradedLossProblem<T> pr{{view, rel.data_ptr<T>(), make_step_params<T>(tau, rho, delta, start, offset)},
+                            T(limit)};
+    pr.key = key ? key->data_ptr<T>() : nullptr;
+    pr.hrank = make_hrank_params<T>(hrank, beta, gamma, leak);
     T* sc = score.data_ptr<T>();
     int64_t* np = n_pos.data_ptr<int64_t>();
     T* g = with_grad ? grad.data_ptr<T>() : nullptr;
@@ -498,6 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cpu(const at::Tensor&
     const char* dtype = single ? "float32" : "float64";
     TORCH_CHECK_VALUE(*bad != kRelNotFinite, kLossOp, ": relevance must be finite (no NaN or inf), got one in row ",
                       i);
+    TORCH_CHECK_VALUE(*bad != kKeyNotFinite, kLossOp, ": `key` must be finite (no NaN or inf), got one in row ", i);
     TORCH_CHECK_VALUE(*bad != kRelNegative, kLossOp, ": relevance must be >= 0 (0 = irrelevant), got a minimum of ",
                       row.min().item<double>(), " in row ", i);
     TORCH_CHECK_VALUE(*bad != kRelSubnormal, kLossOp, ": relevance has positive values below the smallest normal ",

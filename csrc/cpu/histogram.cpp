@@ -166,24 +166,36 @@ struct HistLossProblem : ProblemView<T> {
   TargetView target;
 };
 
-// Per thread: the row's flags (N bytes, flag_row) and the bin values: kHistCopies partial copies
-// of h_all and one of h_pos, each padded to L + 3 (bins -1 .. L + 1, so a score's two bins, lo and
-// lo + 1 with lo in [-1, L], are added without a range test); h_all, h_pos, the epilogue's d_all,
-// d_pos; then the gradient sweep's two tables, padded like the copies (zero at bins -1, L, L + 1).
+// Per thread: the row's flags (N bytes, flag_row), each column's gradient slot (N int32, below)
+// and the bin values: kHistCopies partial copies of h_all and one of h_pos, each padded to L + 3
+// (bins -1 .. L + 1, so a score's two bins, lo and lo + 1 with lo in [-1, L], are added without a
+// range test); h_all, h_pos, the epilogue's d_all, d_pos; then the gradient sweep's slope table D.
 // Why copies: clustered scores hit the same bins, and with one copy each add waits for the
 // previous one's store. A score's lower and upper bin go to different copies (even, odd): two
 // adds to adjacent slots of one copy are merged by the compiler into an 8-byte store, which
 // the next score's overlapping 8-byte load cannot take from the store buffer (a stall).
 constexpr int64_t kHistCopies = 4;
-inline int64_t hist_loss_bin_values(int64_t L) { return (kHistCopies + 3) * (L + 3) + 4 * L; }
+inline int64_t hist_loss_bin_values(int64_t L) { return (kHistCopies + 3) * (L + 3) + 4 * L + 1; }
+
+// The gradient sweep as one gather: a score whose bins are lo, lo + 1 (slot j = lo + 1 of the
+// padded tables) with t > 0 has d AP / d v = G[j + 1] - G[j] (its weights' slopes are +1 and -1,
+// so this is exactly the two-term sum), G = d_all for a negative, d_all + d_pos for a positive;
+// t = 0 (a bin centre, an open end, outside the support) has slope 0. The forward records each
+// column's slot in `code` (the zero slot 2 * Lp for those and for left-out columns), so the
+// gradient row is g[k] = scale * D[code[k]]: no flag, no bin arithmetic, no branch.
+template <typename T>
+FR_MULTIVERSION void gather_grad_row(const T* D, const int32_t* code, T scale, T* g, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) g[k] = scale * D[code[k]];
+}
 
 // Not multiversioned: the x86-64-v3/v4 clones would contract scale * s + shift into an FMA, whose
 // v differs from the naive backend's by an ulp, enough to move a score off a bin centre (a kink).
 template <typename T, typename Epilogue>
-static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, uint8_t* flag,
+static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, uint8_t* flag, int32_t* code,
                            T* bins, T* score, int64_t* n_pos, T* grad, int64_t begin, int64_t end) {
   const HistLossProblem<T>& pr = *prp;
   const int64_t L = pr.L, N = pr.N, Lp = L + 3;
+  const int32_t zero_slot = static_cast<int32_t>(2 * Lp);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   T* copies = bins;                        // kHistCopies x Lp
   T* hp_pad = bins + kHistCopies * Lp;     // Lp
@@ -191,8 +203,7 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
   T* hp = ha + L;
   T* d_all = hp + L;
   T* d_pos = d_all + L;
-  T* g_neg = d_pos + L;   // Lp: [0, d_all, 0, 0]
-  T* g_pos = g_neg + Lp;  // Lp: [0, d_all + d_pos, 0, 0]
+  T* D = d_pos + L;  // 2 * Lp + 1: the slopes of negatives, of positives, then the zero slot
   for (int64_t i = begin; i < end; ++i) {
     flag_row_mv<T>(pr, pr.target, i, flag);
     const T* s = pr.scores + i * N;
@@ -201,7 +212,10 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
     int64_t np = 0;
     bool nan_row = false;
     for (int64_t k = 0; k < N; ++k) {
-      if (!flag[k]) continue;
+      if (!flag[k]) {
+        code[k] = zero_slot;
+        continue;
+      }
       const T v = pr.scale * s[k] + pr.shift;
       if (std::isnan(v)) {
         nan_row = true;
@@ -211,11 +225,13 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
       T* h = copies + (k & 1) * 2 * Lp + (b.lo + 1);
       h[0] += b.w_lo;
       h[Lp + 1] += b.w_hi;
-      if (flag[k] == 2) {
+      const bool pos = flag[k] == 2;
+      if (pos) {
         hp_pad[b.lo + 1] += b.w_lo;
         hp_pad[b.lo + 2] += b.w_hi;
         ++np;
       }
+      code[k] = b.d_hi != T(0) ? static_cast<int32_t>((pos ? Lp : 0) + b.lo + 1) : zero_slot;
     }
     if (nan_row) {
       // NaN in -> NaN out, also for a query without positives; its gradient row is NaN at the
@@ -245,22 +261,17 @@ static void hist_loss_rows(const HistLossProblem<T>* prp, const Epilogue* epp, u
     score[i] = epp->value(ha, hp, L, np);
     if (!g) continue;
     epp->grad(ha, hp, L, np, d_all, d_pos);
-    g_neg[0] = g_neg[L + 1] = g_neg[L + 2] = g_pos[0] = g_pos[L + 1] = g_pos[L + 2] = T(0);
-    for (int64_t l = 0; l < L; ++l) {
-      g_neg[l + 1] = d_all[l];
-      g_pos[l + 1] = d_all[l] + d_pos[l];
+    // G padded to slots 0 .. L + 2 (bins -1 .. L + 1, zero outside [0, L)); D[j] = G[j + 1] - G[j]
+    for (int64_t j = 0; j < Lp - 1; ++j) {
+      const int64_t l = j - 1;  // the bin of slot j
+      const T neg_j = l >= 0 && l < L ? d_all[l] : T(0), neg_n = l + 1 < L ? d_all[l + 1] : T(0);
+      const T pos_j = l >= 0 && l < L ? d_all[l] + d_pos[l] : T(0);
+      const T pos_n = l + 1 < L ? d_all[l + 1] + d_pos[l + 1] : T(0);
+      D[j] = neg_n - neg_j;
+      D[Lp + j] = pos_n - pos_j;
     }
-    for (int64_t k = 0; k < N; ++k) {
-      T out = T(0);
-      if (flag[k]) {
-        // no branch on the slope: a score without one (outside the support, clamped at an open
-        // end, on a bin centre) reads two finite table entries and multiplies them by 0
-        const SoftBin<T> b = soft_bin(pr.scale * s[k] + pr.shift, L, pr.open_ends);
-        const T* gb = (flag[k] == 2 ? g_pos : g_neg) + (b.lo + 1);
-        out = pr.scale * (gb[1] * b.d_hi + gb[0] * b.d_lo);
-      }
-      g[k] = out;
-    }
+    D[Lp - 1] = D[2 * Lp - 1] = D[2 * Lp] = T(0);
+    gather_grad_row<T>(D, code, pr.scale, g, N);
   }
 }
 
@@ -272,8 +283,9 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cpu(
   constexpr const char* op = "fastrank cpu histogram_ap_loss";
   const TargetProblem tp = check_target_problem(op, c10::DeviceType::CPU, scores_in, qlab_in, glab_in, relevance_in,
                                                 ign_idx_in, ign_mask_in);
-  // the scratch holds 6 bins + 4 values per thread: bins beyond 2^40 could not be allocated anyway
-  check_histogram(op, bins, int64_t(1) << 40, scale, shift, tp.scores.scalar_type());
+  // the scratch holds ~9 values per bin per thread, and a column's gradient slot (< 2 * bins + 7)
+  // is an int32: bins beyond 2^30 could not be allocated anyway
+  check_histogram(op, bins, int64_t(1) << 30, scale, shift, tp.scores.scalar_type());
   TORCH_CHECK_VALUE(kind == kFastAp || kind == kSoftBin, op, ": kind must be ", kFastAp, " (fastap) or ", kSoftBin,
                     " (softbin), got ", kind);
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
@@ -290,10 +302,12 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cpu(
     const int64_t n_tasks = tasks(Q, grain);
     // both scratch kinds allocated before the parallel region (thread_scratch)
     auto flags = thread_scratch<std::vector<uint8_t>>(op, n_tasks, N, 1);
+    auto codes = thread_scratch<std::vector<int32_t>>(op, n_tasks, N, sizeof(int32_t));
     auto values = thread_scratch<std::vector<T>>(op, n_tasks, hist_loss_bin_values(bins), sizeof(T));
     auto rows = [&](const auto& epi) {
       at::parallel_for(0, Q, grain, [&](int64_t b, int64_t e) {
-        hist_loss_rows(&pr, &epi, my_scratch(flags).data(), my_scratch(values).data(), sc, np, g, b, e);
+        hist_loss_rows(&pr, &epi, my_scratch(flags).data(), my_scratch(codes).data(), my_scratch(values).data(), sc,
+                       np, g, b, e);
       });
     };
     if (kind == kFastAp)

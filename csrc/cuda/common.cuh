@@ -1,10 +1,12 @@
 // Device helpers shared by the CUDA kernels (rank_sums.cu, graded_rank_sums.cu,
-// histogram.cu). No torch headers.
+// histogram.cu, loss.cu, histogram_loss.cu). No torch headers.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "../problem.h"
 
 namespace fastrank {
 namespace cuda {
@@ -12,6 +14,20 @@ namespace cuda {
 // Column k of query i takes part: not the ignored index, not masked.
 __device__ __forceinline__ bool is_valid(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask) {
   return k != ign && !(ign_mask != nullptr && ign_mask[i * N + k]);
+}
+
+// Column k of row i for the fused loss kernels, from the target as given (labels equal, or the
+// dense positive mask): 0 = left out, 1 = valid negative, 2 = positive.
+__device__ __forceinline__ int column_flag(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask,
+                                           const TargetView& tg, int64_t label) {
+  if (!is_valid(i, k, N, ign, ign_mask)) return 0;
+  const bool pos = tg.pos_mask != nullptr ? tg.pos_mask[i * N + k] : tg.glab[k] == label;
+  return pos ? 2 : 1;
+}
+
+// The query label of row i (0 with a dense target, where column_flag does not read it).
+__device__ __forceinline__ int64_t row_label(const TargetView& tg, int64_t i) {
+  return tg.qlab != nullptr ? tg.qlab[i] : 0;
 }
 
 // Blocks of `per` threads (or tiles) that cover n: a grid dimension of the launchers.

@@ -41,8 +41,12 @@
 // an invalid row (bit 2) scores NaN with an all-NaN gradient row (no error: that would need a sync).
 //
 // Memory beyond scores and gradient rows, per (row, column): the int32 column and `planes` values
-// of T (the positive count is known only on the device): 2 without the gradient, 6 (sigmoid) or
-// 5 (suprank) with it; plus the split partials, Q * C^2 * sums * kTileP values. 64-bit offsets
+// of T (the positive count is known only on the device). A tile whose sums one block of kernel 2
+// completes is finished there (finish_ap: AP's a and b, -own at the positive's column, the block's
+// sum of AP terms into rsum (Q, C)), and a split row by kernel 3, so rank_pos, S1 and S2 are never
+// stored: AP keeps 1 plane (suprank) or 2 (sigmoid) with the gradient, none without; Recall@k 1
+// (rank_all, overwritten by a; its S1 waits at the positive's column of the gradient row). Plus
+// the split partials, Q * C^2 * sums * kTileP values. 64-bit offsets
 // throughout (i * N exceeds 2^31 at Q = N = 46341); columns are int32 (the glue checks N < 2^31).
 #include <cuda_runtime.h>
 
@@ -66,17 +70,6 @@ constexpr int64_t kMinChunk = 2048;
 constexpr int kFlagNan = 1;
 constexpr int kFlagInvalid = 2;
 
-// Column k of row i: 0 = left out, 1 = valid negative, 2 = positive.
-__device__ __forceinline__ int column_flag(int64_t i, int64_t k, int64_t N, int64_t ign, const bool* ign_mask,
-                                           const TargetView& tg, int64_t label) {
-  if (!is_valid(i, k, N, ign, ign_mask)) return 0;
-  const bool pos = tg.pos_mask != nullptr ? tg.pos_mask[i * N + k] : tg.glab[k] == label;
-  return pos ? 2 : 1;
-}
-
-__device__ __forceinline__ int64_t row_label(const TargetView& tg, int64_t i) {
-  return tg.qlab != nullptr ? tg.qlab[i] : 0;
-}
 
 // v[m] summed over the block for each m < M, in a fixed order (warp shuffles, then the warps in
 // order); thread m < M returns the sum of v[m] (others: 0). red holds M * kWarps values; every
@@ -148,15 +141,36 @@ struct SumPlanes {
   static constexpr int value = GRAD ? (STEP == kSigmoid ? 4 : 3) : 2;
 };
 
+// A positive's sums complete (rank_all and rank_pos with the self term, S1, S2): AP's share of
+// the score (rank_pos / rank_all, returned) and, with the gradient, its coefficients a (plane A)
+// and b (plane B, the sigmoid only: SupAP's gradient sweep needs no b) and -own at its column of
+// the gradient row; np = |P_i|. One place for kernels 2 and 3.
 template <typename T, int STEP, bool GRAD>
+__device__ __forceinline__ T finish_ap(T ra, T rp, T s1, T s2, int64_t np, int64_t q, int32_t col, T* A, T* B,
+                                       T* grad_row) {
+  if (GRAD) {
+    T a, b;
+    ap_term_grad(rp, ra, T(1) / T(np), a, b);
+    A[q] = a;
+    if (STEP == kSigmoid) B[q] = b;
+    grad_row[col] = -(STEP == kSigmoid ? a * s1 + b * s2 : a * s1);
+  }
+  return ap_term(rp, ra);
+}
+
+template <typename T, int STEP, bool GRAD, int EPI>
 __global__ void __launch_bounds__(kLossThreads)
     sums_kernel(const T* __restrict__ scores, TargetView tg, const int64_t* __restrict__ ign_idx,
                 const bool* __restrict__ ign_mask, const int32_t* __restrict__ cols, const int32_t* __restrict__ meta,
                 int64_t Q, int64_t N, int64_t C, int64_t CH, StepParams<T> prm, T* __restrict__ work,
-                T* __restrict__ part) {
+                T* __restrict__ part, T* __restrict__ rsum, T* __restrict__ grad) {
   constexpr int NB = SumPlanes<STEP, GRAD>::value;
   constexpr int M = NB * kTileP;
+  // the sigmoid's sweep counted sigma(0) = 1/2 for j itself, where the rank has 1
+  const T self = STEP == kSigmoid ? T(0.5) : T(0);
   __shared__ T red[M * kWarps];
+  __shared__ T fin[M];  // a finished tile's sums, [b * kTileP + p]
+  __shared__ T terms[kTileP];
   const int64_t i = blockIdx.x;
   const int64_t c = blockIdx.y;
   const int64_t count = meta[2 * i];
@@ -170,6 +184,7 @@ __global__ void __launch_bounds__(kLossThreads)
   const int64_t k_lo = by_tiles ? 0 : c * CH;
   const int64_t k_hi = by_tiles ? N : (k_lo + CH < N ? k_lo + CH : N);
   const int64_t pw = C * kTileP;  // the partials' row width (count < C * kTileP in that mode)
+  T score_part = T(0);            // thread 0: this block's sum of AP terms, tiles in order
   for (int64_t t = by_tiles ? c : 0; t < n_tiles; t += by_tiles ? C : 1) {
     T sj[kTileP];
     bool ties = false;
@@ -214,17 +229,40 @@ __global__ void __launch_bounds__(kLossThreads)
       }
     }
     const T total = block_sums<M>(acc, red);
-    if (threadIdx.x < M) {
-      const int64_t b = threadIdx.x / kTileP, p = threadIdx.x % kTileP;
-      const int64_t q = t * kTileP + p;
-      if (q < count) {
-        if (by_tiles)
-          work[(b * Q + i) * N + q] = total;
-        else
-          part[((i * C + c) * NB + b) * pw + q] = total;
+    if (!by_tiles) {
+      if (threadIdx.x < M) {
+        const int64_t b = threadIdx.x / kTileP, q = t * kTileP + threadIdx.x % kTileP;
+        if (q < count) part[((i * C + c) * NB + b) * pw + q] = total;
       }
+      continue;
     }
+    // the tile's sums are complete: finish it here, so that rank_pos, S1 and S2 are never stored
+    if (threadIdx.x < M) fin[threadIdx.x] = total;
+    __syncthreads();
+    if (threadIdx.x < kTileP) {
+      const int p = threadIdx.x;
+      const int64_t q = t * kTileP + p;
+      T term = T(0);
+      if (q < count) {
+        const T ra = fin[p] + self;
+        const T s1 = GRAD ? fin[2 * kTileP + p] : T(0);
+        if (EPI == 0) {
+          const T s2 = GRAD && STEP == kSigmoid ? fin[(NB - 1) * kTileP + p] : T(0);
+          term = finish_ap<T, STEP, GRAD>(ra, fin[kTileP + p] + self, s1, s2, count, q, pc[q], work + i * N,
+                                          work + (Q + i) * N, GRAD ? grad + i * N : nullptr);
+        } else {
+          // Recall@k: its coefficients need the row's hits (kernel 3); S1 waits at j's column
+          work[i * N + q] = ra;
+          if (GRAD) grad[i * N + pc[q]] = s1;
+        }
+      }
+      terms[p] = term;
+    }
+    __syncthreads();
+    if (EPI == 0 && threadIdx.x == 0)
+      for (int p = 0; p < kTileP; ++p) score_part += terms[p];
   }
+  if (EPI == 0 && by_tiles && threadIdx.x == 0) rsum[i * C + c] = score_part;
 }
 
 // ---------------------------------------------------------------- 3. epilogue
@@ -247,12 +285,13 @@ struct MakeEpilogue<T, 1> {
 template <typename T, int STEP, bool GRAD, int EPI>
 __global__ void __launch_bounds__(kLossThreads)
     epilogue_kernel(const int32_t* __restrict__ cols, const int32_t* __restrict__ meta, const LossOptions<T> opt,
-                    int64_t Q, int64_t N, int64_t C, T* __restrict__ work, const T* __restrict__ part,
-                    T* __restrict__ score, int64_t* __restrict__ n_pos, T* __restrict__ grad) {
+                    int64_t Q, int64_t N, int64_t C, T* __restrict__ work, T* __restrict__ part,
+                    const T* __restrict__ rsum, T* __restrict__ score, int64_t* __restrict__ n_pos,
+                    T* __restrict__ grad) {
   constexpr int NB = SumPlanes<STEP, GRAD>::value;
-  // the sigmoid's sweep counted sigma(0) = 1/2 for j itself, where the rank has 1
   const T self = STEP == kSigmoid ? T(0.5) : T(0);
   __shared__ int64_t ks[kMaxKs];
+  __shared__ T w[kMaxKs];
   const int64_t i = blockIdx.x;
   const int64_t count = meta[2 * i];
   const int flags = meta[2 * i + 1];
@@ -265,38 +304,55 @@ __global__ void __launch_bounds__(kLossThreads)
     for (int64_t q = threadIdx.x; q < opt.nk; q += kLossThreads) ks[q] = opt.ks[q];
   const int64_t n_tiles = (count + kTileP - 1) / kTileP;
   const int64_t pw = C * kTileP;
-  for (int64_t p = threadIdx.x; p < count; p += kLossThreads) {
+  const int32_t* pc = cols + i * N;
+  T* A = work + i * N;
+  T* grad_row = GRAD ? grad + i * N : nullptr;
+  if (n_tiles < C) {
+    // a split row: the partials of the C chunk blocks, in the order c = 0..C-1, then finished
+    // as kernel 2 finishes a whole tile; AP's terms wait in part's first slots for the sum
+    for (int64_t p = threadIdx.x; p < count; p += kLossThreads) {
+      T v[NB];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      T* w = work + (b * Q + i) * N + p;
-      T v;
-      if (n_tiles < C) {  // the partials of the C chunk blocks, in the order c = 0..C-1
-        v = T(0);
-        for (int64_t c = 0; c < C; ++c) v += part[((i * C + c) * NB + b) * pw + p];
-      } else {
-        v = *w;
+      for (int b = 0; b < NB; ++b) {
+        v[b] = T(0);
+        for (int64_t c = 0; c < C; ++c) v[b] += part[((i * C + c) * NB + b) * pw + p];
       }
-      *w = b < 2 ? v + self : v;
+      const T s1 = GRAD ? v[2] : T(0);
+      if (EPI == 0) {
+        const T s2 = GRAD && STEP == kSigmoid ? v[NB - 1] : T(0);
+        part[i * C * NB * pw + p] = finish_ap<T, STEP, GRAD>(v[0] + self, v[1] + self, s1, s2, count, p, pc[p], A,
+                                                             work + (Q + i) * N, grad_row);
+      } else {
+        A[p] = v[0] + self;
+        if (GRAD) grad_row[pc[p]] = s1;
+      }
     }
   }
-  __syncthreads();  // work and ks, written by the whole block, are read by thread 0
-  T* ra = work + i * N;
-  T* rp = work + (Q + i) * N;
-  T* d_all = work + (NB * Q + i) * N;
-  T* d_pos = work + ((NB + 1) * Q + i) * N;
-  if (threadIdx.x == 0) {
+  __syncthreads();  // A, part and ks, written by the whole block, are read by thread 0
+  if constexpr (EPI == 0) {
+    if (threadIdx.x == 0) {
+      T total = T(0);
+      if (n_tiles < C)
+        for (int64_t p = 0; p < count; ++p) total += part[i * C * NB * pw + p];
+      else
+        for (int64_t c = 0; c < C; ++c) total += rsum[i * C + c];
+      score[i] = total / T(count);
+    }
+  } else {
     const auto epi = MakeEpilogue<T, EPI>::make(opt, ks);
-    score[i] = epi.value(ra, rp, count);
-    if (GRAD) epi.grad(ra, rp, count, d_all, d_pos);
-  }
-  if (!GRAD) return;
-  __syncthreads();
-  const T* s1 = work + (2 * Q + i) * N;
-  const T* s2 = work + (3 * Q + i) * N;  // sigmoid only
-  for (int64_t p = threadIdx.x; p < count; p += kLossThreads) {
-    T own = d_all[p] * s1[p];
-    if (STEP == kSigmoid) own += d_pos[p] * s2[p];
-    grad[i * N + cols[i * N + p]] = -own;
+    if (threadIdx.x == 0) {
+      score[i] = epi.value(A, nullptr, count);
+      if (GRAD)
+        for (int64_t q = 0; q < opt.nk; ++q) w[q] = epi.weight(A, count, q);
+    }
+    if (!GRAD) return;
+    __syncthreads();
+    for (int64_t p = threadIdx.x; p < count; p += kLossThreads) {
+      const T a = epi.coef(A[p], w);
+      const int32_t col = pc[p];
+      A[p] = a;
+      grad_row[col] = -(a * grad_row[col]);  // S1 sat at the positive's column
+    }
   }
 }
 
@@ -306,7 +362,7 @@ template <typename T, int STEP>
 __global__ void __launch_bounds__(kLossThreads)
     grad_kernel(const T* __restrict__ scores, TargetView tg, const int64_t* __restrict__ ign_idx,
                 const bool* __restrict__ ign_mask, const int32_t* __restrict__ cols, const int32_t* __restrict__ meta,
-                int64_t Q, int64_t N, int64_t coef_plane, StepParams<T> prm, const T* __restrict__ work,
+                int64_t Q, int64_t N, bool has_b, StepParams<T> prm, const T* __restrict__ work,
                 T* __restrict__ grad) {
   __shared__ T s_sj[kLossThreads];
   __shared__ T s_a[kLossThreads];
@@ -332,8 +388,9 @@ __global__ void __launch_bounds__(kLossThreads)
     return;
   }
   const T* s = scores + i * N;
-  const T* a = work + (coef_plane * Q + i) * N;
-  const T* b = work + ((coef_plane + 1) * Q + i) * N;
+  // a_j in plane 0; b_j in plane 1 for the sigmoid AP only (Recall@k has b = 0)
+  const T* a = work + i * N;
+  const T* b = has_b ? work + (Q + i) * N : nullptr;
   const T sk = f != 0 ? s[k] : T(0);
   const bool ties = isinf(sk);  // only an infinite competitor ties with a positive at inf
   T acc = T(0);
@@ -341,7 +398,7 @@ __global__ void __launch_bounds__(kLossThreads)
     const int64_t p = p0 + threadIdx.x;
     s_sj[threadIdx.x] = p < count ? s[cols[i * N + p]] : T(0);
     s_a[threadIdx.x] = p < count ? a[p] : T(0);
-    s_b[threadIdx.x] = p < count ? b[p] : T(0);
+    s_b[threadIdx.x] = p < count && b != nullptr ? b[p] : T(0);
     __syncthreads();
     const int64_t n = count - p0 < kLossThreads ? count - p0 : kLossThreads;
     if (STEP == kSigmoid ? f != 0 : f == 1) {
@@ -365,7 +422,7 @@ __global__ void __launch_bounds__(kLossThreads)
 
 using namespace loss;
 
-LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad) {
+LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad, int kind) {
   LossPlan p;
   const int64_t per_row = (kTargetBlocks + (Q > 0 ? Q : 1) - 1) / (Q > 0 ? Q : 1);
   const int64_t by_len = N / kMinChunk;
@@ -373,15 +430,19 @@ LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad) {
   if (p.splits < 1) p.splits = 1;
   p.chunk = (N + p.splits - 1) / p.splits;
   p.sums = with_grad ? (step == kSigmoid ? 4 : 3) : 2;
-  p.planes = p.sums + (with_grad ? 2 : 0);
+  // AP: the coefficients a (and b for the sigmoid) with the gradient, nothing without;
+  // Recall@k: rank_all, overwritten by a
+  p.planes = kind == 0 ? (with_grad ? (step == kSigmoid ? 2 : 1) : 0) : 1;
   p.part_elems = p.splits > 1 ? Q * p.splits * p.sums * p.splits * kTileP : 1;
+  p.rsum_elems = Q * p.splits;
   return p;
 }
 
 template <typename T>
 cudaError_t loss_forward(const ProblemView<T>& pr, const TargetView& target, const bool* bad_rows, int step,
                          StepParams<T> prm, const LossOptions<T>& opt, const LossPlan& plan, int32_t* cols,
-                         int32_t* meta, T* work, T* part, T* score, int64_t* n_pos, T* grad, cudaStream_t stream) {
+                         int32_t* meta, T* work, T* part, T* rsum, T* score, int64_t* n_pos, T* grad,
+                         cudaStream_t stream) {
   const int64_t Q = pr.Q, N = pr.N, C = plan.splits;
   if (Q == 0 || N == 0) return cudaSuccess;
   if (Q > 2147483647LL || C > 65535 || blocks_for(N, kLossThreads) > 65535u || N > 2147483647LL ||
@@ -396,20 +457,24 @@ cudaError_t loss_forward(const ProblemView<T>& pr, const TargetView& target, con
     const dim3 gsum(q, static_cast<unsigned>(C));
     auto epilogue = [&](auto grad_tag) {
       constexpr bool GRAD = decltype(grad_tag)::value;
-      sums_kernel<T, STEP, GRAD><<<gsum, kLossThreads, 0, stream>>>(pr.scores, target, pr.ign_idx, pr.ign_mask, cols,
-                                                                    meta, Q, N, C, plan.chunk, prm, work, part);
-      if (opt.kind == 0)
-        epilogue_kernel<T, STEP, GRAD, 0><<<q, kLossThreads, 0, stream>>>(cols, meta, opt, Q, N, C, work, part, score,
-                                                                          n_pos, grad);
-      else
-        epilogue_kernel<T, STEP, GRAD, 1><<<q, kLossThreads, 0, stream>>>(cols, meta, opt, Q, N, C, work, part, score,
-                                                                          n_pos, grad);
+      if (opt.kind == 0) {
+        sums_kernel<T, STEP, GRAD, 0><<<gsum, kLossThreads, 0, stream>>>(
+            pr.scores, target, pr.ign_idx, pr.ign_mask, cols, meta, Q, N, C, plan.chunk, prm, work, part, rsum, grad);
+        epilogue_kernel<T, STEP, GRAD, 0><<<q, kLossThreads, 0, stream>>>(cols, meta, opt, Q, N, C, work, part, rsum,
+                                                                          score, n_pos, grad);
+      } else {
+        sums_kernel<T, STEP, GRAD, 1><<<gsum, kLossThreads, 0, stream>>>(
+            pr.scores, target, pr.ign_idx, pr.ign_mask, cols, meta, Q, N, C, plan.chunk, prm, work, part, rsum, grad);
+        epilogue_kernel<T, STEP, GRAD, 1><<<q, kLossThreads, 0, stream>>>(cols, meta, opt, Q, N, C, work, part, rsum,
+                                                                          score, n_pos, grad);
+      }
     };
     if (with_grad) {
       epilogue(std::integral_constant<bool, true>{});
       const dim3 ggrad(q, blocks_for(N, kLossThreads));
       grad_kernel<T, STEP><<<ggrad, kLossThreads, 0, stream>>>(pr.scores, target, pr.ign_idx, pr.ign_mask, cols, meta,
-                                                               Q, N, plan.sums, prm, work, grad);
+                                                               Q, N, STEP == kSigmoid && opt.kind == 0, prm, work,
+                                                               grad);
     } else {
       epilogue(std::integral_constant<bool, false>{});
     }
@@ -419,10 +484,11 @@ cudaError_t loss_forward(const ProblemView<T>& pr, const TargetView& target, con
 
 template cudaError_t loss_forward<float>(const ProblemView<float>&, const TargetView&, const bool*, int,
                                          StepParams<float>, const LossOptions<float>&, const LossPlan&, int32_t*,
-                                         int32_t*, float*, float*, float*, int64_t*, float*, cudaStream_t);
+                                         int32_t*, float*, float*, float*, float*, int64_t*, float*, cudaStream_t);
 template cudaError_t loss_forward<double>(const ProblemView<double>&, const TargetView&, const bool*, int,
                                           StepParams<double>, const LossOptions<double>&, const LossPlan&, int32_t*,
-                                          int32_t*, double*, double*, double*, int64_t*, double*, cudaStream_t);
+                                          int32_t*, double*, double*, double*, double*, int64_t*, double*,
+                                          cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastrank

@@ -19,18 +19,21 @@ constexpr int kMaxKs = 64;
 // The scratch of one call, from the shape and the options only (never from the data):
 //   cols  (Q, N) int32   the positives' columns of each row, in column order
 //   meta  (Q, 2) int32   (positive count, flags) per row
-//   work  (planes, Q, N) T   per-positive sums (rank_all, rank_pos[, S1[, S2]]) and, with the
-//                            gradient, the coefficients (d score / d rank_all, / d rank_pos)
+//   work  (planes, Q, N) T   per-positive values: AP's coefficients (d score / d rank_all, and
+//                            / d rank_pos for the sigmoid) with the gradient; Recall@k's rank_all,
+//                            overwritten by its coefficient
 //   part  part_elems T   partial sums of the split rows (Q, splits, sums, splits * kTileP)
+//   rsum  rsum_elems T   AP: each block's sum of its finished tiles' terms (Q, splits)
 struct LossPlan {
   int64_t splits;      // C: blocks per row of the sums kernel
   int64_t chunk;       // columns per block when a row's few positives are split by columns
   int64_t sums;        // sum planes: 2, + 1 (suprank) or 2 (sigmoid) with the gradient
-  int64_t planes;      // sums + 2 coefficient planes with the gradient
+  int64_t planes;      // work planes (0 to 2)
   int64_t part_elems;  // at least 1
+  int64_t rsum_elems;  // Q * splits
 };
 
-LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad);
+LossPlan plan_loss(int64_t Q, int64_t N, int step, bool with_grad, int kind);
 
 // The loss's options beyond the step: kind 0 = AP (ApEpilogue), 1 = Recall@k (RecallEpilogue
 // with ks[0, nk), inv_temp = 1 / temp, clamp_hits).
@@ -50,7 +53,20 @@ struct LossOptions {
 template <typename T>
 cudaError_t loss_forward(const ProblemView<T>& pr, const TargetView& target, const bool* bad_rows, int step,
                          StepParams<T> prm, const LossOptions<T>& opt, const LossPlan& plan, int32_t* cols,
-                         int32_t* meta, T* work, T* part, T* score, int64_t* n_pos, T* grad, cudaStream_t stream);
+                         int32_t* meta, T* work, T* part, T* rsum, T* score, int64_t* n_pos, T* grad,
+                         cudaStream_t stream);
+
+// The most bins the fused histogram AP op takes on CUDA: a row's histograms live in shared memory,
+// (2 * 8 + 4) * bins values (fastrank.histogram_ap runs larger ones on the two-pass kernels).
+constexpr int64_t kMaxFusedBins = 256;
+
+// One fused histogram AP call (histogram_loss.cu), kind 0 = FastAP, 1 = SoftBin, the bins as
+// histogram_fwd's (v = scale * s + shift on centres 0..bins-1); outputs and bad_rows as
+// loss_forward's. One launch on `stream`, no host synchronisation.
+template <typename T>
+cudaError_t histogram_loss_forward(const ProblemView<T>& pr, const TargetView& target, const bool* bad_rows,
+                                   int64_t bins, T scale, T shift, bool open_ends, int kind, T* score,
+                                   int64_t* n_pos, T* grad, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastrank

@@ -1,5 +1,5 @@
-// Torch glue of the fused CUDA loss kernels (loss.cu): ap_loss and recall_loss on the CUDA
-// dispatch key. Their autograd is csrc/loss_autograd.cpp (registered for every device).
+// Torch glue of the fused CUDA loss kernels (loss.cu, histogram_loss.cu): ap_loss, recall_loss and
+// histogram_ap_loss on the CUDA dispatch key. Their autograd is csrc/loss_autograd.cpp (registered for every device).
 //
 // No host synchronisation: the checks here read only shapes, dtypes and scalar arguments. The
 // data checks the CPU op makes with a sync (the ignore index's range, a NaN relevance) are
@@ -53,11 +53,13 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_op(
   std::optional<at::Tensor> bad_rows;
   if (relevance_in.has_value() && at::isFloatingType(relevance_in->scalar_type()))
     bad_rows = relevance_in->isnan().any(1).contiguous();
-  const LossPlan plan = plan_loss(Q, N, static_cast<int>(step), with_grad);
+  const int kind = make_options(0.0f).kind;
+  const LossPlan plan = plan_loss(Q, N, static_cast<int>(step), with_grad, kind);
   at::Tensor cols = at::empty({Q, N}, opts.dtype(at::kInt));
   at::Tensor meta = at::empty({Q, 2}, opts.dtype(at::kInt));
-  at::Tensor work = at::empty({plan.planes, Q, N}, opts);
+  at::Tensor work = plan.planes > 0 ? at::empty({plan.planes, Q, N}, opts) : at::empty({1}, opts);
   at::Tensor part = at::empty({plan.part_elems}, opts);
+  at::Tensor rsum = at::empty({plan.rsum_elems}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_loss_cuda", [&] {
     const LossOptions<scalar_t> lo = make_options(scalar_t{});
@@ -65,7 +67,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_op(
         problem_view<scalar_t>(tp), target_view(tp), bad_rows ? bad_rows->data_ptr<bool>() : nullptr,
         static_cast<int>(step), make_step_params<scalar_t>(tau, rho, delta, start, offset), lo, plan,
         cols.data_ptr<int32_t>(), meta.data_ptr<int32_t>(), work.data_ptr<scalar_t>(), part.data_ptr<scalar_t>(),
-        score.data_ptr<scalar_t>(), n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        rsum.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
         stream);
     TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
   });
@@ -115,9 +117,49 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_loss_cuda(
                      });
 }
 
+// Histogram AP (FastAP kind 0, SoftBin kind 1): one launch, its scratch in shared memory
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cuda(
+    const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in, const std::optional<at::Tensor>& glab_in,
+    const std::optional<at::Tensor>& relevance_in, const std::optional<at::Tensor>& ign_idx_in,
+    const std::optional<at::Tensor>& ign_mask_in, int64_t bins, double scale, double shift, bool open_ends,
+    int64_t kind, bool with_grad) {
+  constexpr const char* op = "fastrank cuda histogram_ap_loss";
+  const TargetProblem tp = check_target_problem(op, c10::DeviceType::CUDA, scores_in, qlab_in, glab_in, relevance_in,
+                                                ign_idx_in, ign_mask_in, /*check_values=*/false);
+  check_histogram(op, bins, kMaxFusedBins, scale, shift, tp.scores.scalar_type());
+  TORCH_CHECK_VALUE(kind == 0 || kind == 1, op, ": kind must be 0 (fastap) or 1 (softbin), got ", kind);
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
+  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
+  const auto opts = tp.scores.options();
+  at::Tensor score = at::empty({Q}, opts);
+  at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
+  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, opts);
+  if (Q == 0 || N == 0) {
+    score.zero_();
+    n_pos.zero_();
+    grad.zero_();
+    return {score, n_pos, grad};
+  }
+  std::optional<at::Tensor> bad_rows;
+  if (relevance_in.has_value() && at::isFloatingType(relevance_in->scalar_type()))
+    bad_rows = relevance_in->isnan().any(1).contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_histogram_ap_loss_cuda", [&] {
+    const cudaError_t err = histogram_loss_forward<scalar_t>(
+        problem_view<scalar_t>(tp), target_view(tp), bad_rows ? bad_rows->data_ptr<bool>() : nullptr, bins,
+        static_cast<scalar_t>(scale), static_cast<scalar_t>(shift), open_ends, static_cast<int>(kind),
+        score.data_ptr<scalar_t>(), n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        stream);
+    TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  });
+  return {score, n_pos, grad};
+}
+
 TORCH_LIBRARY_IMPL(fastrank, CUDA, m) {
   m.impl("ap_loss", &ap_loss_cuda);
   m.impl("recall_loss", &recall_loss_cuda);
+  m.impl("histogram_ap_loss", &histogram_ap_loss_cuda);
 }
 
 }  // namespace cuda

@@ -88,6 +88,66 @@ def make_params(
 
 
 @dataclass(frozen=True)
+class GradedParams(StepParams):
+    """StepParams of the graded family (H-AP, NDCG) plus HAPPIER's smoothed H-rank
+    (docs/design.md §1.2): with `hrank`, rank_pos's exact step H is replaced, for a
+    competitor whose ordering key is above the ranked item's, by
+
+        h+(d) = leak * d              for d <= 0
+              = 1                     for d > 0 when gamma > 1
+              = min(beta * d + gamma, 1)  for d > 0 otherwise
+
+    (HAPPIER's `step_hrank`); its slope is leak, then 0 or beta (0 where the min is 1)."""
+
+    hrank: bool = False
+    beta: float = 0.0
+    gamma: float = 0.0
+    leak: float = 0.0
+
+    def as_op_args(self):
+        return super().as_op_args() + (bool(self.hrank), float(self.beta), float(self.gamma), float(self.leak))
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        super().check_dtype(dtype)
+        big = torch.finfo(compute_dtype(dtype)).max
+        for name, v in (("beta", self.beta), ("gamma", self.gamma), ("leak", self.leak)):
+            if not abs(v) <= big:
+                raise ValueError(f"{self.fn}: `{name}` must be finite in {compute_dtype(dtype)} for {dtype} scores, "
+                                 f"got {v!r}")
+
+
+def make_graded_params(
+    fn: str, step: str, tau: float, rho: float, delta: float, start: float, offset: Optional[float],
+    with_hrank: bool = False, beta: Optional[float] = None, gamma: Optional[float] = None,
+    leak: Optional[float] = None,
+) -> GradedParams:
+    """The GradedParams of a public call. with_hrank needs step="suprank" (HAPPIER's H-rank
+    replaces the exact step, which only SupRank has) and all three of beta, gamma, leak: HAPPIER
+    gives them no defaults either, and a guessed default would be a silent configuration."""
+    base = make_params(fn, step, tau, rho, delta, start, offset)
+    if type(with_hrank) is not bool:
+        raise TypeError(f"{fn}: `with_hrank` must be a bool, got {with_hrank!r}")
+    if not with_hrank:
+        for name, v in (("beta", beta), ("gamma", gamma), ("leak", leak)):
+            if v is not None:
+                raise ValueError(f"{fn}: `{name}` is a parameter of the smoothed H-rank; pass with_hrank=True "
+                                 f"to use it (got {name}={v!r} with with_hrank=False)")
+        return GradedParams(base.step, base.tau, base.rho, base.delta, base.start, base.offset, fn=fn)
+    if base.step != SUPRANK:
+        raise ValueError(f"{fn}: with_hrank=True needs step='suprank' (the smoothed H-rank replaces SupRank's "
+                         f"exact step in rank_pos), got step={step!r}")
+    missing = [name for name, v in (("beta", beta), ("gamma", gamma), ("leak", leak)) if v is None]
+    if missing:
+        raise ValueError(f"{fn}: with_hrank=True needs `beta`, `gamma` and `leak` (HAPPIER's step_hrank has no "
+                         f"defaults for them); missing: {', '.join(missing)}")
+    beta = V.check_positive_number(fn, "beta", beta, allow_zero=True)
+    gamma = V.check_finite_number(fn, "gamma", gamma)
+    leak = V.check_positive_number(fn, "leak", leak, allow_zero=True)
+    return GradedParams(base.step, base.tau, base.rho, base.delta, base.start, base.offset, fn=fn,
+                        hrank=True, beta=beta, gamma=gamma, leak=leak)
+
+
+@dataclass(frozen=True)
 class HistParams:
     """Parameters of the soft histograms (docs/design.md §1.3): score s maps to the bin
     coordinate v = scale * s + shift on `bins` centres 0..bins-1."""

@@ -146,7 +146,7 @@ FAMILIES: Dict[str, OpFamily] = {
     for f in (
         OpFamily("rank_sums", "rank-sums", "fastrank.rank_sums", ("scores",) + _PROBLEM,
                  ("grad_rank_all", "grad_rank_pos"), _packed_shape, "fastrank.triton_kernels.rank_sums"),
-        OpFamily("graded_rank_sums", "graded rank-sums", "fastrank.graded", ("scores", "relevance") + _PROBLEM,
+        OpFamily("graded_rank_sums", "graded rank-sums", "fastrank.graded", ("scores", "relevance", "key") + _PROBLEM,
                  ("grad_rank_all", "grad_rank_pos"), _packed_shape, "fastrank.triton_kernels.graded"),
         OpFamily("histogram", "histogram", "fastrank.histogram", ("scores",) + _PROBLEM,
                  ("grad_h_all", "grad_h_pos"), _bins_shape, "fastrank.triton_kernels.histogram"),
@@ -262,7 +262,7 @@ LOSS_OPS: Dict[str, LossOp] = {
                triton=TRITON_LOSS_MODULE),
         LossOp("recall_loss", ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),
                triton=TRITON_LOSS_MODULE),
-        LossOp("graded_loss", ("scores", "relevance", "ignore_idx", "ignore_mask"),
+        LossOp("graded_loss", ("scores", "relevance", "key", "ignore_idx", "ignore_mask"),
                triton="fastrank.triton_kernels.graded_loss"),
         LossOp("histogram_ap_loss",
                ("scores", "query_labels", "gallery_labels", "relevance", "ignore_idx", "ignore_mask"),

@@ -57,3 +57,30 @@ def suprank_neg_grad(d: torch.Tensor, p: StepParams) -> torch.Tensor:
 def heaviside(d: torch.Tensor) -> torch.Tensor:
     """H(d) with H(0) = 1 and no gradient."""
     return (d >= 0).to(d.dtype)
+
+
+def hrank_plus(d: torch.Tensor, p) -> torch.Tensor:
+    """HAPPIER's smoothed H-rank step h+(d) for a competitor whose ordering key is above the
+    ranked item's (GradedParams): leak * d on d <= 0; on d > 0, 1 when gamma > 1, else
+    min(beta * d + gamma, 1). A zero leak or beta drops its product (0 * inf would be NaN)."""
+    zero = d.new_zeros(())
+    below = d * p.leak if p.leak != 0 else torch.zeros_like(d)
+    if p.gamma > 1:
+        above = torch.ones_like(d)
+    else:
+        above = ((d * p.beta) if p.beta != 0 else torch.zeros_like(d)) + p.gamma
+        above = torch.minimum(above, torch.ones_like(d))
+    return torch.where(d <= zero, below, above)
+
+
+def hrank_plus_grad(d: torch.Tensor, p) -> torch.Tensor:
+    """d h+ / d d: leak on d <= 0; on d > 0, 0 when gamma > 1, else beta where beta * d + gamma
+    is below 1 and 0 where the min holds it at 1 (torch.clamp's backward passes the slope at
+    equality, as HAPPIER's autograd does)."""
+    leak = torch.full_like(d, p.leak)
+    if p.gamma > 1:
+        above = torch.zeros_like(d)
+    else:
+        lin = ((d * p.beta) if p.beta != 0 else torch.zeros_like(d)) + p.gamma
+        above = torch.where(lin <= 1, torch.full_like(d, p.beta), torch.zeros_like(d))
+    return torch.where(d <= 0, leak, above)

@@ -206,6 +206,43 @@ def check_target(fn: str, target: Any, scores: torch.Tensor, values: bool = True
         raise ValueError(f"{fn}: `target` contains NaN; relevance must be a number (> 0 = positive)")
 
 
+def check_key(fn: str, key: Any, scores: torch.Tensor, values: bool = True) -> Optional[torch.Tensor]:
+    """(Q, N) ordering key of the graded losses (None: order by the relevance): floating, integer
+    or bool, on the device of scores; returned detached in the ranks' dtype. Its values must be
+    finite and survive that cast exactly (two keys that compare unequal must stay unequal): the
+    cast always here (where the key is not already in that dtype), finiteness here with
+    values=True, else by the fused op in its pass (a NaN key there makes its query NaN on the GPU)."""
+    if key is None:
+        return None
+    q, n = scores.shape
+    if not isinstance(key, torch.Tensor):
+        raise TypeError(f"{fn}: `key` must be None or a (Q, N) tensor (e.g. the hierarchy level each item "
+                        f"shares with the query), got {_describe(key)}")
+    if tuple(key.shape) != (q, n):
+        raise ValueError(f"{fn}: `key` must have the shape of scores {(q, n)}, got {tuple(key.shape)}")
+    if key.device != scores.device:
+        raise ValueError(f"{fn}: `key` is on {key.device} but `scores` is on {scores.device}")
+    if key.dtype.is_complex or not (key.dtype.is_floating_point or key.dtype in INT_DTYPES or key.dtype == torch.bool):
+        raise TypeError(f"{fn}: `key` must be a floating, integer or bool tensor, got {key.dtype}")
+    dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    out = key.detach().to(dtype).contiguous()
+    if key.dtype == torch.bool or key.numel() == 0:
+        return out
+    if key.dtype != dtype:
+        # a narrowing cast may merge two keys (float64 1 + 1e-12 and 1, or int64 2^24 + 1 and 2^24):
+        # checked here also for the fused ops, which only see the cast key (a key already in the
+        # dtype of the ranks needs no check, and costs no host sync on a GPU); NaN != NaN is left
+        # to the finiteness check
+        back = out.to(key.dtype)
+        if not bool(((back == key) | torch.isnan(out)).all()):
+            raise ValueError(f"{fn}: `key` has values that {dtype} (the dtype the ranks are computed in) does not "
+                             "represent exactly, so keys that differ would compare equal; pass fewer distinct "
+                             "levels, or float64 scores")
+    if values and key.dtype.is_floating_point and not bool(torch.isfinite(key).all()):
+        raise ValueError(f"{fn}: `key` must be finite, got NaN or inf values")
+    return out
+
+
 def check_relevance(fn: str, relevance: Any, scores: torch.Tensor, values: bool = True) -> torch.Tensor:
     """(Q, N) graded relevance: floating, integer or bool, finite, >= 0, on the device of scores.
 

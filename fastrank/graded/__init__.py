@@ -25,14 +25,14 @@ are not ranked (rel = 0 or ignored).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..core import validate as V
 from ..core.backend import use_fused
 from ..core.epilogue import reduce_per_query, reduce_values, safe_div
-from ..core.params import StepParams, make_params
+from ..core.params import GradedParams, make_graded_params
 from ..core.problem import RankProblem, build_problem, check_call, gather_packed, ignore_args, prepare, scatter_packed
 from ..core.registry import run, run_loss
 
@@ -41,6 +41,8 @@ Tensor = torch.Tensor
 HIERARCHY_MODES = ("shared_prefix", "shared_levels")
 #: column order of hierarchical labels: column 0 the coarsest level, or column 0 the finest (HAPPIER's files)
 HIERARCHY_ORDERS = ("coarsest_first", "finest_first")
+#: what relevance_from_hierarchy returns: the shared level itself, or one of HAPPIER's relevances of it
+RELEVANCE_KINDS = ("levels", "pop", "map")
 
 
 # --------------------------------------------------------------------------- relevance helper
@@ -52,6 +54,9 @@ def relevance_from_hierarchy(
     mode: str = "shared_prefix",
     *,
     order: Optional[str] = None,
+    relevance: str = "levels",
+    alpha: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """(Q, N) graded relevance from hierarchical integer labels.
@@ -78,10 +83,23 @@ def relevance_from_hierarchy(
               HAPPIER's label files (``[class, super_class]`` for SOP).
 
             Optional (and only checked) for ``"shared_levels"`` and for L = 1.
+        relevance: what to return, from the shared level t_ij in {0, ..., L} of each pair:
+
+            * ``"levels"`` (default): t_ij itself.
+            * ``"pop"``: HAPPIER's "pop" relevance, (t/(L-1))^alpha divided by the number of
+              items of row i at level t (so each level's items share its weight; needs L >= 2).
+            * ``"map"``: HAPPIER's "map" relevance, sum over m = 1..t of weights[m-1] divided by
+              the number of items of row i at level >= m (`weights`: L numbers).
+
+            Counts run over the whole gallery row, the query's own entry included when it is
+            in the gallery, as in HAPPIER. For HAPPIER's loss pass the levels as the ordering
+            key: ``h_ap(scores, rel_pop, key=levels)``.
+        alpha: exponent of ``"pop"`` (HAPPIER's `alpha`), finite and >= 0.
+        weights: the L level weights of ``"map"`` (HAPPIER passes them as `alpha`), finite, >= 0.
         dtype: floating dtype of the result.
 
     Returns:
-        (Q, N) relevance in {0, ..., L}, 0 = irrelevant.
+        (Q, N) relevance, 0 = irrelevant; in {0, ..., L} for ``"levels"``.
 
     Example:
         >>> q = torch.tensor([[0, 0, 0]]); g = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
@@ -130,18 +148,55 @@ def relevance_from_hierarchy(
     if order == "finest_first":
         # the prefix is counted from the coarsest level: read the columns from the last one
         qlab, glab = qlab.flip(1), glab.flip(1)
+    V.check_choice(fn, "relevance", relevance, RELEVANCE_KINDS)
+    n_levels = qlab.shape[1]
+    if relevance == "pop":
+        alpha = V.check_positive_number(fn, "alpha", alpha, allow_zero=True)
+        if n_levels < 2:
+            raise ValueError(f"{fn}: relevance='pop' needs at least 2 levels (its weights are (t/(L-1))^alpha), "
+                             f"got L = {n_levels}")
+    if weights is not None and relevance != "map":
+        raise ValueError(f"{fn}: `weights` are the level weights of relevance='map', got relevance={relevance!r}")
+    if relevance == "map":
+        if weights is None:
+            raise ValueError(f"{fn}: relevance='map' needs `weights`, one per level ({n_levels} numbers)")
+        weights = [V.check_positive_number(fn, "weights", w, allow_zero=True) for w in weights]
+        if len(weights) != n_levels:
+            raise ValueError(f"{fn}: `weights` must hold one weight per level ({n_levels}), got {len(weights)}")
     q, n = qlab.shape[0], glab.shape[0]
-    rel = torch.zeros(q, n, dtype=dtype, device=qlab.device)
+    # the level counts are integers: exact in float64, whatever the dtype asked for
+    work = torch.float64 if relevance != "levels" else dtype
+    rel = torch.zeros(q, n, dtype=work, device=qlab.device)
     alive = torch.ones(q, n, dtype=torch.bool, device=qlab.device)
     # one level at a time: memory O(Q*N), never (Q, N, L)
-    for level in range(qlab.shape[1]):
+    for level in range(n_levels):
         eq = qlab[:, level].unsqueeze(1) == glab[:, level].unsqueeze(0)
         if mode == "shared_prefix":
             alive = alive & eq
             rel += alive
         else:
             rel += eq
-    return rel
+    if relevance == "levels":
+        return rel
+    return _happier_relevance(rel, n_levels, relevance, alpha, weights).to(dtype)
+
+
+def _happier_relevance(levels: Tensor, n_levels: int, kind: str, alpha: float, weights) -> Tensor:
+    """HAPPIER's "pop" / "map" relevance of (Q, N) float64 levels in {0, ..., L}, per row."""
+    table = levels.new_zeros(levels.shape[0], n_levels + 1)  # [i, t]: the relevance of level t in row i
+    counts = torch.stack([(levels == t).sum(1) for t in range(n_levels + 1)], 1).to(levels.dtype)
+    if kind == "pop":
+        w = torch.tensor([(t / (n_levels - 1)) ** alpha for t in range(n_levels + 1)], dtype=levels.dtype,
+                         device=levels.device)
+        # a level no item of the row has gets no relevance (nothing reads it)
+        table = torch.where(counts > 0, w / counts.clamp(min=1), table)
+    else:
+        at_least = counts.flip(1).cumsum(1).flip(1)  # [i, m]: items at level >= m
+        w = torch.tensor([0.0] + list(weights), dtype=levels.dtype, device=levels.device)
+        share = torch.where(at_least > 0, w / at_least.clamp(min=1), table)
+        share[:, 0] = 0
+        table = share.cumsum(1)
+    return table.gather(1, levels.long())
 
 
 def _check_multi_hot(fn: str, name: str, x) -> None:
@@ -219,20 +274,23 @@ def graded_rank_sums_packed(
     backend: str,
     scores: Tensor,
     relevance: Tensor,
+    key: Optional[Tensor],
     pos_idx: Tensor,
     ignore_idx: Optional[Tensor],
     ignore_mask: Optional[Tensor],
-    params: StepParams,
+    params: GradedParams,
 ) -> Tuple[Tensor, Tensor]:
     """The op: graded (rank_all, rank_pos), each (Q, P) at the ranked items pos_idx, differentiable
-    w.r.t. scores (not relevance, a constant of the dtype of scores), on the named backend."""
-    return run("graded_rank_sums", backend, scores, relevance, pos_idx, ignore_idx, ignore_mask, params=params)
+    w.r.t. scores (not relevance or key, constants of the dtype of scores), on the named backend."""
+    return run("graded_rank_sums", backend, scores, relevance, key, pos_idx, ignore_idx, ignore_mask, params=params)
 
 
-def _packed(fn, scores, relevance, ignore, backend, params) -> Tuple[Tensor, Tensor, RankProblem]:
+def _packed(fn, scores, relevance, key, ignore, backend, params) -> Tuple[Tensor, Tensor, RankProblem]:
     """(rank_all, rank_pos) packed (Q, P) and the problem (its relevance in the kernel dtype)."""
     scores, pb, name = prepare(fn, scores, relevance, ignore, backend, graded=True)
-    ra, rp = graded_rank_sums_packed(name, scores, pb.relevance, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    key = V.check_key(fn, key, scores)
+    ra, rp = graded_rank_sums_packed(name, scores, pb.relevance, key, pb.pos_idx, pb.ignore_idx, pb.ignore_mask,
+                                     params)
     return ra, rp, pb
 
 
@@ -240,22 +298,24 @@ def _packed(fn, scores, relevance, ignore, backend, params) -> Tuple[Tensor, Ten
 _LOSS_KIND = {"h_ap": 0, "ndcg": 1}
 
 
-def _graded_loss(fn, loss, scores, relevance, ignore, reduction, backend, params, epilogue) -> Tensor:
+def _graded_loss(fn, loss, scores, relevance, key, ignore, reduction, backend, params, epilogue) -> Tensor:
     """The loss per query on the fused graded_loss op (cpp, unless FASTRANK_FUSED=0), else the
     packed rank sums and `epilogue(fn, rank_all, rank_pos, problem)` in PyTorch; reduced."""
     scores, rel, name = check_call(fn, scores, relevance, ignore, backend, graded=True, fused=True,
                                    loss="graded_loss")
-    if use_fused(name, "graded_loss"):
+    fused = use_fused(name, "graded_loss")
+    key = V.check_key(fn, key, scores, values=not fused)
+    if fused:
         # one pass per row in C++ (a fixed number of launches in Triton): the ranked items found
         # from the relevance there (no packing), the epilogue and the gradient rows with them; it
         # checks NDCG's gain range on the way (Triton: an out-of-range row is NaN)
-        value, n_pos = run_loss("graded_loss", fn, name, scores, rel, *ignore_args(ignore), params=params,
+        value, n_pos = run_loss("graded_loss", fn, name, scores, rel, key, *ignore_args(ignore), params=params,
                                 options=(_LOSS_KIND[loss],))
         return reduce_values(value, n_pos > 0, reduction)
     q, n = scores.shape
     pb = build_problem(relevance, ignore, q, n, scores.device)
     pb.relevance = rel
-    ra, rp = graded_rank_sums_packed(name, scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    ra, rp = graded_rank_sums_packed(name, scores, rel, key, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     return reduce_per_query(epilogue(fn, ra, rp, pb), scores, pb, reduction)
 
 
@@ -272,6 +332,11 @@ def graded_rank_sums(
     delta: float = 0.05,
     start: float = 0.5,
     offset: Optional[float] = None,
+    key: Optional[Tensor] = None,
+    with_hrank: bool = False,
+    beta: Optional[float] = None,
+    gamma: Optional[float] = None,
+    leak: Optional[float] = None,
     ignore: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -281,20 +346,31 @@ def graded_rank_sums(
         \mathrm{rank\_all}[i,j] = 1 + \sum_{k \ne j\ \mathrm{valid}} g(s_{ik} - s_{ij}), \qquad
         \mathrm{rank\_pos}[i,j] = r_{ij} + \sum_{k \ne j\ \mathrm{valid}} \min(r_{ij}, r_{ik})\, h(s_{ik} - s_{ij})
 
-    step="suprank": h = H (H(0) = 1, no gradient), g = H if r_ik >= r_ij else H^-.
-    step="sigmoid": g = h = sigma_tau. Relevance in {0, 1} gives exactly
+    step="suprank": h = H (H(0) = 1, no gradient), g = H if key_ik >= key_ij else H^-, where
+    the ordering key is the relevance itself unless `key` is given. step="sigmoid": g = h =
+    sigma_tau (the key plays no part). Relevance in {0, 1} gives exactly
     :func:`fastrank.rank_sums`. Items with relevance 0 or left out by `ignore` get 0.
 
     Args:
         scores: (Q, N) similarities, floating (float16/bfloat16 computed in float32).
         relevance: (Q, N) graded relevance >= 0 (floating, integer or bool), finite; no gradient.
+            It decides which items are ranked (> 0) and weighs rank_pos.
+        key: (Q, N) ordering key (None: `relevance`): which competitors count as less relevant
+            than the ranked item (key_ik < key_ij: the smooth bound H^-) and, with `with_hrank`,
+            which as more (key_ik > key_ij). HAPPIER compares the hierarchy level an item shares
+            with the query and uses the relevance only as a weight: pass the levels here.
+            Finite, no gradient.
+        with_hrank, beta, gamma, leak: HAPPIER's smoothed H-rank (step="suprank" only): in
+            rank_pos, a competitor with a larger key than the ranked item counts
+            leak * d for d <= 0 and min(beta * d + gamma, 1) for d > 0 (1 if gamma > 1)
+            instead of H(d); the three parameters are then required (HAPPIER has no defaults).
         ignore: None, (Q,) index of one item per query (-1 = none), or (Q, N) bool mask.
         backend: "naive" (cube + autograd), "torch" (chunked), "cpp", "triton", "cuda", or
             None (FASTRANK_BACKEND, else auto: cpp on CPU, cuda/triton on GPU, as for rank_sums).
     """
     fn = "fastrank.graded_rank_sums"
-    params = make_params(fn, step, tau, rho, delta, start, offset)
-    ra, rp, pb = _packed(fn, scores, relevance, ignore, backend, params)
+    params = make_graded_params(fn, step, tau, rho, delta, start, offset, with_hrank, beta, gamma, leak)
+    ra, rp, pb = _packed(fn, scores, relevance, key, ignore, backend, params)
     n = scores.shape[1]
     return scatter_packed(ra, pb.pos_idx, n), scatter_packed(rp, pb.pos_idx, n)
 
@@ -309,6 +385,11 @@ def h_ap(
     delta: float = 0.05,
     start: float = 0.5,
     offset: Optional[float] = None,
+    key: Optional[Tensor] = None,
+    with_hrank: bool = False,
+    beta: Optional[float] = None,
+    gamma: Optional[float] = None,
+    leak: Optional[float] = None,
     ignore: Optional[Tensor] = None,
     reduction: str = "mean",
     backend: Optional[str] = None,
@@ -323,13 +404,20 @@ def h_ap(
     :func:`fastrank.smooth_ap` (step="sigmoid"). Returns the metric (higher is
     better): use ``1 - h_ap(...)`` as a loss.
 
+    HAPPIER's published loss orders by the hierarchy level an item shares with the query
+    and weighs by a relevance computed from it; with relevance not monotone in the level
+    (its "pop" relevance on unequal classes) the two orders differ. Reproduce it with
+    ``h_ap(scores, relevance, key=levels)``, `levels` and `relevance` from
+    :func:`relevance_from_hierarchy` (``relevance="levels"`` and ``relevance="pop"``).
+    `key`, `with_hrank`, `beta`, `gamma`, `leak` as in :func:`graded_rank_sums`.
+
     reduction: "mean" over queries with a relevant item (0 if none has one), "sum",
     or "none" (0 for queries without a relevant item).
     """
     fn = "fastrank.h_ap"
     V.check_reduction(fn, reduction)
-    params = make_params(fn, step, tau, rho, delta, start, offset)
-    return _graded_loss(fn, "h_ap", scores, relevance, ignore, reduction, backend, params, _h_ap_epilogue)
+    params = make_graded_params(fn, step, tau, rho, delta, start, offset, with_hrank, beta, gamma, leak)
+    return _graded_loss(fn, "h_ap", scores, relevance, key, ignore, reduction, backend, params, _h_ap_epilogue)
 
 
 def _h_ap_epilogue(fn: str, rank_all: Tensor, rank_pos: Tensor, pb: RankProblem) -> Tensor:
@@ -364,6 +452,7 @@ def ndcg(
     delta: float = 0.05,
     start: float = 0.5,
     offset: Optional[float] = None,
+    key: Optional[Tensor] = None,
     ignore: Optional[Tensor] = None,
     reduction: str = "mean",
     backend: Optional[str] = None,
@@ -375,12 +464,13 @@ def ndcg(
 
     IDCG_i is the DCG of the exact ordering: the relevances of the items not left
     out, sorted descending, at ranks 1, 2, .... Only rank_all is used. Returns the
-    metric (higher is better). reduction as in :func:`h_ap`.
+    metric (higher is better). `key` (the ordering key of rank_all's step) and reduction
+    as in :func:`h_ap`.
     """
     fn = "fastrank.ndcg"
     V.check_reduction(fn, reduction)
-    params = make_params(fn, step, tau, rho, delta, start, offset)
-    return _graded_loss(fn, "ndcg", scores, relevance, ignore, reduction, backend, params, _ndcg_epilogue)
+    params = make_graded_params(fn, step, tau, rho, delta, start, offset)
+    return _graded_loss(fn, "ndcg", scores, relevance, key, ignore, reduction, backend, params, _ndcg_epilogue)
 
 
 def _ndcg_epilogue(fn: str, rank_all: Tensor, rank_pos: Tensor, pb: RankProblem) -> Tensor:

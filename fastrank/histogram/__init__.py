@@ -86,6 +86,10 @@ def _softbin(h_all: Tensor, h_pos: Tensor) -> Tensor:
     return (prec * rec).sum(1)
 
 
+#: the most bins of the fused CUDA histogram op (csrc/cuda/loss_cuda.h kMaxFusedBins)
+CUDA_MAX_FUSED_BINS = 256
+
+
 def histogram_ap(
     scores: Tensor,
     target: Target,
@@ -128,7 +132,13 @@ def histogram_ap(
     if not all(math.isfinite(v) for v in (params.scale, params.shift)):
         raise ValueError(f"{fn}: `range` {tuple(value_range)!r} is too narrow for {nbins} bins")
     scores, _, name = check_call(fn, scores, target, ignore, backend, fused=True, loss="histogram_ap_loss")
-    if use_fused(name, "histogram_ap_loss"):
+    fused_op = use_fused(name, "histogram_ap_loss")
+    if fused_op and name == "cuda" and nbins > CUDA_MAX_FUSED_BINS:
+        # the CUDA op keeps a row's histograms in shared memory: more bins take the two-pass
+        # kernels, whose inputs are checked here (the op would have checked them in its pass)
+        fused_op = False
+        scores, _, name = check_call(fn, scores, target, ignore, backend)
+    if fused_op:
         # one pass per row in C++ (docs/design.md §2.4; a fixed number of launches in Triton): no
         # packing, the gradient rows with it
         ap, n_pos = run_loss("histogram_ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
