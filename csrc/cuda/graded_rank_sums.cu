@@ -5,8 +5,11 @@
 //
 // For query i, ranked item j = pos_idx[i,p] and valid competitor k, d = s_ik - s_ij,
 // w = min(rel_j, rel_k):
-//   rank_all = 1     + sum_{k != j} g(d),   g = sigma (sigmoid); H if rel_k >= rel_j else H^- (suprank)
-//   rank_pos = rel_j + sum_{k != j} w h(d), h = sigma (sigmoid); H (suprank)
+//   rank_all = 1     + sum_{k != j} g(d),   g = sigma (sigmoid); H if key_k >= key_j else H^- (suprank)
+//   rank_pos = rel_j + sum_{k != j} w h(d), h = sigma (sigmoid); H (suprank), or with HAPPIER's
+//              smoothed H-rank (hr.on) h+ for key_k > key_j (../step.h hrank_plus)
+// The ordering key is the relevance unless the caller passes one (HAPPIER orders by the
+// hierarchy level and weighs by a relevance computed from it).
 // Unlike the binary kernels there is no split into positives and negatives: the
 // relevance of k decides the step, so one sweep over every valid k does it all, j
 // itself included (it is valid by construction). Its self term is removed in
@@ -16,7 +19,8 @@
 //
 // Backward, a = grad_rank_all[i,p], b = grad_rank_pos[i,p]:
 //   c_jk = (a + b w) sigma'(d)              (sigmoid)
-//   c_jk = a [rel_k < rel_j] H^-'(d)        (suprank: H has no gradient, so b drops out)
+//   c_jk = a [key_k < key_j] H^-'(d)        (suprank: H has no gradient, so b drops out...)
+//        + b w [key_k > key_j] h+'(d)       (... unless the H-rank replaces it)
 //   grad[i,k] += c_jk (every valid k),  grad[i,j] -= c_jk.
 // Deterministic, no atomics, fixed reduction order:
 //   column kernel:  grad[i,k]  = sum_p c_{j_p k}         for valid k, 0 for ignored k
@@ -49,25 +53,29 @@ __device__ __forceinline__ T min_rel(T x, T y) {
 
 // MODE 0: forward, rank_all into out0 and rank_pos into out1, both (Q, P).
 // MODE 1: backward row sums, grad[i, j] -= sum_k c_jk with grad = out0 (Q, N).
-// ptxas (CUDA 13, sm_80/sm_90) caps <double, kSigmoid, 0> at 64 registers and spills
-// 12 bytes: two loop-invariant values stored before the sweep and reloaded after it
-// (checked in the SASS), none inside the loop, so it is left alone.
+// ptxas (CUDA 13, sm_80) caps <double, kSigmoid, 0> at 64 registers and spills 8 bytes
+// (make cuda-check): loop-invariant values stored before the sweep and reloaded after it
+// (seen in the SASS of an earlier version), not inside the loop, so it is left alone.
 template <typename T, int STEP, int MODE>
 __global__ void __launch_bounds__(kThreads)
-    row_kernel(const T* __restrict__ scores, const T* __restrict__ rel, const int64_t* __restrict__ pos_idx,
-               const int64_t* __restrict__ ign_idx, const bool* __restrict__ ign_mask, const T* __restrict__ grad_all,
-               const T* __restrict__ grad_pos, int64_t N, int64_t P, StepParams<T> prm, T* __restrict__ out0,
+    row_kernel(const T* __restrict__ scores, const T* __restrict__ rel, const T* __restrict__ key,
+               const int64_t* __restrict__ pos_idx, const int64_t* __restrict__ ign_idx,
+               const bool* __restrict__ ign_mask, const T* __restrict__ grad_all, const T* __restrict__ grad_pos,
+               int64_t N, int64_t P, StepParams<T> prm, HRankParams<T> hr, T* __restrict__ out0,
                T* __restrict__ out1) {
   __shared__ T smem[kThreads / 32];
   const int64_t i = blockIdx.x;  // 64-bit from here on: i * N exceeds 2^31 at Q = N = 46341
   const int64_t p0 = static_cast<int64_t>(blockIdx.y) * kTileP;
   const T* s = scores + i * N;
   const T* r = rel + i * N;
+  const T* kr = (key != nullptr ? key : rel) + i * N;
   const int64_t* pidx = pos_idx + i * P;
   const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
+  // b matters to the sigmoid and to the H-rank (suprank's exact H has no gradient)
+  const bool need_b = STEP == kSigmoid || hr.on;
 
-  // holes get rel_j = 0 and a = b = 0: their sums are computed but never stored
-  T sj[kTileP], rj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
+  // holes get rel_j = key_j = 0 and a = b = 0: their sums are computed but never stored
+  T sj[kTileP], rj[kTileP], kj[kTileP], a[kTileP], b[kTileP], acc0[kTileP], acc1[kTileP];
   bool any = false;
   bool ties = false;  // a ranked item at +-inf: the same in every thread
 #pragma unroll
@@ -78,8 +86,9 @@ __global__ void __launch_bounds__(kThreads)
     any |= has;
     sj[t] = has ? s[j] : T(0);
     rj[t] = has ? r[j] : T(0);
+    kj[t] = has ? kr[j] : T(0);
     a[t] = (MODE == 1 && has) ? grad_all[i * P + p] : T(0);
-    b[t] = (MODE == 1 && STEP == kSigmoid && has) ? grad_pos[i * P + p] : T(0);
+    b[t] = (MODE == 1 && need_b && has) ? grad_pos[i * P + p] : T(0);
     acc0[t] = acc1[t] = T(0);
     ties |= isinf(sj[t]);
   }
@@ -93,6 +102,7 @@ __global__ void __launch_bounds__(kThreads)
     if (!is_valid(i, k, N, ign, ign_mask)) continue;
     const T sk = s[k];
     const T rk = r[k];
+    const T kk = kr[k];
 #pragma unroll
     for (int t = 0; t < kTileP; ++t) {
       const T draw = sk - sj[t];
@@ -104,16 +114,20 @@ __global__ void __launch_bounds__(kThreads)
           acc1[t] += min_rel(rj[t], rk) * sig;
         } else {
           const T h = heaviside(d);
-          acc0[t] += rk >= rj[t] ? h : suprank_neg(d, prm);
-          acc1[t] += min_rel(rj[t], rk) * h;
+          acc0[t] += kk >= kj[t] ? h : suprank_neg(d, prm);
+          acc1[t] += min_rel(rj[t], rk) * (hr.on && kk > kj[t] ? hrank_plus(d, hr) : h);
         }
       } else {
         if (STEP == kSigmoid) {
           const T g = sigmoid_tau_grad(draw, prm.inv_tau);
           acc0[t] += (a[t] + b[t] * min_rel(rj[t], rk)) * (ties ? tied_grad(draw, g) : g);
-        } else if (rk < rj[t]) {
+        } else if (kk < kj[t]) {
           const T g = suprank_neg_grad(draw, prm);
           acc0[t] += a[t] * (ties ? tied_grad(draw, g) : g);
+        } else if (hr.on && kk > kj[t]) {
+          const T d = ties ? step_diff(sk, sj[t]) : draw;
+          const T g = hrank_plus_grad(d, hr);
+          acc0[t] += b[t] * min_rel(rj[t], rk) * (ties ? tied_grad(draw, g) : g);
         }
       }
     }
@@ -140,33 +154,39 @@ __global__ void __launch_bounds__(kThreads)
 // the row's ranked items staged through shared memory.
 template <typename T, int STEP>
 __global__ void __launch_bounds__(kThreads)
-    column_kernel(const T* __restrict__ scores, const T* __restrict__ rel, const int64_t* __restrict__ pos_idx,
-                  const int64_t* __restrict__ ign_idx, const bool* __restrict__ ign_mask,
-                  const T* __restrict__ grad_all, const T* __restrict__ grad_pos, int64_t N, int64_t P,
-                  StepParams<T> prm, T* __restrict__ grad) {
+    column_kernel(const T* __restrict__ scores, const T* __restrict__ rel, const T* __restrict__ key,
+                  const int64_t* __restrict__ pos_idx, const int64_t* __restrict__ ign_idx,
+                  const bool* __restrict__ ign_mask, const T* __restrict__ grad_all, const T* __restrict__ grad_pos,
+                  int64_t N, int64_t P, StepParams<T> prm, HRankParams<T> hr, T* __restrict__ grad) {
   __shared__ T s_sj[kThreads];
   __shared__ T s_rj[kThreads];
+  __shared__ T s_kj[kThreads];
   __shared__ T s_a[kThreads];
   __shared__ T s_b[kThreads];
   const int64_t i = blockIdx.x;
   const int64_t k = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const T* s = scores + i * N;
   const T* r = rel + i * N;
+  const T* kr = (key != nullptr ? key : rel) + i * N;
   const int64_t* pidx = pos_idx + i * P;
   const int64_t ign = ign_idx != nullptr ? ign_idx[i] : -1;
+  const bool need_b = STEP == kSigmoid || hr.on;
   const bool active = k < N && is_valid(i, k, N, ign, ign_mask);
   const T sk = k < N ? s[k] : T(0);
   const T rk = k < N ? r[k] : T(0);
+  const T kk = k < N ? kr[k] : T(0);
   const bool ties = isinf(sk);  // only an infinite competitor can tie with a ranked item at inf
   T acc = T(0);
   for (int64_t p0 = 0; p0 < P; p0 += kThreads) {
     const int64_t p = p0 + threadIdx.x;
     const int64_t j = p < P ? pidx[p] : -1;
-    // holes: a = b = 0 (sigmoid) and rel_j = 0 (suprank: rel_k < 0 never holds)
+    // holes: a = b = 0, and key_j = -inf so that neither key comparison of suprank holds
+    // (the key is finite: checked by the glue)
     s_sj[threadIdx.x] = j >= 0 ? s[j] : T(0);
     s_rj[threadIdx.x] = j >= 0 ? r[j] : T(0);
+    s_kj[threadIdx.x] = j >= 0 ? kr[j] : -INFINITY;
     s_a[threadIdx.x] = j >= 0 ? grad_all[i * P + p] : T(0);
-    if (STEP == kSigmoid) s_b[threadIdx.x] = j >= 0 ? grad_pos[i * P + p] : T(0);
+    if (need_b) s_b[threadIdx.x] = j >= 0 ? grad_pos[i * P + p] : T(0);
     __syncthreads();
     const int64_t n = P - p0 < kThreads ? P - p0 : kThreads;
     if (active) {
@@ -175,9 +195,12 @@ __global__ void __launch_bounds__(kThreads)
         if (STEP == kSigmoid) {
           const T g = sigmoid_tau_grad(d, prm.inv_tau);
           acc += (s_a[t] + s_b[t] * min_rel(s_rj[t], rk)) * (ties ? tied_grad(d, g) : g);
-        } else if (rk < s_rj[t]) {
+        } else if (kk < s_kj[t]) {
           const T g = suprank_neg_grad(d, prm);
           acc += s_a[t] * (ties ? tied_grad(d, g) : g);
+        } else if (hr.on && kk > s_kj[t] && s_kj[t] != T(-INFINITY)) {
+          const T g = hrank_plus_grad(ties ? step_diff(sk, s_sj[t]) : d, hr);
+          acc += s_b[t] * min_rel(s_rj[t], rk) * (ties ? tied_grad(d, g) : g);
         }
       }
     }
@@ -189,8 +212,8 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace graded
 
 template <typename T>
-cudaError_t graded_rank_sums_forward(const ProblemView<T>& pr, const T* relevance, int step, StepParams<T> prm,
-                                     T* rank_all, T* rank_pos, cudaStream_t stream) {
+cudaError_t graded_rank_sums_forward(const ProblemView<T>& pr, const T* relevance, const T* key, int step,
+                                     StepParams<T> prm, HRankParams<T> hr, T* rank_all, T* rank_pos, cudaStream_t stream) {
   using graded::kThreads;
   using graded::kTileP;
   const int64_t Q = pr.Q, N = pr.N, P = pr.P;
@@ -199,14 +222,16 @@ cudaError_t graded_rank_sums_forward(const ProblemView<T>& pr, const T* relevanc
   const dim3 grid(static_cast<unsigned>(Q), blocks_for(P, kTileP));
   dispatch_step(step, [&](auto kind) {
     graded::row_kernel<T, decltype(kind)::value, 0><<<grid, kThreads, 0, stream>>>(
-        pr.scores, relevance, pr.pos_idx, pr.ign_idx, pr.ign_mask, nullptr, nullptr, N, P, prm, rank_all, rank_pos);
+        pr.scores, relevance, key, pr.pos_idx, pr.ign_idx, pr.ign_mask, nullptr, nullptr, N, P, prm, hr, rank_all,
+        rank_pos);
   });
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t graded_rank_sums_backward(const T* grad_all, const T* grad_pos, const ProblemView<T>& pr,
-                                      const T* relevance, int step, StepParams<T> prm, T* grad, cudaStream_t stream) {
+                                      const T* relevance, const T* key, int step, StepParams<T> prm,
+                                      HRankParams<T> hr, T* grad, cudaStream_t stream) {
   using graded::kThreads;
   using graded::kTileP;
   const int64_t Q = pr.Q, N = pr.N, P = pr.P;
@@ -217,25 +242,30 @@ cudaError_t graded_rank_sums_backward(const T* grad_all, const T* grad_pos, cons
   const dim3 grow(static_cast<unsigned>(Q), blocks_for(P, kTileP));
   dispatch_step(step, [&](auto kind) {
     constexpr int STEP = decltype(kind)::value;
-    graded::column_kernel<T, STEP><<<gcol, kThreads, 0, stream>>>(pr.scores, relevance, pr.pos_idx, pr.ign_idx,
-                                                                   pr.ign_mask, grad_all, grad_pos, N, P, prm, grad);
+    graded::column_kernel<T, STEP><<<gcol, kThreads, 0, stream>>>(pr.scores, relevance, key, pr.pos_idx,
+                                                                   pr.ign_idx, pr.ign_mask, grad_all, grad_pos, N,
+                                                                   P, prm, hr, grad);
     if (P == 0) return;
     // must follow the column kernel (same stream): it subtracts from what that kernel wrote
-    graded::row_kernel<T, STEP, 1><<<grow, kThreads, 0, stream>>>(pr.scores, relevance, pr.pos_idx, pr.ign_idx,
-                                                                   pr.ign_mask, grad_all, grad_pos, N, P, prm, grad,
-                                                                   nullptr);
+    graded::row_kernel<T, STEP, 1><<<grow, kThreads, 0, stream>>>(pr.scores, relevance, key, pr.pos_idx,
+                                                                   pr.ign_idx, pr.ign_mask, grad_all, grad_pos, N,
+                                                                   P, prm, hr, grad, nullptr);
   });
   return cudaGetLastError();
 }
 
-template cudaError_t graded_rank_sums_forward<float>(const ProblemView<float>&, const float*, int, StepParams<float>,
-                                                     float*, float*, cudaStream_t);
-template cudaError_t graded_rank_sums_forward<double>(const ProblemView<double>&, const double*, int,
-                                                      StepParams<double>, double*, double*, cudaStream_t);
+template cudaError_t graded_rank_sums_forward<float>(const ProblemView<float>&, const float*, const float*, int,
+                                                     StepParams<float>, HRankParams<float>, float*, float*,
+                                                     cudaStream_t);
+template cudaError_t graded_rank_sums_forward<double>(const ProblemView<double>&, const double*, const double*, int,
+                                                      StepParams<double>, HRankParams<double>, double*, double*,
+                                                      cudaStream_t);
 template cudaError_t graded_rank_sums_backward<float>(const float*, const float*, const ProblemView<float>&,
-                                                      const float*, int, StepParams<float>, float*, cudaStream_t);
+                                                      const float*, const float*, int, StepParams<float>,
+                                                      HRankParams<float>, float*, cudaStream_t);
 template cudaError_t graded_rank_sums_backward<double>(const double*, const double*, const ProblemView<double>&,
-                                                       const double*, int, StepParams<double>, double*, cudaStream_t);
+                                                       const double*, const double*, int, StepParams<double>,
+                                                       HRankParams<double>, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastrank
