@@ -65,11 +65,14 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
     // returns are the gradient's only owner and AccumulateGrad takes them without a copy.
     // No cycle: rows is non-differentiable (no grad_fn back to this node).
     ctx->saved_data["rows"] = rows;
-    ctx->mark_non_differentiable({count, rows});
+    // the caller gets an alias: once it is dropped, the storage's use count tells backward that
+    // the saved tensor is the rows' only owner
+    at::Tensor shown = rows.alias();
+    ctx->mark_non_differentiable({count, shown});
     // the count's and the rows' incoming gradients are never used: without this autograd
     // would fill a zero (Q, N) tensor for the rows' on every backward
     ctx->set_materialize_grads(false);
-    return {value, count, rows};
+    return {value, count, shown};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -86,10 +89,16 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
       if (!at::GradMode::is_enabled() && !torch::autograd::get_current_graph_task_keep_graph() && !traced(rows) &&
           !traced(gs)) {
         // the graph is freed after this backward: the rows become the gradient, in place, so
-        // the loss's extra memory stays one (Q, N) tensor (docs/design.md §2.4)
+        // the loss's extra memory stays one (Q, N) tensor (docs/design.md §2.4) -- unless the
+        // caller of the op kept its third output (the public functions drop it), which must
+        // not change under their feet: then the storage has another owner
         ctx->saved_data.erase("rows");
-        rows.mul_(gs.unsqueeze(1));
-        grad = std::move(rows);
+        if (rows.storage().use_count() == 1) {
+          rows.mul_(gs.unsqueeze(1));
+          grad = std::move(rows);
+        } else {
+          grad = gs.unsqueeze(1) * rows;
+        }
       } else if (!at::GradMode::is_enabled()) {  // retain_graph=True: the rows serve again
         grad = gs.unsqueeze(1) * rows;
       } else {  // create_graph=True: a second derivative must not be silently 0

@@ -311,13 +311,24 @@ def test_readme_configuration_table_constructs():
     slate_labels = torch.randint(-1, 3, (3, 5), generator=g).float()
     ns = dict(vars(losses), fr_pml=fr_pml, ltr=ltr, relevance_from_hierarchy=fastrank.relevance_from_hierarchy,
               hier=torch.stack([labels, labels // 2], 1), y_pred=torch.randn(3, 5, generator=g), y_true=slate_labels,
-              scores=torch.randn(3, 5, generator=g), labels=slate_labels)
+              scores=torch.randn(3, 5, generator=g), labels=slate_labels, emb=emb)
+    # a row may name its inputs (`levels = ...`) and call the module it builds as `loss(...)`
+    assignments = [c for c in cells if re.match(r"^[A-Za-z_]\w* = ", c)]
+    for cell in assignments:
+        exec(cell, ns)  # noqa: S102  (the README's own table)
+    called = 0
     for cell in cells:
+        if cell in assignments:
+            continue
         obj = eval(cell, ns)  # noqa: S307  (the README's own table)
+        if isinstance(obj, torch.nn.Module):
+            ns["loss"] = obj
         if isinstance(obj, torch.nn.Module) and "HAPLoss" not in cell and "NDCGLoss" not in cell:
             assert torch.isfinite(obj(emb, labels)), cell
         elif isinstance(obj, torch.Tensor):
+            called += cell.startswith("loss(")
             assert torch.isfinite(obj).all(), cell
+    assert assignments and called, "the HAPPIER row's `levels = ...` and `loss(...)` cells were not run"
     # the offsets the table names are the ones the modules hold
     assert eval("ROADMAPLoss(offset=1.44)", ns).sup_ap.offset == 1.44
     m = eval("ROADMAPLoss(offset=1.0, start=0.0)", ns).sup_ap

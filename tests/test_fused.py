@@ -157,6 +157,25 @@ def test_opcheck_ap_loss(kind, ignore_kind, dtype):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@requires("cpp")
+@pytest.mark.parametrize("keep", [True, False])
+def test_kept_gradient_rows_are_not_scaled_by_backward(keep):
+    """Backward scales the rows in place (no second (Q, N) tensor) only when nobody kept the
+    op's third output: a caller who did must find it as the op returned it."""
+    register_cpp_ops()
+    args = _op_args("labels", "none", torch.float64, True)
+    value, _, rows = torch.ops.fastrank.ap_loss(*args)
+    before = rows.clone()
+    assert not rows.requires_grad
+    if not keep:
+        del rows
+    weights = torch.linspace(-2.0, 3.0, value.shape[0], dtype=value.dtype)  # negative weights flip signs
+    (value * weights).sum().backward()
+    torch.testing.assert_close(args[0].grad, weights[:, None] * before, rtol=0, atol=0)
+    if keep:
+        assert torch.equal(rows, before)
+
+
 def _direct(**over):
     register_cpp_ops()
     s = torch.rand(4, 6, dtype=torch.float64)

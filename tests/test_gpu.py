@@ -4,7 +4,7 @@ import torch
 
 import fastrank
 from fastrank.core.problem import build_problem
-from fastrank.core.params import StepParams
+from fastrank.core.params import GradedParams, StepParams
 from fastrank.core.registry import register_cpp_ops
 
 from .cases import assert_within_naive_error, make_case, outputs_and_grad, to_device
@@ -156,13 +156,16 @@ def test_gpu_graded_backward_bitwise_deterministic(backend):
 
 
 @pytest.mark.skipif(not fastrank.backends()["cuda"].available, reason="CUDA kernels not built")
-@pytest.mark.parametrize("step", [0, 1])
-def test_opcheck_cuda_graded_op(step):
+@pytest.mark.parametrize("step,hrank", [(0, False), (1, False), (1, True)])
+def test_opcheck_cuda_graded_op(step, hrank):
     register_cpp_ops()
     scores, rel = _graded_case(6, 11, seed=14)
     q, n = scores.shape
     pb = build_problem(rel, torch.arange(q, device="cuda"), q, n, scores.device)
-    args = (scores.requires_grad_(), rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + StepParams(step=step).as_op_args()
+    # with the H-rank, an ordering key that is not the relevance (its reverse)
+    key = rel.amax() - rel if hrank else None
+    prm = GradedParams(step=step, hrank=hrank, beta=25.0, gamma=0.5, leak=10.0) if hrank else GradedParams(step=step)
+    args = (scores.requires_grad_(), rel, key, pb.pos_idx, pb.ignore_idx, pb.ignore_mask) + prm.as_op_args()
     torch.library.opcheck(torch.ops.fastrank.graded_rank_sums_fwd.default, args)
 
 
