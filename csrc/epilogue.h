@@ -137,6 +137,21 @@ FR_HD T ndcg_gain(T r) {
   return r < T(1) ? T(::expm1(r * T(0.693147180559945309))) : T(::exp2(r)) - T(1);
 }
 
+// One ranked item's share of a DCG, its gain gn already divided by the row's scale, at rank
+// `rank` (rank_all, or the place + 1 in the ideal ordering), and d share / d rank_all over IDCG:
+// -gn / (log2(1 + rank)^2 (1 + rank) ln 2 IDCG), 0 when IDCG is 0. The fused GPU kernels, which
+// keep the ranked items in column order, call these per item.
+template <typename T>
+FR_HD T ndcg_term(T gn, T rank) {
+  return gn / T(::log2(T(1) + rank));
+}
+
+template <typename T>
+FR_HD T ndcg_term_grad(T gn, T rank, T idcg) {
+  const T disc = T(::log2(T(1) + rank));
+  return idcg > T(0) ? -gn / (disc * disc * (T(1) + rank) * T(0.693147180559945309) * idcg) : T(0);
+}
+
 // NDCG_i = DCG_i / IDCG_i, DCG_i = sum_j gain_j / log2(1 + rank_all_j), IDCG_i the DCG of the
 // exact ordering (ranks 1, 2, ... in decreasing relevance). The gains are divided by the row's
 // largest (rel[0]'s): a ratio of sums of gains does not change, and the sums stay finite where
@@ -149,13 +164,13 @@ struct NdcgEpilogue {
   }
   FR_HD T ideal(const T* rel, int64_t np, T top) const {
     T idcg = T(0);
-    for (int64_t p = 0; p < np; ++p) idcg += (ndcg_gain(rel[p]) / top) / T(::log2(T(p + 2)));
+    for (int64_t p = 0; p < np; ++p) idcg += ndcg_term(ndcg_gain(rel[p]) / top, T(p + 1));
     return idcg;
   }
   FR_HD T value(const T* ra, const T*, const T* rel, int64_t np) const {
     const T top = scale(rel);
     T dcg = T(0);
-    for (int64_t p = 0; p < np; ++p) dcg += (ndcg_gain(rel[p]) / top) / T(::log2(T(1) + ra[p]));
+    for (int64_t p = 0; p < np; ++p) dcg += ndcg_term(ndcg_gain(rel[p]) / top, ra[p]);
     const T idcg = ideal(rel, np, top);
     return idcg > T(0) ? dcg / idcg : T(0);
   }
@@ -165,10 +180,7 @@ struct NdcgEpilogue {
     const T idcg = ideal(rel, np, top);
     for (int64_t p = 0; p < np; ++p) {
       d_pos[p] = T(0);
-      const T disc = T(::log2(T(1) + ra[p]));
-      d_all[p] = idcg > T(0)
-                     ? -(ndcg_gain(rel[p]) / top) / (disc * disc * (T(1) + ra[p]) * T(0.693147180559945309) * idcg)
-                     : T(0);
+      d_all[p] = ndcg_term_grad(ndcg_gain(rel[p]) / top, ra[p], idcg);
     }
   }
 };

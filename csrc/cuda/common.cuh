@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels (rank_sums.cu, graded_rank_sums.cu,
-// histogram.cu, loss.cu, histogram_loss.cu). No torch headers.
+// histogram.cu, loss.cu, histogram_loss.cu, graded_loss.cu). No torch headers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -46,6 +46,29 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
   T out = T(0);
   if (threadIdx.x == 0) {
     for (int w = 0; w < THREADS / 32; ++w) out += smem[w];
+  }
+  return out;
+}
+
+// v[m] summed over a block of THREADS threads for each m < M, in a fixed order (warp shuffles,
+// then the warps in order); thread m < M returns the sum of v[m] (others: 0). red holds
+// M * THREADS / 32 values; every thread of the block must call it.
+template <int M, int THREADS, typename T>
+__device__ __forceinline__ T block_sums(T (&v)[M], T* red) {
+  constexpr int kW = THREADS / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+    for (int off = 16; off > 0; off >>= 1) v[m] += __shfl_xor_sync(0xffffffffu, v[m], off);
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) red[m * kW + warp] = v[m];
+  }
+  __syncthreads();
+  T out = T(0);
+  if (threadIdx.x < M) {
+    for (int w = 0; w < kW; ++w) out += red[threadIdx.x * kW + w];
   }
   return out;
 }

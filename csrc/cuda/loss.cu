@@ -71,28 +71,6 @@ constexpr int kFlagNan = 1;
 constexpr int kFlagInvalid = 2;
 
 
-// v[m] summed over the block for each m < M, in a fixed order (warp shuffles, then the warps in
-// order); thread m < M returns the sum of v[m] (others: 0). red holds M * kWarps values; every
-// thread of the block must call it.
-template <int M, typename T>
-__device__ __forceinline__ T block_sums(T (&v)[M], T* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-    for (int off = 16; off > 0; off >>= 1) v[m] += __shfl_xor_sync(0xffffffffu, v[m], off);
-  __syncthreads();  // red may still be read by a previous call
-  if (lane == 0) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) red[m * kWarps + warp] = v[m];
-  }
-  __syncthreads();
-  T out = T(0);
-  if (threadIdx.x < M) {
-    for (int w = 0; w < kWarps; ++w) out += red[threadIdx.x * kWarps + w];
-  }
-  return out;
-}
-
 // ---------------------------------------------------------------- 1. flags and positives
 
 template <typename T>
@@ -228,7 +206,7 @@ __global__ void __launch_bounds__(kLossThreads)
         }
       }
     }
-    const T total = block_sums<M>(acc, red);
+    const T total = block_sums<M, kLossThreads>(acc, red);
     if (!by_tiles) {
       if (threadIdx.x < M) {
         const int64_t b = threadIdx.x / kTileP, q = t * kTileP + threadIdx.x % kTileP;

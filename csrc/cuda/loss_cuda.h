@@ -1,4 +1,5 @@
-// Launchers of the fused CUDA loss kernels (ap_loss, recall_loss; loss.cu): raw pointers, sizes
+// Launchers of the fused CUDA loss kernels (ap_loss, recall_loss: loss.cu; histogram_ap_loss:
+// histogram_loss.cu; graded_loss: graded_loss.cu): raw pointers, sizes
 // and a stream, no torch types, so that loss.cu compiles with a plain `nvcc -c`.
 #pragma once
 
@@ -67,6 +68,31 @@ template <typename T>
 cudaError_t histogram_loss_forward(const ProblemView<T>& pr, const TargetView& target, const bool* bad_rows,
                                    int64_t bins, T scale, T shift, bool open_ends, int kind, T* score,
                                    int64_t* n_pos, T* grad, cudaStream_t stream);
+
+// The scratch of one fused graded loss call (graded_loss.cu), from the shape and the options only:
+//   cols (Q, N) int32, meta (Q, 2) int32 as LossPlan's;
+//   work (planes, Q, N) T: rank_all (then d score / d rank_all), rank_pos (then d score / d
+//        rank_pos), with the gradient S1 and (sigmoid or hrank) S2, for NDCG the ideal place;
+//   part part_elems T: partial sums of the split rows (Q, splits, planes, splits * tile).
+struct GradedLossPlan {
+  int64_t splits;
+  int64_t chunk;
+  int64_t planes;      // 2 to 5
+  int64_t part_elems;  // at least 1
+};
+
+GradedLossPlan plan_graded_loss(int64_t Q, int64_t N, int step, bool with_grad, bool ndcg, bool hrank);
+
+// One fused graded loss call, H-AP (ndcg = false) or NDCG: rel (Q, N) and key (Q, N) or nullptr
+// (the relevance is the key) in the dtype of scores; hr the smoothed H-rank (suprank only).
+// A relevance that is not finite, negative, in (0, rel_tiny) or >= rel_limit, or a key that is
+// not finite, makes its query NaN (no error: that would need a sync). Outputs as loss_forward's.
+// Three launches, four with the gradient, on `stream`; no host synchronisation.
+template <typename T>
+cudaError_t graded_loss_forward(const ProblemView<T>& pr, const T* rel, const T* key, int step, StepParams<T> prm,
+                                HRankParams<T> hr, bool ndcg, T rel_limit, T rel_tiny, const GradedLossPlan& plan,
+                                int32_t* cols, int32_t* meta, T* work, T* part, T* score, int64_t* n_pos, T* grad,
+                                cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastrank

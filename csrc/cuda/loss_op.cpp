@@ -1,5 +1,6 @@
-// Torch glue of the fused CUDA loss kernels (loss.cu, histogram_loss.cu): ap_loss, recall_loss and
-// histogram_ap_loss on the CUDA dispatch key. Their autograd is csrc/loss_autograd.cpp (registered for every device).
+// Torch glue of the fused CUDA loss kernels (loss.cu, histogram_loss.cu, graded_loss.cu): ap_loss,
+// recall_loss, histogram_ap_loss and graded_loss on the CUDA dispatch key. Their autograd is
+// csrc/loss_autograd.cpp (registered for every device).
 //
 // No host synchronisation: the checks here read only shapes, dtypes and scalar arguments. The
 // data checks the CPU op makes with a sync (the ignore index's range, a NaN relevance) are
@@ -156,10 +157,72 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cuda(
   return {score, n_pos, grad};
 }
 
+// Graded loss (H-AP kind 0, NDCG kind 1) from the dense relevance, with the optional ordering key
+// and HAPPIER's smoothed H-rank; the relevance and key values are checked in the kernels (an
+// invalid row scores NaN), where the CPU op raises
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cuda(
+    const at::Tensor& scores_in, const at::Tensor& relevance_in, const std::optional<at::Tensor>& key_in,
+    const std::optional<at::Tensor>& ign_idx_in, const std::optional<at::Tensor>& ign_mask_in, int64_t step,
+    double tau, double rho, double delta, double start, double offset, bool hrank, double beta, double gamma,
+    double leak, int64_t kind, bool with_grad) {
+  constexpr const char* op = "fastrank cuda graded_loss";
+  check_scores_and_ignore(op, c10::DeviceType::CUDA, scores_in, ign_idx_in, ign_mask_in, /*check_values=*/false);
+  check_relevance_layout(op, relevance_in, scores_in);
+  const std::optional<at::Tensor> key = check_key(op, key_in, scores_in, /*check_values=*/false);
+  check_step(op, step, tau, rho, delta, start, offset, scores_in.scalar_type());
+  check_hrank(op, step, hrank, beta, gamma, leak);
+  TORCH_CHECK_VALUE(kind == 0 || kind == 1, op, ": kind must be 0 (H-AP) or 1 (NDCG), got ", kind);
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor rel = relevance_in.contiguous();
+  const std::optional<at::Tensor> idx =
+      ign_idx_in ? std::optional<at::Tensor>(ign_idx_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> mask =
+      ign_mask_in ? std::optional<at::Tensor>(ign_mask_in->contiguous()) : std::nullopt;
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), op, ": N must be below 2^31 - 1, got ", N);
+  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
+  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
+  const auto opts = scores.options();
+  at::Tensor score = at::empty({Q}, opts);
+  at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
+  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, opts);
+  if (Q == 0 || N == 0) {
+    score.zero_();
+    n_pos.zero_();
+    grad.zero_();
+    return {score, n_pos, grad};
+  }
+  const bool ndcg = kind == 1;
+  const GradedLossPlan plan = plan_graded_loss(Q, N, static_cast<int>(step), with_grad, ndcg, hrank);
+  at::Tensor cols = at::empty({Q, N}, opts.dtype(at::kInt));
+  at::Tensor meta = at::empty({Q, 2}, opts.dtype(at::kInt));
+  at::Tensor work = at::empty({plan.planes, Q, N}, opts);
+  at::Tensor part = at::empty({plan.part_elems}, opts);
+  // NDCG's gain 2^rel - 1 must be finite in the dtype: rel < log2(max), as the CPU op
+  const double limit =
+      ndcg ? std::log2(dtype_max(scores.scalar_type())) : std::numeric_limits<double>::infinity();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fastrank_graded_loss_cuda", [&] {
+    using T = scalar_t;
+    const ProblemView<T> view{scores.data_ptr<T>(), nullptr, idx ? idx->data_ptr<int64_t>() : nullptr,
+                              mask ? mask->data_ptr<bool>() : nullptr, Q, N, 0};
+    const cudaError_t err = graded_loss_forward<T>(
+        view, rel.data_ptr<T>(), key ? key->data_ptr<T>() : nullptr, static_cast<int>(step),
+        make_step_params<T>(tau, rho, delta, start, offset), make_hrank_params<T>(hrank, beta, gamma, leak), ndcg,
+        static_cast<T>(limit), std::numeric_limits<T>::min(), plan, cols.data_ptr<int32_t>(),
+        meta.data_ptr<int32_t>(), work.data_ptr<T>(), part.data_ptr<T>(), score.data_ptr<T>(),
+        n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<T>() : nullptr, stream);
+    TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  });
+  return {score, n_pos, grad};
+}
+
 TORCH_LIBRARY_IMPL(fastrank, CUDA, m) {
   m.impl("ap_loss", &ap_loss_cuda);
   m.impl("recall_loss", &recall_loss_cuda);
   m.impl("histogram_ap_loss", &histogram_ap_loss_cuda);
+  m.impl("graded_loss", &graded_loss_cuda);
 }
 
 }  // namespace cuda
