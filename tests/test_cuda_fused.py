@@ -1,5 +1,6 @@
-"""The fused CUDA loss kernels (csrc/cuda/loss.cu, histogram_loss.cu): ap_loss (Smooth-AP, SupAP),
-recall_loss (SupRank, Patel et al.) and histogram_ap_loss (FastAP, SoftBin) on backend="cuda", in a
+"""The fused CUDA loss kernels (csrc/cuda/loss.cu, histogram_loss.cu, graded_loss.cu): ap_loss
+(Smooth-AP, SupAP), recall_loss (SupRank, Patel et al.), histogram_ap_loss (FastAP, SoftBin) and
+graded_loss (H-AP with the ordering key and the smoothed H-rank, NDCG) on backend="cuda", in a
 fixed number of launches without host sync.
 
 GPU tier: every test here needs a CUDA device and a CUDA build of fastrank (skipped otherwise, so
@@ -352,3 +353,111 @@ def test_direct_call_flags_values_instead_of_raising():
     rel[1, 2] = float("nan")
     score, _, _ = _direct(query_labels=None, gallery_labels=None, relevance=rel)
     assert torch.equal(torch.isnan(score).cpu(), torch.tensor([False, True, False, False]))
+
+
+# --------------------------------------------------------------------------- graded loss (graded_loss.cu)
+
+
+def _graded_problem(q=37, n=301, seed=20, dtype=torch.float64):
+    """Scores with ties, a graded relevance with many zeros and ties, and an ordering key that is
+    not monotone in it (HAPPIER's levels against its "pop" weights)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(q, n, generator=g, dtype=torch.float64).round(decimals=1)
+    levels = torch.randint(0, 3, (q, n), generator=g).double()
+    rel = torch.where(levels > 0, torch.rand(q, n, generator=g, dtype=torch.float64) + 0.1, torch.zeros_like(levels))
+    rel[:, ::5] = 0.7  # ties in the relevance
+    rel[3] = 0  # a query without ranked items
+    return s.to(DEVICE, dtype), rel.to(DEVICE, dtype), levels.to(DEVICE, dtype)
+
+
+_GRADED = {
+    "h_ap_suprank": (fastrank.h_ap, dict(step="suprank")),
+    "h_ap_sigmoid": (fastrank.h_ap, dict(step="sigmoid", tau=0.05)),
+    "h_ap_hrank": (fastrank.h_ap, dict(step="suprank", with_hrank=True, beta=25.0, gamma=0.5, leak=10.0)),
+    "h_ap_hrank_step": (fastrank.h_ap, dict(step="suprank", with_hrank=True, beta=25.0, gamma=2.0, leak=0.0)),
+    "ndcg_suprank": (fastrank.ndcg, dict(step="suprank")),
+    "ndcg_sigmoid": (fastrank.ndcg, dict(step="sigmoid", tau=0.05)),
+}
+
+
+@pytest.mark.parametrize("name", _GRADED)
+@pytest.mark.parametrize("with_key", [False, True])
+@pytest.mark.parametrize("ignore_kind", ["none", "index", "mask"])
+@pytest.mark.parametrize("n", [1, 301, 5000])  # 5000 columns against few queries: split rows
+def test_fused_cuda_graded_equals_naive(name, with_key, ignore_kind, n):
+    fn, kw = _GRADED[name]
+    q = 37 if n < 5000 else 3
+    s, rel, levels = _graded_problem(q=q, n=n)
+    ignore = {"none": None, "index": torch.arange(q, device=DEVICE) % n,
+              "mask": torch.rand(q, n, generator=torch.Generator().manual_seed(1)).to(DEVICE) < 0.2}[ignore_kind]
+    key = levels if with_key else None
+    out = []
+    for backend, dev in (("cuda", DEVICE), ("naive", "cpu")):
+        x = s.to(dev).clone().requires_grad_()
+        v = fn(x, rel.to(dev), key=None if key is None else key.to(dev), ignore=None if ignore is None else
+               ignore.to(dev), backend=backend, reduction="none", **kw)
+        (gr,) = torch.autograd.grad(v.sum(), x)
+        out.append((v.cpu(), gr.cpu()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-9, atol=1e-10)
+
+
+def test_fused_cuda_graded_is_the_op_and_four_launches():
+    s, rel, levels = _graded_problem(dtype=torch.float32)
+    names = ("compact_kernel", "sums_kernel", "epilogue_kernel", "grad_kernel")
+    for requires_grad, expected in ((False, 3), (True, 4)):
+        x = s.clone().requires_grad_(requires_grad)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fastrank.h_ap(x, rel, key=levels, backend="cuda")
+            torch.cuda.synchronize()
+        ours = [e for e in prof.events() if any(n in e.name for n in names) and "graded_loss" in e.name]
+        assert len(ours) == expected, [e.name for e in prof.events()]
+
+
+def test_fused_cuda_graded_flags_invalid_rows():
+    s, rel, levels = _graded_problem(dtype=torch.float64)
+    rel, levels, s = rel.clone(), levels.clone(), s.clone()
+    rel[0, 5] = -1.0  # negative relevance
+    levels[1, 7] = float("inf")  # a key that is not finite
+    s[2, 0] = float("nan")  # a NaN score: NaN row
+    x = s.clone().requires_grad_()
+    v = fastrank.h_ap(x, rel, key=levels, backend="cuda", reduction="none")
+    (g,) = torch.autograd.grad(v.sum(), x)
+    assert torch.isnan(v[:3]).all() and torch.isfinite(v[3:]).all()
+    assert torch.isnan(g[:2]).all() and torch.isfinite(g[3:]).all()
+    ref = fastrank.h_ap(s[3:].cpu(), rel[3:].cpu(), key=levels[3:].cpu(), backend="naive", reduction="none")
+    torch.testing.assert_close(v[3:].cpu(), ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["h_ap_suprank", "h_ap_hrank", "ndcg_sigmoid"])
+def test_fused_cuda_graded_has_no_host_sync_and_replays_in_a_graph(name):
+    fn, kw = _GRADED[name]
+    emb, lab = _batch(seed=4)
+    levels = (lab[:, None] == lab[None, :]).float() + (lab[:, None] // 4 == lab[None, :] // 4).float()
+    rel = levels * 0.5
+    ig = torch.arange(256, device=DEVICE)
+    static = (emb @ emb.T).detach().clone().requires_grad_()
+    fn(static, rel, key=levels, ignore=ig, **kw).backward()  # warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = (emb @ emb.T).requires_grad_()
+        fn(x, rel, key=levels, ignore=ig, **kw).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all()
+    eager = fn(static, rel, key=levels, ignore=ig, **kw)
+    (g_eager,) = torch.autograd.grad(eager, static)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.autograd.grad(fn(static, rel, key=levels, ignore=ig, **kw), static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static, rel, key=levels, ignore=ig, **kw)
+        (g_out,) = torch.autograd.grad(out, static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(g_out, g_eager)
