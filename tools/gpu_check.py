@@ -17,6 +17,8 @@ output goes to a log in the results folder, and a failing step never stops the n
   5. bench-batch  bench/run.py --device cuda: batch workload, a few sizes up to the largest
                   naive fits, every op on naive/torch/triton/cuda
   6. bench-dense  the dense workload once
+  6b. bench-xbm   the xbm workload (Q = 256 against N = 16k / 64k), torch/triton/cuda
+  6c. bench-large SupAP, Smooth-AP, H-AP at B = 16384 and 65536 on triton/cuda (fused losses)
   7. triton-tests the Triton test files compiled on the GPU (not in quick mode)
 
 Everything lands in bench/results/gpu_<device>_<date>/ (the build log, each step's log, CSVs,
@@ -357,7 +359,7 @@ def write_summary(chk: Check, no_device: bool) -> str:
             lines.append(f"- ... {len(failures) - 40} more in {name}.xml")
 
     bench_csvs = []
-    for name in ("bench-batch", "bench-dense"):
+    for name in ("bench-batch", "bench-dense", "bench-xbm", "bench-large"):
         table = bench_table(os.path.join(chk.out, f"{name}.log"))
         if table:
             lines += ["", f"## {name}", "", table]
@@ -441,6 +443,16 @@ def main() -> int:
                 limit_s=90 if QUICK else 200, min_s=30)
         chk.run("bench-dense", bench + ["--tag", "dense", "--workloads", "dense", "--sizes", "2048" if QUICK else "4096",
                                               "--budget-min", "0.5" if QUICK else "1.0"],
+                limit_s=45 if QUICK else 90, min_s=20)
+        # the cross-batch-memory workload (Q = 256 queries against a 64k memory: the split rows) and
+        # one batch far past what naive holds (issue 17's B = 65,536 in one step), fused backends only
+        chk.run("bench-xbm", bench + ["--tag", "xbm", "--workloads", "xbm", "--backends", "torch,triton,cuda",
+                                      "--sizes", "16384" if QUICK else "16384,65536",
+                                      "--budget-min", "0.5" if QUICK else "1.0"],
+                limit_s=45 if QUICK else 90, min_s=20)
+        chk.run("bench-large", bench + ["--tag", "large", "--workloads", "batch", "--backends", "triton,cuda",
+                                        "--ops", "sup_ap,smooth_ap,h_ap", "--sizes", "16384" if QUICK else "16384,65536",
+                                        "--budget-min", "0.5" if QUICK else "1.0"],
                 limit_s=45 if QUICK else 90, min_s=20)
         if not QUICK:
             xdist = ["-n", "4"] if _has("xdist") else []
