@@ -13,7 +13,8 @@ output goes to a log in the results folder, and a failing step never stops the n
   -- without a CUDA device it stops here, with the summary ("no CUDA device")
   3. parity       fp64 values + gradients of every op on cuda and triton vs naive, host syncs
                   and kernel launches per call (tools/gpu_parity.py)
-  4. gpu-tests    tests/test_gpu.py (per-test timeout when pytest-timeout is installed)
+  4. gpu-tests    tests/test_gpu.py and tests/test_cuda_fused.py (per-test timeout when
+                  pytest-timeout is installed)
   5. bench-batch  bench/run.py --device cuda: batch workload, a few sizes up to the largest
                   naive fits, every op on naive/torch/triton/cuda
   6. bench-dense  the dense workload once
@@ -432,9 +433,10 @@ def main() -> int:
         pytest_extra = ["-p", "pytest_timeout", "--timeout", "120"] if _has("pytest_timeout") else []
         chk.run("parity", [PY, "tools/gpu_parity.py", "--out", os.path.join(out, "parity.csv")] + quick,
                 limit_s=90 if QUICK else 150, min_s=20)
-        chk.run("gpu-tests", [PY, "-m", "pytest", "tests/test_gpu.py", "-q", "-rfE", "-p", "no:cacheprovider",
+        chk.run("gpu-tests", [PY, "-m", "pytest", "tests/test_gpu.py", "tests/test_cuda_fused.py", "-q", "-rfE",
+                              "-p", "no:cacheprovider",
                               "--junitxml", os.path.join(out, "gpu-tests.xml")] + pytest_extra,
-                limit_s=90 if QUICK else 180, min_s=30, env=test_env)
+                limit_s=120 if QUICK else 240, min_s=30, env=test_env)
         bench = [PY, "bench/run.py", "--device", "cuda", "--modes", "full", "--backends", "naive,torch,triton,cuda",
                  "--out-dir", out, "--min-time", "0.1" if QUICK else "0.2"]
         sizes = "256,1024,4096" if QUICK else "256,1024,2048,4096,8192"
@@ -458,7 +460,9 @@ def main() -> int:
             xdist = ["-n", "4"] if _has("xdist") else []
             # the kernel-API files, and every family's backend-vs-naive tests on the triton (and cuda) backend
             chk.run("triton-tests", [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_triton_graded.py",
-                                     "tests/test_triton_histogram.py", "tests/test_rank_sums.py", "tests/test_graded.py",
+                                     "tests/test_triton_histogram.py", "tests/test_triton_fused.py",
+                                     "tests/test_triton_fused_graded.py", "tests/test_triton_fused_histogram.py",
+                                     "tests/test_hrank.py", "tests/test_rank_sums.py", "tests/test_graded.py",
                                      "tests/test_histogram.py", "tests/test_gradcheck.py", "-k",
                                      "triton or cuda or kernel", "-q", "-rfE", "-m", "not slow",
                                      "-p", "no:cacheprovider", "--junitxml", os.path.join(out, "triton-tests.xml")]
