@@ -375,9 +375,9 @@ def compile_all(launches, common):
         assert k.asm["cubin"], fn.__name__
 
 for st, acc in (("*fp32", "*fp32"), ("*fp64", "*fp64"), ("*bf16", "*fp32"), ("*fp16", "*fp32")):
-    common = {"scores_ptr": st, "rel_ptr": acc, "key_ptr": acc, "ign_idx_ptr": "*i64", "ign_mask_ptr": "*u8", "cols_ptr": "*i32",
-              "meta_ptr": "*i32", "params_ptr": acc, "work_ptr": acc, "part_ptr": acc, "score_ptr": acc,
-              "npos_ptr": "*i64", "grad_ptr": acc}
+    common = {"scores_ptr": st, "rel_ptr": acc, "key_ptr": acc, "ign_idx_ptr": "*i64", "ign_mask_ptr": "*u8",
+              "cols_ptr": "*i32", "meta_ptr": "*i32", "params_ptr": acc, "work_ptr": acc, "part_ptr": acc,
+              "score_ptr": acc, "npos_ptr": "*i64", "grad_ptr": acc}
     launches = [(gl._compact_kernel, {"IGNORE": 3, "HAS_KEY": has_key, "BLOCK_K": tk.GPU_BLOCK_K_COMPACT})
                 for has_key in (False, True)]
     # the key and the H-rank are suprank's (the H-rank H-AP's only)

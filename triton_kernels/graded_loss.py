@@ -552,11 +552,12 @@ def graded_loss_rows(
     work = torch.empty((nb, q, n), dtype=acc, device=dev)
     part = torch.empty((q, c, nb, c * bp) if c > 1 else (1,), dtype=acc, device=dev)
     info = torch.finfo(acc)
+    # [0:5] the step (load_step_params), [5:8] the dtype's limits (_compact_kernel), [8:11] the
+    # H-rank's (beta, gamma, leak) (load_hrank_params; zeros without it, never read then)
+    hrank_vals = tuple(float(getattr(params, name, 0.0)) for name in ("beta", "gamma", "leak"))
     prm = device_constants(
         (1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset,
-         info.max, info.tiny, _relevance_limit(code, acc),
-         float(getattr(params, "beta", 0.0)), float(getattr(params, "gamma", 0.0)), float(getattr(params, "leak", 0.0))),
-        acc, dev,
+         info.max, info.tiny, _relevance_limit(code, acc)) + hrank_vals, acc, dev,
     )
     fast_flag = use_fast(fast, acc)
 
