@@ -446,6 +446,7 @@ def main() -> int:
             xdist = ["-n", "4"] if _has("xdist") else []
             # the kernel-API files, and every family's backend-vs-naive tests on the triton (and cuda) backend
             chk.run("triton-tests", [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_triton_graded.py",
+                                     "tests/test_triton_graded_key.py", "tests/test_hrank.py",
                                      "tests/test_triton_histogram.py", "tests/test_rank_sums.py", "tests/test_graded.py",
                                      "tests/test_histogram.py", "tests/test_gradcheck.py", "-k",
                                      "triton or cuda or kernel", "-q", "-rfE", "-m", "not slow",
