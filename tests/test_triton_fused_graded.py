@@ -264,6 +264,9 @@ def test_fixed_number_of_launches_whatever_the_data(small_blocks, monkeypatch, n
 @pytest.mark.parametrize("over,err,msg", [
     (dict(relevance=torch.ones(4, 5)), ValueError, "relevance"),
     (dict(relevance=torch.ones(4, 6, dtype=torch.complex64)), TypeError, "relevance"),
+    (dict(key=torch.ones(4, 5)), ValueError, "key"),
+    (dict(key=torch.ones(4, 6, dtype=torch.complex64)), TypeError, "key"),
+    (dict(key=torch.ones(4, 6).tolist()), TypeError, "key"),
     (dict(ignore_idx=torch.zeros(4, dtype=torch.int32)), TypeError, "ignore_idx"),
     (dict(ignore_mask=torch.zeros(4, 6)), TypeError, "ignore_mask"),
     (dict(scores=torch.zeros(4, 6, dtype=torch.int32)), TypeError, "scores"),
@@ -271,7 +274,7 @@ def test_fixed_number_of_launches_whatever_the_data(small_blocks, monkeypatch, n
     (dict(kind="map"), ValueError, "kind"),
 ])
 def test_direct_calls_are_checked(over, err, msg):
-    kw = dict(scores=torch.rand(4, 6, dtype=torch.float64), relevance=torch.ones(4, 6), ignore_idx=None,
+    kw = dict(scores=torch.rand(4, 6, dtype=torch.float64), relevance=torch.ones(4, 6), key=None, ignore_idx=None,
               ignore_mask=None, params=StepParams(1))
     kind = over.pop("kind", "h_ap")
     kw.update(over)
@@ -283,11 +286,11 @@ def test_direct_calls_are_checked(over, err, msg):
 def test_direct_call_outputs():
     s = torch.rand(4, 6, dtype=torch.float64, device=DEVICE)
     rel = torch.tensor([[0, 1, 2, 0, 3, 1]] * 3 + [[0] * 6], dtype=torch.int64, device=DEVICE)
-    score, n_pos, rows = gl.graded_loss_rows(s, rel, None, None, StepParams(1), kind="ndcg", with_grad=False)
+    score, n_pos, rows = gl.graded_loss_rows(s, rel, None, None, None, StepParams(1), kind="ndcg", with_grad=False)
     assert rows.shape == (0, 6) and n_pos.tolist() == [4, 4, 4, 0] and n_pos.dtype == torch.int64
     ref = fastrank.ndcg(s, rel.double(), backend="naive", reduction="none")
     torch.testing.assert_close(score, ref, rtol=1e-12, atol=1e-12)
-    score2, _, rows2 = gl.graded_loss_rows(s, rel, None, None, StepParams(1), kind="ndcg")
+    score2, _, rows2 = gl.graded_loss_rows(s, rel, None, None, None, StepParams(1), kind="ndcg")
     assert rows2.shape == (4, 6) and torch.equal(score, score2)
 
 
@@ -372,20 +375,24 @@ def compile_all(launches, common):
         assert k.asm["cubin"], fn.__name__
 
 for st, acc in (("*fp32", "*fp32"), ("*fp64", "*fp64"), ("*bf16", "*fp32"), ("*fp16", "*fp32")):
-    common = {"scores_ptr": st, "rel_ptr": acc, "ign_idx_ptr": "*i64", "ign_mask_ptr": "*u8", "cols_ptr": "*i32",
-              "meta_ptr": "*i32", "params_ptr": acc, "work_ptr": acc, "part_ptr": acc, "score_ptr": acc,
-              "npos_ptr": "*i64", "grad_ptr": acc}
-    launches = [(gl._compact_kernel, {"IGNORE": 3, "BLOCK_K": tk.GPU_BLOCK_K_COMPACT})]
-    for step in (0, 1):
-        for ndcg in (False, True):
+    common = {"scores_ptr": st, "rel_ptr": acc, "key_ptr": acc, "ign_idx_ptr": "*i64", "ign_mask_ptr": "*u8",
+              "cols_ptr": "*i32", "meta_ptr": "*i32", "params_ptr": acc, "work_ptr": acc, "part_ptr": acc,
+              "score_ptr": acc, "npos_ptr": "*i64", "grad_ptr": acc}
+    launches = [(gl._compact_kernel, {"IGNORE": 3, "HAS_KEY": has_key, "BLOCK_K": tk.GPU_BLOCK_K_COMPACT})
+                for has_key in (False, True)]
+    # the key and the H-rank are suprank's (the H-rank H-AP's only)
+    variants = [(0, False, False), (1, False, False), (1, True, False), (1, True, True), (1, False, True)]
+    for step, has_key, hrank in variants:
+        for ndcg in ((False, True) if not hrank else (False,)):
             for grad in (False, True):
-                nb = 2 + ((2 if step == 0 else 1) if grad else 0) + ndcg
+                nb = 2 + ((2 if step == 0 or hrank else 1) if grad else 0) + ndcg
                 launches.append((gl._sums_kernel, {"STEP": step, "IGNORE": 3, "GRAD": grad, "NDCG": ndcg, "FAST": False,
-                                                   "NB": nb, "BLOCK_P": tk.GPU_BLOCK_P, "BLOCK_K": tk.GPU_BLOCK_K}))
-                launches.append((gl._epilogue_kernel, {"STEP": step, "NDCG": ndcg, "GRAD": grad, "NB": nb,
-                                                       "BLOCK_P": tk.GPU_BLOCK_P}))
-        launches.append((gl._grad_kernel, {"STEP": step, "IGNORE": 3, "FAST": acc == "*fp32",
-                                           "BLOCK_P": tk.GPU_BLOCK_P, "BLOCK_K": tk.GPU_BLOCK_K}))
+                                                   "HAS_KEY": has_key, "HRANK": hrank, "NB": nb,
+                                                   "BLOCK_P": tk.GPU_BLOCK_P, "BLOCK_K": tk.GPU_BLOCK_K}))
+                launches.append((gl._epilogue_kernel, {"STEP": step, "NDCG": ndcg, "GRAD": grad, "HRANK": hrank,
+                                                       "NB": nb, "BLOCK_P": tk.GPU_BLOCK_P}))
+        launches.append((gl._grad_kernel, {"STEP": step, "IGNORE": 3, "FAST": acc == "*fp32", "HAS_KEY": has_key,
+                                           "HRANK": hrank, "BLOCK_P": tk.GPU_BLOCK_P, "BLOCK_K": tk.GPU_BLOCK_K}))
     compile_all(launches, common)
 print("AOT-OK")
 """

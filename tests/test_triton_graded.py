@@ -111,8 +111,8 @@ def _triton(pr: Problem, params, ga, gp, rel=None):
     pb = pr.pb
     if rel is None:  # relevance in the scores' dtype (float32 for half scores)
         rel = pr.rel.to(pr.scores.dtype if pr.scores.dtype in (torch.float32, torch.float64) else torch.float32)
-    ra, rp = gk.forward(pr.scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
-    grad = gk.backward(ga, gp, pr.scores, rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    ra, rp = gk.forward(pr.scores, rel, None, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    grad = gk.backward(ga, gp, pr.scores, rel, None, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     return ra, rp, grad
 
 
@@ -176,7 +176,7 @@ def test_hand_computed_example():
     s = torch.tensor([[0.3, 0.2, 0.1]], dtype=torch.float64, device=DEVICE)
     rel = torch.tensor([[2.0, 0.0, 1.0]], dtype=torch.float64, device=DEVICE)
     pos_idx = torch.tensor([[0, 2]], device=DEVICE)
-    ra, rp = gk.forward(s, rel, pos_idx, None, None, _params("suprank"))
+    ra, rp = gk.forward(s, rel, None, pos_idx, None, None, _params("suprank"))
     sig = lambda x: float(torch.sigmoid(torch.tensor(x, dtype=torch.float64)))  # noqa: E731
     expect_all = torch.tensor([[1 + sig(-10.0) + sig(-20.0), 2 + 5.0 + sig(5.0) + 0.5]], dtype=torch.float64)
     torch.testing.assert_close(ra.cpu(), expect_all, rtol=1e-12, atol=1e-12)
@@ -232,7 +232,7 @@ def test_strided_inputs_float32_relevance_and_none_grads(step):
     _assert_close(got, _reference(pr, params, ga, gp), rtol=1e-10, atol=1e-10)
 
     pb = pr.pb
-    args = (pr.scores, pr.rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    args = (pr.scores, pr.rel, None, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     zero = torch.zeros_like(ga)
     assert torch.equal(gk.backward(ga, None, *args), gk.backward(ga, zero, *args))
     assert torch.equal(gk.backward(None, gp, *args), gk.backward(zero, gp, *args))
@@ -274,9 +274,9 @@ def test_queries_without_ranked_items(step):
     s = pr.scores
     rel = torch.zeros_like(s)
     pb = build_problem(rel, None, *s.shape, DEVICE)
-    ra, rp = gk.forward(s, rel, pb.pos_idx, None, None, params)
+    ra, rp = gk.forward(s, rel, None, pb.pos_idx, None, None, params)
     assert ra.shape == (3, 0) and rp.shape == (3, 0)
-    grad = gk.backward(None, None, s, rel, pb.pos_idx, None, None, params)
+    grad = gk.backward(None, None, s, rel, None, pb.pos_idx, None, None, params)
     assert grad.shape == s.shape and not grad.any()
 
 
@@ -287,9 +287,9 @@ def test_single_item(step):
     rel = torch.tensor([[2.5]], dtype=torch.float64, device=DEVICE)
     pos_idx = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
     params = _params(step)
-    ra, rp = gk.forward(s, rel, pos_idx, None, None, params)
+    ra, rp = gk.forward(s, rel, None, pos_idx, None, None, params)
     assert ra.item() == 1.0 and rp.item() == 2.5
-    grad = gk.backward(torch.ones_like(ra), torch.ones_like(rp), s, rel, pos_idx, None, None, params)
+    grad = gk.backward(torch.ones_like(ra), torch.ones_like(rp), s, rel, None, pos_idx, None, None, params)
     assert grad.item() == 0.0
 
 
@@ -342,7 +342,7 @@ def test_backward_deterministic(small_blocks, step):
     params = _params(step)
     ga, gp = _packed_grads(pr.pb)
     pb = pr.pb
-    args = (pr.scores, pr.rel, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
+    args = (pr.scores, pr.rel, None, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     g1 = gk.backward(ga, gp, *args)
     g2 = gk.backward(ga, gp, *args)
     assert torch.equal(g1, g2)
@@ -357,13 +357,13 @@ class _GradedFn(torch.autograd.Function):
     def forward(ctx, scores, rel, pos_idx, ignore_idx, ignore_mask, params):
         ctx.save_for_backward(scores, rel, pos_idx)
         ctx.extra = (ignore_idx, ignore_mask, params)
-        return gk.forward(scores, rel, pos_idx, ignore_idx, ignore_mask, params)
+        return gk.forward(scores, rel, None, pos_idx, ignore_idx, ignore_mask, params)
 
     @staticmethod
     def backward(ctx, grad_all, grad_pos):
         scores, rel, pos_idx = ctx.saved_tensors
         ignore_idx, ignore_mask, params = ctx.extra
-        grad = gk.backward(grad_all, grad_pos, scores, rel, pos_idx, ignore_idx, ignore_mask, params)
+        grad = gk.backward(grad_all, grad_pos, scores, rel, None, pos_idx, ignore_idx, ignore_mask, params)
         return grad, None, None, None, None, None
 
 
@@ -399,27 +399,35 @@ def test_input_validation():
     fwd = gk.forward
     bwd = gk.backward
     with pytest.raises(TypeError, match="relevance"):
-        fwd(s, rel.tolist(), pos_idx, None, None, params)
+        fwd(s, rel.tolist(), None, pos_idx, None, None, params)
     with pytest.raises(TypeError, match="relevance"):
-        fwd(s, rel.to(torch.int64), pos_idx, None, None, params)
+        fwd(s, rel.to(torch.int64), None, pos_idx, None, None, params)
     with pytest.raises(ValueError, match="relevance"):
-        fwd(s, rel[:, :-1], pos_idx, None, None, params)
+        fwd(s, rel[:, :-1], None, pos_idx, None, None, params)
     with pytest.raises(ValueError, match="relevance"):
-        fwd(s, rel[0], pos_idx, None, None, params)
+        fwd(s, rel[0], None, pos_idx, None, None, params)
     with pytest.raises(ValueError, match="relevance"):
-        fwd(s, rel.to("meta"), pos_idx, None, None, params)
+        fwd(s, rel.to("meta"), None, pos_idx, None, None, params)
     with pytest.raises(ValueError, match="relevance"):
-        bwd(None, None, s, rel[:-1], pos_idx, None, None, params)
+        bwd(None, None, s, rel[:-1], None, pos_idx, None, None, params)
     with pytest.raises(TypeError, match="scores"):
-        fwd(s.to(torch.int64), rel, pos_idx, None, None, params)
+        fwd(s.to(torch.int64), rel, None, pos_idx, None, None, params)
     with pytest.raises(TypeError, match="pos_idx"):
-        fwd(s, rel, pos_idx.to(torch.int32), None, None, params)
+        fwd(s, rel, None, pos_idx.to(torch.int32), None, None, params)
     with pytest.raises(ValueError, match="ignore_mask"):
-        fwd(s, rel, pos_idx, None, torch.zeros(3, 7, dtype=torch.bool, device=DEVICE), params)
+        fwd(s, rel, None, pos_idx, None, torch.zeros(3, 7, dtype=torch.bool, device=DEVICE), params)
     with pytest.raises(TypeError, match="params"):
-        fwd(s, rel, pos_idx, None, None, ("suprank", 0.01))
+        fwd(s, rel, None, pos_idx, None, None, ("suprank", 0.01))
     with pytest.raises(ValueError, match="grad_all"):
         wide = torch.zeros(3, pos_idx.shape[1] + 1, dtype=s.dtype, device=DEVICE)
-        bwd(wide, None, s, rel, pos_idx, None, None, params)
+        bwd(wide, None, s, rel, None, pos_idx, None, None, params)
     with pytest.raises(TypeError, match="grad_pos"):
-        bwd(None, torch.zeros(pos_idx.shape, dtype=torch.int64, device=DEVICE), s, rel, pos_idx, None, None, params)
+        bad_grad = torch.zeros(pos_idx.shape, dtype=torch.int64, device=DEVICE)
+        bwd(None, bad_grad, s, rel, None, pos_idx, None, None, params)
+    # the ordering key is checked as the relevance is
+    with pytest.raises(ValueError, match="key"):
+        fwd(s, rel, rel[:, :-1], pos_idx, None, None, params)
+    with pytest.raises(TypeError, match="key"):
+        fwd(s, rel, rel.to(torch.int64), pos_idx, None, None, params)
+    with pytest.raises(ValueError, match="key"):
+        bwd(None, None, s, rel, rel.to("meta"), pos_idx, None, None, params)

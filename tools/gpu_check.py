@@ -462,7 +462,8 @@ def main() -> int:
             chk.run("triton-tests", [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_triton_graded.py",
                                      "tests/test_triton_histogram.py", "tests/test_triton_fused.py",
                                      "tests/test_triton_fused_graded.py", "tests/test_triton_fused_histogram.py",
-                                     "tests/test_hrank.py", "tests/test_rank_sums.py", "tests/test_graded.py",
+                                     "tests/test_triton_graded_key.py", "tests/test_hrank.py",
+                                     "tests/test_rank_sums.py", "tests/test_graded.py",
                                      "tests/test_histogram.py", "tests/test_gradcheck.py", "-k",
                                      "triton or cuda or kernel", "-q", "-rfE", "-m", "not slow",
                                      "-p", "no:cacheprovider", "--junitxml", os.path.join(out, "triton-tests.xml")]

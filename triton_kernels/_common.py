@@ -241,8 +241,11 @@ def device_constants(vals: Tuple[float, ...], dtype: torch.dtype, device: torch.
 
 
 def step_params_tensor(params: StepParams, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(1/tau, rho, delta, start, offset), as `load_step_params` (_step.py) reads them."""
+    """(1/tau, rho, delta, start, offset), as `load_step_params` (_step.py) reads them, then
+    (beta, gamma, leak) at [5:8] for GradedParams with the smoothed H-rank (`load_hrank_params`)."""
     vals = (1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset)
+    if getattr(params, "hrank", False):
+        vals += (params.beta, params.gamma, params.leak)
     return device_constants(vals, dtype, device)
 
 
@@ -313,8 +316,9 @@ def configure_kernel(kernel, interpreter_block_k, block_ks, warps, key, prune):
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-def configure_rank_kernel(kernel, interpreter_block_k, tiles: int = 1):
-    """`configure_kernel` for the rank-sums kernels, keyed on (N_KEY, BLOCK_P, STEP, IGNORE).
+def configure_rank_kernel(kernel, interpreter_block_k, tiles: int = 1, key_extra: Tuple[str, ...] = ()):
+    """`configure_kernel` for the rank-sums kernels, keyed on (N_KEY, BLOCK_P, STEP, IGNORE) and
+    the constexprs named in `key_extra` (those that change the kernel's register use).
 
     `tiles` is the number of live (BLOCK_P, BLOCK_K) accumulators of the kernel, which the
     pruning rule counts against the per-thread register budget.
@@ -326,16 +330,17 @@ def configure_rank_kernel(kernel, interpreter_block_k, tiles: int = 1):
 
     return configure_kernel(
         kernel, interpreter_block_k, (32, 64, 128, 256, 512, 1024, 2048, 4096), (4, 8),
-        ["N_KEY", "BLOCK_P", "STEP", "IGNORE"], prune,
+        ["N_KEY", "BLOCK_P", "STEP", "IGNORE", *key_extra], prune,
     )
 
 
 def launch_rank_forward(
-    kernel, bp: int, scores, pos_idx, ignore_idx, ignore_mask, params, fast, extra=()
+    kernel, bp: int, scores, pos_idx, ignore_idx, ignore_mask, params, fast, extra=(), consts=None
 ) -> Tuple[Tensor, Tensor]:
     """rank_all, rank_pos (Q, P) in the dtype of `scores` (zeros without work) from a forward
     kernel taking (*packed_args, params, rank_all, rank_pos, N, P, N_KEY, *strides, STEP,
-    IGNORE, FAST, BLOCK_P = bp), grid (Q, cdiv(P, bp)). Inputs already checked."""
+    IGNORE, FAST, BLOCK_P = bp, and the kernel's own constexprs `consts`), grid (Q, cdiv(P, bp)).
+    Inputs already checked."""
     q, n = scores.shape
     p = pos_idx.shape[1]
     rank_all = torch.zeros((q, p), dtype=scores.dtype, device=scores.device)
@@ -347,14 +352,14 @@ def launch_rank_forward(
     kernel[(q, triton.cdiv(p, bp))](
         *ptrs, step_params_tensor(params, acc, scores.device), rank_all, rank_pos,
         n, p, next_pow2(n), *strides,
-        STEP=params.step, IGNORE=mode, FAST=use_fast(fast, acc), BLOCK_P=bp,
+        STEP=params.step, IGNORE=mode, FAST=use_fast(fast, acc), BLOCK_P=bp, **(consts or {}),
     )
     return rank_all, rank_pos
 
 
 def launch_rank_backward(
     rows_kernel, cols_kernel, bp: int, grad_all, grad_pos, scores, pos_idx, ignore_idx, ignore_mask, params, fast,
-    extra=(), cols_grad_pos: bool = False,
+    extra=(), cols_grad_pos: bool = False, consts=None,
 ) -> Tensor:
     """dL/dscores (Q, N), dtype of `scores`: the rows kernel (grid (Q, cdiv(P, bp))), the columns
     kernel (grid (Q, cdiv(N, BLOCK_K))), then the rows kernel's output scattered onto the ranked
@@ -363,7 +368,8 @@ def launch_rank_backward(
     rows: (*ptrs, params, grad_all, grad_pos, out, nan_flag, N, P, N_KEY, *strides, grad_all's
     and grad_pos' strides); cols: (*ptrs, params, grad_all, [grad_pos,] nan_flag, grad, N, P,
     N_KEY, *strides, grad_all's [and grad_pos'] strides), grad_pos if `cols_grad_pos`. Both get
-    STEP, IGNORE, FAST, BLOCK_P = bp. Inputs checked; zeros (contiguous) without work.
+    STEP, IGNORE, FAST, BLOCK_P = bp and the kernels' own constexprs `consts`. Inputs checked;
+    zeros (contiguous) without work.
     """
     q, n = scores.shape
     p = pos_idx.shape[1]
@@ -372,7 +378,7 @@ def launch_rank_backward(
     acc = acc_dtype(scores.dtype)
     ptrs, strides, mode = packed_args(scores, pos_idx, ignore_idx, ignore_mask, extra)
     prm = step_params_tensor(params, acc, scores.device)
-    meta = dict(STEP=params.step, IGNORE=mode, FAST=use_fast(fast, acc), BLOCK_P=bp)
+    meta = dict(STEP=params.step, IGNORE=mode, FAST=use_fast(fast, acc), BLOCK_P=bp, **(consts or {}))
     n_key = next_pow2(n)
 
     out = torch.empty((q, p), dtype=acc, device=scores.device)

@@ -11,6 +11,10 @@ Equal scores tie, infinities included (fastrank.core.step.score_diff): a NaN dif
 taken as 0 by `step_neg` and `heaviside` and carries no gradient in `step_neg_grad`. inf - inf
 is the only NaN the kernels act on: a NaN score's row is made NaN explicitly by the kernels.
 
+HAPPIER's smoothed H-rank (`hrank_plus`, `hrank_plus_grad`; graded family only) takes its
+(beta, gamma, leak) from the same kind of tensor, at an offset of the kernel's choosing
+(`load_hrank_params`).
+
 FAST (a constexpr, float32 on a GPU only; never under TRITON_INTERPRET=1, which
 cannot run inline PTX): sigma through one `tanh.approx.f32`, and the reciprocal
 of the derivative through `div.approx.f32`. Max abs error of sigma ~2.5e-4.
@@ -35,6 +39,17 @@ def load_step_params(params_ptr):
     start = tl.load(params_ptr + 3)
     offset = tl.load(params_ptr + 4)
     return inv_tau, rho, delta, start, offset
+
+
+@triton.jit
+def load_hrank_params(hrank_ptr):
+    """(beta, gamma, leak) of the smoothed H-rank from hrank_ptr[0:3], as scalars of its dtype;
+    once per program, as `load_step_params`. The kernels point it into their params tensor
+    (two-pass graded.py: params_ptr + 5; fused graded_loss.py: params_ptr + 8)."""
+    beta = tl.load(hrank_ptr + 0)
+    gamma = tl.load(hrank_ptr + 1)
+    leak = tl.load(hrank_ptr + 2)
+    return beta, gamma, leak
 
 
 @triton.jit
@@ -120,3 +135,29 @@ def suprank_neg_grad(d, inv_tau, rho, delta, FAST: tl.constexpr):
 def heaviside(d):
     """H(d) with H(0) = 1 (no gradient), in the dtype of d; a NaN d (equal infinities) ties: 1."""
     return tl.where((d >= 0.0) | (d != d), 1.0, 0.0).to(d.dtype)
+
+
+@triton.jit
+def hrank_plus(d, beta, gamma, leak):
+    """HAPPIER's h+(d), counted in rank_pos instead of H(d) for a competitor whose ordering key is
+    above the ranked item's (csrc/step.h hrank_plus): leak * d for d <= 0; for d > 0, 1 when
+    gamma > 1, else min(beta * d + gamma, 1).
+    A zero leak or beta drops its product: 0 * inf is NaN, and a constant it must stay.
+    A NaN d (equal infinities) is a tie: d = 0, so h+ = 0."""
+    d = tl.where(d == d, d, 0.0)
+    below = tl.where(leak == 0.0, 0.0, leak * d)
+    lin = tl.where(beta == 0.0, 0.0, beta * d) + gamma
+    above = tl.where(gamma > 1.0, 1.0, tl.minimum(lin, 1.0))
+    return tl.where(d <= 0.0, below, above)
+
+
+@triton.jit
+def hrank_plus_grad(d, beta, gamma, leak):
+    """h+'(d) of `hrank_plus`: leak on d <= 0; for d > 0, 0 when gamma > 1, else beta while
+    beta * d + gamma <= 1 (torch.clamp's backward passes the slope at equality, as HAPPIER's
+    autograd and csrc/step.h do) and 0 where the min holds it at 1. A tie of two infinities
+    (d NaN) is a constant: 0."""
+    lin = tl.where(beta == 0.0, 0.0, beta * d) + gamma
+    above = tl.where(gamma > 1.0, 0.0, tl.where(lin <= 1.0, beta, 0.0))
+    g = tl.where(d <= 0.0, leak, above)
+    return tl.where(d == d, g, 0.0)

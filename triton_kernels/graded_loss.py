@@ -10,15 +10,18 @@ which tests lower there) and autograd Function (`loss._FusedLoss`) this module u
    `cols` (Q, N) int32, their count and a flag word into `meta` (Q, 2): bit 1 = a NaN among the
    row's valid scores, bit 2 = invalid input: a relevance anywhere in the row (ignored items
    included, as the C++ op checks them) that is not finite, negative, a positive subnormal or,
-   for NDCG, >= log2(max) of the dtype (the gain 2^r - 1 would overflow); an ignore index
-   outside [-1, N).
-2. `_sums_kernel`, grid (Q, C): per ranked item j (relevance r_j, d = s_k - s_j, one sweep over
-   every valid k, j included; w_k = min(r_j, r_k), 0 for an irrelevant k):
+   for NDCG, >= log2(max) of the dtype (the gain 2^r - 1 would overflow); a key anywhere in the
+   row that is not finite (the C++ op's kKeyNotFinite); an ignore index outside [-1, N).
+2. `_sums_kernel`, grid (Q, C): per ranked item j (relevance r_j, ordering key y_j: the `key`
+   given, else the relevance; d = s_k - s_j, one sweep over every valid k, j included;
+   w_k = min(r_j, r_k), 0 for an irrelevant k):
        sigmoid: rank_all_j = sum_k sigma(d),  rank_pos_j = sum_k w_k sigma(d)   (+ 1/2, + r_j/2 for j itself)
-       suprank: rank_all_j = sum_k [r_k >= r_j] H(d) + [r_k < r_j] H^-(d),  rank_pos_j = sum_k w_k H(d)
-   with the gradient S1_j = sum_k sigma'(d) (suprank: [r_k < r_j] H^-'(d)), S2_j = sum_k w_k sigma'(d)
-   (sigmoid); for NDCG also j's place in the ideal ordering, #{k ranked: r_k > r_j, or r_k = r_j
-   and k < j} (the stable sort by decreasing relevance the C++ op makes, without a sort). The
+       suprank: rank_all_j = sum_k [y_k >= y_j] H(d) + [y_k < y_j] H^-(d),  rank_pos_j = sum_k w_k h_k(d)
+   with h_k = H, or with HAPPIER's smoothed H-rank (HRANK, H-AP only) h_k = h+ where y_k > y_j;
+   with the gradient S1_j = sum_k sigma'(d) (suprank: [y_k < y_j] H^-'(d)), S2_j = sum_k w_k sigma'(d)
+   (sigmoid; suprank with HRANK: sum_k w_k [y_k > y_j] h+'(d)); for NDCG also j's place in the ideal
+   ordering, #{k ranked: r_k > r_j, or r_k = r_j and k < j} (the stable sort by decreasing relevance
+   the C++ op makes, without a sort; the key plays no part in it). The
    split of a row across C programs is that of loss.py (tiles of ranked items dealt round-robin,
    or chunks of columns into partial sums added in a fixed order).
 3. `_epilogue_kernel`, grid (Q,): the partials reduced, `HapEpilogue` / `NdcgEpilogue` of
@@ -27,7 +30,8 @@ which tests lower there) and autograd Function (`loss._FusedLoss`) this module u
    gradient the coefficients a_j = d score / d rank_all_j, b_j = d score / d rank_pos_j and each
    ranked item's own share own_j = a_j S1_j + b_j S2_j, stored as -own_j at its column.
 4. `_grad_kernel`, grid (Q, cdiv(N, BLOCK_K)): the gradient row, per column k,
-       sigmoid: sum_j (a_j + b_j w_k) sigma'(s_k - s_j),   suprank: sum_j [r_k < r_j] a_j H^-'(s_k - s_j)
+       sigmoid: sum_j (a_j + b_j w_k) sigma'(s_k - s_j),
+       suprank: sum_j [y_k < y_j] a_j H^-'(s_k - s_j) + [y_k > y_j] b_j w_k h+'(s_k - s_j) (h+ with HRANK)
    plus -own_k at a ranked column; 0 at ignored columns.
 
 Outputs: the score (Q,) in the accumulation dtype (float32; float64 for float64 scores), n_pos
@@ -38,8 +42,8 @@ invalid scores NaN with a NaN gradient row: where the C++ op raises, this path (
 makes that query NaN, so `mean` and `sum` are NaN too. No float atomics: bitwise reproducible.
 
 Memory beyond the scores and the gradient rows: the int32 columns and NB accumulation-dtype
-(Q, N) planes (rank_all, rank_pos, with the gradient S1 and for the sigmoid S2, for NDCG the
-ideal place), since the ranked count is known only on the device; the split scratch as in loss.py.
+(Q, N) planes (rank_all, rank_pos, with the gradient S1 and for the sigmoid or HRANK S2, for NDCG
+the ideal place), since the ranked count is known only on the device; the split scratch as in loss.py.
 """
 from __future__ import annotations
 
@@ -50,11 +54,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank.core.params import SIGMOID, StepParams
+from fastrank.core.params import SIGMOID, SUPRANK, StepParams
 
 from . import loss as _loss
-from ._common import acc_dtype, device_constants, ignore_args, row_ignore, use_fast, valid_cols
-from ._step import heaviside, load_step_params, step_neg, step_neg_grad
+from ._common import (
+    acc_dtype, check_operand, check_tensor, device_constants, ignore_args, row_ignore, use_fast, valid_cols,
+)
+from ._step import heaviside, hrank_plus, hrank_plus_grad, load_hrank_params, load_step_params, step_neg, step_neg_grad
 
 Tensor = torch.Tensor
 
@@ -82,20 +88,22 @@ def _gain(r):
 
 @triton.jit
 def _sweep(
-    sj, rj, j, s_row, rel_row, k_lo, k_hi, ign, mask_row, stride_sn, stride_rn, stride_mn,
-    inv_tau, rho, delta, start, offset,
+    sj, rj, kj, j, s_row, rel_row, key_row, k_lo, k_hi, ign, mask_row, stride_sn, stride_rn, stride_kn, stride_mn,
+    inv_tau, rho, delta, start, offset, beta, gamma, leak,
     STEP: tl.constexpr, IGNORE: tl.constexpr, GRAD: tl.constexpr, NDCG: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    HAS_KEY: tl.constexpr, HRANK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """(rank_all, rank_pos, S1, S2, ideal place) partial sums (BLOCK_P,) of the ranked items
-    (scores sj, relevance rj, columns j) over the columns [k_lo, k_hi) (module docstring, kernel 2);
-    S1, S2 zeros unless GRAD (S2: sigmoid only), the place zeros unless NDCG."""
+    (scores sj, relevance rj, keys kj, columns j) over the columns [k_lo, k_hi) (module docstring,
+    kernel 2); the competitors' keys from key_row if HAS_KEY, else their relevance; (beta, gamma,
+    leak) read if HRANK. S1, S2 zeros unless GRAD (S2: sigmoid or HRANK), the place zeros unless NDCG."""
     ra = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     rp = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     s1 = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     s2 = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     ip = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     r2 = rj[:, None]
+    y2 = kj[:, None]
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         valid = valid_cols(offs_k, k_hi, ign, mask_row, stride_mn, IGNORE)
@@ -114,12 +122,23 @@ def _sweep(
                 s1 += tl.where(v2, gd, 0.0)
                 s2 += tl.where(v2, w * gd, 0.0)
         else:
+            if HAS_KEY:
+                yk = tl.load(key_row + offs64 * stride_kn, mask=valid, other=0.0)
+            else:
+                yk = rk
             h = heaviside(d)
-            hi = rk[None, :] >= r2
+            hi = yk[None, :] >= y2
             ra += tl.where(v2, tl.where(hi, h, g), 0.0)
-            rp += tl.where(v2, w * h, 0.0)
+            if HRANK:
+                # strictly above: never j itself, whose H(0) = 1 supplies "r_j +"
+                up = yk[None, :] > y2
+                rp += tl.where(v2, w * tl.where(up, hrank_plus(d, beta, gamma, leak), h), 0.0)
+            else:
+                rp += tl.where(v2, w * h, 0.0)
             if GRAD:
                 s1 += tl.where(v2 & ~hi, step_neg_grad(d, inv_tau, rho, delta, STEP, FAST), 0.0)
+                if HRANK:
+                    s2 += tl.where(v2 & up, w * hrank_plus_grad(d, beta, gamma, leak), 0.0)
         if NDCG:
             before = (rk[None, :] > r2) | ((rk[None, :] == r2) & (offs_k[None, :] < j[:, None]))
             ip += tl.where(v2 & (rk[None, :] > 0.0) & before, 1.0, 0.0)
@@ -128,13 +147,14 @@ def _sweep(
 
 @triton.jit
 def _store(base_ptr, plane, offs_p, in_p, ra, rp, s1, s2, ip,
-           STEP: tl.constexpr, GRAD: tl.constexpr, NDCG: tl.constexpr, NB: tl.constexpr):
-    """The NB planes (rank_all, rank_pos[, S1[, S2]][, place]) at base_ptr + b * plane + offs_p."""
+           STEP: tl.constexpr, GRAD: tl.constexpr, NDCG: tl.constexpr, HRANK: tl.constexpr, NB: tl.constexpr):
+    """The NB planes (rank_all, rank_pos[, S1[, S2]][, place]) at base_ptr + b * plane + offs_p
+    (S2 for the sigmoid or HRANK)."""
     tl.store(base_ptr + offs_p, ra, mask=in_p)
     tl.store(base_ptr + plane + offs_p, rp, mask=in_p)
     if GRAD:
         tl.store(base_ptr + 2 * plane + offs_p, s1, mask=in_p)
-        if STEP == 0:
+        if (STEP == 0) or HRANK:
             tl.store(base_ptr + 3 * plane + offs_p, s2, mask=in_p)
     if NDCG:
         tl.store(base_ptr + (NB - 1) * plane + offs_p, ip, mask=in_p)
@@ -145,14 +165,15 @@ def _store(base_ptr, plane, offs_p, in_p, ra, rp, s1, s2, ip,
 
 @triton.jit
 def _compact_kernel(
-    scores_ptr, rel_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, cols_ptr, meta_ptr,
+    scores_ptr, rel_ptr, key_ptr, ign_idx_ptr, ign_mask_ptr, params_ptr, cols_ptr, meta_ptr,
     N,
-    stride_sq, stride_sn, stride_rq, stride_rn, stride_iq, stride_mq, stride_mn,
-    IGNORE: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_sq, stride_sn, stride_rq, stride_rn, stride_kq, stride_kn, stride_iq, stride_mq, stride_mn,
+    IGNORE: tl.constexpr, HAS_KEY: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Kernel 1, grid (Q,): row i's ranked columns, in column order, into cols[i, :count] ((Q, N)
-    int32, contiguous), meta[i] = (count, flags) ((Q, 2) int32). rel (Q, N) in the accumulation
-    dtype; params_ptr[5:8] = (largest finite, smallest normal, relevance limit) of that dtype."""
+    int32, contiguous), meta[i] = (count, flags) ((Q, 2) int32). rel and key (Q, N) in the
+    accumulation dtype, the key read (its finiteness checked over the row) if HAS_KEY, a key was
+    given; params_ptr[5:8] = (largest finite, smallest normal, relevance limit) of that dtype."""
     i = tl.program_id(0).to(tl.int64)
     big = tl.load(params_ptr + 5)
     tiny = tl.load(params_ptr + 6)
@@ -160,6 +181,7 @@ def _compact_kernel(
     ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
     s_row = scores_ptr + i * stride_sq
     rel_row = rel_ptr + i * stride_rq
+    key_row = key_ptr + i * stride_kq
     n_nan = tl.zeros((BLOCK_K,), tl.int32)
     n_bad = tl.zeros((BLOCK_K,), tl.int32)
     count = tl.program_id(0) * 0  # an int32 scalar, carried by the loop
@@ -172,6 +194,10 @@ def _compact_kernel(
         s = tl.load(s_row + offs64 * stride_sn, mask=valid, other=0.0).to(tl.float32)
         # the checks of the C++ op's relevance_status, over the whole row
         bad = ~(tl.abs(r) <= big) | (r < 0.0) | ((r > 0.0) & (r < tiny)) | (r >= limit)
+        if HAS_KEY:
+            # ignored items included, as the C++ op's all_finite over the row
+            y = tl.load(key_row + offs64 * stride_kn, mask=inb, other=0.0)
+            bad = bad | ~(tl.abs(y) <= big)
         n_bad += (inb & bad).to(tl.int32)
         n_nan += (valid & (s != s)).to(tl.int32)
         pos = valid & (r > 0.0)
@@ -189,14 +215,16 @@ def _compact_kernel(
 
 @triton.jit
 def _sums_kernel(
-    scores_ptr, rel_ptr, ign_idx_ptr, ign_mask_ptr, cols_ptr, meta_ptr, params_ptr, work_ptr, part_ptr,
+    scores_ptr, rel_ptr, key_ptr, ign_idx_ptr, ign_mask_ptr, cols_ptr, meta_ptr, params_ptr, work_ptr, part_ptr,
     Q, N, C, CH,
-    stride_sq, stride_sn, stride_rq, stride_rn, stride_iq, stride_mq, stride_mn,
+    stride_sq, stride_sn, stride_rq, stride_rn, stride_kq, stride_kn, stride_iq, stride_mq, stride_mn,
     STEP: tl.constexpr, IGNORE: tl.constexpr, GRAD: tl.constexpr, NDCG: tl.constexpr, FAST: tl.constexpr,
-    NB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_KEY: tl.constexpr, HRANK: tl.constexpr, NB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Kernel 2, grid (Q, C): the sums of row i's ranked items (module docstring); work (NB, Q, N)
-    and part (Q, C, NB, C * BLOCK_P) in the accumulation dtype; CH the columns of one chunk."""
+    and part (Q, C, NB, C * BLOCK_P) in the accumulation dtype; CH the columns of one chunk. The
+    key (Q, N, accumulation dtype) read if HAS_KEY (suprank with a key), (beta, gamma, leak) from
+    params_ptr[8:11] if HRANK."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     ACC = params_ptr.dtype.element_ty
@@ -204,9 +232,13 @@ def _sums_kernel(
     flags = tl.load(meta_ptr + i * 2 + 1)
     if (count > 0) & (flags == 0):
         inv_tau, rho, delta, start, offset = load_step_params(params_ptr)
+        beta, gamma, leak = 0.0, 0.0, 0.0
+        if HRANK:
+            beta, gamma, leak = load_hrank_params(params_ptr + 8)
         ign, mask_row = row_ignore(ign_idx_ptr, ign_mask_ptr, i, stride_iq, stride_mq, IGNORE)
         s_row = scores_ptr + i * stride_sq
         rel_row = rel_ptr + i * stride_rq
+        key_row = key_ptr + i * stride_kq
         n_tiles = (count + BLOCK_P - 1) // BLOCK_P
         if n_tiles >= C:
             # enough ranked items: tiles dealt round-robin, each against the whole row
@@ -216,11 +248,16 @@ def _sums_kernel(
                 j = tl.load(cols_ptr + i * N + offs_p, mask=in_p, other=0)
                 sj = tl.load(s_row + j.to(tl.int64) * stride_sn, mask=in_p, other=0.0).to(ACC)
                 rj = tl.load(rel_row + j.to(tl.int64) * stride_rn, mask=in_p, other=0.0)
+                if HAS_KEY:
+                    kj = tl.load(key_row + j.to(tl.int64) * stride_kn, mask=in_p, other=0.0)
+                else:
+                    kj = rj
                 ra, rp, s1, s2, ip = _sweep(
-                    sj, rj, j, s_row, rel_row, 0, N, ign, mask_row, stride_sn, stride_rn, stride_mn,
-                    inv_tau, rho, delta, start, offset, STEP, IGNORE, GRAD, NDCG, FAST, BLOCK_P, BLOCK_K, ACC,
+                    sj, rj, kj, j, s_row, rel_row, key_row, 0, N, ign, mask_row, stride_sn, stride_rn, stride_kn,
+                    stride_mn, inv_tau, rho, delta, start, offset, beta, gamma, leak,
+                    STEP, IGNORE, GRAD, NDCG, FAST, HAS_KEY, HRANK, BLOCK_P, BLOCK_K, ACC,
                 )
-                _store(work_ptr + i * N, Q * N, offs_p, in_p, ra, rp, s1, s2, ip, STEP, GRAD, NDCG, NB)
+                _store(work_ptr + i * N, Q * N, offs_p, in_p, ra, rp, s1, s2, ip, STEP, GRAD, NDCG, HRANK, NB)
         else:
             # few ranked items: this program's chunk of columns for all of them, partial sums
             k_lo = c * CH
@@ -232,21 +269,28 @@ def _sums_kernel(
                 j = tl.load(cols_ptr + i * N + offs_p, mask=in_p, other=0)
                 sj = tl.load(s_row + j.to(tl.int64) * stride_sn, mask=in_p, other=0.0).to(ACC)
                 rj = tl.load(rel_row + j.to(tl.int64) * stride_rn, mask=in_p, other=0.0)
+                if HAS_KEY:
+                    kj = tl.load(key_row + j.to(tl.int64) * stride_kn, mask=in_p, other=0.0)
+                else:
+                    kj = rj
                 ra, rp, s1, s2, ip = _sweep(
-                    sj, rj, j, s_row, rel_row, k_lo, k_hi, ign, mask_row, stride_sn, stride_rn, stride_mn,
-                    inv_tau, rho, delta, start, offset, STEP, IGNORE, GRAD, NDCG, FAST, BLOCK_P, BLOCK_K, ACC,
+                    sj, rj, kj, j, s_row, rel_row, key_row, k_lo, k_hi, ign, mask_row, stride_sn, stride_rn,
+                    stride_kn, stride_mn, inv_tau, rho, delta, start, offset, beta, gamma, leak,
+                    STEP, IGNORE, GRAD, NDCG, FAST, HAS_KEY, HRANK, BLOCK_P, BLOCK_K, ACC,
                 )
-                _store(part_ptr + (i * C + c) * NB * pw, pw, offs_p, in_p, ra, rp, s1, s2, ip, STEP, GRAD, NDCG, NB)
+                _store(part_ptr + (i * C + c) * NB * pw, pw, offs_p, in_p, ra, rp, s1, s2, ip,
+                       STEP, GRAD, NDCG, HRANK, NB)
 
 
 @triton.jit
 def _epilogue_kernel(
     rel_ptr, cols_ptr, meta_ptr, params_ptr, work_ptr, part_ptr, score_ptr, npos_ptr, grad_ptr,
     Q, N, C, stride_rq, stride_rn,
-    STEP: tl.constexpr, NDCG: tl.constexpr, GRAD: tl.constexpr, NB: tl.constexpr, BLOCK_P: tl.constexpr,
+    STEP: tl.constexpr, NDCG: tl.constexpr, GRAD: tl.constexpr, HRANK: tl.constexpr, NB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Kernel 3, grid (Q,): score[i], npos[i] and, if GRAD, a_j, b_j (over rank_all, rank_pos in
-    work) and -own_j at grad[i, col_j] ((Q, N) contiguous)."""
+    work) and -own_j at grad[i, col_j] ((Q, N) contiguous); own_j has b_j S2_j for the sigmoid or HRANK."""
     i = tl.program_id(0).to(tl.int64)
     ACC = params_ptr.dtype.element_ty
     count = tl.load(meta_ptr + i * 2)
@@ -337,7 +381,7 @@ def _epilogue_kernel(
                 a = tl.where(in_p, a, 0.0)
                 b = tl.where(in_p, b, 0.0)
                 own = a * s1
-                if STEP == 0:
+                if (STEP == 0) or HRANK:
                     s2 = tl.load(row + 3 * plane + offs_p, mask=in_p, other=0.0)
                     own += b * s2
                 tl.store(row + offs_p, a, mask=in_p)
@@ -347,12 +391,14 @@ def _epilogue_kernel(
 
 @triton.jit
 def _grad_kernel(
-    scores_ptr, rel_ptr, ign_idx_ptr, ign_mask_ptr, cols_ptr, meta_ptr, params_ptr, work_ptr, grad_ptr,
+    scores_ptr, rel_ptr, key_ptr, ign_idx_ptr, ign_mask_ptr, cols_ptr, meta_ptr, params_ptr, work_ptr, grad_ptr,
     Q, N,
-    stride_sq, stride_sn, stride_rq, stride_rn, stride_iq, stride_mq, stride_mn,
-    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_sq, stride_sn, stride_rq, stride_rn, stride_kq, stride_kn, stride_iq, stride_mq, stride_mn,
+    STEP: tl.constexpr, IGNORE: tl.constexpr, FAST: tl.constexpr, HAS_KEY: tl.constexpr, HRANK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Kernel 4, grid (Q, cdiv(N, BLOCK_K)): grad[i, k] for a block of columns (module docstring)."""
+    """Kernel 4, grid (Q, cdiv(N, BLOCK_K)): grad[i, k] for a block of columns (module docstring);
+    key and H-rank parameters as in `_sums_kernel`."""
     i = tl.program_id(0).to(tl.int64)
     ACC = params_ptr.dtype.element_ty
     count = tl.load(meta_ptr + i * 2)
@@ -370,11 +416,18 @@ def _grad_kernel(
         tl.store(out_ptr, tl.zeros((BLOCK_K,), ACC), mask=in_k)
     else:
         inv_tau, rho, delta, _s, _o = load_step_params(params_ptr)
+        if HRANK:
+            beta, gamma, leak = load_hrank_params(params_ptr + 8)
         s_row = scores_ptr + i * stride_sq
         rel_row = rel_ptr + i * stride_rq
+        key_row = key_ptr + i * stride_kq
         offs64 = offs_k.to(tl.int64)
         sk = tl.load(s_row + offs64 * stride_sn, mask=valid, other=0.0).to(ACC)
         rk = tl.load(rel_row + offs64 * stride_rn, mask=valid, other=0.0)
+        if HAS_KEY:
+            yk = tl.load(key_row + offs64 * stride_kn, mask=valid, other=0.0)
+        else:
+            yk = rk
         plane = Q * N
         row = work_ptr + i * N
         acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
@@ -391,9 +444,17 @@ def _grad_kernel(
                 b = tl.load(row + plane + offs_p, mask=in_p, other=0.0)
                 coef = a[:, None] + b[:, None] * tl.minimum(rj[:, None], rk[None, :])
             else:
-                coef = tl.where(rk[None, :] < rj[:, None], a[:, None], 0.0)
-            # lanes past the count have a = b = 0 and g' is always finite: exact zeros
+                if HAS_KEY:
+                    yj = tl.load(key_row + j.to(tl.int64) * stride_kn, mask=in_p, other=0.0)
+                else:
+                    yj = rj
+                coef = tl.where(yk[None, :] < yj[:, None], a[:, None], 0.0)
+            # lanes past the count have a = b = 0 and g', h+' are always finite: exact zeros
             acc += coef * gd
+            if HRANK:
+                b = tl.load(row + plane + offs_p, mask=in_p, other=0.0)
+                up = tl.where(yk[None, :] > yj[:, None], b[:, None] * tl.minimum(rj[:, None], rk[None, :]), 0.0)
+                acc += up * hrank_plus_grad(d, beta, gamma, leak)
         g = tl.sum(acc, axis=0)
         own = tl.load(out_ptr, mask=valid & (rk > 0.0), other=0.0)
         tl.store(out_ptr, tl.where(valid, g + own, 0.0), mask=in_k)
@@ -407,9 +468,22 @@ def _relevance_limit(kind: int, acc: torch.dtype) -> float:
     return math.log2(torch.finfo(acc).max) if kind == KIND_NDCG else math.inf
 
 
+def _key_operand(fn: str, key: Optional[Tensor], scores: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """The ordering key (Q, N) in the accumulation dtype, or None; its values are the kernels' to check."""
+    if key is None:
+        return None
+    check_tensor(fn, "key", key, 2)
+    if key.dtype.is_complex:
+        raise TypeError(f"{fn}: `key` must be bool, integer or floating, got {key.dtype}")
+    check_operand(fn, "key", key, 2, None if key.is_floating_point() else (key.dtype,), "bool, integer or floating",
+                  scores.shape, f"the shape of `scores` {tuple(scores.shape)}", scores.device)
+    return key if key.dtype == acc else key.to(acc)
+
+
 def graded_loss_rows(
     scores: Tensor,
     relevance: Tensor,
+    key: Optional[Tensor],
     ignore_idx: Optional[Tensor],
     ignore_mask: Optional[Tensor],
     params: StepParams,
@@ -427,10 +501,14 @@ def graded_loss_rows(
         relevance: (Q, N) bool/integer/floating graded relevance >= 0 (> 0 = ranked), taken in the
             accumulation dtype; a value that is not finite, negative, a positive subnormal or (NDCG)
             >= log2 of the dtype's largest value makes the query NaN.
+        key: (Q, N) bool/integer/floating ordering key of the suprank step (None: the relevance),
+            taken in the accumulation dtype (exact there: not checked here); a value that is not
+            finite, anywhere in the row, makes the query NaN.
         ignore_idx: (Q,) int64 column to leave out per query (-1 = none; another value outside
             [-1, N) makes the query NaN), or None.
         ignore_mask: (Q, N) bool, True = left out, or None.
-        params: the step (fastrank.core.params.StepParams).
+        params: the step (fastrank.core.params.StepParams; GradedParams with `hrank` for HAPPIER's
+            smoothed H-rank, suprank H-AP only: NDCG reads no rank_pos).
         kind: "h_ap" or "ndcg".
         with_grad: also the gradient rows d score_i / d scores[i, :].
         fast: sigma through tanh.approx.f32 (GPU, float32 only); None reads FASTRANK_TRITON_FAST.
@@ -453,61 +531,72 @@ def graded_loss_rows(
     # the accumulation dtype: exact for bool, integers up to 2^24 and half floats (float64 input
     # with float32 scores is cast, as fastrank.core.validate.check_relevance does)
     rel = relevance if relevance.dtype == acc else relevance.to(acc)
+    key = _key_operand(fn, key, scores, acc)
     ign_idx, ign_mask, ign_strides, mode = ignore_args(scores, ignore_idx, ignore_mask)
-    ptrs = (scores, rel, ign_idx, ign_mask)
-    strides = (*scores.stride(), *rel.stride(), *ign_strides)
+    # without a key the relevance stands behind key_ptr, never read
+    key_t = rel if key is None else key
+    ptrs = (scores, rel, key_t, ign_idx, ign_mask)
+    strides = (*scores.stride(), *rel.stride(), *key_t.stride(), *ign_strides)
 
     bp, bk, bk_compact = _loss._blocks(n)
     c = _loss.splits(q, n, bk)
     ch = triton.cdiv(triton.cdiv(n, c), bk) * bk
     step = params.step
     ndcg = code == KIND_NDCG
-    nb = 2 + ((2 if step == SIGMOID else 1) if with_grad else 0) + (1 if ndcg else 0)
+    # the key and the H-rank change the suprank step only, the H-rank only rank_pos (H-AP's)
+    has_key = key is not None and step == SUPRANK
+    hrank = bool(getattr(params, "hrank", False)) and step == SUPRANK and not ndcg
+    nb = 2 + ((2 if step == SIGMOID or hrank else 1) if with_grad else 0) + (1 if ndcg else 0)
     cols = torch.empty((q, n), dtype=torch.int32, device=dev)
     meta = torch.empty((q, 2), dtype=torch.int32, device=dev)
     work = torch.empty((nb, q, n), dtype=acc, device=dev)
     part = torch.empty((q, c, nb, c * bp) if c > 1 else (1,), dtype=acc, device=dev)
     info = torch.finfo(acc)
+    # [0:5] the step (load_step_params), [5:8] the dtype's limits (_compact_kernel), [8:11] the
+    # H-rank's (beta, gamma, leak) (load_hrank_params; zeros without it, never read then)
+    hrank_vals = tuple(float(getattr(params, name, 0.0)) for name in ("beta", "gamma", "leak"))
     prm = device_constants(
         (1.0 / params.tau, params.rho, params.delta, params.start, params.resolved_offset,
-         info.max, info.tiny, _relevance_limit(code, acc)), acc, dev,
+         info.max, info.tiny, _relevance_limit(code, acc)) + hrank_vals, acc, dev,
     )
     fast_flag = use_fast(fast, acc)
 
     _compact_kernel[(q,)](
-        scores, rel, ign_idx, ign_mask, prm, cols, meta, n, *strides, IGNORE=mode, BLOCK_K=bk_compact,
+        *ptrs, prm, cols, meta, n, *strides, IGNORE=mode, HAS_KEY=key is not None, BLOCK_K=bk_compact,
     )
     _sums_kernel[(q, c)](
         *ptrs, cols, meta, prm, work, part, q, n, c, ch, *strides,
-        STEP=step, IGNORE=mode, GRAD=with_grad, NDCG=ndcg, FAST=fast_flag, NB=nb, BLOCK_P=bp, BLOCK_K=bk,
+        STEP=step, IGNORE=mode, GRAD=with_grad, NDCG=ndcg, FAST=fast_flag, HAS_KEY=has_key, HRANK=hrank,
+        NB=nb, BLOCK_P=bp, BLOCK_K=bk,
     )
     _epilogue_kernel[(q,)](
         rel, cols, meta, prm, work, part, score, n_pos, grad if with_grad else score, q, n, c, *rel.stride(),
-        STEP=step, NDCG=ndcg, GRAD=with_grad, NB=nb, BLOCK_P=bp,
+        STEP=step, NDCG=ndcg, GRAD=with_grad, HRANK=hrank, NB=nb, BLOCK_P=bp,
     )
     if with_grad:
         _grad_kernel[(q, triton.cdiv(n, bk))](
             *ptrs, cols, meta, prm, work, grad, q, n, *strides,
-            STEP=step, IGNORE=mode, FAST=fast_flag, BLOCK_P=bp, BLOCK_K=bk,
+            STEP=step, IGNORE=mode, FAST=fast_flag, HAS_KEY=has_key, HRANK=hrank, BLOCK_P=bp, BLOCK_K=bk,
         )
     return score, n_pos, grad
 
 
-def _rows(scores, _qlab, _glab, rel, ign_idx, ign_mask, params, *, kind, with_grad):
-    """graded_loss_rows in the argument order of loss._FusedLoss."""
-    return graded_loss_rows(scores, rel, ign_idx, ign_mask, params, kind=kind, with_grad=with_grad)
+def _rows(scores, _qlab, _glab, rel, ign_idx, ign_mask, params, *, kind, key, with_grad):
+    """graded_loss_rows in the argument order of loss._FusedLoss (which has no key slot: the key
+    rides in its options, a constant of the loss)."""
+    return graded_loss_rows(scores, rel, key, ign_idx, ign_mask, params, kind=kind, with_grad=with_grad)
 
 
 def run_loss(name: str, scores: Tensor, *tensors: Optional[Tensor], params: StepParams,
              options: Tuple = ()) -> Tuple[Tensor, Tensor]:
     """(score (Q,), n_pos (Q,)) of the fused graded_loss op (the arguments of
-    torch.ops.fastrank.graded_loss after scores: relevance, ignore_idx, ignore_mask; options
+    torch.ops.fastrank.graded_loss after scores: relevance, key, ignore_idx, ignore_mask; options
     (kind,), 0 = H-AP, 1 = NDCG), differentiable w.r.t. scores; fastrank.core.registry.run_loss
     calls it for backend="triton"."""
     if name != "graded_loss":
         raise ValueError(f"fastrank.triton_kernels.graded_loss.run_loss: no Triton kernels for {name!r}")
-    rel, ign_idx, ign_mask = tensors
+    rel, key, ign_idx, ign_mask = tensors
     (code,) = options
     kind = {v: k for k, v in KINDS.items()}[int(code)]
     return _loss._FusedLoss.apply(scores, None, None, rel, ign_idx, ign_mask, params,
-                                  dict(kind=kind, rows=_rows))
+                                  dict(kind=kind, key=key, rows=_rows))
