@@ -69,7 +69,9 @@ def hrank_plus(d: torch.Tensor, p) -> torch.Tensor:
         above = torch.ones_like(d)
     else:
         above = ((d * p.beta) if p.beta != 0 else torch.zeros_like(d)) + p.gamma
-        above = torch.minimum(above, torch.ones_like(d))
+        # clamp, not minimum: at beta * d + gamma = 1 its backward passes the whole slope, as
+        # HAPPIER's torch.clamp and the kernels do (minimum's would split it in halves)
+        above = above.clamp(max=1.0)
     return torch.where(d <= zero, below, above)
 
 
