@@ -162,10 +162,10 @@ def published_patel_recall(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 2,
 def published_allrank_approx_ndcg(y_pred, y_true, eps=1e-10, padded_value_indicator=-1, alpha=1.0):
     """Mean approximate NDCG of allRank's `approxNDCGLoss` (allegro/allRank, from Qin et al. 2010),
     returned as NDCG (allRank returns its negative), step for step as that function computes it
-    (checked against its source, allrank/models/losses/approxNDCG.py): padded items (y_true == padded_value_indicator) are set to -inf, the slate is
-    sorted by prediction, pairs holding a padded item are masked, labels clamped at 0; gains
-    2^y - 1 over max(ideal DCG, eps), the ideal DCG from the sorted labels at log2(1 + position);
-    approx position = 1 + sum over the other unpadded items of sigmoid(-alpha (s_j - s_k))
+    (checked against its source, allrank/models/losses/approxNDCG.py): padded items (y_true ==
+    padded_value_indicator) are set to -inf, the slate is sorted by prediction, pairs holding a
+    padded item are masked, labels clamped at 0; gains 2^y - 1 over max(ideal DCG, eps), the
+    ideal DCG from the sorted labels at log2(1 + position); approx position = 1 + sum over the other unpadded items of sigmoid(-alpha (s_j - s_k))
     floored at eps; the mean over every slate of sum(G / log2(1 + approx position))."""
     y_pred = y_pred.clone()
     y_true = y_true.clone().to(y_pred.dtype)

@@ -9,8 +9,7 @@ tests/test_graded.py and on every case of all_cases() with a graded relevance ma
 import pytest
 import torch
 
-import fastrank
-from fastrank.core.params import GradedParams, StepParams
+from fastrank.core.params import GradedParams
 from fastrank.core.problem import ignore_args
 from fastrank.core.registry import register_cpp_ops
 from fastrank.graded import h_ap, ndcg

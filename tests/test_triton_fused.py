@@ -8,9 +8,6 @@ same tests run compiled. The GPU-only checks (no host sync, CUDA-graph capture) 
 tests/test_gpu.py.
 """
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -26,7 +23,7 @@ from .cases import all_cases, assert_all_close, assert_zero_without_positives, m
 from .cases import outputs_and_grad, to_device  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
-from .conftest import requires  # noqa: E402
+from .conftest import compile_ahead_of_time, requires  # noqa: E402
 from .nan_rows import POISONED, nan_problem  # noqa: E402
 
 pytestmark = requires("triton")
@@ -357,12 +354,7 @@ _AOT_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     # the interpreter never lowers the kernels: compile every variant ahead of time for an H100
     # (Triton's bundled ptxas, no GPU) in a process without TRITON_INTERPRET
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900,
-                         check=False)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert out.returncode == 0 and "AOT-OK" in out.stdout, out.stderr[-4000:]
+    compile_ahead_of_time(_AOT_SCRIPT)
 
 
 # --------------------------------------------------------------------------- scratch memory

@@ -7,9 +7,6 @@ order as on a GPU, so fp64 results are held to the naive cube at 1e-10). With a 
 run compiled. The cases are those of tests/test_fused_graded.py (ties in scores and relevance,
 odd sizes, rows without relevant items, every ignore form).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -24,7 +21,7 @@ from fastrank.graded import h_ap, ndcg  # noqa: E402
 from .cases import Case, assert_all_close, graded_ignore, max_err, outputs_and_grad, to_device  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
-from .conftest import requires  # noqa: E402
+from .conftest import compile_ahead_of_time, requires  # noqa: E402
 from .nan_rows import POISONED, nan_problem, nan_relevance  # noqa: E402
 from .test_fused_graded import graded_cases  # noqa: E402
 from .test_triton_fused import _CountingKernel  # noqa: E402
@@ -402,9 +399,4 @@ print("AOT-OK")
 def test_kernels_compile_for_sm90():
     # the interpreter never lowers the kernels: compile every variant ahead of time for an H100
     # (Triton's bundled ptxas, no GPU) in a process without TRITON_INTERPRET
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900,
-                         check=False)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert out.returncode == 0 and "AOT-OK" in out.stdout, out.stderr[-4000:]
+    compile_ahead_of_time(_AOT_SCRIPT)

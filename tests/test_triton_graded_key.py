@@ -8,9 +8,6 @@ level (not monotone in it), and random keys with ranked items keyed lowest, unra
 high, negative keys and key ties. Without a GPU the kernels run in Triton's interpreter (numpy:
 fp64 is the same arithmetic as the references, held to 1e-10); small shapes, it is slow.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -26,7 +23,7 @@ from fastrank.graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarc
 from .cases import assert_all_close, assert_within_naive_error, graded_ignore, outputs_and_grad  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
-from .conftest import requires  # noqa: E402
+from .conftest import compile_ahead_of_time, requires  # noqa: E402
 
 pytestmark = requires("triton")
 
@@ -526,9 +523,4 @@ def test_two_pass_kernels_compile_for_sm90():
     # the interpreter never lowers the kernels: compile the key and H-rank variants of the two-pass
     # kernels ahead of time for an H100 (Triton's bundled ptxas, no GPU), as test_triton_fused_graded
     # does for the fused ones
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900,
-                         check=False)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert out.returncode == 0 and "AOT-OK" in out.stdout, out.stderr[-4000:]
+    compile_ahead_of_time(_AOT_SCRIPT)

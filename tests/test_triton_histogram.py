@@ -7,9 +7,6 @@ kernels, and they run in Triton's interpreter on CPU tensors (small shapes: it i
 With a GPU the same tests run on CUDA tensors (autotuned launches), and the GPU-only tests
 (fp32 / half precision against fp64, large shapes, the split forward) run too.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -31,7 +28,7 @@ from .cases import max_err, poisoned_rows_case  # noqa: E402
 from .cases import to_device as _to_device  # noqa: E402
 from .conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 from .conftest import TRITON_ON_GPU as ON_GPU  # noqa: E402
-from .conftest import requires  # noqa: E402
+from .conftest import compile_ahead_of_time, requires  # noqa: E402
 from .conftest import triton_gpu_only as gpu_only  # noqa: E402
 from .kernel_api import check_common_arguments  # noqa: E402
 
@@ -352,9 +349,4 @@ _AOT_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     # the interpreter never lowers the kernels: compile them ahead of time for an H100 (needs
     # only Triton's bundled ptxas, no GPU) in a process without TRITON_INTERPRET
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert out.returncode == 0 and "AOT-OK" in out.stdout, out.stderr[-4000:]
+    compile_ahead_of_time(_AOT_SCRIPT, timeout=600)

@@ -453,7 +453,8 @@ def main() -> int:
                                       "--budget-min", "0.5" if QUICK else "1.0"],
                 limit_s=45 if QUICK else 90, min_s=20)
         chk.run("bench-large", bench + ["--tag", "large", "--workloads", "batch", "--backends", "triton,cuda",
-                                        "--ops", "sup_ap,smooth_ap,h_ap", "--sizes", "16384" if QUICK else "16384,65536",
+                                        "--ops", "sup_ap,smooth_ap,h_ap",
+                                        "--sizes", "16384" if QUICK else "16384,65536",
                                         "--budget-min", "0.5" if QUICK else "1.0"],
                 limit_s=45 if QUICK else 90, min_s=20)
         if not QUICK:
