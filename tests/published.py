@@ -165,8 +165,9 @@ def published_allrank_approx_ndcg(y_pred, y_true, eps=1e-10, padded_value_indica
     (checked against its source, allrank/models/losses/approxNDCG.py): padded items (y_true ==
     padded_value_indicator) are set to -inf, the slate is sorted by prediction, pairs holding a
     padded item are masked, labels clamped at 0; gains 2^y - 1 over max(ideal DCG, eps), the
-    ideal DCG from the sorted labels at log2(1 + position); approx position = 1 + sum over the other unpadded items of sigmoid(-alpha (s_j - s_k))
-    floored at eps; the mean over every slate of sum(G / log2(1 + approx position))."""
+    ideal DCG from the sorted labels at log2(1 + position); approx position = 1 + sum over the
+    other unpadded items of sigmoid(-alpha (s_j - s_k)) floored at eps; the mean over every slate
+    of sum(G / log2(1 + approx position))."""
     y_pred = y_pred.clone()
     y_true = y_true.clone().to(y_pred.dtype)
     pad = y_true == padded_value_indicator
