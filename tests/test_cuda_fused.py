@@ -202,6 +202,38 @@ def test_histogram_is_one_launch():
 
 
 @pytest.mark.parametrize("kind", ["fastap", "softbin"])
+@pytest.mark.parametrize("ignore_kind", ["none", "mask"])
+def test_histogram_split_rows_equal_naive_in_three_launches(kind, ignore_kind):
+    # 3 queries against 9000 columns: each row split over column chunks (histogram_loss.cu,
+    # hist_part / hist_finish / hist_grad), a query without positives and a NaN row among them
+    g = torch.Generator().manual_seed(30)
+    s = torch.randn(4, 9000, generator=g, dtype=torch.float64).clamp(-3, 3) / 3
+    qlab, glab = torch.tensor([0, 1, 7, 2]), torch.randint(0, 3, (9000,), generator=g)
+    s[3, 5] = float("nan")
+    ignore = None if ignore_kind == "none" else torch.rand(4, 9000, generator=g) < 0.1
+    if ignore is not None:
+        ignore[3, 5] = False  # the NaN stays a valid score
+    kw = dict(kind=kind, bins=20, range=(-1.0, 1.0)) if kind == "softbin" else dict(kind=kind)
+    out = []
+    for backend, dev in (("cuda", DEVICE), ("naive", "cpu")):
+        x = s.to(dev).clone().requires_grad_()
+        v = fastrank.histogram_ap(x, (qlab.to(dev), glab.to(dev)), ignore=None if ignore is None else ignore.to(dev),
+                                  backend=backend, reduction="none", **kw)
+        (gr,) = torch.autograd.grad(v[:3].sum(), x)  # the NaN row's gradient is the NaN tests' business
+        out.append((v.cpu(), gr[:3].cpu()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-9, atol=1e-11, equal_nan=True)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-9, atol=1e-10)
+    assert torch.isnan(out[0][0][3]) and out[0][0][2] == 0
+    for requires_grad, expected in ((False, 2), (True, 3)):
+        x = s.to(DEVICE).clone().requires_grad_(requires_grad)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fastrank.histogram_ap(x, (qlab.to(DEVICE), glab.to(DEVICE)), backend="cuda", **kw)
+            torch.cuda.synchronize()
+        ours = [e for e in prof.events() if any(n in e.name for n in ("hist_part", "hist_finish", "hist_grad"))]
+        assert len(ours) == expected, [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("kind", ["fastap", "softbin"])
 def test_histogram_many_bins_take_the_two_pass_kernels(kind):
     # past kMaxFusedBins the fused op refuses (its histograms live in shared memory); the public
     # function takes the two-pass kernels instead, with the same numbers

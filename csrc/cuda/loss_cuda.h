@@ -61,12 +61,27 @@ cudaError_t loss_forward(const ProblemView<T>& pr, const TargetView& target, con
 // (2 * 8 + 4) * bins values (fastrank.histogram_ap runs larger ones on the two-pass kernels).
 constexpr int64_t kMaxFusedBins = 256;
 
+// The split of a fused histogram AP call, from the shape only: C = splits blocks per row of chunk
+// columns each (C = 1 with enough rows: one launch, no scratch); with C > 1 the scratch holds
+// scratch_elems values of T (partial histograms (Q, C, 2, L), with the gradient the per-bin
+// derivatives (Q, 2, L)) and int_elems ints (partial counts (Q, C, 2), row states (Q, 2)).
+struct HistLossPlan {
+  int64_t splits;
+  int64_t chunk;
+  int64_t scratch_elems;  // at least 1
+  int64_t int_elems;      // at least 1
+};
+
+HistLossPlan plan_histogram_loss(int64_t Q, int64_t N, int64_t bins, bool with_grad);
+
 // One fused histogram AP call (histogram_loss.cu), kind 0 = FastAP, 1 = SoftBin, the bins as
 // histogram_fwd's (v = scale * s + shift on centres 0..bins-1); outputs and bad_rows as
-// loss_forward's. One launch on `stream`, no host synchronisation.
+// loss_forward's. One launch on `stream` (three when the plan splits rows), no host
+// synchronisation.
 template <typename T>
 cudaError_t histogram_loss_forward(const ProblemView<T>& pr, const TargetView& target, const bool* bad_rows,
-                                   int64_t bins, T scale, T shift, bool open_ends, int kind, T* score,
+                                   int64_t bins, T scale, T shift, bool open_ends, int kind,
+                                   const HistLossPlan& plan, T* scratch, int* int_scratch, T* score,
                                    int64_t* n_pos, T* grad, cudaStream_t stream);
 
 // The scratch of one fused graded loss call (graded_loss.cu), from the shape and the options only:

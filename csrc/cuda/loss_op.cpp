@@ -118,7 +118,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> recall_loss_cuda(
                      });
 }
 
-// Histogram AP (FastAP kind 0, SoftBin kind 1): one launch, its scratch in shared memory
+// Histogram AP (FastAP kind 0, SoftBin kind 1): one launch, its scratch in shared memory (three
+// launches and a global scratch when few rows are split over several blocks)
 static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cuda(
     const at::Tensor& scores_in, const std::optional<at::Tensor>& qlab_in, const std::optional<at::Tensor>& glab_in,
     const std::optional<at::Tensor>& relevance_in, const std::optional<at::Tensor>& ign_idx_in,
@@ -132,6 +133,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cuda(
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
   TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
+  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
   const auto opts = tp.scores.options();
   at::Tensor score = at::empty({Q}, opts);
   at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
@@ -145,12 +147,15 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cuda(
   std::optional<at::Tensor> bad_rows;
   if (relevance_in.has_value() && at::isFloatingType(relevance_in->scalar_type()))
     bad_rows = relevance_in->isnan().any(1).contiguous();
+  const HistLossPlan plan = plan_histogram_loss(Q, N, bins, with_grad);
+  at::Tensor scratch = at::empty({plan.scratch_elems}, opts);
+  at::Tensor int_scratch = at::empty({plan.int_elems}, opts.dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tp.scores.scalar_type(), "fastrank_histogram_ap_loss_cuda", [&] {
     const cudaError_t err = histogram_loss_forward<scalar_t>(
         problem_view<scalar_t>(tp), target_view(tp), bad_rows ? bad_rows->data_ptr<bool>() : nullptr, bins,
-        static_cast<scalar_t>(scale), static_cast<scalar_t>(shift), open_ends, static_cast<int>(kind),
-        score.data_ptr<scalar_t>(), n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        static_cast<scalar_t>(scale), static_cast<scalar_t>(shift), open_ends, static_cast<int>(kind), plan,
+        scratch.data_ptr<scalar_t>(), int_scratch.data_ptr<int>(), score.data_ptr<scalar_t>(), n_pos.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
         stream);
     TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
   });
