@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../problem.h"
+#include "../step.h"
 
 namespace fastrank {
 namespace cuda {
@@ -71,6 +72,32 @@ __device__ __forceinline__ T block_sums(T (&v)[M], T* red) {
     for (int w = 0; w < kW; ++w) out += red[threadIdx.x * kW + w];
   }
   return out;
+}
+
+// The graded kernels' gradient term c_jk of one (ranked item j, valid competitor k) pair, given
+// a = d L / d rank_all_j, b = d L / d rank_pos_j, the scores, relevances and ordering keys
+// (graded_rank_sums.cu, graded_loss.cu; docs/design.md §1.2):
+//   sigmoid: (a + b min(r_j, r_k)) sigma'(d)
+//   suprank: a H^-'(d) for key_k < key_j; with the H-rank, b min(r_j, r_k) h+'(d) for key_k > key_j
+// d = s_k - s_j; `ties` (an infinite score in play) takes step_diff / tied_grad for equal infinities.
+template <typename T, int STEP>
+__device__ __forceinline__ T graded_pair_grad(T sk, T sj, T rk, T rj, T kk, T kj, T a, T b, bool ties, bool hrank,
+                                              const StepParams<T>& prm, const HRankParams<T>& hr) {
+  const T draw = sk - sj;
+  const T w = rj < rk ? rj : rk;  // relevance is finite where these kernels run
+  if (STEP == kSigmoid) {
+    const T g = sigmoid_tau_grad(draw, prm.inv_tau);
+    return (a + b * w) * (ties ? tied_grad(draw, g) : g);
+  }
+  if (kk < kj) {
+    const T g = suprank_neg_grad(draw, prm);
+    return a * (ties ? tied_grad(draw, g) : g);
+  }
+  if (hrank && kk > kj) {
+    const T g = hrank_plus_grad(ties ? step_diff(sk, sj) : draw, hr);
+    return b * w * (ties ? tied_grad(draw, g) : g);
+  }
+  return T(0);
 }
 
 }  // namespace cuda

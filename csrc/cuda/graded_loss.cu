@@ -364,19 +364,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const int64_t n = count - p0 < kThreads ? count - p0 : kThreads;
     if (valid) {
-      for (int64_t t = 0; t < n; ++t) {
-        const T draw = sk - s_sj[t];
-        if (STEP == kSigmoid) {
-          const T g = sigmoid_tau_grad(draw, prm.inv_tau);
-          acc += (s_a[t] + s_b[t] * min_rel(s_rj[t], rk)) * (ties ? tied_grad(draw, g) : g);
-        } else if (kk < s_kj[t]) {
-          const T g = suprank_neg_grad(draw, prm);
-          acc += s_a[t] * (ties ? tied_grad(draw, g) : g);
-        } else if (HRANK && kk > s_kj[t]) {
-          const T g = hrank_plus_grad(ties ? step_diff(sk, s_sj[t]) : draw, hr);
-          acc += s_b[t] * min_rel(s_rj[t], rk) * (ties ? tied_grad(draw, g) : g);
-        }
-      }
+      for (int64_t t = 0; t < n; ++t)
+        acc += graded_pair_grad<T, STEP>(sk, s_sj[t], rk, s_rj[t], kk, s_kj[t], s_a[t], s_b[t], ties, HRANK, prm, hr);
     }
     __syncthreads();
   }

@@ -118,17 +118,7 @@ __global__ void __launch_bounds__(kThreads)
           acc1[t] += min_rel(rj[t], rk) * (hr.on && kk > kj[t] ? hrank_plus(d, hr) : h);
         }
       } else {
-        if (STEP == kSigmoid) {
-          const T g = sigmoid_tau_grad(draw, prm.inv_tau);
-          acc0[t] += (a[t] + b[t] * min_rel(rj[t], rk)) * (ties ? tied_grad(draw, g) : g);
-        } else if (kk < kj[t]) {
-          const T g = suprank_neg_grad(draw, prm);
-          acc0[t] += a[t] * (ties ? tied_grad(draw, g) : g);
-        } else if (hr.on && kk > kj[t]) {
-          const T d = ties ? step_diff(sk, sj[t]) : draw;
-          const T g = hrank_plus_grad(d, hr);
-          acc0[t] += b[t] * min_rel(rj[t], rk) * (ties ? tied_grad(draw, g) : g);
-        }
+        acc0[t] += graded_pair_grad<T, STEP>(sk, sj[t], rk, rj[t], kk, kj[t], a[t], b[t], ties, hr.on, prm, hr);
       }
     }
   }
@@ -190,19 +180,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const int64_t n = P - p0 < kThreads ? P - p0 : kThreads;
     if (active) {
-      for (int64_t t = 0; t < n; ++t) {
-        const T d = sk - s_sj[t];
-        if (STEP == kSigmoid) {
-          const T g = sigmoid_tau_grad(d, prm.inv_tau);
-          acc += (s_a[t] + s_b[t] * min_rel(s_rj[t], rk)) * (ties ? tied_grad(d, g) : g);
-        } else if (kk < s_kj[t]) {
-          const T g = suprank_neg_grad(d, prm);
-          acc += s_a[t] * (ties ? tied_grad(d, g) : g);
-        } else if (hr.on && kk > s_kj[t] && s_kj[t] != T(-INFINITY)) {
-          const T g = hrank_plus_grad(ties ? step_diff(sk, s_sj[t]) : d, hr);
-          acc += s_b[t] * min_rel(s_rj[t], rk) * (ties ? tied_grad(d, g) : g);
-        }
-      }
+      for (int64_t t = 0; t < n; ++t)
+        acc += graded_pair_grad<T, STEP>(sk, s_sj[t], rk, s_rj[t], kk, s_kj[t], s_a[t], s_b[t], ties, hr.on, prm, hr);
     }
     __syncthreads();
   }
