@@ -21,6 +21,30 @@
 namespace fastrank {
 namespace cuda {
 
+// The fused loss ops' outputs, after the limits of their grids (one launch covers Q rows and
+// N / 256 column blocks; columns are int32): score (Q,), ranked positives (Q,) int64 and the
+// gradient rows (Q, N), or (0, N) without with_grad; zero-filled when there is no work (Q or N 0).
+struct LossOutputs {
+  at::Tensor score, n_pos, grad;
+  bool empty;
+};
+
+static LossOutputs loss_outputs(const char* op, const at::Tensor& scores, bool with_grad) {
+  const int64_t Q = scores.size(0), N = scores.size(1);
+  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), op, ": N must be below 2^31 - 1, got ", N);
+  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
+  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
+  const auto opts = scores.options();
+  LossOutputs out{at::empty({Q}, opts), at::empty({Q}, opts.dtype(at::kLong)),
+                  at::empty({with_grad ? Q : 0, N}, opts), Q == 0 || N == 0};
+  if (out.empty) {
+    out.score.zero_();
+    out.n_pos.zero_();
+    out.grad.zero_();
+  }
+  return out;
+}
+
 // The loss ops' common glue: checks (without the value passes), allocates the outputs (score
 // (Q,), ranked positives (Q,) int64, gradient rows (Q, N) or (0, N)) and the plan's scratch, and
 // runs loss_forward with the options make_options(scalar_t{}) builds for the dtype.
@@ -37,19 +61,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_op(
   check_step(op, step, tau, rho, delta, start, offset, tp.scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
-  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), op, ": N must be below 2^31 - 1, got ", N);
-  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
-  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
   const auto opts = tp.scores.options();
-  at::Tensor score = at::empty({Q}, opts);
-  at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
-  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, opts);
-  if (Q == 0 || N == 0) {  // no row ranks anything
-    score.zero_();
-    n_pos.zero_();
-    grad.zero_();
-    return {score, n_pos, grad};
-  }
+  LossOutputs lo = loss_outputs(op, tp.scores, with_grad);
+  if (lo.empty) return {lo.score, lo.n_pos, lo.grad};
+  at::Tensor &score = lo.score, &n_pos = lo.n_pos, &grad = lo.grad;
   // a NaN in a float relevance makes its query invalid: found here by a device pass, no sync
   std::optional<at::Tensor> bad_rows;
   if (relevance_in.has_value() && at::isFloatingType(relevance_in->scalar_type()))
@@ -132,18 +147,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_ap_loss_cuda(
   TORCH_CHECK_VALUE(kind == 0 || kind == 1, op, ": kind must be 0 (fastap) or 1 (softbin), got ", kind);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const int64_t Q = tp.scores.size(0), N = tp.scores.size(1);
-  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
-  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
   const auto opts = tp.scores.options();
-  at::Tensor score = at::empty({Q}, opts);
-  at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
-  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, opts);
-  if (Q == 0 || N == 0) {
-    score.zero_();
-    n_pos.zero_();
-    grad.zero_();
-    return {score, n_pos, grad};
-  }
+  LossOutputs lo = loss_outputs(op, tp.scores, with_grad);
+  if (lo.empty) return {lo.score, lo.n_pos, lo.grad};
+  at::Tensor &score = lo.score, &n_pos = lo.n_pos, &grad = lo.grad;
   std::optional<at::Tensor> bad_rows;
   if (relevance_in.has_value() && at::isFloatingType(relevance_in->scalar_type()))
     bad_rows = relevance_in->isnan().any(1).contiguous();
@@ -185,19 +192,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> graded_loss_cuda(
   const std::optional<at::Tensor> mask =
       ign_mask_in ? std::optional<at::Tensor>(ign_mask_in->contiguous()) : std::nullopt;
   const int64_t Q = scores.size(0), N = scores.size(1);
-  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), op, ": N must be below 2^31 - 1, got ", N);
-  TORCH_CHECK_VALUE(Q <= std::numeric_limits<int32_t>::max(), op, ": Q must be at most 2^31 - 1, got ", Q);
-  TORCH_CHECK_VALUE(N <= 65535LL * 256, op, ": N must be at most ", 65535LL * 256, " on CUDA, got ", N);
   const auto opts = scores.options();
-  at::Tensor score = at::empty({Q}, opts);
-  at::Tensor n_pos = at::empty({Q}, opts.dtype(at::kLong));
-  at::Tensor grad = at::empty({with_grad ? Q : 0, N}, opts);
-  if (Q == 0 || N == 0) {
-    score.zero_();
-    n_pos.zero_();
-    grad.zero_();
-    return {score, n_pos, grad};
-  }
+  LossOutputs lo = loss_outputs(op, scores, with_grad);
+  if (lo.empty) return {lo.score, lo.n_pos, lo.grad};
+  at::Tensor &score = lo.score, &n_pos = lo.n_pos, &grad = lo.grad;
   const bool ndcg = kind == 1;
   const GradedLossPlan plan = plan_graded_loss(Q, N, static_cast<int>(step), with_grad, ndcg, hrank);
   at::Tensor cols = at::empty({Q, N}, opts.dtype(at::kInt));
