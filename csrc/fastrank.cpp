@@ -73,4 +73,8 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");
+  // the fused CPU loss ops' cached gradient-rows block (cpu/grad_rows.cpp): return it to the
+  // system (its size in bytes, 0: none), or its size
+  m.def("empty_cache() -> int");
+  m.def("cached_grad_rows_bytes() -> int");
 }

@@ -9,6 +9,7 @@ Public surface:
     h_ap, ndcg         graded relevance (H-AP, NDCG) on the graded rank sums, every backend
     pnp                PNP (negatives before each positive; returns the loss), every backend
     backends()         which backends run here, and why not
+    empty_cache()      return the cached gradient-rows block of the fused CPU loss ops
     metrics            exact evaluation metrics (R@k, mAP@R, R-precision, mAP)
     ltr                learning to rank on (batch, slate) scores: approx NDCG / MRR (allRank, TF-Ranking)
     relevance_from_multilabel  multi-label retrieval relevance (shared labels) for the graded/AP losses
@@ -24,6 +25,7 @@ if _os.path.isfile(_os.path.join(_repo, "triton_kernels", "__init__.py")) and \
     __path__.append(_repo)  # noqa: F821  (a package's own __path__)
 
 from .core.backend import BACKENDS, BackendInfo, backends  # noqa: E402
+from .core.extension import empty_cache  # noqa: E402
 from .ap import calibration_loss, smooth_ap, sup_ap  # noqa: E402
 from . import distributed, losses, memory, metrics  # noqa: E402
 from .graded import graded_rank_sums, h_ap, ndcg, relevance_from_hierarchy  # noqa: E402
@@ -42,6 +44,7 @@ __all__ = [
     "RankSums",
     "backends",
     "calibration_loss",
+    "empty_cache",
     "distributed",
     "graded_rank_sums",
     "h_ap",

@@ -10,9 +10,10 @@
 //   all[p] = sum_{k valid} g_k(d)          (sigmoid: sigma; SupRank: H^- for negatives, H for positives)
 //   pos[p] = sum_{k positive} g_k(d)       (sigmoid: sigma; SupRank: H)
 // and, with the gradient, the sums of the step derivatives the gradient needs for p's own
-// share (dall = sum_{valid} g', dpos = sum_{positive} g'), optionally storing each g' (masked:
-// 0 where the term carries no gradient) to der[p * stride + k] for the gradient sweep, which
-// then only multiplies and adds. It also reports a NaN among the row's valid scores (the
+// share (dall = sum_{valid} g', dpos = sum_{positive} g'), or instead of dall each g' (masked:
+// 0 where the term carries no gradient) stored to der[p * stride + k] for the gradient sweep,
+// which then only multiplies and adds, and sums them on the way (in this sweep the registers
+// are full: accumulating dall here spilled them). It also reports a NaN among the row's valid scores (the
 // caller makes the row NaN: a NaN does not always survive the steps, e.g. H^- with rho = 0).
 //
 // The lanes: LaneOps<T, kVector> abstracts one vector of W scores (vec.h's 8 floats) or one
@@ -131,8 +132,9 @@ struct BlockSums {
 //   sigmoid:  all[p] = sum_{k valid} sigma(d),  and with kGrad  dall[p] = sum_{k valid} u(d)
 //   SupRank:  all[p] = sum_{k negative} H^-(d), and with kGrad  dall[p] = sum_{k negative} H^-'(d)
 // where u = w (1 - w) for w = sigma(d), 0 below the clamp (sigma' = u / tau, as the references'
-// autograd of their sigmoid computes it). With kStore, w (sigmoid) or H^-' (SupRank, 0 at the
-// positives) goes to der[p * stride + k] for every column (0 where the item is left out). The
+// autograd of their sigmoid computes it). With kStore, u (sigmoid) or H^-' (SupRank, 0 at the
+// positives) goes to der[p * stride + k] for every column (0 where the item is left out) instead
+// of its sum to dall (sweep_grad_stored sums it). The
 // positives' own terms against each other (sigmoid: rank_pos; SupRank: H in both sums) come from
 // positive_sums. Returns true when a valid score of the row is NaN.
 template <typename T, bool kVector, int STEP, int NB, bool kGrad, bool kStore>
@@ -164,8 +166,10 @@ FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const u
         if (kGrad) {
           const V wg = d * st.inv_tau < lo ? z : w;
           const V u = wg - wg * wg;
-          dall[p] += u;
-          if (kStore) L::store(der + p * stride + k, u);
+          if (kStore)
+            L::store(der + p * stride + k, u);
+          else
+            dall[p] += u;
         }
       } else {
         const auto is_neg = fl == 1;
@@ -173,8 +177,10 @@ FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const u
         all[p] += is_neg ? L::suprank_from_sigmoid(d, w, st) : z;
         if (kGrad) {
           const V g = is_neg ? suprank_slope<L>(d, w, st) : z;
-          dall[p] += g;
-          if (kStore) L::store(der + p * stride + k, g);
+          if (kStore)
+            L::store(der + p * stride + k, g);
+          else
+            dall[p] += g;
         }
       }
     }
@@ -220,19 +226,27 @@ FR_MULTIVERSION __attribute__((noinline)) void positive_sums(const T* sp, int64_
 // The gradient row's share of the NB positives whose stored terms start at der (rows `stride`
 // apart), through rank_all: g[k] += sum_p c_p der_p(k) with c_p = a_p / tau and der = u for the
 // sigmoid, c_p = a_p and der = H^-' for SupRank (a = d score / d rank_all), starting from 0 when
-// `first`. Every column is written. (The sigmoid's rank_pos share, at the positives' columns
-// only, is added by the caller: positive_grad.)
+// `first`. Every column is written. Also dall[p] = sum_k der_p(k), the sum sweep_forward left to
+// it (lane by lane in column order, as there). (The sigmoid's rank_pos share, at the positives'
+// columns only, is added by the caller: positive_grad.)
 template <typename T, bool kVector, int NB>
 FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_stored(int64_t n, const T* der, int64_t stride,
-                                                                 const T* c, bool first, T* g) {
+                                                                 const T* c, bool first, T* g, T* dall) {
   using L = LaneOps<T, kVector>;
   using V = typename L::V;
   constexpr int64_t W = L::W;
-  V cv[NB];
-  for (int p = 0; p < NB; ++p) cv[p] = L::splat(c[p]);
+  V cv[NB], sum[NB];
+  for (int p = 0; p < NB; ++p) {
+    cv[p] = L::splat(c[p]);
+    sum[p] = L::zero();
+  }
   for (int64_t k = 0; k < n; k += W) {
-    V acc = cv[0] * L::load(der + k);
-    for (int p = 1; p < NB; ++p) acc += cv[p] * L::load(der + p * stride + k);
+    V acc = L::zero();
+    for (int p = 0; p < NB; ++p) {
+      const V dv = L::load(der + p * stride + k);
+      sum[p] += dv;
+      acc += cv[p] * dv;
+    }
     const int64_t m = std::min<int64_t>(W, n - k);
     if (!first) acc += m == W ? L::load(g + k) : L::load_n(g + k, m);
     if (m == W)
@@ -240,6 +254,7 @@ FR_MULTIVERSION __attribute__((noinline)) void sweep_grad_stored(int64_t n, cons
     else
       L::store_n(g + k, acc, m);
   }
+  for (int p = 0; p < NB; ++p) dall[p] = L::hsum(sum[p]);
 }
 
 // The sigmoid's rank_pos share of the gradient at the positive sq: sum_p b_p u(sq - sp[p]) / tau

@@ -11,10 +11,6 @@
 #include <new>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "problem.h"
 #include "step.h"
 
@@ -59,21 +55,9 @@ inline size_t derivative_elems(int64_t n, int64_t row = -1) {
 }
 
 // The fused loss ops' gradient rows (Q, N), or (0, N) without the gradient: uninitialised, each
-// row written once by the task that owns it. A large buffer is advised into transparent huge
-// pages (Linux, where THP is "madvise"): its first touch, in the row tasks, then faults once per
-// 2 MiB instead of once per 4 KiB. On a 2-core VM, allocating and first-filling 16 MiB took
-// 9.2 ms of CPU in 4 KiB pages and 2.6 ms in huge pages; a fill of touched memory 0.5 ms.
-inline at::Tensor empty_grad_rows(int64_t rows, int64_t n, const at::TensorOptions& options) {
-  at::Tensor grad = at::empty({rows, n}, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(grad.data_ptr());
-  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + grad.nbytes()) & ~(kHuge - 1);
-  // advice only: a kernel without THP refuses it, and the pages stay small
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-  return grad;
-}
+// row written once by the task that owns it. A large one is a block of transparent huge pages
+// kept for the next call when its tensor dies (grad_rows.cpp: why, and how to return it).
+at::Tensor empty_grad_rows(int64_t rows, int64_t n, const at::TensorOptions& options);
 
 // Tasks of an at::parallel_for over n rows with this grain
 inline int64_t tasks(int64_t n, int64_t grain) { return (n + grain - 1) / std::max<int64_t>(1, grain); }

@@ -328,11 +328,11 @@ static bool swept_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers
     if (store) {
       const T* der = b.der.data() + p * stride;
       if (nb == 4)
-        sweep_grad_stored<T, kVector, 4>(N, der, stride, c + p, first, g);
+        sweep_grad_stored<T, kVector, 4>(N, der, stride, c + p, first, g, da + p);
       else if (nb == 2)
-        sweep_grad_stored<T, kVector, 2>(N, der, stride, c + p, first, g);
+        sweep_grad_stored<T, kVector, 2>(N, der, stride, c + p, first, g, da + p);
       else
-        sweep_grad_stored<T, kVector, 1>(N, der, stride, c + p, first, g);
+        sweep_grad_stored<T, kVector, 1>(N, der, stride, c + p, first, g, da + p);
     } else {
       if (nb == 4)
         sweep_grad_recompute<T, kVector, STEP, 4>(s, f, N, sp + p, pr.step, a + p, first, g);
@@ -396,7 +396,7 @@ static void loss_rows(const LossProblem<T>* prp, const Epilogue* epp, LossBuffer
   uint8_t* flag = b.flag.data();
   for (int64_t i = begin; i < end; ++i) {
     const T* s = pr.scores + i * pr.N;
-    flag_row(pr, pr.target, i, flag);
+    flag_row_mv<T>(pr, pr.target, i, flag);
     const int64_t np = collect_positives(s, flag, pr.N, b.spos.data(), b.pcol.data());
     n_pos[i] = np;
     T* g = grad ? grad + i * pr.N : nullptr;

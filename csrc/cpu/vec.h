@@ -104,7 +104,10 @@ FR_VEC F sigmoid_grad(F d, float inv_tau) {
 
 // suprank_neg of step.h, from sigma
 FR_VEC F suprank_from_sigmoid(F d, F sig, const StepParams<float>& p) {
-  const F lin = (p.rho == 0.0f ? F{} : p.rho * (d - p.delta)) + p.offset;
+  // rho = 0 takes the offset whatever d is (inf * 0 would be NaN), as a blend on a mask the loop
+  // hoists: a scalar test here branched in every iteration and split the loop's registers
+  const F rho = splat(p.rho);
+  const F lin = rho == 0.0f ? splat(p.offset) : rho * (d - p.delta) + p.offset;
   const F mid = p.start + sig;
   return d <= 0.0f ? sig : (d <= p.delta ? mid : lin);
 }

@@ -33,3 +33,27 @@ def load_extension() -> Optional[str]:
                 )
             _EXT_LOADED = True
     return _EXT_ERROR
+
+
+def empty_cache() -> int:
+    """Returns the fused CPU loss ops' cached gradient-rows block to the system; its size in bytes
+    (0: none was cached, or the extension is not built).
+
+    A fused loss op on the `cpp` backend writes its (Q, N) gradient rows in the forward. When such a
+    block of 4 MiB or more dies (the gradient consumed by the backward of the matmul that made the
+    scores, or ``.grad`` dropped), it is kept for the next call instead of going back to the system:
+    fresh memory costs the kernel's zeroing of every page at its first touch, which at B = 16384
+    took longer than the gradient itself. The cache holds one block, the last one freed, so a
+    training loop holds the memory of one gradient between its steps. Call this to return it (e.g.
+    before a phase that needs the memory); ``FASTRANK_CACHE_GRAD_ROWS=0`` turns the cache off.
+    """
+    if load_extension() is not None:
+        return 0
+    return int(torch.ops.fastrank.empty_cache())
+
+
+def cached_bytes() -> int:
+    """The size in bytes of the cached gradient-rows block (see :func:`empty_cache`); 0: none."""
+    if load_extension() is not None:
+        return 0
+    return int(torch.ops.fastrank.cached_grad_rows_bytes())
