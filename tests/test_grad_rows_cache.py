@@ -130,3 +130,56 @@ def test_the_cache_can_be_turned_off():
 def test_empty_cache_without_work_is_zero():
     fastrank.empty_cache()
     assert fastrank.empty_cache() == 0
+
+
+@requires("cpp")
+@pytest.mark.parametrize("loss", ["sup_ap", "smooth_ap", "h_ap", "fastap"])
+def test_kept_row_scratch_carries_nothing_between_calls(loss):
+    """Small calls reuse the last call's per-thread row scratch (parallel.h ScratchPool): a call
+    after one on other data (positives everywhere, a NaN, ties) gives what a first call gives."""
+    fn = {"sup_ap": fastrank.sup_ap, "smooth_ap": fastrank.smooth_ap, "h_ap": fastrank.h_ap,
+          "fastap": fastrank.histogram_ap}[loss]
+
+    def target_of(qlab, glab, dtype):
+        if loss == "h_ap":
+            return (qlab[:, None] == glab[None, :]).to(dtype) * 2 + (qlab[:, None] % 3 == glab[None, :] % 3)
+        return (qlab, glab)
+
+    a_scores, (aq, ag) = _problem(seed=3, q=40, n=300)
+    a_scores[5, 7] = float("nan")
+    a_scores[6, :] = 0.5  # ties everywhere
+    aq = torch.zeros_like(aq)
+    ag = torch.zeros_like(ag)  # every item a positive
+    b_scores, (bq, bg) = _problem(seed=4, q=40, n=300)
+    bq = bq.clone()
+    bq[:3] = 10_000  # rows without positives
+    b_target = target_of(bq, bg, b_scores.dtype)
+    fastrank.empty_cache()  # drops the kept scratch too: the first call below builds its own
+    first = _grad(fn, b_scores, b_target)
+    _grad(fn, a_scores, target_of(aq, ag, a_scores.dtype))
+    again = _grad(fn, b_scores, b_target)
+    torch.testing.assert_close(again, first, rtol=0, atol=0, equal_nan=True)
+
+
+@requires("cpp")
+def test_concurrent_calls_share_neither_block_nor_scratch():
+    import threading
+
+    problems = [_problem(seed=10 + i, q=64, n=500) for i in range(4)]
+    expected = [_grad(fastrank.sup_ap, s, t) for s, t in problems]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                s, t = problems[i]
+                torch.testing.assert_close(_grad(fastrank.sup_ap, s, t), expected[i], rtol=0, atol=0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -135,10 +136,32 @@ void give_back(void* ctx) {
   delete c;
 }
 
-int64_t empty_cache_op() { return static_cast<int64_t>(cache().release()); }
+std::mutex& pools_mu() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+std::vector<void (*)()>& pool_clears() {
+  static auto* v = new std::vector<void (*)()>();
+  return *v;
+}
+
+int64_t empty_cache_op() {
+  std::vector<void (*)()> clears;
+  {
+    std::lock_guard<std::mutex> lock(pools_mu());
+    clears = pool_clears();
+  }
+  for (auto clear : clears) clear();  // the per-thread scratch pools (parallel.h)
+  return static_cast<int64_t>(cache().release());
+}
 int64_t cached_bytes_op() { return static_cast<int64_t>(cache().cached_bytes()); }
 
 }  // namespace
+
+void register_pool_clear(void (*clear)()) {
+  std::lock_guard<std::mutex> lock(pools_mu());
+  pool_clears().push_back(clear);
+}
 
 at::Tensor empty_grad_rows(int64_t rows, int64_t n, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(n) * c10::elementSize(options.dtype().toScalarType());

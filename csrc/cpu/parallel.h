@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <new>
 #include <vector>
 
@@ -90,12 +91,63 @@ Scratch& my_scratch(std::vector<Scratch>& scratch) {
   return scratch[static_cast<size_t>(t < static_cast<int64_t>(scratch.size()) ? t : 0)];
 }
 
+// Called by fastrank.empty_cache() (grad_rows.cpp): a pool registers its clear function once
+void register_pool_clear(void (*clear)());
+
+// The per-thread scratch of the last call of a kind, kept for the next call of the same N while it
+// is small: at B = 256 allocating and zeroing it was ~10% of a fused loss call (the buffers are
+// written before they are read in every row, so a kept one serves as a new one; the flags'
+// zero padding is never written). At most one set per Scratch type, of at most
+// kPooledScratchBytes.
+constexpr int64_t kPooledScratchBytes = int64_t(4) << 20;
+
+template <typename Scratch>
+struct ScratchPool {
+  std::mutex mu;
+  int64_t n = -1;
+  std::vector<Scratch> kept;
+
+  static ScratchPool& get() {
+    // never destroyed (a call may run during static destruction); registered once
+    static ScratchPool* pool = [] {
+      auto* p = new ScratchPool();
+      register_pool_clear(&ScratchPool::clear);
+      return p;
+    }();
+    return *pool;
+  }
+  static void clear() {
+    ScratchPool& p = get();
+    std::vector<Scratch> old;
+    std::lock_guard<std::mutex> lock(p.mu);
+    old.swap(p.kept);
+    p.n = -1;
+  }
+};
+
 // at::parallel_for over the rows [0, Q) in tasks of `grain` rows, each task given its thread's
-// scratch (thread_scratch, allocated before the parallel region): f(Scratch&, begin, end).
+// scratch (thread_scratch, allocated before the parallel region, or the pool's):
+// f(Scratch&, begin, end).
 template <typename Scratch, typename F>
 void parallel_rows(const char* op, int64_t Q, int64_t grain, int64_t n, int64_t bytes_per_item, const F& f) {
-  std::vector<Scratch> scratch = thread_scratch<Scratch>(op, tasks(Q, grain), n, bytes_per_item);
+  const int64_t n_tasks = tasks(Q, grain);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  // the fused rows' stored derivatives come on top of bytes_per_item: at most 1 MiB, n^2 elements
+  const int64_t per_thread = n * bytes_per_item + std::min<int64_t>(kDerivativeBytes, n * n * 8);
+  const bool pooled = threads * per_thread <= kPooledScratchBytes;
+  ScratchPool<Scratch>& pool = ScratchPool<Scratch>::get();
+  std::vector<Scratch> scratch;
+  if (pooled) {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.n == n && static_cast<int64_t>(pool.kept.size()) >= threads) scratch.swap(pool.kept);
+  }
+  if (scratch.empty()) scratch = thread_scratch<Scratch>(op, n_tasks, n, bytes_per_item);
   at::parallel_for(0, Q, grain, [&](int64_t b, int64_t e) { f(my_scratch(scratch), b, e); });
+  if (pooled) {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    pool.kept.swap(scratch);
+    pool.n = n;
+  }
 }
 
 // The rank-sums kernels' loop (binary and graded): parallel_rows over the rows of pr in tasks of

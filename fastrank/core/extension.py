@@ -46,6 +46,9 @@ def empty_cache() -> int:
     took longer than the gradient itself. The cache holds one block, the last one freed, so a
     training loop holds the memory of one gradient between its steps. Call this to return it (e.g.
     before a phase that needs the memory); ``FASTRANK_CACHE_GRAD_ROWS=0`` turns the cache off.
+
+    It also drops the per-thread row scratch the CPU kernels keep between calls with small rows
+    (at most 4 MiB per kind of kernel; not counted in the returned size).
     """
     if load_extension() is not None:
         return 0
