@@ -132,9 +132,10 @@ struct BlockSums {
 //   sigmoid:  all[p] = sum_{k valid} sigma(d),  and with kGrad  dall[p] = sum_{k valid} u(d)
 //   SupRank:  all[p] = sum_{k negative} H^-(d), and with kGrad  dall[p] = sum_{k negative} H^-'(d)
 // where u = w (1 - w) for w = sigma(d), 0 below the clamp (sigma' = u / tau, as the references'
-// autograd of their sigmoid computes it). With kStore, u (sigmoid) or H^-' (SupRank, 0 at the
-// positives) goes to der[p * stride + k] for every column (0 where the item is left out) instead
-// of its sum to dall (sweep_grad_stored sums it). The
+// autograd of their sigmoid computes it). With kStore, u (sigmoid) or tau H^-' (SupRank, 0 at
+// the positives) goes to der[p * stride + k] for every column (0 where the item is left out)
+// instead of its sum to dall (sweep_grad_stored sums it): both steps' stored terms are 1/tau
+// short of the derivative. The
 // positives' own terms against each other (sigmoid: rank_pos; SupRank: H in both sums) come from
 // positive_sums. Returns true when a valid score of the row is NaN.
 template <typename T, bool kVector, int STEP, int NB, bool kGrad, bool kStore>
@@ -146,6 +147,7 @@ FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const u
   constexpr int64_t W = L::W;
   const V z = L::zero();
   const T lo = T(-kClamp);
+  const V rho_tau = L::splat(st.rho / st.inv_tau);
   V vj[NB], all[NB], dall[NB];
   for (int p = 0; p < NB; ++p) {
     vj[p] = L::splat(sj[p]);
@@ -176,11 +178,15 @@ FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const u
         const V w = L::sigmoid(d, st.inv_tau);
         all[p] += is_neg ? L::suprank_from_sigmoid(d, w, st) : z;
         if (kGrad) {
-          const V g = is_neg ? suprank_slope<L>(d, w, st) : z;
-          if (kStore)
-            L::store(der + p * stride + k, g);
-          else
-            dall[p] += g;
+          if (kStore) {
+            // tau H^-', the form with the fewest operations in this, the busiest loop: w (1 - w)
+            // up to delta (0 below the clamp), rho tau beyond (the gradient sweep's c_p carries
+            // the 1 / tau)
+            const V u = d * st.inv_tau < lo ? z : w - w * w;
+            L::store(der + p * stride + k, is_neg ? (d <= st.delta ? u : rho_tau) : z);
+          } else {
+            dall[p] += is_neg ? suprank_slope<L>(d, w, st) : z;
+          }
         }
       }
     }
@@ -225,7 +231,7 @@ FR_MULTIVERSION __attribute__((noinline)) void positive_sums(const T* sp, int64_
 
 // The gradient row's share of the NB positives whose stored terms start at der (rows `stride`
 // apart), through rank_all: g[k] += sum_p c_p der_p(k) with c_p = a_p / tau and der = u for the
-// sigmoid, c_p = a_p and der = H^-' for SupRank (a = d score / d rank_all), starting from 0 when
+// sigmoid, tau H^-' for SupRank (a = d score / d rank_all), starting from 0 when
 // `first`. Every column is written. Also dall[p] = sum_k der_p(k), the sum sweep_forward left to
 // it (lane by lane in column order, as there). (The sigmoid's rank_pos share, at the positives'
 // columns only, is added by the caller: positive_grad.)

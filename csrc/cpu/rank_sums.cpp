@@ -321,7 +321,8 @@ static bool swept_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers
   // the gradient row in blocks of positives, the first block writing it
   const T inv_tau = pr.step.inv_tau;
   T* c = b.ra.data();  // free again: the epilogue has consumed it
-  for (int64_t p = 0; p < np; ++p) c[p] = STEP == kSigmoid ? a[p] * inv_tau : a[p];
+  // (the stored sweep's coefficients: the stored terms of both steps are 1/tau short)
+  for (int64_t p = 0; p < np; ++p) c[p] = a[p] * inv_tau;
   for (int64_t p = 0; p < np;) {
     const int nb = block_of(np - p);
     const bool first = p == 0;
@@ -353,7 +354,7 @@ static bool swept_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers
       gq += positive_grad(sp, np, sp[q], bp, inv_tau);
       gq -= (a[q] * da[q] + bp[q] * dp[q]) * inv_tau;
     } else {
-      gq -= a[q] * da[q];
+      gq -= store ? a[q] * da[q] * inv_tau : a[q] * da[q];
     }
   }
   return true;
