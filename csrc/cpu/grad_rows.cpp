@@ -125,15 +125,11 @@ GradRowsCache& cache() {
   return *c;
 }
 
-// The deleter of a block's tensor storage: the block goes to the cache, its size in the context
-struct BlockContext {
-  Block block;
-};
-
+// The deleter of a block's tensor storage, whose context is the Block: it goes to the cache
 void give_back(void* ctx) {
-  auto* c = static_cast<BlockContext*>(ctx);
-  cache().give(c->block);
-  delete c;
+  auto* b = static_cast<Block*>(ctx);
+  cache().give(*b);
+  delete b;
 }
 
 std::mutex& pools_mu() {
@@ -170,7 +166,7 @@ at::Tensor empty_grad_rows(int64_t rows, int64_t n, const at::TensorOptions& opt
   Block b = cache().take(rounded);
   TORCH_CHECK_WITH(OutOfMemoryError, b.ptr != nullptr, "fastrank: cannot allocate the gradient rows (", rows, " x ",
                    n, ", ", bytes, " bytes)");
-  auto* ctx = new BlockContext{b};
+  auto* ctx = new Block(b);
   c10::DataPtr data(b.ptr, ctx, &give_back, c10::Device(c10::DeviceType::CPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<int64_t>(bytes), std::move(data),
                        /*allocator=*/nullptr, /*resizable=*/false);

@@ -13,8 +13,9 @@
 // share (dall = sum_{valid} g', dpos = sum_{positive} g'), or instead of dall each g' (masked:
 // 0 where the term carries no gradient) stored to der[p * stride + k] for the gradient sweep,
 // which then only multiplies and adds, and sums them on the way (in this sweep the registers
-// are full: accumulating dall here spilled them). It also reports a NaN among the row's valid scores (the
-// caller makes the row NaN: a NaN does not always survive the steps, e.g. H^- with rho = 0).
+// are full: accumulating dall here spilled them). It also reports a NaN among the row's valid
+// scores (the caller makes the row NaN: a NaN does not always survive the steps, e.g. H^- with
+// rho = 0).
 //
 // The lanes: LaneOps<T, kVector> abstracts one vector of W scores (vec.h's 8 floats) or one
 // scalar (float64, and float32 under FASTRANK_CPU_PORTABLE=1), with the step arithmetic of
@@ -135,9 +136,9 @@ struct BlockSums {
 // autograd of their sigmoid computes it). With kStore, u (sigmoid) or tau H^-' (SupRank, 0 at
 // the positives) goes to der[p * stride + k] for every column (0 where the item is left out)
 // instead of its sum to dall (sweep_grad_stored sums it): both steps' stored terms are 1/tau
-// short of the derivative. The
-// positives' own terms against each other (sigmoid: rank_pos; SupRank: H in both sums) come from
-// positive_sums. Returns true when a valid score of the row is NaN.
+// short of the derivative. The positives' own terms against each other (sigmoid: rank_pos;
+// SupRank: H in both sums) come from positive_sums. Returns true when a valid score of the row
+// is NaN.
 template <typename T, bool kVector, int STEP, int NB, bool kGrad, bool kStore>
 FR_MULTIVERSION __attribute__((noinline)) bool sweep_forward(const T* s, const uint8_t* f, int64_t n, const T* sj,
                                                              StepParams<T> st, BlockSums<T, NB>* out, T* der,

@@ -63,6 +63,11 @@ at::Tensor empty_grad_rows(int64_t rows, int64_t n, const at::TensorOptions& opt
 // Tasks of an at::parallel_for over n rows with this grain
 inline int64_t tasks(int64_t n, int64_t grain) { return (n + grain - 1) / std::max<int64_t>(1, grain); }
 
+// Threads that run an at::parallel_for over `tasks` tasks: one scratch object each
+inline int64_t scratch_threads(int64_t tasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+}
+
 // One scratch object (O(N) row buffers) per thread of a coming at::parallel_for over `tasks`
 // tasks, allocated here, before the parallel region: a std::bad_alloc thrown inside a worker
 // takes the process down (SIGABRT, "terminate called after throwing std::bad_alloc"); here it
@@ -70,7 +75,7 @@ inline int64_t tasks(int64_t n, int64_t grain) { return (n + grain - 1) / std::m
 // object: scratch[at::get_thread_num()]. Reusing it across tasks also saves an allocation per task.
 template <typename Scratch>
 std::vector<Scratch> thread_scratch(const char* op, int64_t tasks, int64_t n, int64_t bytes_per_item) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  const int64_t threads = scratch_threads(tasks);
   std::vector<Scratch> out;
   try {
     out.reserve(static_cast<size_t>(threads));
@@ -131,7 +136,7 @@ struct ScratchPool {
 template <typename Scratch, typename F>
 void parallel_rows(const char* op, int64_t Q, int64_t grain, int64_t n, int64_t bytes_per_item, const F& f) {
   const int64_t n_tasks = tasks(Q, grain);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  const int64_t threads = scratch_threads(n_tasks);
   // the fused rows' stored derivatives come on top of bytes_per_item: at most 1 MiB, n^2 elements
   const int64_t per_thread = n * bytes_per_item + std::min<int64_t>(kDerivativeBytes, n * n * 8);
   const bool pooled = threads * per_thread <= kPooledScratchBytes;
