@@ -73,6 +73,9 @@ TORCH_LIBRARY(fastrank, m) {
   m.def(
       "histogram_bwd(Tensor grad_h_all, Tensor grad_h_pos, Tensor scores, Tensor pos_idx, Tensor? ignore_idx, "
       "Tensor? ignore_mask, int bins, float scale, float shift, bool open_ends) -> Tensor");
+  // reduction="mean" of a fused loss op's scores: (sum(values) / n_ranked, n_ranked) with
+  // n_ranked = max(1, #{count > 0}) in values' dtype (ranked_mean.cpp)
+  m.def("ranked_mean(Tensor values, Tensor count) -> (Tensor, Tensor)");
   // the fused CPU loss ops' cached gradient-rows block (cpu/grad_rows.cpp): return it to the
   // system (its size in bytes, 0: none), or its size
   m.def("empty_cache() -> int");

@@ -10,7 +10,7 @@ import torch
 
 from .core import validate as V
 from .core.backend import use_fused
-from .core.epilogue import reduce_per_query, reduce_values, safe_div
+from .core.epilogue import reduce_fused, reduce_per_query, safe_div
 from .core.params import make_params
 from .core.problem import Target, build_problem, check_call, dense_relevance, dense_valid_mask, ignore_args, target_args
 from .core.registry import run_loss
@@ -26,7 +26,7 @@ def _average_precision(fn: str, scores, target, ignore, reduction, backend, para
         # one pass per row in C++ (a fixed number of launches in Triton): no packing, no
         # epilogue here, the gradient rows computed with it
         ap, n_pos = run_loss("ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore), params=params)
-        return reduce_values(ap, n_pos > 0, reduction)
+        return reduce_fused(ap, n_pos, reduction, name)
     q, n = scores.shape
     pb = build_problem(target, ignore, q, n, scores.device)
     rank_all, rank_pos = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)

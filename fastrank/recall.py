@@ -11,7 +11,7 @@ import torch
 
 from .core import validate as V
 from .core.backend import use_fused
-from .core.epilogue import reduce_per_query, reduce_values
+from .core.epilogue import reduce_fused, reduce_per_query
 from .core.params import make_params
 from .core.problem import Target, build_problem, check_call, ignore_args, target_args
 from .core.registry import run_loss
@@ -72,7 +72,7 @@ def recall_at_k(
         # one pass per row in C++ (docs/design.md §2.4): no packing, the gradient rows with it
         total, n_pos = run_loss("recall_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
                                 params=params, options=(list(ks), float(temp), variant == "patel"))
-        return reduce_values(total, n_pos > 0, reduction)
+        return reduce_fused(total, n_pos, reduction, name)
     pb = build_problem(target, ignore, scores.shape[0], scores.shape[1], scores.device)
     rank_all, _ = rank_sums_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     has = pb.pos_idx >= 0

@@ -43,6 +43,10 @@ namespace cpu {
 // reads flags 0 (no lane enters a sum) and stores whole vectors.
 constexpr int64_t kMaxLanes = vec::W;
 
+// Bytes a row's flag buffer holds past its n flags: kMaxLanes zeros that the last vector reads,
+// and as many more that LaneOps::flags loads and drops.
+constexpr int64_t kFlagBytesPad = 2 * kMaxLanes;
+
 inline int64_t padded_row(int64_t n) { return (n + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
 
 template <typename T, bool kVector>
@@ -85,17 +89,24 @@ struct LaneOps<float, true> {
   using V = vec::F;
   using Flags = vec::I;
   static constexpr int64_t W = vec::W;
-  typedef uint8_t Bytes __attribute__((vector_size(vec::W)));
   static FR_LANE V zero() { return V{}; }
   static FR_LANE V splat(float x) { return vec::splat(x); }
   static FR_LANE V load(const float* p) { return vec::load(p); }
   static FR_LANE V load_n(const float* p, int64_t n) { return vec::load_part(p, n, 0.0f); }
   static FR_LANE void store(float* p, V v) { vec::store(p, v); }
   static FR_LANE void store_n(float* p, V v, int64_t n) { vec::store_part(p, v, n); }
+  // W flag bytes widened to int32 lanes. GCC 12 turns __builtin_convertvector of 8 bytes into
+  // ~20 scalar extracts and inserts; this is one 16-byte load (the buffer has kFlagBytesPad
+  // readable bytes past n), a lane permute, a variable shift and an and.
   static FR_LANE Flags flags(const uint8_t* f) {
-    Bytes b;
-    std::memcpy(&b, f, sizeof(b));
-    return __builtin_convertvector(b, Flags);
+    static_assert(W == 8, "flags: written for 8 lanes");
+    typedef uint32_t U4 __attribute__((vector_size(16)));
+    typedef uint32_t U8 __attribute__((vector_size(32)));
+    U4 w;
+    std::memcpy(&w, f, sizeof(w));
+    const U8 v = __builtin_shufflevector(w, w, 0, 0, 0, 0, 1, 1, 1, 1);
+    const U8 shift{0, 8, 16, 24, 0, 8, 16, 24};
+    return (Flags)((v >> shift) & 0xffu);
   }
   static FR_LANE float hsum(V v) { return vec::hsum(v); }
   static FR_LANE V keep_first(V v, int64_t m) { return m == W ? v : vec::first_lanes(v, m); }

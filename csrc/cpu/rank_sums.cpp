@@ -36,9 +36,9 @@ struct RowBuffers {
   std::vector<T> spos, sneg, gpos, gneg;
   std::vector<int64_t> pcol, ncol;
   std::vector<uint8_t> flag;
-  // flag is padded with kMaxLanes zero bytes: the fused rows' last vector reads flags 0 there
+  // flag is padded (kFlagBytesPad zero bytes): the fused rows' last vector reads flags 0 there
   explicit RowBuffers(int64_t n)
-      : spos(n), sneg(n), gpos(n), gneg(n), pcol(n), ncol(n), flag(n + kMaxLanes) {}
+      : spos(n), sneg(n), gpos(n), gneg(n), pcol(n), ncol(n), flag(n + kFlagBytesPad) {}
 };
 
 // Compacts row i's flagged items (flag 2: positive, 1: negative, 0: left out) into the

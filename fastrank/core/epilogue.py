@@ -54,3 +54,13 @@ def reduce_values(values: Tensor, has: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return values.sum()
     return values.sum() / has.sum().clamp(min=1).to(values.dtype)
+
+
+def reduce_fused(values: Tensor, count: Tensor, reduction: str, backend: str) -> Tensor:
+    """reduce_values for a fused loss op's (score, count) pair: 'mean' over the queries with
+    count > 0. On backend 'cpp' that mean is one op (torch.ops.fastrank.ranked_mean: one pass
+    forward, one autograd node backward) instead of five ops and two nodes, a tenth of a
+    small batch's call; the other backends keep the PyTorch ops."""
+    if reduction == "mean" and backend == "cpp":
+        return torch.ops.fastrank.ranked_mean(values, count)[0]
+    return reduce_values(values, count > 0, reduction)

@@ -184,6 +184,7 @@ def register_cpp_ops() -> None:
                 _register_family(family)
             for loss in LOSS_OPS.values():
                 _register_loss(loss)
+            torch.library.register_fake("fastrank::ranked_mean")(_ranked_mean_fake)
             _REGISTERED = True
 
 
@@ -283,6 +284,12 @@ def _register_loss(op: LossOp) -> None:
 
     torch.library.register_fake(f"fastrank::{op.name}")(fake)
     # its autograd (grad_output[:, None] * the gradient rows) is a C++ kernel: csrc/loss_autograd.cpp
+
+
+def _ranked_mean_fake(values: Tensor, count: Tensor) -> Tuple[Tensor, Tensor]:
+    # its autograd is a C++ kernel (csrc/ranked_mean.cpp), as the loss ops'
+    _one_device("ranked_mean", ("values", "count"), (values, count))
+    return values.new_empty(()), values.new_empty(())
 
 
 def run_loss(name: str, fn: str, backend: str, scores: Tensor, *tensors: Optional[Tensor], params,

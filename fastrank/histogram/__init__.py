@@ -18,7 +18,7 @@ import torch
 
 from ..core import validate as V
 from ..core.backend import use_fused
-from ..core.epilogue import reduce_per_query, reduce_values, safe_div
+from ..core.epilogue import reduce_fused, reduce_per_query, safe_div
 from ..core.params import HistParams
 from ..core.problem import Target, build_problem, check_call, ignore_args, target_args
 from ..core.registry import run, run_loss
@@ -143,7 +143,7 @@ def histogram_ap(
         # packing, the gradient rows with it
         ap, n_pos = run_loss("histogram_ap_loss", fn, name, scores, *target_args(target), *ignore_args(ignore),
                              params=params, options=(KIND_IDS[kind],))
-        return reduce_values(ap, n_pos > 0, reduction)
+        return reduce_fused(ap, n_pos, reduction, name)
     pb = build_problem(target, ignore, scores.shape[0], scores.shape[1], scores.device)
     h_all, h_pos = histograms_packed(name, scores, pb.pos_idx, pb.ignore_idx, pb.ignore_mask, params)
     ap = _fastap(h_all, h_pos, pb.n_pos) if kind == "fastap" else _softbin(h_all, h_pos)
