@@ -431,3 +431,17 @@ def test_fused_comparison_runs_and_writes_its_csv(tmp_path, capsys):
     # the largest size of each op carries its peak memory: the gradient plus per-thread scratch
     assert float(rows[1]["fused_peak_extra_over_scores"]) > 0.9
     assert os.environ.get("FASTRANK_FUSED") is None  # the switch is restored
+
+
+@requires("cpp")
+def test_fused_breakdown_prints_every_op(capsys):
+    from bench import fused_breakdown
+
+    assert fused_breakdown.main(["--ops", "sup_ap,smooth_ap", "--size", "67", "--reps", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| sup_ap") or
+            line.startswith("| smooth_ap")]
+    assert [r[0].strip() for r in rows] == ["sup_ap", "smooth_ap"]
+    for r in rows:
+        assert all(float(c) > 0 for c in r[1:5])  # every timed call ran
+    assert os.environ.get("FASTRANK_FUSED") is None  # the switch is restored

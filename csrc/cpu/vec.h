@@ -1,6 +1,7 @@
-// The float32 step loops written on 16-lane vectors (GCC vector extensions), for every CPU
-// without the hand-written AVX-512 loops of loops.h: AVX2 (x86-64-v3 clone, two ymm per
-// vector), baseline x86-64 (four xmm) and other architectures.
+// The float32 step loops written on 8-lane vectors (GCC vector extensions): the fused loss
+// sweeps (loss_sweeps.h) on every x86 clone, and the two-pass loops on every CPU without the
+// hand-written AVX-512 loops of loops.h: AVX2 (x86-64-v3 clone, one ymm per vector), baseline
+// x86-64 (two xmm) and other architectures.
 //
 // Why: GCC does not vectorise the scalar loops of rank_sums_row.h for AVX2. The clamp of
 // sigma's argument lets it thread the clamped lanes to a constant result, and the branches it
