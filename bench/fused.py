@@ -21,6 +21,7 @@ change in machine load hits both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import os
@@ -55,6 +56,19 @@ SIZES: Dict[str, List[int]] = {
 QUICK_SIZES = [64, 256]
 
 PATHS = ("fused", "two_pass")
+
+
+@contextlib.contextmanager
+def fused_switch_restored():
+    """Puts FASTRANK_FUSED back as it was (set or unset) on leaving, whatever the body set it to."""
+    saved = os.environ.get("FASTRANK_FUSED")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FASTRANK_FUSED", None)
+        else:
+            os.environ["FASTRANK_FUSED"] = saved
 
 
 def _with_path(path: str, f: Callable[[], None]) -> Callable[[], None]:
@@ -133,14 +147,13 @@ def main(argv=None) -> int:
     if not fastrank.backends()["cpp"].available:
         print(f"bench/fused.py: the cpp backend is not available: {fastrank.backends()['cpp'].reason}")
         return 1
-    saved_env = os.environ.get("FASTRANK_FUSED")
     rows = []
     print(f"\n## Fused loss ops vs the two-pass path (cpp, batch workload, {W.BATCH_PER_CLASS} per class, "
           f"float32, {torch.get_num_threads()} threads)\n")
     print("| op | B | fwd two-pass ms | fwd fused ms | fwd+bwd two-pass ms | fwd+bwd fused ms | "
           "fwd+bwd speedup | fused fwd+bwd / fwd | fused peak extra / scores |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    try:
+    with fused_switch_restored():
         for op in ops:
             sizes = QUICK_SIZES if args.quick else SIZES[op]
             if args.sizes:
@@ -163,11 +176,6 @@ def main(argv=None) -> int:
                       f"{row['full_two_pass_ms']:.3f} | {row['full_fused_ms']:.3f} | {row['full_speedup']:.2f}x | "
                       f"{row['fused_full_over_fwd']:.2f} | {mem} |", flush=True)
                 del w
-    finally:
-        if saved_env is None:
-            os.environ.pop("FASTRANK_FUSED", None)
-        else:
-            os.environ["FASTRANK_FUSED"] = saved_env
     small = [r for r in rows if r["B"] == 64]
     if small:
         print("\nPer-call overhead (B = 64, where the kernel work is a few microseconds): "

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,32 +30,32 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench import workloads as W  # noqa: E402
+from bench.fused import _calls, _time, fused_switch_restored  # noqa: E402
 from bench.measure import OP_DEFS  # noqa: E402
 
 
-def _fns(op: str, w: W.Workload) -> Dict[str, Callable[[], None]]:
-    call = OP_DEFS[op].call
-    buf = torch.empty_like(w.scores)
+def _memory_floor(scores: torch.Tensor) -> Callable[[], None]:
+    """A fill and an in-place row scaling of a touched tensor shaped like `scores`."""
+    buf = torch.empty_like(scores)
     buf.fill_(1.0)
-    scale = torch.full((w.scores.shape[0], 1), 0.5, dtype=w.scores.dtype)
-
-    def fwd() -> None:
-        with torch.no_grad():
-            call(w.scores, w, "cpp").item()
-
-    def fwd_grad() -> None:
-        s = w.scores.detach().requires_grad_()
-        call(s, w, "cpp").item()
-
-    def full() -> None:
-        s = w.scores.detach().requires_grad_()
-        (1 - call(s, w, "cpp")).backward()
+    scale = torch.full((scores.shape[0], 1), 0.5, dtype=scores.dtype)
 
     def memory() -> None:
         buf.fill_(2.0)
         buf.mul_(scale)
 
-    return {"fwd": fwd, "fwd_grad": fwd_grad, "full": full, "memory": memory}
+    return memory
+
+
+def _fns(op: str, w: W.Workload, memory: Callable[[], None]) -> Dict[str, Callable[[], None]]:
+    forward, full = _calls(op, w)
+    call = OP_DEFS[op].call
+
+    def fwd_grad() -> None:
+        s = w.scores.detach().requires_grad_()
+        call(s, w, "cpp").item()
+
+    return {"fwd": forward, "fwd_grad": fwd_grad, "full": full, "memory": memory}
 
 
 def main(argv=None) -> int:
@@ -77,34 +75,21 @@ def main(argv=None) -> int:
     if not fastrank.backends()["cpp"].available:
         print(f"bench/fused_breakdown.py: the cpp backend is not available: {fastrank.backends()['cpp'].reason}")
         return 1
-    saved_env = os.environ.get("FASTRANK_FUSED")
-    os.environ["FASTRANK_FUSED"] = "1"
-    try:
+    with fused_switch_restored():
+        os.environ["FASTRANK_FUSED"] = "1"
         _run(ops, args.size, args.reps)
-    finally:
-        if saved_env is None:
-            os.environ.pop("FASTRANK_FUSED", None)
-        else:
-            os.environ["FASTRANK_FUSED"] = saved_env
     return 0
 
 
 def _run(ops: List[str], size: int, reps: int) -> None:
     w = W.build("batch", size)
+    memory = _memory_floor(w.scores)
     print(f"B = {size}, {torch.get_num_threads()} threads, median of {reps} calls (ms)")
     print("| op | fwd | fwd_grad | full | memory | fwd_grad / fwd | full / fwd | (full - fwd - memory) / fwd |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for op in ops:
-        fns = _fns(op, w)
-        for f in fns.values():
-            f()  # warm-up: the cached rows block, the thread pool
-        times: Dict[str, List[float]] = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-        m = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        # exactly `reps` rounds: no minimum time
+        m = {k: v * 1e3 for k, v in _time(_fns(op, w, memory), float("inf"), reps).items()}
         print(f"| {op} | {m['fwd']:.4g} | {m['fwd_grad']:.4g} | {m['full']:.4g} | {m['memory']:.4g} | "
               f"{m['fwd_grad'] / m['fwd']:.2f} | {m['full'] / m['fwd']:.2f} | "
               f"{(m['full'] - m['fwd'] - m['memory']) / m['fwd']:.2f} |", flush=True)
