@@ -336,3 +336,38 @@ def test_float32_rows_as_accurate_as_pytorch_float32(name):
         err = (a.double() - r).abs().max().item()
         err_torch = (b.double() - r).abs().max().item()
         assert err <= 4 * err_torch + 1e-6 * r.abs().max().item(), (err, err_torch)
+
+
+def _branch_edges_problem(dtype):
+    # Rows whose terms sit on the edges of what the forward sweep stores for the gradient (sigma,
+    # plus 2 beyond SupRank's delta, loss_sweeps.h): d = s_k - s_p exactly at delta = 0.05 and
+    # one step either side, at the clamp (d / tau = -50 for tau = 0.01) and below it, far beyond
+    # delta, and a tie. N = 37 leaves a partial vector.
+    edges = [0.05, 0.05 + 1e-7, 0.05 - 1e-7, -0.5, -0.5 - 1e-6, -0.75, 0.9, 0.0, 0.3, -0.02]
+    n = 37
+    g = torch.Generator().manual_seed(7)
+    scores = torch.empty(3, n, dtype=torch.float64).uniform_(-0.4, 0.4, generator=g)
+    pos = torch.zeros(3, n, dtype=torch.bool)
+    for i, cols in enumerate([(0,), (0, 36), (3, 17, 20, 36, 30)]):
+        pos[i, list(cols)] = True
+    scores[:, 0] = 0.0  # every row's first positive at 0: its terms are d = the edges themselves
+    for i in range(3):
+        scores[i, 1:1 + len(edges)] = torch.tensor(edges, dtype=torch.float64)
+    return scores.to(dtype), pos
+
+
+@pytest.mark.parametrize("name", ["sup_ap", "smooth_ap"])
+def test_stored_sigma_edges_equal_naive(name):
+    fn = functools.partial(FNS[name], tau=0.01)
+    scores, pos = _branch_edges_problem(torch.float64)
+    got = outputs_and_grad(lambda s: fn(s, pos, backend="cpp", reduction="none"), scores)
+    ref = outputs_and_grad(lambda s: fn(s, pos, backend="naive", reduction="none"), scores)
+    assert_all_close(got, ref, rtol=1e-12, atol=1e-12)
+    # float32: the same rows, judged by the naive backend's own float32 error
+    s32 = scores.float()
+    got = outputs_and_grad(lambda s: fn(s, pos, backend="cpp", reduction="none"), s32)
+    base = outputs_and_grad(lambda s: fn(s, pos, backend="naive", reduction="none"), s32)
+    for a, b, r in zip(got, base, ref):
+        err = (a.double() - r).abs().max().item()
+        err_torch = (b.double() - r).abs().max().item()
+        assert err <= 4 * err_torch + 1e-6 * r.abs().max().item(), (err, err_torch)

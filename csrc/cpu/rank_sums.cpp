@@ -329,11 +329,11 @@ static bool swept_row(const LossProblem<T>& pr, const Epilogue& epi, LossBuffers
     if (store) {
       const T* der = b.der.data() + p * stride;
       if (nb == 4)
-        sweep_grad_stored<T, kVector, 4>(N, der, stride, c + p, first, g, da + p);
+        sweep_grad_stored<T, kVector, STEP, 4>(N, der, stride, c + p, first, g, da + p, pr.step);
       else if (nb == 2)
-        sweep_grad_stored<T, kVector, 2>(N, der, stride, c + p, first, g, da + p);
+        sweep_grad_stored<T, kVector, STEP, 2>(N, der, stride, c + p, first, g, da + p, pr.step);
       else
-        sweep_grad_stored<T, kVector, 1>(N, der, stride, c + p, first, g, da + p);
+        sweep_grad_stored<T, kVector, STEP, 1>(N, der, stride, c + p, first, g, da + p, pr.step);
     } else {
       if (nb == 4)
         sweep_grad_recompute<T, kVector, STEP, 4>(s, f, N, sp + p, pr.step, a + p, first, g);
