@@ -445,3 +445,17 @@ def test_fused_breakdown_prints_every_op(capsys):
     for r in rows:
         assert all(float(c) > 0 for c in r[1:5])  # every timed call ran
     assert os.environ.get("FASTRANK_FUSED") is None  # the switch is restored
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the sweep loop is timed on the x86 vector lanes")
+def test_sweep_loop_builds_and_times_both_steps(tmp_path):
+    from bench import sweep_loop
+
+    exe = sweep_loop.build(str(tmp_path))
+    for step in sweep_loop.STEPS:
+        # N = 101: a partial last vector
+        t = sweep_loop.run(exe, 101, 3, step)
+        assert set(t) == {"forward_us", "store_us", "grad_us", "checksum"}
+        assert all(t[k] > 0 for k in ("forward_us", "store_us", "grad_us"))
+        assert math.isfinite(t["checksum"]) and t["checksum"] != 0
