@@ -21,7 +21,8 @@
 // busy; in the gradient sweep, which waits on its loads, they are nearly free. Measured on the
 // project's 2-core AMD EPYC (one row of N = 16384 against 4 positives, float32, AVX-512 clone),
 // storing the slope made the forward sweep 1.27-1.31x (SupRank) and 1.12-1.22x (sigmoid) the
-// forward-only sweep; storing sigma, 1.20x and 1.11x. The gradient sweep then takes
+// forward-only sweep; storing sigma, 1.19-1.21x and 1.03-1.11x (bench/sweep_loop.py). The
+// gradient sweep then takes
 //   sigmoid:  u = w (1 - w), 0 where w is at the clamp's floor sigma(-kClamp)
 //   SupRank:  the same up to delta; beyond delta the forward stored w + 2 (w <= 1, so a stored
 //             value above 1 marks the branch) and the slope is rho tau
