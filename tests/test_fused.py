@@ -324,10 +324,14 @@ def test_every_block_shape_and_the_recomputed_rows_equal_naive(name):
 def test_float32_rows_as_accurate_as_pytorch_float32(name):
     # float32 against the float64 reference, judged by the error of the naive backend's own
     # float32 arithmetic on the same problem (the vector lanes, the stored and recomputed rows)
-    fn = FNS[name]
     scores, pos, ignore = _block_and_budget_problem(torch.float64)
     finite = torch.isfinite(scores).all(1)  # the inf row's gradient is compared in float64 above
-    scores, pos, ignore = scores[finite], pos[finite], ignore[finite]
+    _assert_float32_as_accurate_as_naive(FNS[name], scores[finite], pos[finite], ignore[finite])
+
+
+def _assert_float32_as_accurate_as_naive(fn, scores, pos, ignore=None):
+    """fn on `cpp` in float32 against the float64 naive reference on `scores` (float64), judged by
+    the error of the naive backend's own float32 arithmetic on the same problem."""
     ref = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="naive", reduction="none"), scores)
     s32 = scores.float()
     got = outputs_and_grad(lambda s: fn(s, pos, ignore=ignore, backend="cpp", reduction="none"), s32)
@@ -338,7 +342,7 @@ def test_float32_rows_as_accurate_as_pytorch_float32(name):
         assert err <= 4 * err_torch + 1e-6 * r.abs().max().item(), (err, err_torch)
 
 
-def _branch_edges_problem(dtype):
+def _branch_edges_problem():
     # Rows whose terms sit on the edges of what the forward sweep stores for the gradient (sigma,
     # plus 2 beyond SupRank's delta, loss_sweeps.h): d = s_k - s_p exactly at delta = 0.05 and
     # one step either side, at the clamp (d / tau = -50 for tau = 0.01) and below it, far beyond
@@ -353,21 +357,14 @@ def _branch_edges_problem(dtype):
     scores[:, 0] = 0.0  # every row's first positive at 0: its terms are d = the edges themselves
     for i in range(3):
         scores[i, 1:1 + len(edges)] = torch.tensor(edges, dtype=torch.float64)
-    return scores.to(dtype), pos
+    return scores, pos
 
 
 @pytest.mark.parametrize("name", ["sup_ap", "smooth_ap"])
 def test_stored_sigma_edges_equal_naive(name):
     fn = functools.partial(FNS[name], tau=0.01)
-    scores, pos = _branch_edges_problem(torch.float64)
+    scores, pos = _branch_edges_problem()
     got = outputs_and_grad(lambda s: fn(s, pos, backend="cpp", reduction="none"), scores)
     ref = outputs_and_grad(lambda s: fn(s, pos, backend="naive", reduction="none"), scores)
     assert_all_close(got, ref, rtol=1e-12, atol=1e-12)
-    # float32: the same rows, judged by the naive backend's own float32 error
-    s32 = scores.float()
-    got = outputs_and_grad(lambda s: fn(s, pos, backend="cpp", reduction="none"), s32)
-    base = outputs_and_grad(lambda s: fn(s, pos, backend="naive", reduction="none"), s32)
-    for a, b, r in zip(got, base, ref):
-        err = (a.double() - r).abs().max().item()
-        err_torch = (b.double() - r).abs().max().item()
-        assert err <= 4 * err_torch + 1e-6 * r.abs().max().item(), (err, err_torch)
+    _assert_float32_as_accurate_as_naive(fn, scores, pos)
